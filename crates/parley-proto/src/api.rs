@@ -1,0 +1,305 @@
+//! The client ⇄ own-provider API's JSON bodies (documented in `docs/client-api.md`).
+//!
+//! Binary fields (MLS messages, KeyPackages, keys) travel as standard base64 strings.
+//! These DTOs belong to the wire; the server and client map them onto their own types.
+
+use serde::{Deserialize, Serialize};
+
+/// Serde helpers for base64-encoded byte fields.
+pub mod b64 {
+    use base64::{engine::general_purpose::STANDARD, Engine as _};
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(bytes: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&STANDARD.encode(bytes))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        STANDARD.decode(s.as_bytes()).map_err(serde::de::Error::custom)
+    }
+
+    /// The same for `Option<Vec<u8>>`.
+    pub mod opt {
+        use super::*;
+
+        pub fn serialize<S: Serializer>(bytes: &Option<Vec<u8>>, s: S) -> Result<S::Ok, S::Error> {
+            match bytes {
+                Some(b) => super::serialize(b, s),
+                None => s.serialize_none(),
+            }
+        }
+
+        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<u8>>, D::Error> {
+            let s = <Option<std::borrow::Cow<'de, str>>>::deserialize(d)?;
+            s.map(|s| STANDARD.decode(s.as_bytes()).map_err(serde::de::Error::custom))
+                .transpose()
+        }
+    }
+
+    /// The same for `Vec<Vec<u8>>`.
+    pub mod vec {
+        use super::*;
+        use serde::ser::SerializeSeq;
+
+        pub fn serialize<S: Serializer>(items: &[Vec<u8>], s: S) -> Result<S::Ok, S::Error> {
+            let mut seq = s.serialize_seq(Some(items.len()))?;
+            for b in items {
+                seq.serialize_element(&STANDARD.encode(b))?;
+            }
+            seq.end()
+        }
+
+        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Vec<u8>>, D::Error> {
+            let items = <Vec<String>>::deserialize(d)?;
+            items
+                .iter()
+                .map(|s| STANDARD.decode(s.as_bytes()).map_err(serde::de::Error::custom))
+                .collect()
+        }
+    }
+}
+
+/// Every error answer: `{"error": "<code>", "message": "...", "retryable": bool}`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ErrorBody {
+    pub error: String,
+    pub message: String,
+    #[serde(default)]
+    pub retryable: bool,
+}
+
+/// `POST /v1/accounts`: register a user together with its first device.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RegisterRequest {
+    pub user: String,
+    #[serde(default)]
+    pub password: Option<String>,
+    #[serde(default)]
+    pub invite: Option<String>,
+    #[serde(default)]
+    pub device_name: Option<String>,
+    /// The device's Ed25519 MLS signature public key.
+    #[serde(with = "b64")]
+    pub signature_key: Vec<u8>,
+}
+
+/// `POST /v1/sessions`: log in a further device of an existing user.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LoginRequest {
+    pub user: String,
+    pub password: String,
+    #[serde(default)]
+    pub device_name: Option<String>,
+    #[serde(with = "b64")]
+    pub signature_key: Vec<u8>,
+}
+
+/// Answer to register and login: the new device and its bearer token (shown once).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SessionResponse {
+    pub user: String,
+    pub device_id: String,
+    pub token: String,
+}
+
+/// One device in `GET /v1/devices` or `GET /v1/users/{user}/devices`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DeviceInfo {
+    pub device_id: String,
+    pub name: String,
+    #[serde(with = "b64")]
+    pub signature_key: Vec<u8>,
+    pub created_at: u64,
+}
+
+/// `POST /v1/key-packages`: upload a batch of KeyPackages (TLS-encoded MlsMessage or KeyPackage).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct UploadKeyPackages {
+    #[serde(with = "b64::vec")]
+    pub key_packages: Vec<Vec<u8>>,
+    /// Replaces the device's last-resort KeyPackage, handed out when the batch runs dry.
+    #[serde(default, with = "b64::opt", skip_serializing_if = "Option::is_none")]
+    pub last_resort: Option<Vec<u8>>,
+}
+
+/// Answer to an upload and to `GET /v1/key-packages`: how many one-time packages remain.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct KeyPackageCount {
+    pub remaining: u64,
+    pub has_last_resort: bool,
+}
+
+/// One claimed KeyPackage, for one device of the target user.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ClaimedKeyPackage {
+    pub device_id: String,
+    #[serde(with = "b64")]
+    pub key_package: Vec<u8>,
+}
+
+/// Answer to `POST /v1/users/{user}/key-packages/claim`: one package per device of the user.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ClaimResponse {
+    pub user: String,
+    pub key_packages: Vec<ClaimedKeyPackage>,
+}
+
+/// Room kinds: a 1:1 room has fixed membership of exactly two users.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum RoomKind {
+    Direct,
+    Group,
+}
+
+impl RoomKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RoomKind::Direct => "direct",
+            RoomKind::Group => "group",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "direct" => Some(Self::Direct),
+            "group" => Some(Self::Group),
+            _ => None,
+        }
+    }
+}
+
+/// `POST /v1/rooms`: register a freshly created MLS group (epoch 0, creator only) with its hub.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CreateRoomRequest {
+    pub room_id: String,
+    pub kind: RoomKind,
+    #[serde(default)]
+    pub name: Option<String>,
+    /// For a direct room, the other participant (membership is fixed to the two).
+    #[serde(default)]
+    pub peer: Option<String>,
+    /// TLS-encoded MlsMessage carrying the group's GroupInfo.
+    #[serde(with = "b64")]
+    pub group_info: Vec<u8>,
+    /// TLS-encoded ratchet tree of the group.
+    #[serde(with = "b64")]
+    pub ratchet_tree: Vec<u8>,
+}
+
+/// A room as `GET /v1/rooms` and `GET /v1/rooms/{id}` show it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RoomInfo {
+    pub room_id: String,
+    pub room_uri: String,
+    pub kind: RoomKind,
+    pub name: Option<String>,
+    pub epoch: u64,
+    /// Member users (`user@domain`), sorted.
+    pub members: Vec<String>,
+}
+
+/// `POST /v1/rooms/{id}/commits`: a Commit (as a PublicMessage) plus the Welcome for added devices.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CommitRequest {
+    #[serde(with = "b64")]
+    pub commit: Vec<u8>,
+    #[serde(default, with = "b64::opt", skip_serializing_if = "Option::is_none")]
+    pub welcome: Option<Vec<u8>>,
+}
+
+/// `POST /v1/rooms/{id}/messages`: an MLS PrivateMessage carrying MIMI content.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SendRequest {
+    #[serde(with = "b64")]
+    pub message: Vec<u8>,
+}
+
+/// The hub's acceptance of a commit or message: its place in the room's order.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Accepted {
+    /// The room's event number for this message or commit (increasing per room).
+    pub event: u64,
+    /// The hub's accepted timestamp (milliseconds since the Unix epoch).
+    pub ts: u64,
+    /// The room's epoch after the event.
+    pub epoch: u64,
+}
+
+/// What a queue entry carries.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum EntryKind {
+    /// An MLS Welcome: the device was added to the room.
+    Welcome,
+    /// An MLS Commit (PublicMessage) that moves the room to the next epoch.
+    Commit,
+    /// An MLS PrivateMessage with MIMI content.
+    Message,
+}
+
+/// One entry of a device's delivery queue.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct QueueEntry {
+    /// Increasing per device; ack up to it.
+    pub seq: u64,
+    pub room_id: String,
+    pub kind: EntryKind,
+    /// The room's event number (see [`Accepted::event`]).
+    pub event: u64,
+    pub ts: u64,
+    #[serde(with = "b64")]
+    pub data: Vec<u8>,
+}
+
+/// Answer to `GET /v1/queue`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct QueuePage {
+    pub entries: Vec<QueueEntry>,
+}
+
+/// `POST /v1/queue/ack`: delete every entry with `seq <= up_to`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AckRequest {
+    pub up_to: u64,
+}
+
+/// Frames on `GET /v1/ws`, both directions, as JSON text.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum WsFrame {
+    /// Server → client: new queue entries, in order.
+    Entries { entries: Vec<QueueEntry> },
+    /// Client → server: acknowledge entries up to and including `up_to`.
+    Ack { up_to: u64 },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bytes_travel_as_base64() {
+        let e = QueueEntry {
+            seq: 3,
+            room_id: "r".into(),
+            kind: EntryKind::Message,
+            event: 9,
+            ts: 1,
+            data: vec![0, 1, 2, 250],
+        };
+        let json = serde_json::to_string(&WsFrame::Entries { entries: vec![e.clone()] }).unwrap();
+        assert!(json.contains("\"data\":\"AAEC+g==\""), "{json}");
+        assert!(json.contains("\"type\":\"entries\""), "{json}");
+        let WsFrame::Entries { entries } = serde_json::from_str(&json).unwrap() else {
+            panic!("wrong frame")
+        };
+        assert_eq!(entries, vec![e]);
+    }
+
+    #[test]
+    fn bad_base64_is_a_decode_error() {
+        assert!(serde_json::from_str::<SendRequest>(r#"{"message":"%%%"}"#).is_err());
+    }
+}

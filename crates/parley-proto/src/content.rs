@@ -1,0 +1,534 @@
+//! MIMI message content (draft-ietf-mimi-content-08): the CBOR plaintext inside every MLS
+//! application message, and the MessageId derived from it.
+//!
+//! Encoding goes through `ciborium::Value` so the array layout follows the draft's CDDL exactly
+//! (`mimiContent = [salt, replaces, topicId, expires, inReplyTo, extensions, nestedPart]`).
+
+use ciborium::Value;
+use sha2::{Digest, Sha256};
+use std::fmt;
+
+/// Largest content we will decode; larger input is refused before parsing.
+pub const MAX_CONTENT_BYTES: usize = 1 << 20;
+/// How deeply multipart parts may nest.
+const MAX_PART_DEPTH: usize = 4;
+/// Extension keys from the draft's `extensions` map.
+const EXT_SENDER_URI: i64 = 1;
+const EXT_ROOM_URI: i64 = 2;
+/// The content type of a plain text body.
+pub const TEXT_PLAIN: &str = "text/plain;charset=utf-8";
+
+/// Why content could not be decoded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ContentError {
+    #[error("content is {0} bytes, over the {MAX_CONTENT_BYTES}-byte limit")]
+    TooLarge(usize),
+    #[error("content is not valid CBOR: {0}")]
+    Cbor(String),
+    #[error("content does not match the MIMI content schema: {0}")]
+    Schema(&'static str),
+}
+
+/// `MessageId = bstr .size 32`: hash algorithm id (0x01, SHA-256) then 31 bytes of hash.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct MessageId(pub [u8; 32]);
+
+impl MessageId {
+    /// The draft's derivation: `0x01 || SHA-256(len16(sender) sender len16(room) room message salt)[..31]`.
+    pub fn compute(sender_uri: &str, room_uri: &str, encoded_content: &[u8], salt: &[u8]) -> Self {
+        let mut h = Sha256::new();
+        for uri in [sender_uri, room_uri] {
+            // URIs are bounded far below 64 KiB by identifier validation; saturate rather than wrap.
+            let len = u16::try_from(uri.len()).unwrap_or(u16::MAX);
+            h.update(len.to_be_bytes());
+            h.update(uri.as_bytes());
+        }
+        h.update(encoded_content);
+        h.update(salt);
+        let digest = h.finalize();
+        let mut id = [0u8; 32];
+        id[0] = 0x01;
+        id[1..].copy_from_slice(&digest[..31]);
+        Self(id)
+    }
+
+    pub fn to_hex(&self) -> String {
+        hex::encode(self.0)
+    }
+
+    pub fn from_hex(s: &str) -> Option<Self> {
+        let bytes = hex::decode(s).ok()?;
+        Some(Self(bytes.try_into().ok()?))
+    }
+
+    fn from_slice(b: &[u8]) -> Option<Self> {
+        Some(Self(b.try_into().ok()?))
+    }
+}
+
+impl fmt::Debug for MessageId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "MessageId({})", self.to_hex())
+    }
+}
+
+impl fmt::Display for MessageId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.to_hex())
+    }
+}
+
+/// `Expiration = [relative: bool, time: uint .size 4]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Expiration {
+    pub relative: bool,
+    pub time: u32,
+}
+
+/// The draft's base dispositions; unknown values are kept as-is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Disposition(pub u8);
+
+impl Disposition {
+    pub const UNSPECIFIED: Self = Self(0);
+    pub const RENDER: Self = Self(1);
+    pub const REACTION: Self = Self(2);
+    pub const ATTACHMENT: Self = Self(6);
+}
+
+/// `ExternalPart`: a reference to encrypted content stored elsewhere (attachments).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExternalPart {
+    pub content_type: String,
+    pub url: String,
+    pub expires: u32,
+    pub size: u64,
+    pub enc_alg: u16,
+    pub key: Vec<u8>,
+    pub nonce: Vec<u8>,
+    pub aad: Vec<u8>,
+    pub hash_alg: u8,
+    pub content_hash: Vec<u8>,
+    pub description: String,
+    pub filename: String,
+}
+
+/// The body of a `NestedPart`, by cardinality.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PartBody {
+    /// `nullpart`: e.g. a delete.
+    Null,
+    Single {
+        content_type: String,
+        content: Vec<u8>,
+    },
+    External(Box<ExternalPart>),
+    Multi {
+        semantics: u8,
+        parts: Vec<NestedPart>,
+    },
+}
+
+/// `NestedPart = [disposition, language, (NullPart // SinglePart // ExternalPart // MultiPart)]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NestedPart {
+    pub disposition: Disposition,
+    pub language: String,
+    pub body: PartBody,
+}
+
+/// One MIMI content message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MimiContent {
+    pub salt: [u8; 16],
+    pub replaces: Option<MessageId>,
+    pub topic_id: Vec<u8>,
+    pub expires: Option<Expiration>,
+    pub in_reply_to: Option<MessageId>,
+    pub sender_uri: Option<String>,
+    pub room_uri: Option<String>,
+    pub part: NestedPart,
+}
+
+impl MimiContent {
+    /// A plain text message rendered inline.
+    pub fn text(salt: [u8; 16], sender_uri: &str, room_uri: &str, text: &str) -> Self {
+        Self {
+            salt,
+            replaces: None,
+            topic_id: Vec::new(),
+            expires: None,
+            in_reply_to: None,
+            sender_uri: Some(sender_uri.to_owned()),
+            room_uri: Some(room_uri.to_owned()),
+            part: NestedPart {
+                disposition: Disposition::RENDER,
+                language: String::new(),
+                body: PartBody::Single {
+                    content_type: TEXT_PLAIN.to_owned(),
+                    content: text.as_bytes().to_vec(),
+                },
+            },
+        }
+    }
+
+    /// The text of a single text part, if this message is one.
+    pub fn text_body(&self) -> Option<&str> {
+        match &self.part.body {
+            PartBody::Single {
+                content_type,
+                content,
+            } if content_type.starts_with("text/") => std::str::from_utf8(content).ok(),
+            _ => None,
+        }
+    }
+
+    /// This message's id, derived from its encoding as the draft requires.
+    pub fn message_id(&self) -> MessageId {
+        MessageId::compute(
+            self.sender_uri.as_deref().unwrap_or_default(),
+            self.room_uri.as_deref().unwrap_or_default(),
+            &self.encode(),
+            &self.salt,
+        )
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        let mut extensions = Vec::new();
+        if let Some(s) = &self.sender_uri {
+            extensions.push((Value::from(EXT_SENDER_URI), Value::from(s.as_str())));
+        }
+        if let Some(r) = &self.room_uri {
+            extensions.push((Value::from(EXT_ROOM_URI), Value::from(r.as_str())));
+        }
+        let value = Value::Array(vec![
+            Value::Bytes(self.salt.to_vec()),
+            opt_id(&self.replaces),
+            Value::Bytes(self.topic_id.clone()),
+            match self.expires {
+                None => Value::Null,
+                Some(e) => Value::Array(vec![Value::Bool(e.relative), Value::from(e.time)]),
+            },
+            opt_id(&self.in_reply_to),
+            Value::Map(extensions),
+            encode_part(&self.part),
+        ]);
+        let mut out = Vec::new();
+        // Writing CBOR into a Vec cannot fail: the only error source is the writer.
+        ciborium::into_writer(&value, &mut out).expect("CBOR into Vec is infallible");
+        out
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Self, ContentError> {
+        if bytes.len() > MAX_CONTENT_BYTES {
+            return Err(ContentError::TooLarge(bytes.len()));
+        }
+        let value: Value =
+            ciborium::from_reader(bytes).map_err(|e| ContentError::Cbor(e.to_string()))?;
+        let Value::Array(items) = value else {
+            return Err(ContentError::Schema("content is not an array"));
+        };
+        let [salt, replaces, topic, expires, reply, ext, part] =
+            <[Value; 7]>::try_from(items).map_err(|_| ContentError::Schema("content needs 7 items"))?;
+        let salt = match salt {
+            Value::Bytes(b) => {
+                <[u8; 16]>::try_from(b).map_err(|_| ContentError::Schema("salt must be 16 bytes"))?
+            }
+            _ => return Err(ContentError::Schema("salt must be bytes")),
+        };
+        let expires = match expires {
+            Value::Null => None,
+            Value::Array(a) => match a.as_slice() {
+                [Value::Bool(relative), time] => Some(Expiration {
+                    relative: *relative,
+                    time: uint(time)?,
+                }),
+                _ => return Err(ContentError::Schema("bad expiration")),
+            },
+            _ => return Err(ContentError::Schema("bad expiration")),
+        };
+        let (sender_uri, room_uri) = decode_extensions(ext)?;
+        Ok(Self {
+            salt,
+            replaces: decode_opt_id(replaces)?,
+            topic_id: bytes_of(topic, "topicId must be bytes")?,
+            expires,
+            in_reply_to: decode_opt_id(reply)?,
+            sender_uri,
+            room_uri,
+            part: decode_part(part, 0)?,
+        })
+    }
+}
+
+fn opt_id(id: &Option<MessageId>) -> Value {
+    id.map_or(Value::Null, |id| Value::Bytes(id.0.to_vec()))
+}
+
+fn decode_opt_id(v: Value) -> Result<Option<MessageId>, ContentError> {
+    match v {
+        Value::Null => Ok(None),
+        Value::Bytes(b) => MessageId::from_slice(&b)
+            .map(Some)
+            .ok_or(ContentError::Schema("MessageId must be 32 bytes")),
+        _ => Err(ContentError::Schema("MessageId must be bytes or null")),
+    }
+}
+
+fn decode_extensions(v: Value) -> Result<(Option<String>, Option<String>), ContentError> {
+    let Value::Map(entries) = v else {
+        return Err(ContentError::Schema("extensions must be a map"));
+    };
+    let (mut sender, mut room) = (None, None);
+    for (k, v) in entries {
+        let key = k.as_integer().and_then(|i| i64::try_from(i).ok());
+        match (key, v) {
+            (Some(EXT_SENDER_URI), Value::Text(s)) => sender = Some(s),
+            (Some(EXT_ROOM_URI), Value::Text(s)) => room = Some(s),
+            (Some(EXT_SENDER_URI | EXT_ROOM_URI), _) => {
+                return Err(ContentError::Schema("senderUri/roomUri must be text"))
+            }
+            _ => {} // unknown extensions are ignored, as the draft requires
+        }
+    }
+    Ok((sender, room))
+}
+
+fn encode_part(p: &NestedPart) -> Value {
+    let mut items = vec![
+        Value::from(p.disposition.0),
+        Value::from(p.language.as_str()),
+    ];
+    match &p.body {
+        PartBody::Null => items.push(Value::from(0)),
+        PartBody::Single {
+            content_type,
+            content,
+        } => items.extend([
+            Value::from(1),
+            Value::from(content_type.as_str()),
+            Value::Bytes(content.clone()),
+        ]),
+        PartBody::External(e) => items.extend([
+            Value::from(2),
+            Value::from(e.content_type.as_str()),
+            Value::from(e.url.as_str()),
+            Value::from(e.expires),
+            Value::from(e.size),
+            Value::from(e.enc_alg),
+            Value::Bytes(e.key.clone()),
+            Value::Bytes(e.nonce.clone()),
+            Value::Bytes(e.aad.clone()),
+            Value::from(e.hash_alg),
+            Value::Bytes(e.content_hash.clone()),
+            Value::from(e.description.as_str()),
+            Value::from(e.filename.as_str()),
+        ]),
+        PartBody::Multi { semantics, parts } => items.extend([
+            Value::from(3),
+            Value::from(*semantics),
+            Value::Array(parts.iter().map(encode_part).collect()),
+        ]),
+    }
+    Value::Array(items)
+}
+
+fn uint<T: TryFrom<i128>>(v: &Value) -> Result<T, ContentError> {
+    v.as_integer()
+        .and_then(|i| T::try_from(i128::from(i)).ok())
+        .ok_or(ContentError::Schema("expected an unsigned integer in range"))
+}
+
+fn text_of(v: Value, what: &'static str) -> Result<String, ContentError> {
+    match v {
+        Value::Text(s) => Ok(s),
+        _ => Err(ContentError::Schema(what)),
+    }
+}
+
+fn bytes_of(v: Value, what: &'static str) -> Result<Vec<u8>, ContentError> {
+    match v {
+        Value::Bytes(b) => Ok(b),
+        _ => Err(ContentError::Schema(what)),
+    }
+}
+
+fn decode_part(v: Value, depth: usize) -> Result<NestedPart, ContentError> {
+    if depth > MAX_PART_DEPTH {
+        return Err(ContentError::Schema("parts nested too deeply"));
+    }
+    let Value::Array(items) = v else {
+        return Err(ContentError::Schema("NestedPart must be an array"));
+    };
+    let mut it = items.into_iter();
+    let mut next = || it.next().ok_or(ContentError::Schema("NestedPart too short"));
+    let disposition = Disposition(uint(&next()?)?);
+    let language = text_of(next()?, "language must be text")?;
+    let cardinality: u8 = uint(&next()?)?;
+    let body = match cardinality {
+        0 => PartBody::Null,
+        1 => PartBody::Single {
+            content_type: text_of(next()?, "contentType must be text")?,
+            content: bytes_of(next()?, "content must be bytes")?,
+        },
+        2 => PartBody::External(Box::new(ExternalPart {
+            content_type: text_of(next()?, "contentType must be text")?,
+            url: text_of(next()?, "url must be text")?,
+            expires: uint(&next()?)?,
+            size: uint(&next()?)?,
+            enc_alg: uint(&next()?)?,
+            key: bytes_of(next()?, "key must be bytes")?,
+            nonce: bytes_of(next()?, "nonce must be bytes")?,
+            aad: bytes_of(next()?, "aad must be bytes")?,
+            hash_alg: uint(&next()?)?,
+            content_hash: bytes_of(next()?, "contentHash must be bytes")?,
+            description: text_of(next()?, "description must be text")?,
+            filename: text_of(next()?, "filename must be text")?,
+        })),
+        3 => {
+            let semantics = uint(&next()?)?;
+            let Value::Array(parts) = next()? else {
+                return Err(ContentError::Schema("parts must be an array"));
+            };
+            if parts.len() < 2 {
+                return Err(ContentError::Schema("a multipart needs at least 2 parts"));
+            }
+            let parts = parts
+                .into_iter()
+                .map(|p| decode_part(p, depth + 1))
+                .collect::<Result<_, _>>()?;
+            PartBody::Multi { semantics, parts }
+        }
+        _ => return Err(ContentError::Schema("unknown part cardinality")),
+    };
+    if next().is_ok() {
+        return Err(ContentError::Schema("NestedPart has extra items"));
+    }
+    Ok(NestedPart {
+        disposition,
+        language,
+        body,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const ALICE: &str = "mimi://chirp.test/u/alice";
+    const ROOM: &str = "mimi://chirp.test/r/00112233445566778899aabbccddeeff";
+
+    #[test]
+    fn text_round_trips_and_has_a_stable_id() {
+        let m = MimiContent::text([9; 16], ALICE, ROOM, "hello, wave");
+        let bytes = m.encode();
+        let back = MimiContent::decode(&bytes).unwrap();
+        assert_eq!(back, m);
+        assert_eq!(back.text_body(), Some("hello, wave"));
+        let id = m.message_id();
+        assert_eq!(id.0[0], 0x01);
+        assert_eq!(id, back.message_id());
+        // A different salt gives a different id for the same text.
+        assert_ne!(id, MimiContent::text([8; 16], ALICE, ROOM, "hello, wave").message_id());
+    }
+
+    #[test]
+    fn message_id_matches_the_drafts_formula() {
+        let m = MimiContent::text([1; 16], ALICE, ROOM, "x");
+        let enc = m.encode();
+        let mut input = Vec::new();
+        input.extend_from_slice(&(ALICE.len() as u16).to_be_bytes());
+        input.extend_from_slice(ALICE.as_bytes());
+        input.extend_from_slice(&(ROOM.len() as u16).to_be_bytes());
+        input.extend_from_slice(ROOM.as_bytes());
+        input.extend_from_slice(&enc);
+        input.extend_from_slice(&[1; 16]);
+        let digest = Sha256::digest(&input);
+        assert_eq!(&m.message_id().0[1..], &digest[..31]);
+    }
+
+    #[test]
+    fn layout_is_the_drafts_seven_item_array() {
+        let m = MimiContent::text([0; 16], ALICE, ROOM, "hi");
+        let v: Value = ciborium::from_reader(m.encode().as_slice()).unwrap();
+        let items = v.as_array().unwrap();
+        assert_eq!(items.len(), 7);
+        assert_eq!(items[0].as_bytes().unwrap().len(), 16);
+        assert!(items[1].is_null() && items[3].is_null() && items[4].is_null());
+        // NestedPart: [render=1, "", single=1, contentType, content]
+        let part = items[6].as_array().unwrap();
+        assert_eq!(part.len(), 5);
+        assert_eq!(part[2], Value::from(1));
+    }
+
+    #[test]
+    fn malformed_content_is_an_error() {
+        for bad in [
+            &b""[..],
+            &[0xff],
+            &[0x80],             // empty array
+            &[0x87, 0, 0, 0, 0, 0, 0, 0], // seven integers
+        ] {
+            assert!(MimiContent::decode(bad).is_err());
+        }
+        assert_eq!(
+            MimiContent::decode(&vec![0; MAX_CONTENT_BYTES + 1]),
+            Err(ContentError::TooLarge(MAX_CONTENT_BYTES + 1))
+        );
+    }
+
+    fn arb_part() -> impl Strategy<Value = NestedPart> {
+        let leaf = prop_oneof![
+            Just(PartBody::Null),
+            ("[a-z/]{1,20}", proptest::collection::vec(any::<u8>(), 0..64))
+                .prop_map(|(content_type, content)| PartBody::Single { content_type, content }),
+        ];
+        let body = leaf.prop_recursive(2, 8, 4, |inner| {
+            (0u8..3, proptest::collection::vec(inner, 2..4)).prop_map(|(semantics, bodies)| {
+                PartBody::Multi {
+                    semantics,
+                    parts: bodies
+                        .into_iter()
+                        .map(|body| NestedPart { disposition: Disposition::RENDER, language: "en".into(), body })
+                        .collect(),
+                }
+            })
+        });
+        (0u8..10, "[a-z]{0,5}", body).prop_map(|(d, language, body)| NestedPart {
+            disposition: Disposition(d),
+            language,
+            body,
+        })
+    }
+
+    proptest! {
+        #[test]
+        fn decode_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = MimiContent::decode(&bytes);
+        }
+
+        #[test]
+        fn mutated_content_never_panics(pos in 0usize..200, byte in any::<u8>()) {
+            let mut enc = MimiContent::text([3; 16], ALICE, ROOM, "some text to mutate").encode();
+            let i = pos % enc.len();
+            enc[i] = byte;
+            let _ = MimiContent::decode(&enc);
+        }
+
+        #[test]
+        fn any_content_round_trips(salt in any::<[u8; 16]>(), part in arb_part(), reply in proptest::option::of(any::<[u8; 32]>())) {
+            let m = MimiContent {
+                salt,
+                replaces: None,
+                topic_id: vec![],
+                expires: Some(Expiration { relative: true, time: 60 }),
+                in_reply_to: reply.map(MessageId),
+                sender_uri: Some(ALICE.into()),
+                room_uri: None,
+                part,
+            };
+            prop_assert_eq!(MimiContent::decode(&m.encode()).unwrap(), m);
+        }
+    }
+}
