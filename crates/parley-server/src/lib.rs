@@ -1,1 +1,142 @@
-pub fn x(){}
+//! The Parley provider server: accounts and devices, KeyPackages, the hub of each room it
+//! created, and durable per-device delivery queues, behind an HTTP + WebSocket client API.
+//!
+//! Layout: `http` (routes, auth, errors) → services `accounts`, `hub`, `delivery` → `store`
+//! (SQLite with group commit). `mls` is the hub's window on MLS public state.
+//!
+//! **Architecture invariant:** the server never sees plaintext or MLS secrets; it stores and
+//! forwards ciphertext and public group state only.
+
+pub mod accounts;
+pub mod config;
+pub mod delivery;
+pub mod error;
+pub mod http;
+pub mod hub;
+pub mod limits;
+pub mod mls;
+pub mod net;
+pub mod store;
+
+use accounts::Accounts;
+use config::{ConfigError, ServerConfig};
+use delivery::Delivery;
+use hub::Hub;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use store::{Store, StoreError};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+/// How often expired queue entries are swept.
+const EXPIRY_SWEEP: Duration = Duration::from_secs(60);
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// The services a request can reach.
+pub struct App {
+    pub config: Arc<ServerConfig>,
+    pub accounts: Arc<Accounts>,
+    pub hub: Arc<Hub>,
+    pub delivery: Arc<Delivery>,
+    pub shutdown: watch::Receiver<bool>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("cannot listen on {0}: {1}")]
+    Bind(SocketAddr, std::io::Error),
+    #[error(transparent)]
+    Tls(#[from] net::TlsError),
+}
+
+/// A running server. Tests bind port 0 and read [`Server::local_addr`].
+pub struct Server {
+    addr: SocketAddr,
+    tls: bool,
+    stop: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+impl Server {
+    /// Validates the config, opens storage, binds, and starts serving in the background.
+    pub async fn start(mut config: ServerConfig) -> Result<Self, ServerError> {
+        config.validate()?;
+        let tls = match (&config.tls_cert, &config.tls_key) {
+            (Some(cert), Some(key)) => Some(net::tls_acceptor(cert, key)?),
+            _ => None,
+        };
+        let store = Store::open(&config.data)?;
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .map_err(|e| ServerError::Bind(config.listen, e))?;
+        let addr = listener.local_addr().map_err(|e| ServerError::Bind(config.listen, e))?;
+        let config = Arc::new(config);
+        let (stop, shutdown) = watch::channel(false);
+        let accounts = Arc::new(Accounts::new(store.clone(), config.clone()));
+        let delivery = Arc::new(Delivery::new(store.clone()));
+        let hub = Arc::new(Hub::new(store, accounts.clone(), delivery.clone(), config.clone()));
+        let app = Arc::new(App {
+            config: config.clone(),
+            accounts,
+            hub,
+            delivery: delivery.clone(),
+            shutdown: shutdown.clone(),
+        });
+        tokio::spawn(expiry_loop(delivery, shutdown.clone()));
+        let router = http::router(app);
+        let domains: Vec<&str> = config.domains.iter().map(|d| d.name.as_str()).collect();
+        tracing::info!(%addr, tls = tls.is_some(), domains = ?domains, data = %config.data.display(), "parley server listening");
+        let tls_on = tls.is_some();
+        let task = tokio::spawn(net::serve(listener, router, tls, config.limits.max_connections, shutdown));
+        Ok(Self {
+            addr,
+            tls: tls_on,
+            stop,
+            task,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The base URL clients use, e.g. `http://127.0.0.1:8420`.
+    pub fn url(&self) -> String {
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
+    }
+
+    /// Stops accepting, closes push connections, drains requests and returns.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        let _ = self.task.await;
+        tracing::info!("parley server stopped");
+    }
+}
+
+async fn expiry_loop(delivery: Arc<Delivery>, mut shutdown: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(EXPIRY_SWEEP) => {}
+            _ = shutdown.changed() => return,
+        }
+        match delivery.expire(now_ms()).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(expired = n, "dropped expired queue entries"),
+            Err(e) => tracing::warn!(error = %e, "expiry sweep failed"),
+        }
+    }
+}

@@ -1,0 +1,96 @@
+//! `parley serve`: run a provider until Ctrl-C or SIGTERM.
+
+use anyhow::Context;
+use clap::Args;
+use parley_server::config::ServerConfig;
+use parley_server::Server;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// A domain this deployment hosts (repeatable). Default: `localhost`.
+    #[arg(long = "domain", env = "PARLEY_DOMAINS", value_delimiter = ',')]
+    pub domains: Vec<String>,
+    /// Address of the client API.
+    #[arg(long, env = "PARLEY_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// Directory for the database.
+    #[arg(long, env = "PARLEY_DATA")]
+    pub data: Option<PathBuf>,
+    /// TOML config file with the same settings plus per-domain policy (flags override it).
+    #[arg(long, env = "PARLEY_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// PEM certificate chain for TLS on the client API.
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for TLS on the client API.
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Allow plain HTTP on a non-loopback address (never in production).
+    #[arg(long)]
+    pub insecure_http: bool,
+}
+
+impl ServeArgs {
+    pub fn into_config(self) -> anyhow::Result<ServerConfig> {
+        let mut config = match &self.config {
+            Some(path) => ServerConfig::from_file(path)?,
+            None => ServerConfig::default(),
+        };
+        if !self.domains.is_empty() {
+            let listed = std::mem::take(&mut config.domains);
+            for name in &self.domains {
+                match listed.iter().find(|d| &d.name == name) {
+                    Some(d) => config.domains.push(d.clone()),
+                    None => config.add_domain(name),
+                }
+            }
+        }
+        if let Some(listen) = self.listen {
+            config.listen = listen;
+        }
+        if let Some(data) = self.data {
+            config.data = data;
+        }
+        if self.tls_cert.is_some() {
+            config.tls_cert = self.tls_cert;
+            config.tls_key = self.tls_key;
+        }
+        config.insecure_http |= self.insecure_http;
+        config.validate()?;
+        Ok(config)
+    }
+}
+
+pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
+    let config = args.into_config()?;
+    let server = Server::start(config).await.context("cannot start the server")?;
+    println!("parley serving on {}", server.url());
+    shutdown_signal().await;
+    tracing::info!("shutting down");
+    server.shutdown().await;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => {
+                let _ = ctrl_c.await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}

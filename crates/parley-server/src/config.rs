@@ -1,0 +1,268 @@
+//! Server settings: defaults, the TOML config file, and per-domain policy.
+
+use parley_proto::Domain;
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+/// Why a configuration was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid config file {path}: {source}")]
+    Parse {
+        path: PathBuf,
+        source: Box<toml::de::Error>,
+    },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// How new accounts may be created on a domain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum Registration {
+    #[default]
+    Open,
+    InviteOnly,
+}
+
+/// One hosted domain and its policy.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DomainConfig {
+    pub name: String,
+    #[serde(default)]
+    pub registration: Registration,
+    /// Single-use invite codes accepted when registration is invite-only.
+    #[serde(default)]
+    pub invites: Vec<String>,
+    /// Largest MLS application message a device of this domain may send, in bytes.
+    #[serde(default = "default_max_message_bytes")]
+    pub max_message_bytes: usize,
+    /// Days an unacknowledged queue entry for a device of this domain is kept.
+    #[serde(default = "default_retention_days")]
+    pub retention_days: u64,
+    /// Most devices a room hubbed on this domain may hold.
+    #[serde(default = "default_max_room_devices")]
+    pub max_room_devices: usize,
+}
+
+impl DomainConfig {
+    pub fn with_defaults(name: &str) -> Self {
+        Self {
+            name: name.to_owned(),
+            registration: Registration::Open,
+            invites: Vec::new(),
+            max_message_bytes: default_max_message_bytes(),
+            retention_days: default_retention_days(),
+            max_room_devices: default_max_room_devices(),
+        }
+    }
+}
+
+/// Server-wide limits; every size and rate has one.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    pub max_body_bytes: usize,
+    pub max_key_packages_per_upload: usize,
+    pub max_stored_key_packages: usize,
+    /// Sustained messages + commits per second per device, and the burst allowed above it.
+    pub messages_per_second: f64,
+    pub message_burst: f64,
+    /// Failed logins per user per minute before further attempts are refused.
+    pub logins_per_minute: f64,
+    /// Accounts per minute, per server (registration is unauthenticated).
+    pub registrations_per_minute: f64,
+    pub max_connections: usize,
+    pub max_queue_page: usize,
+    pub max_devices_per_user: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_body_bytes: 1 << 20,
+            max_key_packages_per_upload: 100,
+            max_stored_key_packages: 500,
+            messages_per_second: 50.0,
+            message_burst: 200.0,
+            logins_per_minute: 10.0,
+            registrations_per_minute: 600.0,
+            max_connections: 10_000,
+            max_queue_page: 1000,
+            max_devices_per_user: 16,
+        }
+    }
+}
+
+fn default_max_message_bytes() -> usize {
+    64 * 1024
+}
+fn default_retention_days() -> u64 {
+    30
+}
+fn default_max_room_devices() -> usize {
+    1000
+}
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 8420))
+}
+fn default_data() -> PathBuf {
+    PathBuf::from("./parley-data")
+}
+
+/// Everything `parley serve` needs.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    #[serde(default = "default_data")]
+    pub data: PathBuf,
+    #[serde(default, rename = "domain")]
+    pub domains: Vec<DomainConfig>,
+    #[serde(default)]
+    pub tls_cert: Option<PathBuf>,
+    #[serde(default)]
+    pub tls_key: Option<PathBuf>,
+    /// Allow plain HTTP on a non-loopback address (testing only).
+    #[serde(default)]
+    pub insecure_http: bool,
+    #[serde(default)]
+    pub limits: Limits,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: default_listen(),
+            data: default_data(),
+            domains: Vec::new(),
+            tls_cert: None,
+            tls_key: None,
+            insecure_http: false,
+            limits: Limits::default(),
+        }
+    }
+}
+
+impl ServerConfig {
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.to_owned(),
+            source: Box::new(source),
+        })
+    }
+
+    /// Hosts `name` with default policy unless the config already lists it.
+    pub fn add_domain(&mut self, name: &str) {
+        if !self.domains.iter().any(|d| d.name == name) {
+            self.domains.push(DomainConfig::with_defaults(name));
+        }
+    }
+
+    /// Checks the settings hang together; fills in the `localhost` domain when none is given.
+    pub fn validate(&mut self) -> Result<(), ConfigError> {
+        if self.domains.is_empty() {
+            self.add_domain("localhost");
+        }
+        for d in &self.domains {
+            Domain::parse(&d.name).map_err(|e| ConfigError::Invalid(e.to_string()))?;
+            if d.max_message_bytes == 0 || d.max_room_devices < 2 {
+                return Err(ConfigError::Invalid(format!(
+                    "domain {}: max_message_bytes must be > 0 and max_room_devices >= 2",
+                    d.name
+                )));
+            }
+        }
+        match (&self.tls_cert, &self.tls_key) {
+            (Some(_), None) | (None, Some(_)) => {
+                return Err(ConfigError::Invalid(
+                    "--tls-cert and --tls-key must be given together".into(),
+                ))
+            }
+            (None, None) if !self.listen.ip().is_loopback() && !self.insecure_http => {
+                return Err(ConfigError::Invalid(format!(
+                    "refusing plain HTTP on non-loopback address {}: give --tls-cert/--tls-key, or --insecure-http to override",
+                    self.listen
+                )))
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    pub fn domain(&self, name: &str) -> Option<&DomainConfig> {
+        self.domains.iter().find(|d| d.name == name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn toml_config_with_domain_policy() {
+        let mut c: ServerConfig = toml::from_str(
+            r#"
+            listen = "127.0.0.1:9000"
+            data = "/tmp/x"
+            [[domain]]
+            name = "chirp.test"
+            registration = "invite-only"
+            invites = ["abc"]
+            max_message_bytes = 1000
+            [[domain]]
+            name = "wave.test"
+            [limits]
+            messages_per_second = 5.0
+            "#,
+        )
+        .unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.listen.port(), 9000);
+        let chirp = c.domain("chirp.test").unwrap();
+        assert_eq!(chirp.registration, Registration::InviteOnly);
+        assert_eq!(chirp.max_message_bytes, 1000);
+        assert_eq!(c.domain("wave.test").unwrap().retention_days, 30);
+        assert_eq!(c.limits.messages_per_second, 5.0);
+        assert_eq!(c.limits.max_body_bytes, 1 << 20);
+    }
+
+    #[test]
+    fn defaults_serve_localhost_on_loopback() {
+        let mut c = ServerConfig::default();
+        c.validate().unwrap();
+        assert_eq!(c.domains[0].name, "localhost");
+        assert_eq!(c.listen.to_string(), "127.0.0.1:8420");
+    }
+
+    #[test]
+    fn plain_http_off_loopback_is_refused() {
+        let mut c = ServerConfig {
+            listen: "0.0.0.0:8420".parse().unwrap(),
+            ..Default::default()
+        };
+        assert!(c.validate().unwrap_err().to_string().contains("--insecure-http"));
+        c.insecure_http = true;
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_domains_are_errors() {
+        assert!(toml::from_str::<ServerConfig>("lisen = \"x\"").is_err());
+        let mut c = ServerConfig::default();
+        c.add_domain("Bad_Domain");
+        assert!(c.validate().is_err());
+    }
+}

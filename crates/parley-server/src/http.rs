@@ -1,0 +1,410 @@
+//! The client API's HTTP surface (docs/client-api.md): routing, authentication, JSON bodies and
+//! error mapping. Handlers only translate; the services do the work.
+
+use crate::accounts::AuthDevice;
+use crate::error::ServiceError;
+use crate::App;
+use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{FromRequest, FromRequestParts, Path, Query, Request, State};
+use axum::http::request::Parts;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use axum::{Json, Router};
+use futures_util::{SinkExt, StreamExt};
+use parley_proto::api::{
+    AckRequest, CommitRequest, CreateRoomRequest, ErrorBody, LoginRequest, QueuePage, RegisterRequest, SendRequest,
+    SessionResponse, UploadKeyPackages, WsFrame,
+};
+use parley_proto::UserId;
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+/// Largest frame a client may send on the WebSocket (acks are tiny).
+const MAX_WS_FRAME: usize = 64 * 1024;
+/// Entries per backlog frame.
+const WS_PAGE: usize = 256;
+
+type AppState = State<Arc<App>>;
+
+/// A service error on its way out: status + JSON body. Internal detail goes to the log only.
+pub struct ApiError(pub ServiceError);
+
+impl From<ServiceError> for ApiError {
+    fn from(e: ServiceError) -> Self {
+        Self(e)
+    }
+}
+
+impl From<crate::store::StoreError> for ApiError {
+    fn from(e: crate::store::StoreError) -> Self {
+        Self(e.into())
+    }
+}
+
+fn error_response(status: StatusCode, code: &str, message: String, retryable: bool) -> Response {
+    let body = ErrorBody {
+        error: code.to_owned(),
+        message,
+        retryable,
+    };
+    (status, Json(body)).into_response()
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let message = self.0.to_string();
+        let (status, code, retryable) = match self.0 {
+            ServiceError::BadRequest { code, .. } => (StatusCode::BAD_REQUEST, code, false),
+            ServiceError::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized", false),
+            ServiceError::Forbidden { code, .. } => (StatusCode::FORBIDDEN, code, false),
+            ServiceError::NotFound { code, .. } => (StatusCode::NOT_FOUND, code, false),
+            ServiceError::Conflict { code, retryable, .. } => (StatusCode::CONFLICT, code, retryable),
+            ServiceError::TooLarge { code, .. } => (StatusCode::PAYLOAD_TOO_LARGE, code, false),
+            ServiceError::RateLimited(_) => (StatusCode::TOO_MANY_REQUESTS, "rate_limited", true),
+            ServiceError::Internal(detail) => {
+                tracing::error!(%detail, "internal error");
+                return error_response(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal",
+                    "internal server error".into(),
+                    true,
+                );
+            }
+        };
+        error_response(status, code, message, retryable)
+    }
+}
+
+type ApiResult<T> = Result<T, ApiError>;
+
+/// A JSON body whose every rejection (syntax, schema, size, content type) is a JSON error.
+pub struct ApiJson<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
+    type Rejection = Response;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        match Json::<T>::from_request(req, state).await {
+            Ok(Json(v)) => Ok(Self(v)),
+            Err(rejection) => Err(json_rejection(rejection)),
+        }
+    }
+}
+
+fn json_rejection(r: JsonRejection) -> Response {
+    let status = r.status();
+    let code = match status {
+        StatusCode::PAYLOAD_TOO_LARGE => "body_too_large",
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
+        _ => "invalid_json",
+    };
+    let status = if status == StatusCode::UNPROCESSABLE_ENTITY {
+        StatusCode::BAD_REQUEST
+    } else {
+        status
+    };
+    error_response(status, code, r.body_text(), false)
+}
+
+/// The authenticated device of a request: `Authorization: Bearer <token>`, or `?access_token=`
+/// (for WebSocket clients that cannot set headers).
+pub struct Authed(pub AuthDevice);
+
+impl FromRequestParts<Arc<App>> for Authed {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, app: &Arc<App>) -> Result<Self, Self::Rejection> {
+        let from_header = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::to_owned);
+        let from_query = || {
+            parts.uri.query().and_then(|q| {
+                q.split('&')
+                    .find_map(|kv| kv.strip_prefix("access_token="))
+                    .map(str::to_owned)
+            })
+        };
+        let token = from_header
+            .or_else(from_query)
+            .ok_or_else(|| ServiceError::Unauthorized("missing bearer token".into()))?;
+        Ok(Self(app.accounts.authenticate(&token).await?))
+    }
+}
+
+pub fn router(app: Arc<App>) -> Router {
+    let body_limit = app.config.limits.max_body_bytes;
+    Router::new()
+        .route("/health", get(health))
+        .route("/metrics", get(metrics))
+        .route("/v1/accounts", post(register))
+        .route("/v1/sessions", post(login))
+        .route("/v1/devices", get(own_devices))
+        .route("/v1/devices/{device}", delete(remove_device))
+        .route("/v1/key-packages", post(upload_key_packages).get(count_key_packages))
+        .route("/v1/users/{user}/devices", get(user_devices))
+        .route("/v1/users/{user}/key-packages/claim", post(claim_key_packages))
+        .route("/v1/rooms", post(create_room).get(list_rooms))
+        .route("/v1/rooms/{room}", get(room_info))
+        .route("/v1/rooms/{room}/commits", post(commit))
+        .route("/v1/rooms/{room}/messages", post(send))
+        .route("/v1/queue", get(queue))
+        .route("/v1/queue/ack", post(ack))
+        .route("/v1/ws", get(ws))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::extract::DefaultBodyLimit::max(body_limit))
+        .with_state(app)
+}
+
+async fn not_found() -> Response {
+    error_response(StatusCode::NOT_FOUND, "not_found", "no such endpoint".into(), false)
+}
+
+async fn method_not_allowed() -> Response {
+    error_response(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "method not allowed on this endpoint".into(),
+        false,
+    )
+}
+
+/// `GET /health`
+async fn health() -> Json<serde_json::Value> {
+    Json(serde_json::json!({"status": "ok"}))
+}
+
+/// `GET /metrics`: Prometheus text format.
+async fn metrics(State(app): AppState) -> impl IntoResponse {
+    let c = &app.hub.counters;
+    let body = format!(
+        "# TYPE parley_messages_accepted_total counter\nparley_messages_accepted_total {}\n\
+         # TYPE parley_commits_accepted_total counter\nparley_commits_accepted_total {}\n\
+         # TYPE parley_queue_entries_total counter\nparley_queue_entries_total {}\n\
+         # TYPE parley_push_connections gauge\nparley_push_connections {}\n",
+        c.messages.load(Ordering::Relaxed),
+        c.commits.load(Ordering::Relaxed),
+        c.queued.load(Ordering::Relaxed),
+        app.delivery.push.connected(),
+    );
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body)
+}
+
+/// `POST /v1/accounts`
+async fn register(State(app): AppState, ApiJson(req): ApiJson<RegisterRequest>) -> ApiResult<impl IntoResponse> {
+    let user = req.user.clone();
+    let s = app
+        .accounts
+        .register(&req.user, req.password, req.invite, req.device_name.as_deref(), req.signature_key)
+        .await?;
+    let user = UserId::parse(&user).map(|u| u.to_string()).unwrap_or(user);
+    Ok((StatusCode::CREATED, Json(SessionResponse { user, device_id: s.device.to_string(), token: s.token })))
+}
+
+/// `POST /v1/sessions`
+async fn login(State(app): AppState, ApiJson(req): ApiJson<LoginRequest>) -> ApiResult<impl IntoResponse> {
+    let s = app
+        .accounts
+        .login(&req.user, req.password, req.device_name.as_deref(), req.signature_key)
+        .await?;
+    Ok((StatusCode::CREATED, Json(SessionResponse { user: req.user, device_id: s.device.to_string(), token: s.token })))
+}
+
+/// `GET /v1/devices`
+async fn own_devices(State(app): AppState, Authed(me): Authed) -> ApiResult<impl IntoResponse> {
+    Ok(Json(app.accounts.devices(&me.user).await?))
+}
+
+/// `DELETE /v1/devices/{device}`
+async fn remove_device(State(app): AppState, Authed(me): Authed, Path(device): Path<String>) -> ApiResult<StatusCode> {
+    app.accounts.remove_device(&me, &device).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// `POST /v1/key-packages`
+async fn upload_key_packages(
+    State(app): AppState,
+    Authed(me): Authed,
+    ApiJson(req): ApiJson<UploadKeyPackages>,
+) -> ApiResult<impl IntoResponse> {
+    Ok(Json(app.accounts.upload_key_packages(&me, req.key_packages, req.last_resort).await?))
+}
+
+/// `GET /v1/key-packages`
+async fn count_key_packages(State(app): AppState, Authed(me): Authed) -> ApiResult<impl IntoResponse> {
+    Ok(Json(app.accounts.key_package_count(&me).await?))
+}
+
+/// `GET /v1/users/{user}/devices`
+async fn user_devices(State(app): AppState, Authed(_): Authed, Path(user): Path<String>) -> ApiResult<impl IntoResponse> {
+    let user = app.accounts.local_user(&user)?;
+    Ok(Json(app.accounts.devices(&user).await?))
+}
+
+/// `POST /v1/users/{user}/key-packages/claim`
+async fn claim_key_packages(
+    State(app): AppState,
+    Authed(_): Authed,
+    Path(user): Path<String>,
+) -> ApiResult<impl IntoResponse> {
+    let user = app.accounts.local_user(&user)?;
+    Ok(Json(app.accounts.claim_key_packages(&user).await?))
+}
+
+/// `POST /v1/rooms`
+async fn create_room(
+    State(app): AppState,
+    Authed(me): Authed,
+    ApiJson(req): ApiJson<CreateRoomRequest>,
+) -> ApiResult<impl IntoResponse> {
+    Ok((StatusCode::CREATED, Json(app.hub.create_room(&me, req).await?)))
+}
+
+/// `GET /v1/rooms`
+async fn list_rooms(State(app): AppState, Authed(me): Authed) -> ApiResult<impl IntoResponse> {
+    Ok(Json(app.hub.rooms_of(&me).await?))
+}
+
+/// `GET /v1/rooms/{room}`
+async fn room_info(State(app): AppState, Authed(me): Authed, Path(room): Path<String>) -> ApiResult<impl IntoResponse> {
+    Ok(Json(app.hub.room_info(&me, &room).await?))
+}
+
+/// `POST /v1/rooms/{room}/commits`
+async fn commit(
+    State(app): AppState,
+    Authed(me): Authed,
+    Path(room): Path<String>,
+    ApiJson(req): ApiJson<CommitRequest>,
+) -> ApiResult<impl IntoResponse> {
+    Ok(Json(app.hub.commit(&me, &room, req.commit, req.welcome).await?))
+}
+
+/// `POST /v1/rooms/{room}/messages`
+async fn send(
+    State(app): AppState,
+    Authed(me): Authed,
+    Path(room): Path<String>,
+    ApiJson(req): ApiJson<SendRequest>,
+) -> ApiResult<impl IntoResponse> {
+    Ok(Json(app.hub.send(&me, &room, req.message).await?))
+}
+
+#[derive(Deserialize)]
+struct QueueQuery {
+    limit: Option<usize>,
+    after: Option<u64>,
+}
+
+/// `GET /v1/queue?limit=N&after=SEQ`
+async fn queue(
+    State(app): AppState,
+    Authed(me): Authed,
+    query: Result<Query<QueueQuery>, QueryRejection>,
+) -> ApiResult<impl IntoResponse> {
+    let Query(q) = query.map_err(|e| ServiceError::bad("invalid_query", e.body_text()))?;
+    let limit = q.limit.unwrap_or(100).clamp(1, app.config.limits.max_queue_page);
+    let entries = app.delivery.page(me.device.as_str(), q.after.unwrap_or(0), limit).await?;
+    Ok(Json(QueuePage { entries }))
+}
+
+/// `POST /v1/queue/ack`
+async fn ack(State(app): AppState, Authed(me): Authed, ApiJson(req): ApiJson<AckRequest>) -> ApiResult<StatusCode> {
+    app.delivery.ack(me.device.as_str(), req.up_to).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// `GET /v1/ws`: push channel. Sends the backlog, then entries as they become durable.
+async fn ws(
+    State(app): AppState,
+    Authed(me): Authed,
+    upgrade: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
+) -> Response {
+    match upgrade {
+        Ok(upgrade) => upgrade
+            .max_message_size(MAX_WS_FRAME)
+            .on_upgrade(move |socket| ws_session(app, me, socket)),
+        Err(r) => error_response(r.status(), "websocket_required", r.body_text(), false),
+    }
+}
+
+async fn ws_session(app: Arc<App>, me: AuthDevice, socket: WebSocket) {
+    let device = me.device.as_str().to_owned();
+    // Subscribe before reading the backlog so nothing falls between the two.
+    let mut live = app.delivery.push.subscribe(&device);
+    let (mut sink, mut incoming) = socket.split();
+    let mut shutdown = app.shutdown.clone();
+    let mut last_sent = 0u64;
+    loop {
+        let page = match app.delivery.page(&device, last_sent, WS_PAGE).await {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(error = %e, "backlog read failed");
+                return;
+            }
+        };
+        let Some(last) = page.last() else { break };
+        last_sent = last.seq;
+        if send_entries(&mut sink, page).await.is_err() {
+            return;
+        }
+    }
+    loop {
+        tokio::select! {
+            entry = live.recv() => {
+                let Some(first) = entry else { break }; // dropped as too slow: the client reconnects
+                let mut batch = vec![first];
+                while batch.len() < WS_PAGE {
+                    match live.try_recv() {
+                        Ok(e) => batch.push(e),
+                        Err(_) => break,
+                    }
+                }
+                let fresh: Vec<_> = batch.iter().filter(|e| e.seq > last_sent).map(|e| (**e).clone()).collect();
+                if let Some(last) = fresh.last() {
+                    last_sent = last.seq;
+                    if send_entries(&mut sink, fresh).await.is_err() {
+                        break;
+                    }
+                }
+            }
+            frame = incoming.next() => match frame {
+                Some(Ok(Message::Text(text))) => match serde_json::from_str::<WsFrame>(&text) {
+                    Ok(WsFrame::Ack { up_to }) => {
+                        if let Err(e) = app.delivery.ack(&device, up_to).await {
+                            tracing::warn!(error = %e, "ack failed");
+                        }
+                    }
+                    _ => {
+                        let _ = sink.send(Message::Close(None)).await;
+                        break;
+                    }
+                },
+                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
+                Some(Ok(_)) => {} // pings are answered by the WebSocket layer
+            },
+            _ = shutdown.changed() => {
+                let _ = sink.send(Message::Close(None)).await;
+                break;
+            }
+        }
+    }
+    drop(live);
+    app.delivery.push.prune(&device);
+}
+
+async fn send_entries(
+    sink: &mut futures_util::stream::SplitSink<WebSocket, Message>,
+    entries: Vec<parley_proto::api::QueueEntry>,
+) -> Result<(), axum::Error> {
+    let frame = WsFrame::Entries { entries };
+    let text = serde_json::to_string(&frame).unwrap_or_default();
+    sink.send(Message::Text(text.into())).await
+}

@@ -1,0 +1,322 @@
+//! What the hub knows of MLS: validating KeyPackages, and following each room's *public* group
+//! state (openmls `PublicGroup`) from the commits it orders.
+//!
+//! **Architecture invariant:** the server holds no MLS secrets. It sees GroupInfo, ratchet trees,
+//! KeyPackages and commits (PublicMessages), and application messages only as ciphertext, of which
+//! it reads the cleartext header (group id, epoch, content type).
+
+use openmls::prelude::{
+    BasicCredential, Ciphersuite, ContentType, Credential, KeyPackageIn, MlsMessageBodyIn,
+    MlsMessageIn, ProcessedMessageContent, ProposalStore, ProtocolMessage, ProtocolVersion,
+    PublicGroup, RatchetTreeIn, Sender,
+};
+use openmls::group::GroupId;
+use openmls_memory_storage::MemoryStorage;
+use openmls_rust_crypto::RustCrypto;
+use parley_proto::ids::DeviceUri;
+use parley_proto::RoomId;
+use std::collections::HashMap;
+use std::sync::RwLock;
+use tls_codec::{Deserialize as _, Serialize as _, TlsDeserialize, TlsSerialize, TlsSize, VLBytes};
+
+/// The ciphersuite every Parley group and KeyPackage must use.
+pub const CIPHERSUITE: Ciphersuite = Ciphersuite::MLS_128_DHKEMX25519_AES128GCM_SHA256_Ed25519;
+
+/// Why MLS input was refused; the message is safe to show the client.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct MlsInputError(pub String);
+
+fn bad(msg: impl Into<String>) -> MlsInputError {
+    MlsInputError(msg.into())
+}
+
+/// Parses a device URI out of a BasicCredential.
+pub fn credential_device(credential: &Credential) -> Option<DeviceUri> {
+    let basic = BasicCredential::try_from(credential.clone()).ok()?;
+    let identity = std::str::from_utf8(basic.identity()).ok()?;
+    DeviceUri::parse(identity).ok()
+}
+
+/// A device as it appears in a group or KeyPackage: its identity and signature key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeafDevice {
+    pub device: DeviceUri,
+    pub signature_key: Vec<u8>,
+}
+
+/// Checks an uploaded KeyPackage (an MlsMessage or a bare KeyPackage): signature, ciphersuite,
+/// lifetime, and that its credential names a device. Returns that device.
+pub fn validate_key_package(bytes: &[u8]) -> Result<LeafDevice, MlsInputError> {
+    let kp_in = match MlsMessageIn::tls_deserialize_exact(bytes) {
+        Ok(msg) => match msg.extract() {
+            MlsMessageBodyIn::KeyPackage(kp) => kp,
+            _ => return Err(bad("the MLS message is not a KeyPackage")),
+        },
+        Err(_) => KeyPackageIn::tls_deserialize_exact(bytes)
+            .map_err(|e| bad(format!("not a KeyPackage: {e}")))?,
+    };
+    let kp = kp_in
+        .validate(&RustCrypto::default(), ProtocolVersion::Mls10)
+        .map_err(|e| bad(format!("invalid KeyPackage: {e}")))?;
+    if kp.ciphersuite() != CIPHERSUITE {
+        return Err(bad(format!("KeyPackage ciphersuite must be {}", parley_proto::CIPHERSUITE_NAME)));
+    }
+    let leaf = kp.leaf_node();
+    let device = credential_device(leaf.credential())
+        .ok_or_else(|| bad("KeyPackage credential is not a Parley device URI"))?;
+    Ok(LeafDevice {
+        device,
+        signature_key: leaf.signature_key().as_slice().to_vec(),
+    })
+}
+
+/// The header of an application message, read without decrypting.
+pub struct AppMessageHeader {
+    pub room: RoomId,
+    pub epoch: u64,
+}
+
+/// Parses an MlsMessage that must be a PrivateMessage with application content.
+pub fn application_header(bytes: &[u8]) -> Result<AppMessageHeader, MlsInputError> {
+    let msg = MlsMessageIn::tls_deserialize_exact(bytes)
+        .map_err(|e| bad(format!("not an MLS message: {e}")))?;
+    let MlsMessageBodyIn::PrivateMessage(pm) = msg.extract() else {
+        return Err(bad("a message must be an MLS PrivateMessage"));
+    };
+    let pm = ProtocolMessage::from(pm);
+    if pm.content_type() != ContentType::Application {
+        return Err(bad("handshake messages go to /commits as PublicMessages"));
+    }
+    let room = RoomId::from_group_id(pm.group_id().as_slice())
+        .map_err(|_| bad("the MLS group id is not a Parley room id"))?;
+    Ok(AppMessageHeader {
+        room,
+        epoch: pm.epoch().as_u64(),
+    })
+}
+
+/// Checks that bytes are an MLS Welcome.
+pub fn check_welcome(bytes: &[u8]) -> Result<(), MlsInputError> {
+    let msg = MlsMessageIn::tls_deserialize_exact(bytes)
+        .map_err(|e| bad(format!("welcome is not an MLS message: {e}")))?;
+    match msg.extract() {
+        MlsMessageBodyIn::Welcome(_) => Ok(()),
+        _ => Err(bad("welcome is not an MLS Welcome")),
+    }
+}
+
+#[derive(Debug, TlsSerialize, TlsDeserialize, TlsSize)]
+struct StoredEntry {
+    key: VLBytes,
+    value: VLBytes,
+}
+
+/// The database form of [`PublicState`].
+#[derive(Debug, TlsSerialize, TlsDeserialize, TlsSize)]
+struct StoredState {
+    group_id: VLBytes,
+    entries: Vec<StoredEntry>,
+}
+
+/// One room's public group state, as openmls stores it, serializable for our database.
+pub struct PublicState {
+    storage: MemoryStorage,
+    group_id: GroupId,
+}
+
+/// The effect of a verified commit.
+pub struct CommitEffect {
+    pub next: PublicState,
+    pub epoch: u64,
+    pub committer: DeviceUri,
+    pub added: Vec<LeafDevice>,
+    pub removed: Vec<DeviceUri>,
+    pub members: Vec<LeafDevice>,
+    pub has_other_proposals: bool,
+}
+
+impl PublicState {
+    /// Starts following a new group from its GroupInfo and ratchet tree (verifies both).
+    pub fn create(
+        group_info: &[u8],
+        ratchet_tree: &[u8],
+    ) -> Result<(Self, u64, Vec<LeafDevice>), MlsInputError> {
+        let msg = MlsMessageIn::tls_deserialize_exact(group_info)
+            .map_err(|e| bad(format!("group_info is not an MLS message: {e}")))?;
+        let MlsMessageBodyIn::GroupInfo(vgi) = msg.extract() else {
+            return Err(bad("group_info is not an MLS GroupInfo"));
+        };
+        if vgi.ciphersuite() != CIPHERSUITE {
+            return Err(bad(format!("the group must use {}", parley_proto::CIPHERSUITE_NAME)));
+        }
+        let tree = RatchetTreeIn::tls_deserialize_exact(ratchet_tree)
+            .map_err(|e| bad(format!("ratchet_tree is not a ratchet tree: {e}")))?;
+        let storage = MemoryStorage::default();
+        let (group, _info) = PublicGroup::from_external(
+            &RustCrypto::default(),
+            &storage,
+            tree,
+            vgi,
+            ProposalStore::new(),
+        )
+        .map_err(|e| bad(format!("invalid group: {e}")))?;
+        let epoch = group.group_context().epoch().as_u64();
+        let members = members_of(&group)?;
+        let group_id = group.group_id().clone();
+        Ok((Self { storage, group_id }, epoch, members))
+    }
+
+    pub fn group_id_bytes(&self) -> &[u8] {
+        self.group_id.as_slice()
+    }
+
+    /// Verifies a commit (a PublicMessage) against the current state and computes the next state,
+    /// leaving `self` untouched so nothing changes unless the result is stored.
+    pub fn apply_commit(&self, commit: &[u8]) -> Result<CommitEffect, MlsInputError> {
+        let msg = MlsMessageIn::tls_deserialize_exact(commit)
+            .map_err(|e| bad(format!("commit is not an MLS message: {e}")))?;
+        let MlsMessageBodyIn::PublicMessage(pm) = msg.extract() else {
+            return Err(bad("a commit must be an MLS PublicMessage"));
+        };
+        let pm = ProtocolMessage::from(pm);
+        if pm.content_type() != ContentType::Commit {
+            return Err(bad("the PublicMessage is not a commit"));
+        }
+        let next = self.fork()?;
+        let mut group = next.load()?;
+        let before = members_of(&group)?;
+        let processed = group
+            .process_message(&RustCrypto::default(), pm)
+            .map_err(|e| bad(format!("commit refused: {e}")))?;
+        let Sender::Member(committer_leaf) = *processed.sender() else {
+            return Err(bad("only members may commit"));
+        };
+        let committer = group
+            .leaf(committer_leaf)
+            .and_then(|leaf| credential_device(leaf.credential()))
+            .ok_or_else(|| bad("committer leaf is not a Parley device"))?;
+        let ProcessedMessageContent::StagedCommitMessage(staged) = processed.into_content() else {
+            return Err(bad("the PublicMessage is not a commit"));
+        };
+        let mut added = Vec::new();
+        for add in staged.add_proposals() {
+            let leaf = add.add_proposal().key_package().leaf_node();
+            let device = credential_device(leaf.credential())
+                .ok_or_else(|| bad("an added KeyPackage is not a Parley device"))?;
+            added.push(LeafDevice {
+                device,
+                signature_key: leaf.signature_key().as_slice().to_vec(),
+            });
+        }
+        let mut removed = Vec::new();
+        for rm in staged.remove_proposals() {
+            let index = rm.remove_proposal().removed();
+            let leaf = group
+                .leaf(index)
+                .ok_or_else(|| bad("a removal names an empty leaf"))?;
+            removed.push(
+                credential_device(leaf.credential())
+                    .ok_or_else(|| bad("a removed leaf is not a Parley device"))?,
+            );
+        }
+        let has_other_proposals = staged.queued_proposals().count()
+            > added.len() + removed.len() + staged.update_proposals().count();
+        group
+            .merge_commit(&next.storage, *staged)
+            .map_err(|e| bad(format!("cannot apply commit: {e}")))?;
+        let members = members_of(&group)?;
+        debug_assert!(before.len() + added.len() >= members.len());
+        Ok(CommitEffect {
+            epoch: group.group_context().epoch().as_u64(),
+            next,
+            committer,
+            added,
+            removed,
+            members,
+            has_other_proposals,
+        })
+    }
+
+    fn load(&self) -> Result<PublicGroup, MlsInputError> {
+        PublicGroup::load(&self.storage, &self.group_id)
+            .map_err(|e| bad(format!("stored group state unreadable: {e}")))?
+            .ok_or_else(|| bad("stored group state missing"))
+    }
+
+    fn fork(&self) -> Result<Self, MlsInputError> {
+        let values = self
+            .storage
+            .values
+            .read()
+            .map_err(|_| bad("group state lock poisoned"))?
+            .clone();
+        Ok(Self {
+            storage: MemoryStorage {
+                values: RwLock::new(values),
+            },
+            group_id: self.group_id.clone(),
+        })
+    }
+
+    /// Serializes the state for the database.
+    pub fn encode(&self) -> Result<Vec<u8>, MlsInputError> {
+        let values = self
+            .storage
+            .values
+            .read()
+            .map_err(|_| bad("group state lock poisoned"))?;
+        let mut entries: Vec<StoredEntry> = values
+            .iter()
+            .map(|(k, v)| StoredEntry {
+                key: k.clone().into(),
+                value: v.clone().into(),
+            })
+            .collect();
+        entries.sort_by(|a, b| a.key.as_slice().cmp(b.key.as_slice()));
+        let mut out = Vec::new();
+        StoredState {
+            group_id: self.group_id.as_slice().to_vec().into(),
+            entries,
+        }
+        .tls_serialize(&mut out)
+            .map_err(|e| bad(format!("cannot encode group state: {e}")))?;
+        Ok(out)
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Self, MlsInputError> {
+        let StoredState { group_id, entries } = StoredState::tls_deserialize_exact(bytes)
+            .map_err(|e| bad(format!("stored group state corrupt: {e}")))?;
+        let values: HashMap<Vec<u8>, Vec<u8>> = entries
+            .into_iter()
+            .map(|e| (e.key.into(), e.value.into()))
+            .collect();
+        Ok(Self {
+            storage: MemoryStorage {
+                values: RwLock::new(values),
+            },
+            group_id: GroupId::from_slice(group_id.as_slice()),
+        })
+    }
+}
+
+fn members_of(group: &PublicGroup) -> Result<Vec<LeafDevice>, MlsInputError> {
+    group
+        .members()
+        .map(|m| {
+            credential_device(&m.credential)
+                .map(|device| LeafDevice {
+                    device,
+                    signature_key: m.signature_key.clone(),
+                })
+                .ok_or_else(|| bad("a group member is not a Parley device"))
+        })
+        .collect()
+}
+
+/// The epoch a Public- or PrivateMessage was built for, read from its cleartext header.
+pub fn message_epoch(bytes: &[u8]) -> Option<u64> {
+    let msg = MlsMessageIn::tls_deserialize_exact(bytes).ok()?;
+    let pm = msg.try_into_protocol_message().ok()?;
+    Some(pm.epoch().as_u64())
+}

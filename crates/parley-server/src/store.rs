@@ -1,0 +1,231 @@
+//! Durable storage: one SQLite database in WAL mode.
+//!
+//! All writes go through a single writer thread that groups concurrent requests into one
+//! transaction (group commit): a write is acknowledged only after its transaction is committed
+//! with `synchronous=FULL`, so an acked write survives kill -9 and power loss, while many
+//! concurrent sends share one fsync. Reads use a small pool of read-only connections.
+
+use rusqlite::{Connection, OpenFlags};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use tokio::sync::{mpsc, oneshot};
+
+mod embedded {
+    refinery::embed_migrations!("migrations");
+}
+
+/// Most jobs folded into one transaction.
+const MAX_BATCH: usize = 1024;
+/// Read connections kept open for reuse.
+const READ_POOL: usize = 8;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database error: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("database migration failed: {0}")]
+    Migration(String),
+    #[error("cannot create data directory {0}: {1}")]
+    DataDir(PathBuf, std::io::Error),
+    #[error("the storage writer has stopped")]
+    WriterGone,
+    #[error("a storage task failed: {0}")]
+    Task(String),
+}
+
+type Finisher = Box<dyn FnOnce(Result<(), String>) + Send>;
+type Job = Box<dyn FnOnce(&Connection) -> Finisher + Send>;
+
+/// Handle to the database; cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    jobs: mpsc::Sender<Job>,
+    readers: Arc<Mutex<Vec<Connection>>>,
+    path: Arc<PathBuf>,
+}
+
+impl Store {
+    /// Opens (creating if needed) `dir/parley.db`, runs migrations and starts the writer.
+    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        std::fs::create_dir_all(dir).map_err(|e| StoreError::DataDir(dir.to_owned(), e))?;
+        let path = dir.join("parley.db");
+        let mut conn = Connection::open(&path)?;
+        conn.execute_batch(
+            "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; PRAGMA foreign_keys=ON; PRAGMA busy_timeout=5000;",
+        )?;
+        embedded::migrations::runner()
+            .set_migration_table_name("parley_migrations")
+            .run(&mut conn)
+            .map_err(|e| StoreError::Migration(e.to_string()))?;
+        let (jobs, rx) = mpsc::channel::<Job>(8192);
+        std::thread::Builder::new()
+            .name("parley-store-writer".into())
+            .spawn(move || writer_loop(conn, rx))
+            .map_err(|e| StoreError::Task(e.to_string()))?;
+        Ok(Self {
+            jobs,
+            readers: Arc::new(Mutex::new(Vec::new())),
+            path: Arc::new(path),
+        })
+    }
+
+    /// Runs `f` inside the next group-commit transaction and returns its result once committed.
+    /// `after_commit` runs on the writer thread right after the commit, in commit order (used to
+    /// push queue entries to connected devices in exactly the order they became durable).
+    pub async fn write_then<T, F, H>(&self, f: F, after_commit: H) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+        H: FnOnce(&T) + Send + 'static,
+    {
+        let (tx, rx) = oneshot::channel();
+        let job: Job = Box::new(move |conn| {
+            let result = in_savepoint(conn, f);
+            Box::new(move |committed| {
+                let outcome = match (committed, result) {
+                    (Ok(()), Ok(value)) => {
+                        after_commit(&value);
+                        Ok(value)
+                    }
+                    (Err(e), _) => Err(StoreError::Task(format!("commit failed: {e}"))),
+                    (Ok(()), Err(e)) => Err(e),
+                };
+                let _ = tx.send(outcome);
+            })
+        });
+        self.jobs.send(job).await.map_err(|_| StoreError::WriterGone)?;
+        rx.await.map_err(|_| StoreError::WriterGone)?
+    }
+
+    pub async fn write<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+    {
+        self.write_then(f, |_| {}).await
+    }
+
+    /// Runs a read on a pooled connection off the async runtime.
+    pub async fn read<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+    {
+        let store = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let conn = store.checkout()?;
+            let result = f(&conn);
+            store.checkin(conn);
+            result
+        })
+        .await
+        .map_err(|e| StoreError::Task(e.to_string()))?
+    }
+
+    fn checkout(&self) -> Result<Connection, StoreError> {
+        let pooled = self.readers.lock().map_err(|_| StoreError::WriterGone)?.pop();
+        match pooled {
+            Some(c) => Ok(c),
+            None => {
+                let c = Connection::open_with_flags(
+                    &*self.path,
+                    OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+                )?;
+                c.execute_batch("PRAGMA busy_timeout=5000;")?;
+                Ok(c)
+            }
+        }
+    }
+
+    fn checkin(&self, conn: Connection) {
+        if let Ok(mut pool) = self.readers.lock() {
+            if pool.len() < READ_POOL {
+                pool.push(conn);
+            }
+        }
+    }
+}
+
+/// Runs one job in a savepoint so a failing job rolls back alone, not the whole batch.
+fn in_savepoint<T>(
+    conn: &Connection,
+    f: impl FnOnce(&Connection) -> Result<T, StoreError>,
+) -> Result<T, StoreError> {
+    conn.execute_batch("SAVEPOINT job")?;
+    let result = f(conn);
+    if result.is_err() {
+        conn.execute_batch("ROLLBACK TO job")?;
+    }
+    conn.execute_batch("RELEASE job")?;
+    result
+}
+
+fn writer_loop(conn: Connection, mut rx: mpsc::Receiver<Job>) {
+    while let Some(first) = rx.blocking_recv() {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        let began = conn.execute_batch("BEGIN IMMEDIATE");
+        if let Err(e) = began {
+            tracing::error!(error = %e, "cannot begin a write transaction");
+            let msg = e.to_string();
+            // Dropping the jobs without running them makes each caller see WriterGone; run
+            // nothing half-way. Report the error instead.
+            for job in batch {
+                let finish = job(&conn);
+                finish(Err(msg.clone()));
+            }
+            continue;
+        }
+        let finishers: Vec<Finisher> = batch.into_iter().map(|job| job(&conn)).collect();
+        let committed = conn.execute_batch("COMMIT").map_err(|e| {
+            tracing::error!(error = %e, "group commit failed");
+            let _ = conn.execute_batch("ROLLBACK");
+            e.to_string()
+        });
+        for finish in finishers {
+            finish(committed.clone());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn writes_are_durable_and_failures_roll_back_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let ok = store.write(|c| {
+            c.execute(
+                "INSERT INTO users VALUES ('a.test', 'alice', 'h', 1)",
+                [],
+            )?;
+            Ok(())
+        });
+        let failing = store.write(|c| {
+            c.execute("INSERT INTO users VALUES ('a.test', 'bob', 'h', 1)", [])?;
+            c.execute("INSERT INTO users VALUES ('a.test', 'bob', 'h', 1)", [])?; // duplicate key
+            Ok(())
+        });
+        let (ok, failing) = tokio::join!(ok, failing);
+        ok.unwrap();
+        assert!(failing.is_err());
+        drop(store);
+        let store = Store::open(dir.path()).unwrap();
+        let names: Vec<String> = store
+            .read(|c| {
+                let mut st = c.prepare("SELECT handle FROM users ORDER BY handle")?;
+                let rows = st.query_map([], |r| r.get(0))?;
+                Ok(rows.collect::<Result<_, _>>()?)
+            })
+            .await
+            .unwrap();
+        assert_eq!(names, vec!["alice".to_string()]);
+    }
+}
