@@ -320,3 +320,35 @@ pub fn message_epoch(bytes: &[u8]) -> Option<u64> {
     let pm = msg.try_into_protocol_message().ok()?;
     Some(pm.epoch().as_u64())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        /// Every decoder the hub runs on client bytes returns an error, never panics.
+        #[test]
+        fn decoders_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..600)) {
+            let _ = validate_key_package(&bytes);
+            let _ = application_header(&bytes);
+            let _ = check_welcome(&bytes);
+            let _ = message_epoch(&bytes);
+            let _ = PublicState::create(&bytes, &bytes);
+            let _ = PublicState::decode(&bytes);
+        }
+
+        /// Bytes that start like an MLS message (version 1, each wire format) reach deeper parsers.
+        #[test]
+        fn mls_shaped_input_never_panics(wire in 1u8..6, rest in proptest::collection::vec(any::<u8>(), 0..400)) {
+            let mut bytes = vec![0, 1, 0, wire];
+            bytes.extend(rest);
+            let _ = validate_key_package(&bytes);
+            let _ = application_header(&bytes);
+            let _ = message_epoch(&bytes);
+            let _ = PublicState::create(&bytes, &bytes[2..]);
+        }
+    }
+}

@@ -1,0 +1,111 @@
+//! The client's error type: one enum whose `Display` is a one-line message fit for a terminal.
+
+use parley_proto::api::ErrorBody;
+use parley_proto::RoomId;
+
+/// Shorthand for results in this crate.
+pub type Result<T, E = ClientError> = std::result::Result<T, E>;
+
+/// Everything that can go wrong on the device side.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClientError {
+    /// The server answered with an error body (`{"error", "message", "retryable"}`).
+    #[error("server refused the request ({status} {code}): {message}")]
+    Api {
+        status: u16,
+        code: String,
+        message: String,
+        retryable: bool,
+    },
+    /// The server could not be reached, or the connection broke mid-request.
+    #[error("{0}")]
+    Unreachable(String),
+    /// The profile holds no account yet.
+    #[error("this profile has no account yet: register or log in first")]
+    NotRegistered,
+    /// `register`/`login` into a profile that already holds an account.
+    #[error("this profile already holds the account {0}; use a different profile directory")]
+    AlreadyRegistered(String),
+    /// The device is not (or no longer) a member of the room's MLS group.
+    #[error("this device is not a member of room {0}")]
+    NotMember(RoomId),
+    /// The room is not known to this device.
+    #[error("unknown room {0}")]
+    UnknownRoom(RoomId),
+    /// openmls refused an operation or a message.
+    #[error("MLS error: {0}")]
+    Mls(String),
+    /// The profile database failed.
+    #[error("profile storage error: {0}")]
+    Storage(String),
+    /// The caller passed something unusable (bad identifier, bad CA file, ...).
+    #[error("{0}")]
+    InvalidInput(String),
+    /// The server or a peer sent something that breaks the protocol.
+    #[error("protocol error: {0}")]
+    Protocol(String),
+}
+
+impl ClientError {
+    /// Builds an [`ClientError::Api`] from the server's error body.
+    pub fn from_body(status: u16, body: ErrorBody) -> Self {
+        Self::Api {
+            status,
+            code: body.error,
+            message: body.message,
+            retryable: body.retryable,
+        }
+    }
+
+    /// The server's error code (`wrong_epoch`, `not_member`, ...), if this is an API error.
+    pub fn code(&self) -> Option<&str> {
+        match self {
+            Self::Api { code, .. } => Some(code),
+            _ => None,
+        }
+    }
+
+    /// Whether the server said trying again (after a sync) may succeed.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, Self::Api { retryable: true, .. })
+    }
+
+    /// The hub refused a commit or message because the room moved to a newer epoch.
+    pub fn is_wrong_epoch(&self) -> bool {
+        self.code() == Some("wrong_epoch")
+    }
+
+    pub(crate) fn mls(context: &str, e: impl std::fmt::Display) -> Self {
+        Self::Mls(format!("{context}: {e}"))
+    }
+}
+
+impl From<rusqlite::Error> for ClientError {
+    fn from(e: rusqlite::Error) -> Self {
+        Self::Storage(e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn api_errors_expose_code_and_retryability() {
+        let e = ClientError::from_body(
+            409,
+            ErrorBody {
+                error: "wrong_epoch".into(),
+                message: "the room is at epoch 3".into(),
+                retryable: true,
+            },
+        );
+        assert!(e.is_wrong_epoch() && e.is_retryable());
+        assert_eq!(
+            e.to_string(),
+            "server refused the request (409 wrong_epoch): the room is at epoch 3"
+        );
+        assert!(!ClientError::NotRegistered.is_retryable());
+    }
+}

@@ -1,0 +1,815 @@
+//! The device's MLS state machine over openmls: identity, KeyPackages, groups, commits and
+//! messages. No network I/O; all state lives in the profile's SQLite database.
+//!
+//! Every function takes the SQLite connection explicitly, so the caller can wrap an MLS step and
+//! its bookkeeping (queue position, history) in one transaction.
+
+use std::collections::{BTreeSet, HashSet};
+
+use openmls::prelude::tls_codec::Deserialize as _;
+use openmls::prelude::{
+    BasicCredential, Capabilities, Ciphersuite, Credential, CredentialWithKey, ExtensionType, GroupId, KeyPackage,
+    KeyPackageIn, LeafNodeIndex, MlsGroup, MlsGroupCreateConfig, MlsGroupJoinConfig, MlsMessageBodyIn,
+    MlsMessageIn, MlsMessageOut, OpenMlsProvider, ProcessedMessageContent, ProtocolVersion,
+    SignatureScheme, StagedWelcome, MIXED_PLAINTEXT_WIRE_FORMAT_POLICY,
+};
+use openmls_basic_credential::SignatureKeyPair;
+use openmls_rust_crypto::RustCrypto;
+use openmls_sqlite_storage::{Codec, SqliteStorageProvider};
+use parley_proto::ids::DeviceUri;
+use parley_proto::{RoomId, UserId};
+use rusqlite::Connection;
+
+use crate::error::{ClientError, Result};
+
+/// The only ciphersuite Parley speaks.
+pub const CIPHERSUITE: Ciphersuite = Ciphersuite::MLS_128_DHKEMX25519_AES128GCM_SHA256_Ed25519;
+
+/// Serialises openmls's stored values as JSON.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct JsonCodec;
+
+impl Codec for JsonCodec {
+    type Error = serde_json::Error;
+
+    fn to_vec<T: serde::Serialize>(value: &T) -> Result<Vec<u8>, Self::Error> {
+        serde_json::to_vec(value)
+    }
+
+    fn from_slice<T: serde::de::DeserializeOwned>(slice: &[u8]) -> Result<T, Self::Error> {
+        serde_json::from_slice(slice)
+    }
+}
+
+/// openmls storage over a borrowed connection, so callers keep the connection for transactions.
+pub type MlsStorage<'a> = SqliteStorageProvider<JsonCodec, &'a Connection>;
+
+/// The openmls provider: RustCrypto for crypto and randomness, SQLite for state.
+pub struct MlsProvider<'a> {
+    crypto: &'a RustCrypto,
+    storage: MlsStorage<'a>,
+}
+
+impl<'a> MlsProvider<'a> {
+    pub fn new(crypto: &'a RustCrypto, conn: &'a Connection) -> Self {
+        Self {
+            crypto,
+            storage: SqliteStorageProvider::new(conn),
+        }
+    }
+}
+
+impl<'a> OpenMlsProvider for MlsProvider<'a> {
+    type CryptoProvider = RustCrypto;
+    type RandProvider = RustCrypto;
+    type StorageProvider = MlsStorage<'a>;
+
+    fn storage(&self) -> &Self::StorageProvider {
+        &self.storage
+    }
+
+    fn crypto(&self) -> &Self::CryptoProvider {
+        self.crypto
+    }
+
+    fn rand(&self) -> &Self::RandProvider {
+        self.crypto
+    }
+}
+
+/// Creates or upgrades openmls's tables in the profile database.
+pub fn init_storage(conn: &mut Connection) -> Result<()> {
+    SqliteStorageProvider::<JsonCodec, &mut Connection>::new(conn)
+        .run_migrations()
+        .map_err(|e| ClientError::Storage(format!("cannot migrate MLS storage: {e}")))
+}
+
+/// A freshly created group, as its hub needs it.
+#[derive(Debug, Clone)]
+pub struct NewGroup {
+    /// TLS-encoded MlsMessage carrying the signed GroupInfo (with the ratchet tree extension).
+    pub group_info: Vec<u8>,
+    /// TLS-encoded ratchet tree.
+    pub ratchet_tree: Vec<u8>,
+}
+
+/// A commit staged as the group's pending commit, to be posted to the hub.
+#[derive(Debug, Clone)]
+pub struct OutgoingCommit {
+    /// TLS-encoded MlsMessage (a PublicMessage).
+    pub commit: Vec<u8>,
+    /// TLS-encoded Welcome for added devices, if the commit adds any.
+    pub welcome: Option<Vec<u8>>,
+}
+
+/// A claimed KeyPackage that passed validation, with the device it belongs to.
+#[derive(Debug, Clone)]
+pub struct ValidatedKeyPackage {
+    pub device: DeviceUri,
+    key_package: KeyPackage,
+}
+
+/// What processing one handshake or application message did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Incoming {
+    /// A decrypted application message from another device.
+    Application { sender: DeviceUri, plaintext: Vec<u8> },
+    /// A commit was merged; users whose first device joined or whose last device left.
+    CommitMerged {
+        added: Vec<UserId>,
+        removed: Vec<UserId>,
+        /// This device was removed: the group's state has been deleted.
+        self_removed: bool,
+    },
+    /// Nothing to act on (a standalone proposal, or an echo of our own message).
+    Skipped(&'static str),
+}
+
+/// One device's MLS identity: its signature key and credential.
+pub struct DeviceMls {
+    crypto: RustCrypto,
+    signer: SignatureKeyPair,
+    me: DeviceUri,
+}
+
+impl std::fmt::Debug for DeviceMls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeviceMls")
+            .field("me", &self.me.to_string())
+            .finish_non_exhaustive()
+    }
+}
+
+impl DeviceMls {
+    /// Makes a fresh Ed25519 signature key for a device and stores it.
+    pub fn generate_signer(conn: &Connection) -> Result<SignatureKeyPair> {
+        let signer = SignatureKeyPair::new(SignatureScheme::ED25519)
+            .map_err(|e| ClientError::mls("cannot generate a signature key", format!("{e:?}")))?;
+        signer
+            .store(&MlsStorage::new(conn))
+            .map_err(|e| ClientError::Storage(format!("cannot store the signature key: {e}")))?;
+        Ok(signer)
+    }
+
+    /// The identity of device `me`, whose signature key was stored by [`Self::generate_signer`].
+    pub fn load(conn: &Connection, me: DeviceUri, signature_public_key: &[u8]) -> Result<Self> {
+        let signer = SignatureKeyPair::read(
+            &MlsStorage::new(conn),
+            signature_public_key,
+            SignatureScheme::ED25519,
+        )
+        .ok_or_else(|| ClientError::Storage("the device's signature key is missing".into()))?;
+        Ok(Self {
+            crypto: RustCrypto::default(),
+            signer,
+            me,
+        })
+    }
+
+    pub fn device_uri(&self) -> &DeviceUri {
+        &self.me
+    }
+
+    pub fn signature_public_key(&self) -> &[u8] {
+        self.signer.public()
+    }
+
+    fn provider<'a>(&'a self, conn: &'a Connection) -> MlsProvider<'a> {
+        MlsProvider::new(&self.crypto, conn)
+    }
+
+    fn credential(&self) -> CredentialWithKey {
+        CredentialWithKey {
+            credential: BasicCredential::new(self.me.to_string().into_bytes()).into(),
+            signature_key: self.signer.public().into(),
+        }
+    }
+
+    // --- KeyPackages ----------------------------------------------------------------------------
+
+    /// `count` one-time KeyPackages, each a TLS-encoded MlsMessage; private parts stay stored.
+    pub fn key_packages(&self, conn: &Connection, count: usize) -> Result<Vec<Vec<u8>>> {
+        (0..count).map(|_| self.key_package(conn, false)).collect()
+    }
+
+    /// A last-resort KeyPackage (reusable, handed out when the one-time ones run out).
+    pub fn last_resort_key_package(&self, conn: &Connection) -> Result<Vec<u8>> {
+        self.key_package(conn, true)
+    }
+
+    fn key_package(&self, conn: &Connection, last_resort: bool) -> Result<Vec<u8>> {
+        let mut builder = KeyPackage::builder();
+        if last_resort {
+            // The leaf must advertise every KeyPackage extension it carries, or validation fails.
+            let capabilities = Capabilities::builder()
+                .extensions(vec![ExtensionType::LastResort])
+                .build();
+            builder = builder
+                .mark_as_last_resort()
+                .leaf_node_capabilities(capabilities);
+        }
+        let bundle = builder
+            .build(CIPHERSUITE, &self.provider(conn), &self.signer, self.credential())
+            .map_err(|e| ClientError::mls("cannot create a KeyPackage", e))?;
+        serialize(MlsMessageOut::from(bundle.key_package().clone()))
+    }
+
+    /// Checks a claimed KeyPackage: well-formed, validly signed, our ciphersuite, and its
+    /// credential naming a device of `expected` user.
+    pub fn validate_key_package(
+        &self,
+        bytes: &[u8],
+        expected: &UserId,
+    ) -> Result<ValidatedKeyPackage> {
+        let key_package = decode_key_package(bytes)?
+            .validate(&self.crypto, ProtocolVersion::Mls10)
+            .map_err(|e| ClientError::mls("invalid KeyPackage", e))?;
+        if key_package.ciphersuite() != CIPHERSUITE {
+            return Err(ClientError::Protocol(format!(
+                "KeyPackage uses ciphersuite {:?}",
+                key_package.ciphersuite()
+            )));
+        }
+        let device = device_uri_of(key_package.leaf_node().credential())?;
+        if device.user != *expected {
+            return Err(ClientError::Protocol(format!(
+                "KeyPackage of {} was offered for {expected}",
+                device.user
+            )));
+        }
+        Ok(ValidatedKeyPackage {
+            device,
+            key_package,
+        })
+    }
+
+    // --- groups ---------------------------------------------------------------------------------
+
+    /// Creates the room's group with only this device in it (epoch 0).
+    pub fn create_group(&self, conn: &Connection, room: &RoomId) -> Result<NewGroup> {
+        let provider = self.provider(conn);
+        let config = MlsGroupCreateConfig::builder()
+            .ciphersuite(CIPHERSUITE)
+            .wire_format_policy(MIXED_PLAINTEXT_WIRE_FORMAT_POLICY)
+            .use_ratchet_tree_extension(true)
+            .build();
+        let group = MlsGroup::new_with_group_id(
+            &provider,
+            &self.signer,
+            &config,
+            group_id(room),
+            self.credential(),
+        )
+        .map_err(|e| ClientError::mls("cannot create the group", e))?;
+        let group_info = group
+            .export_group_info(provider.crypto(), &self.signer, true)
+            .map_err(|e| ClientError::mls("cannot export the GroupInfo", e))?;
+        Ok(NewGroup {
+            group_info: serialize(group_info)?,
+            ratchet_tree: serialize(group.export_ratchet_tree())?,
+        })
+    }
+
+    /// Whether this device holds state for the room's group.
+    pub fn has_group(&self, conn: &Connection, room: &RoomId) -> Result<bool> {
+        Ok(load_group(&self.provider(conn), room)?.is_some())
+    }
+
+    /// Forgets the room's group (after creating it failed at the hub, or after removal).
+    pub fn delete_group(&self, conn: &Connection, room: &RoomId) -> Result<()> {
+        let provider = self.provider(conn);
+        if let Some(mut group) = load_group(&provider, room)? {
+            group
+                .delete(provider.storage())
+                .map_err(|e| ClientError::Storage(format!("cannot delete group state: {e}")))?;
+        }
+        Ok(())
+    }
+
+    /// The room's current MLS epoch as this device sees it.
+    pub fn epoch(&self, conn: &Connection, room: &RoomId) -> Result<u64> {
+        Ok(self.active_group(&self.provider(conn), room)?.epoch().as_u64())
+    }
+
+    /// Whether a commit built by this device awaits the hub's verdict.
+    pub fn has_pending_commit(&self, conn: &Connection, room: &RoomId) -> Result<bool> {
+        Ok(self
+            .active_group(&self.provider(conn), room)?
+            .pending_commit()
+            .is_some())
+    }
+
+    /// The devices in the room's group.
+    pub fn members(&self, conn: &Connection, room: &RoomId) -> Result<Vec<DeviceUri>> {
+        let group = self.active_group(&self.provider(conn), room)?;
+        Ok(group
+            .members()
+            .filter_map(|m| device_uri_of(&m.credential).ok())
+            .collect())
+    }
+
+    /// The users with at least one device in the room's group, sorted.
+    pub fn member_users(&self, conn: &Connection, room: &RoomId) -> Result<Vec<UserId>> {
+        let group = self.active_group(&self.provider(conn), room)?;
+        Ok(users_of(&group).into_iter().collect())
+    }
+
+    /// Stages a commit adding the given devices; devices already in the group are skipped
+    /// (`None` when nothing is left to add).
+    pub fn add_members(
+        &self,
+        conn: &Connection,
+        room: &RoomId,
+        key_packages: &[ValidatedKeyPackage],
+    ) -> Result<Option<OutgoingCommit>> {
+        let provider = self.provider(conn);
+        let mut group = self.active_group(&provider, room)?;
+        let mut present: HashSet<DeviceUri> = group
+            .members()
+            .filter_map(|m| device_uri_of(&m.credential).ok())
+            .collect();
+        let fresh: Vec<KeyPackage> = key_packages
+            .iter()
+            .filter(|kp| present.insert(kp.device.clone()))
+            .map(|kp| kp.key_package.clone())
+            .collect();
+        if fresh.is_empty() {
+            return Ok(None);
+        }
+        let (commit, welcome, _group_info) = group
+            .add_members(&provider, &self.signer, &fresh)
+            .map_err(|e| ClientError::mls("cannot build the add commit", e))?;
+        Ok(Some(OutgoingCommit {
+            commit: serialize(commit)?,
+            welcome: Some(serialize(welcome)?),
+        }))
+    }
+
+    /// Stages a commit removing every device of `user`.
+    pub fn remove_user(
+        &self,
+        conn: &Connection,
+        room: &RoomId,
+        user: &UserId,
+    ) -> Result<OutgoingCommit> {
+        if *user == self.me.user {
+            return Err(ClientError::InvalidInput(
+                "you cannot remove your own user from a room".into(),
+            ));
+        }
+        let provider = self.provider(conn);
+        let mut group = self.active_group(&provider, room)?;
+        let leaves: Vec<LeafNodeIndex> = group
+            .members()
+            .filter(|m| device_uri_of(&m.credential).is_ok_and(|d| d.user == *user))
+            .map(|m| m.index)
+            .collect();
+        if leaves.is_empty() {
+            return Err(ClientError::InvalidInput(format!(
+                "{user} is not a member of room {room}"
+            )));
+        }
+        let (commit, welcome, _group_info) = group
+            .remove_members(&provider, &self.signer, &leaves)
+            .map_err(|e| ClientError::mls("cannot build the remove commit", e))?;
+        Ok(OutgoingCommit {
+            commit: serialize(commit)?,
+            welcome: welcome.map(serialize).transpose()?,
+        })
+    }
+
+    /// Applies our pending commit once the hub accepted it.
+    pub fn merge_pending_commit(&self, conn: &Connection, room: &RoomId) -> Result<()> {
+        let provider = self.provider(conn);
+        self.active_group(&provider, room)?
+            .merge_pending_commit(&provider)
+            .map_err(|e| ClientError::mls("cannot merge our commit", e))
+    }
+
+    /// Drops our pending commit after the hub refused it.
+    pub fn clear_pending_commit(&self, conn: &Connection, room: &RoomId) -> Result<()> {
+        let provider = self.provider(conn);
+        self.active_group(&provider, room)?
+            .clear_pending_commit(provider.storage())
+            .map_err(|e| ClientError::Storage(format!("cannot clear the pending commit: {e}")))
+    }
+
+    // --- messages -------------------------------------------------------------------------------
+
+    /// Encrypts an application message as a PrivateMessage.
+    pub fn encrypt(&self, conn: &Connection, room: &RoomId, plaintext: &[u8]) -> Result<Vec<u8>> {
+        let provider = self.provider(conn);
+        let mut group = self.active_group(&provider, room)?;
+        let message = group
+            .create_message(&provider, &self.signer, plaintext)
+            .map_err(|e| ClientError::mls("cannot encrypt", e))?;
+        serialize(message)
+    }
+
+    /// Joins a group from a Welcome; returns its room.
+    pub fn join(&self, conn: &Connection, welcome: &[u8]) -> Result<RoomId> {
+        let provider = self.provider(conn);
+        let MlsMessageBodyIn::Welcome(welcome) = decode_message(welcome)?.extract() else {
+            return Err(ClientError::Protocol("expected an MLS Welcome".into()));
+        };
+        let builder = StagedWelcome::build_from_welcome(&provider, &join_config(), welcome)
+            .map_err(|e| ClientError::mls("cannot open the Welcome", e))?;
+        let room = room_of(builder.processed_welcome().unverified_group_info().group_id())?;
+        self.replace_stale_group(&provider, &room)?;
+        let staged = builder
+            .build()
+            .map_err(|e| ClientError::mls("invalid Welcome", e))?;
+        for member in staged.members() {
+            device_uri_of(&member.credential)?;
+        }
+        staged
+            .into_group(&provider)
+            .map_err(|e| ClientError::mls("cannot join the group", e))?;
+        Ok(room)
+    }
+
+    /// A Welcome into a room we still hold state for is fine only if we had been removed.
+    fn replace_stale_group(&self, provider: &MlsProvider<'_>, room: &RoomId) -> Result<()> {
+        match load_group(provider, room)? {
+            None => Ok(()),
+            Some(group) if group.is_active() => Err(ClientError::Protocol(format!(
+                "Welcome into room {room}, which this device is already in"
+            ))),
+            Some(mut group) => group
+                .delete(provider.storage())
+                .map_err(|e| ClientError::Storage(format!("cannot delete group state: {e}"))),
+        }
+    }
+
+    /// Processes a commit or application message of the room. Commits are merged right away:
+    /// the hub only delivers commits it accepted, in the room's order.
+    pub fn process(&self, conn: &Connection, room: &RoomId, bytes: &[u8]) -> Result<Incoming> {
+        let provider = self.provider(conn);
+        let message = decode_message(bytes)?
+            .try_into_protocol_message()
+            .map_err(|e| ClientError::Protocol(format!("not a group message: {e}")))?;
+        if message.group_id().as_slice() != room.group_id_bytes() {
+            return Err(ClientError::Protocol(format!(
+                "message for another group delivered in room {room}"
+            )));
+        }
+        let mut group = self.active_group(&provider, room)?;
+        let processed = group
+            .process_message(&provider, message)
+            .map_err(|e| ClientError::mls("cannot process message", e))?;
+        let sender = processed.credential().clone();
+        match processed.into_content() {
+            ProcessedMessageContent::ApplicationMessage(app) => Ok(Incoming::Application {
+                sender: device_uri_of(&sender)?,
+                plaintext: app.into_bytes(),
+            }),
+            ProcessedMessageContent::StagedCommitMessage(staged) => {
+                for credential in staged.credentials_to_verify() {
+                    device_uri_of(credential)?;
+                }
+                merge_commit(&provider, &mut group, |g, p| g.merge_staged_commit(p, *staged))
+            }
+            ProcessedMessageContent::OwnPendingCommit => {
+                merge_commit(&provider, &mut group, |g, p| g.merge_pending_commit(p))
+            }
+            ProcessedMessageContent::ProposalMessage(_)
+            | ProcessedMessageContent::ExternalJoinProposalMessage(_) => {
+                Ok(Incoming::Skipped("standalone proposal"))
+            }
+            ProcessedMessageContent::OwnPrivateMessage => Ok(Incoming::Skipped("own message")),
+            // Variants behind openmls draft features that Parley does not use.
+            #[allow(unreachable_patterns)]
+            _ => Ok(Incoming::Skipped("unsupported message content")),
+        }
+    }
+
+    fn active_group(&self, provider: &MlsProvider<'_>, room: &RoomId) -> Result<MlsGroup> {
+        match load_group(provider, room)? {
+            None => Err(ClientError::NotMember(room.clone())),
+            Some(group) if !group.is_active() => Err(ClientError::NotMember(room.clone())),
+            Some(group) => Ok(group),
+        }
+    }
+}
+
+/// Merges a commit and reports the membership change in users.
+fn merge_commit<E: std::fmt::Display>(
+    provider: &MlsProvider<'_>,
+    group: &mut MlsGroup,
+    merge: impl FnOnce(&mut MlsGroup, &MlsProvider<'_>) -> std::result::Result<(), E>,
+) -> Result<Incoming> {
+    let before = users_of(group);
+    merge(group, provider).map_err(|e| ClientError::mls("cannot merge commit", e))?;
+    let self_removed = !group.is_active();
+    let after = users_of(group);
+    if self_removed {
+        group
+            .delete(provider.storage())
+            .map_err(|e| ClientError::Storage(format!("cannot delete group state: {e}")))?;
+    }
+    Ok(Incoming::CommitMerged {
+        added: after.difference(&before).cloned().collect(),
+        removed: before.difference(&after).cloned().collect(),
+        self_removed,
+    })
+}
+
+fn join_config() -> MlsGroupJoinConfig {
+    MlsGroupJoinConfig::builder()
+        .wire_format_policy(MIXED_PLAINTEXT_WIRE_FORMAT_POLICY)
+        .use_ratchet_tree_extension(true)
+        .build()
+}
+
+fn group_id(room: &RoomId) -> GroupId {
+    GroupId::from_slice(room.group_id_bytes())
+}
+
+fn room_of(group_id: &GroupId) -> Result<RoomId> {
+    RoomId::from_group_id(group_id.as_slice())
+        .map_err(|e| ClientError::Protocol(format!("group id is not a room id: {e}")))
+}
+
+fn load_group(provider: &MlsProvider<'_>, room: &RoomId) -> Result<Option<MlsGroup>> {
+    MlsGroup::load(provider.storage(), &group_id(room))
+        .map_err(|e| ClientError::Storage(format!("cannot load group {room}: {e}")))
+}
+
+fn users_of(group: &MlsGroup) -> BTreeSet<UserId> {
+    group
+        .members()
+        .filter_map(|m| device_uri_of(&m.credential).ok())
+        .map(|d| d.user)
+        .collect()
+}
+
+/// The device a credential names: a BasicCredential whose identity is a device URI.
+pub fn device_uri_of(credential: &Credential) -> Result<DeviceUri> {
+    let basic = BasicCredential::try_from(credential.clone())
+        .map_err(|e| ClientError::Protocol(format!("unsupported credential: {e}")))?;
+    let identity = std::str::from_utf8(basic.identity())
+        .map_err(|_| ClientError::Protocol("credential identity is not UTF-8".into()))?;
+    DeviceUri::parse(identity)
+        .map_err(|e| ClientError::Protocol(format!("credential identity: {e}")))
+}
+
+fn decode_message(bytes: &[u8]) -> Result<MlsMessageIn> {
+    MlsMessageIn::tls_deserialize_exact(bytes)
+        .map_err(|e| ClientError::Protocol(format!("malformed MLS message: {e}")))
+}
+
+/// Accepts a KeyPackage wrapped in an MlsMessage (what Parley uploads) or bare.
+fn decode_key_package(bytes: &[u8]) -> Result<KeyPackageIn> {
+    if let Ok(message) = MlsMessageIn::tls_deserialize_exact(bytes) {
+        return match message.extract() {
+            MlsMessageBodyIn::KeyPackage(kp) => Ok(kp),
+            _ => Err(ClientError::Protocol(
+                "expected a KeyPackage, got another MLS message".into(),
+            )),
+        };
+    }
+    KeyPackageIn::tls_deserialize_exact(bytes)
+        .map_err(|e| ClientError::Protocol(format!("malformed KeyPackage: {e}")))
+}
+
+fn serialize(value: impl openmls::prelude::tls_codec::Serialize) -> Result<Vec<u8>> {
+    value
+        .tls_serialize_detached()
+        .map_err(|e| ClientError::mls("cannot encode", e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use parley_proto::DeviceId;
+    use std::path::Path;
+
+    /// A device with its profile database in a temporary directory.
+    struct TestDevice {
+        dir: tempfile::TempDir,
+        conn: Connection,
+        mls: DeviceMls,
+    }
+
+    fn open_db(dir: &Path) -> Connection {
+        let mut conn = Connection::open(dir.join("profile.db")).unwrap();
+        init_storage(&mut conn).unwrap();
+        conn
+    }
+
+    impl TestDevice {
+        fn new(user: &str, device: u8) -> Self {
+            let dir = tempfile::tempdir().unwrap();
+            let conn = open_db(dir.path());
+            let signer = DeviceMls::generate_signer(&conn).unwrap();
+            let me = DeviceUri::new(
+                UserId::parse(user).unwrap(),
+                DeviceId::from_random([device; 8]),
+            );
+            let mls = DeviceMls::load(&conn, me, signer.public()).unwrap();
+            Self { dir, conn, mls }
+        }
+
+        /// Drops every in-memory handle and reopens the profile from disk.
+        fn reopen(self) -> Self {
+            let Self { dir, conn, mls } = self;
+            let (me, public) = (mls.device_uri().clone(), mls.signature_public_key().to_vec());
+            drop((conn, mls));
+            let conn = open_db(dir.path());
+            let mls = DeviceMls::load(&conn, me, &public).unwrap();
+            Self { dir, conn, mls }
+        }
+
+        fn user(&self) -> UserId {
+            self.mls.device_uri().user.clone()
+        }
+
+        fn key_package_for(&self, other: &TestDevice) -> ValidatedKeyPackage {
+            let kp = other.mls.key_packages(&other.conn, 1).unwrap().remove(0);
+            self.mls.validate_key_package(&kp, &other.user()).unwrap()
+        }
+
+        /// Adds `others` in one commit, merges it, and lets them join from the Welcome.
+        fn add(&self, room: &RoomId, others: &[&TestDevice]) -> Vec<u8> {
+            let kps: Vec<_> = others.iter().map(|o| self.key_package_for(o)).collect();
+            let out = self.mls.add_members(&self.conn, room, &kps).unwrap().unwrap();
+            self.mls.merge_pending_commit(&self.conn, room).unwrap();
+            for other in others {
+                let welcome = out.welcome.as_ref().unwrap();
+                assert_eq!(other.mls.join(&other.conn, welcome).unwrap(), *room);
+            }
+            out.commit
+        }
+
+        fn send(&self, room: &RoomId, text: &str) -> Vec<u8> {
+            self.mls.encrypt(&self.conn, room, text.as_bytes()).unwrap()
+        }
+
+        fn receive(&self, room: &RoomId, from: &TestDevice, ciphertext: &[u8]) -> String {
+            match self.mls.process(&self.conn, room, ciphertext).unwrap() {
+                Incoming::Application { sender, plaintext } => {
+                    assert_eq!(&sender, from.mls.device_uri());
+                    String::from_utf8(plaintext).unwrap()
+                }
+                other => panic!("expected an application message, got {other:?}"),
+            }
+        }
+    }
+
+    fn room() -> RoomId {
+        RoomId::from_random([0x42; 16])
+    }
+
+    #[test]
+    fn two_devices_exchange_messages_both_ways() {
+        let alice = TestDevice::new("alice@chirp.test", 1);
+        let bob = TestDevice::new("bob@wave.test", 2);
+        let room = room();
+        let created = alice.mls.create_group(&alice.conn, &room).unwrap();
+        assert!(!created.group_info.is_empty() && !created.ratchet_tree.is_empty());
+        alice.add(&room, &[&bob]);
+        assert_eq!(
+            alice.mls.member_users(&alice.conn, &room).unwrap(),
+            vec![alice.user(), bob.user()]
+        );
+        assert_eq!(bob.mls.epoch(&bob.conn, &room).unwrap(), 1);
+
+        let hello = alice.send(&room, "hello bob");
+        assert_eq!(bob.receive(&room, &alice, &hello), "hello bob");
+        let reply = bob.send(&room, "hi alice");
+        assert_eq!(alice.receive(&room, &bob, &reply), "hi alice");
+    }
+
+    #[test]
+    fn removed_member_cannot_read_later_messages() {
+        let alice = TestDevice::new("alice@chirp.test", 1);
+        let bob = TestDevice::new("bob@wave.test", 2);
+        let carol = TestDevice::new("carol@chirp.test", 3);
+        let room = room();
+        alice.mls.create_group(&alice.conn, &room).unwrap();
+        alice.add(&room, &[&bob, &carol]);
+
+        let out = alice.mls.remove_user(&alice.conn, &room, &bob.user()).unwrap();
+        assert!(out.welcome.is_none());
+        alice.mls.merge_pending_commit(&alice.conn, &room).unwrap();
+        assert_eq!(
+            carol.mls.process(&carol.conn, &room, &out.commit).unwrap(),
+            Incoming::CommitMerged {
+                added: vec![],
+                removed: vec![bob.user()],
+                self_removed: false
+            }
+        );
+        assert!(matches!(
+            bob.mls.process(&bob.conn, &room, &out.commit).unwrap(),
+            Incoming::CommitMerged { self_removed: true, .. }
+        ));
+
+        let secret = alice.send(&room, "bob is gone");
+        assert_eq!(carol.receive(&room, &alice, &secret), "bob is gone");
+        assert!(bob.mls.process(&bob.conn, &room, &secret).is_err());
+        assert!(bob.mls.encrypt(&bob.conn, &room, b"still here?").is_err());
+    }
+
+    #[test]
+    fn members_learn_about_added_users_from_commits() {
+        let alice = TestDevice::new("alice@chirp.test", 1);
+        let bob = TestDevice::new("bob@wave.test", 2);
+        let carol = TestDevice::new("carol@chirp.test", 3);
+        let room = room();
+        alice.mls.create_group(&alice.conn, &room).unwrap();
+        alice.add(&room, &[&bob]);
+        let commit = alice.add(&room, &[&carol]);
+        assert_eq!(
+            bob.mls.process(&bob.conn, &room, &commit).unwrap(),
+            Incoming::CommitMerged {
+                added: vec![carol.user()],
+                removed: vec![],
+                self_removed: false
+            }
+        );
+        let msg = carol.send(&room, "hi all");
+        assert_eq!(bob.receive(&room, &carol, &msg), "hi all");
+        assert_eq!(alice.receive(&room, &carol, &msg), "hi all");
+    }
+
+    #[test]
+    fn state_survives_reopening_from_disk() {
+        let alice = TestDevice::new("alice@chirp.test", 1);
+        let bob = TestDevice::new("bob@wave.test", 2);
+        let room = room();
+        alice.mls.create_group(&alice.conn, &room).unwrap();
+        alice.add(&room, &[&bob]);
+        let first = alice.send(&room, "one");
+        assert_eq!(bob.receive(&room, &alice, &first), "one");
+
+        let (alice, bob) = (alice.reopen(), bob.reopen());
+        let second = alice.send(&room, "two");
+        assert_eq!(bob.receive(&room, &alice, &second), "two");
+        let third = bob.send(&room, "three");
+        assert_eq!(alice.receive(&room, &bob, &third), "three");
+    }
+
+    #[test]
+    fn pending_commits_can_be_cleared_and_rebuilt() {
+        let alice = TestDevice::new("alice@chirp.test", 1);
+        let bob = TestDevice::new("bob@wave.test", 2);
+        let room = room();
+        alice.mls.create_group(&alice.conn, &room).unwrap();
+        let kp = alice.key_package_for(&bob);
+        alice.mls.add_members(&alice.conn, &room, &[kp.clone()]).unwrap().unwrap();
+        assert!(alice.mls.has_pending_commit(&alice.conn, &room).unwrap());
+        alice.mls.clear_pending_commit(&alice.conn, &room).unwrap();
+        assert_eq!(alice.mls.epoch(&alice.conn, &room).unwrap(), 0);
+        // The same validated KeyPackage is reused for the rebuilt commit.
+        let out = alice.mls.add_members(&alice.conn, &room, &[kp.clone()]).unwrap().unwrap();
+        alice.mls.merge_pending_commit(&alice.conn, &room).unwrap();
+        bob.mls.join(&bob.conn, &out.welcome.unwrap()).unwrap();
+        // Adding a device that is already in the group is a no-op.
+        assert!(alice.mls.add_members(&alice.conn, &room, &[kp]).unwrap().is_none());
+    }
+
+    #[test]
+    fn key_packages_are_checked_against_the_expected_user() {
+        let alice = TestDevice::new("alice@chirp.test", 1);
+        let bob = TestDevice::new("bob@wave.test", 2);
+        let kp = bob.mls.last_resort_key_package(&bob.conn).unwrap();
+        alice.mls.validate_key_package(&kp, &bob.user()).unwrap();
+        assert!(alice.mls.validate_key_package(&kp, &alice.user()).is_err());
+        let mut tampered = kp.clone();
+        let last = tampered.len() - 1;
+        tampered[last] ^= 1;
+        assert!(alice.mls.validate_key_package(&tampered, &bob.user()).is_err());
+    }
+
+    #[test]
+    fn garbage_input_is_an_error_not_a_panic() {
+        let alice = TestDevice::new("alice@chirp.test", 1);
+        let bob = TestDevice::new("bob@wave.test", 2);
+        let room = room();
+        alice.mls.create_group(&alice.conn, &room).unwrap();
+        alice.add(&room, &[&bob]);
+        let good = alice.send(&room, "fine");
+        let garbage: Vec<Vec<u8>> = vec![
+            vec![],
+            vec![0; 3],
+            vec![0xff; 64],
+            good[..good.len() / 2].to_vec(),
+            [good.as_slice(), &[0]].concat(),
+        ];
+        for bytes in &garbage {
+            assert!(bob.mls.process(&bob.conn, &room, bytes).is_err());
+            assert!(bob.mls.join(&bob.conn, bytes).is_err());
+            assert!(bob.mls.validate_key_package(bytes, &alice.user()).is_err());
+        }
+        // A message of this room presented as another room's.
+        let other = RoomId::from_random([7; 16]);
+        assert!(bob.mls.process(&bob.conn, &other, &good).is_err());
+        // A KeyPackage is not a Welcome, and an application message is not a KeyPackage.
+        let kp = alice.mls.key_packages(&alice.conn, 1).unwrap().remove(0);
+        assert!(bob.mls.join(&bob.conn, &kp).is_err());
+        assert!(bob.mls.validate_key_package(&good, &alice.user()).is_err());
+        // The intact message still decrypts after all that.
+        assert_eq!(bob.receive(&room, &alice, &good), "fine");
+    }
+}
