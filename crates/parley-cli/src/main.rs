@@ -1,17 +1,28 @@
 //! `parley`: one binary for the provider server, the client, the demo and the load tool.
 
+mod bench;
+mod client;
+mod demo;
 mod serve;
 
 use clap::{Parser, Subcommand};
+use client::{AccountCommand, Client, ClientOpts, RoomCommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 #[derive(Debug, Parser)]
-#[command(name = "parley", version, about = "Parley: end-to-end encrypted messaging that interconnects (MLS + MIMI)")]
+#[command(
+    name = "parley",
+    version,
+    about = "Parley: end-to-end encrypted messaging that interconnects (MLS + MIMI)",
+    after_help = "Start with `parley demo`, or `parley serve` and `parley account register`."
+)]
 struct Cli {
     /// Client profile directory (device keys, MLS state). Default: $PARLEY_PROFILE, else the platform data dir.
     #[arg(long, global = true, env = "PARLEY_PROFILE")]
     profile: Option<PathBuf>,
+    #[command(flatten)]
+    client: ClientOpts,
     #[command(subcommand)]
     command: Command,
 }
@@ -20,6 +31,33 @@ struct Cli {
 enum Command {
     /// Run a provider server.
     Serve(serve::ServeArgs),
+    /// Register or log in this device, list devices.
+    #[command(subcommand)]
+    Account(AccountCommand),
+    /// Create rooms, add and remove members, list rooms.
+    #[command(subcommand)]
+    Room(RoomCommand),
+    /// Send a text message to a room, or to a user's 1:1 room (USER@DOMAIN).
+    Send {
+        /// A room id or name, or USER@DOMAIN for the 1:1 room with that user.
+        target: String,
+        text: String,
+    },
+    /// Fetch, decrypt and print what arrived, then acknowledge it.
+    Sync {
+        /// Wait up to this many seconds for something to arrive if nothing is queued.
+        #[arg(long)]
+        wait: Option<u64>,
+        /// One JSON object per line per event.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Interactive chat in a room: live messages in, lines you type out.
+    Chat { room: String },
+    /// In-process demo: two domains, four users, 1:1 and group chat.
+    Demo,
+    /// Load tool: messages/s and send→deliver latency through one server.
+    Bench(bench::BenchArgs),
 }
 
 fn init_logs(default: &str) {
@@ -28,16 +66,47 @@ fn init_logs(default: &str) {
     let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
-    let cli = Cli::parse();
-    let result = match cli.command {
+async fn dispatch(cli: Cli) -> anyhow::Result<()> {
+    let client = || Client::new(cli.profile.clone(), &cli.client);
+    match cli.command {
         Command::Serve(args) => {
             init_logs("info");
             serve::run(args).await
         }
-    };
-    match result {
+        Command::Demo => {
+            init_logs("warn");
+            demo::run().await
+        }
+        Command::Bench(args) => {
+            init_logs("warn");
+            bench::run(args).await
+        }
+        Command::Account(cmd) => {
+            init_logs("warn");
+            client()?.account(cmd).await
+        }
+        Command::Room(cmd) => {
+            init_logs("warn");
+            client()?.room(cmd).await
+        }
+        Command::Send { ref target, ref text } => {
+            init_logs("warn");
+            client()?.send(target, text).await
+        }
+        Command::Sync { wait, json } => {
+            init_logs("warn");
+            client()?.sync(wait, json).await
+        }
+        Command::Chat { ref room } => {
+            init_logs("warn");
+            client()?.chat(room).await
+        }
+    }
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    match dispatch(Cli::parse()).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");

@@ -107,12 +107,14 @@ impl ApiClient {
 
     /// `POST /v1/accounts`: register a user and its first device.
     pub async fn register(&self, req: &RegisterRequest) -> Result<SessionResponse> {
-        self.call(Method::POST, &["v1", "accounts"], Some(req)).await
+        self.call(Method::POST, &["v1", "accounts"], Some(req))
+            .await
     }
 
     /// `POST /v1/sessions`: log in a further device of an existing user.
     pub async fn login(&self, req: &LoginRequest) -> Result<SessionResponse> {
-        self.call(Method::POST, &["v1", "sessions"], Some(req)).await
+        self.call(Method::POST, &["v1", "sessions"], Some(req))
+            .await
     }
 
     /// `GET /v1/devices`: the caller's user's devices.
@@ -205,8 +207,9 @@ impl ApiClient {
         let token = self.require_token()?;
         let mut url = self.endpoint(&["v1", "ws"])?;
         let scheme = if url.scheme() == "https" { "wss" } else { "ws" };
-        url.set_scheme(scheme)
-            .map_err(|()| ClientError::InvalidInput(format!("cannot make a WebSocket URL of {url}")))?;
+        url.set_scheme(scheme).map_err(|()| {
+            ClientError::InvalidInput(format!("cannot make a WebSocket URL of {url}"))
+        })?;
         let mut request = url
             .as_str()
             .into_client_request()
@@ -333,7 +336,8 @@ impl PushConnection {
     /// Waits for the next `entries` frame. `Ok(None)` means the server closed the connection.
     pub async fn next_entries(&mut self) -> Result<Option<Vec<QueueEntry>>> {
         while let Some(msg) = self.ws.next().await {
-            let msg = msg.map_err(|e| ClientError::Unreachable(format!("push connection failed: {e}")))?;
+            let msg =
+                msg.map_err(|e| ClientError::Unreachable(format!("push connection failed: {e}")))?;
             let text = match msg {
                 Message::Text(text) => text,
                 Message::Close(_) => return Ok(None),
@@ -370,7 +374,8 @@ impl PushConnection {
 }
 
 fn parse_base_url(base_url: &str) -> Result<Url> {
-    let bad = |why: &str| ClientError::InvalidInput(format!("invalid server URL {base_url:?}: {why}"));
+    let bad =
+        |why: &str| ClientError::InvalidInput(format!("invalid server URL {base_url:?}: {why}"));
     let mut url = Url::parse(base_url.trim()).map_err(|e| bad(&e.to_string()))?;
     match url.scheme() {
         "https" => {}
@@ -432,10 +437,12 @@ fn ws_tls_config(roots: Vec<CertificateDer<'static>>) -> Result<rustls::ClientCo
 
 async fn decode_json<T: DeserializeOwned>(resp: reqwest::Response) -> Result<T> {
     let url = resp.url().clone();
-    let bytes = resp
-        .bytes()
-        .await
-        .map_err(|e| ClientError::Unreachable(format!("cannot read answer from {url}: {}", error_chain(&e))))?;
+    let bytes = resp.bytes().await.map_err(|e| {
+        ClientError::Unreachable(format!(
+            "cannot read answer from {url}: {}",
+            error_chain(&e)
+        ))
+    })?;
     serde_json::from_slice(&bytes)
         .map_err(|e| ClientError::Protocol(format!("unexpected answer from {url}: {e}")))
 }
@@ -488,7 +495,12 @@ mod tests {
         assert!(parse_base_url("https://chirp.test/api").is_ok());
         assert!(parse_base_url("http://localhost:1").is_ok());
         assert!(parse_base_url("http://[::1]:1").is_ok());
-        for bad in ["http://chirp.test", "ftp://x", "not a url", "https://x/?q=1"] {
+        for bad in [
+            "http://chirp.test",
+            "ftp://x",
+            "not a url",
+            "https://x/?q=1",
+        ] {
             assert!(parse_base_url(bad).is_err(), "{bad} accepted");
         }
     }
@@ -498,7 +510,10 @@ mod tests {
         let api = ApiClient::new("https://chirp.test/base", None).unwrap();
         let user = UserId::parse("alice@chirp.test").unwrap().to_string();
         let url = api.endpoint(&["v1", "users", &user, "devices"]).unwrap();
-        assert_eq!(url.as_str(), "https://chirp.test/base/v1/users/alice@chirp.test/devices");
+        assert_eq!(
+            url.as_str(),
+            "https://chirp.test/base/v1/users/alice@chirp.test/devices"
+        );
         let weird = api.endpoint(&["v1", "a/b?c"]).unwrap();
         assert_eq!(weird.as_str(), "https://chirp.test/base/v1/a%2Fb%3Fc");
     }
@@ -524,6 +539,10 @@ mod tests {
         let api = ApiClient::new("http://127.0.0.1:9", None).unwrap();
         let err = api.health().await.unwrap_err();
         assert!(matches!(err, ClientError::Unreachable(_)), "{err:?}");
-        assert!(err.to_string().starts_with("cannot reach server http://127.0.0.1:9: "), "{err}");
+        assert!(
+            err.to_string()
+                .starts_with("cannot reach server http://127.0.0.1:9: "),
+            "{err}"
+        );
     }
 }

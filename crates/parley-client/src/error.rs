@@ -68,7 +68,13 @@ impl ClientError {
 
     /// Whether the server said trying again (after a sync) may succeed.
     pub fn is_retryable(&self) -> bool {
-        matches!(self, Self::Api { retryable: true, .. })
+        matches!(
+            self,
+            Self::Api {
+                retryable: true,
+                ..
+            }
+        )
     }
 
     /// The hub refused a commit or message because the room moved to a newer epoch.

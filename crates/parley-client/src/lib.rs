@@ -42,3 +42,54 @@ pub(crate) fn display_seq<T: std::fmt::Display, S: serde::Serializer>(
 ) -> std::result::Result<S::Ok, S::Error> {
     s.collect_seq(values.iter().map(ToString::to_string))
 }
+
+/// Identifiers that travel in their `Display` form and parse back.
+pub(crate) trait Parse: Sized {
+    fn parse_str(s: &str) -> Option<Self>;
+}
+
+impl Parse for parley_proto::RoomId {
+    fn parse_str(s: &str) -> Option<Self> {
+        Self::parse(s).ok()
+    }
+}
+
+impl Parse for parley_proto::UserId {
+    fn parse_str(s: &str) -> Option<Self> {
+        Self::parse(s).ok()
+    }
+}
+
+impl Parse for parley_proto::MessageId {
+    fn parse_str(s: &str) -> Option<Self> {
+        Self::from_hex(s)
+    }
+}
+
+fn parse_or_error<T: Parse, E: serde::de::Error>(s: &str) -> std::result::Result<T, E> {
+    T::parse_str(s).ok_or_else(|| E::custom(format!("invalid identifier {s:?}")))
+}
+
+/// The inverse of [`display`].
+pub(crate) fn parsed<'de, T: Parse, D: serde::Deserializer<'de>>(
+    d: D,
+) -> std::result::Result<T, D::Error> {
+    let s = <std::borrow::Cow<'de, str> as serde::Deserialize>::deserialize(d)?;
+    parse_or_error(&s)
+}
+
+/// The inverse of [`display_opt`].
+pub(crate) fn parsed_opt<'de, T: Parse, D: serde::Deserializer<'de>>(
+    d: D,
+) -> std::result::Result<Option<T>, D::Error> {
+    let s = <Option<std::borrow::Cow<'de, str>> as serde::Deserialize>::deserialize(d)?;
+    s.map(|s| parse_or_error(&s)).transpose()
+}
+
+/// The inverse of [`display_seq`].
+pub(crate) fn parsed_seq<'de, T: Parse, D: serde::Deserializer<'de>>(
+    d: D,
+) -> std::result::Result<Vec<T>, D::Error> {
+    let items = <Vec<String> as serde::Deserialize>::deserialize(d)?;
+    items.iter().map(|s| parse_or_error(s)).collect()
+}

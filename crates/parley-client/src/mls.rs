@@ -8,10 +8,11 @@ use std::collections::{BTreeSet, HashSet};
 
 use openmls::prelude::tls_codec::Deserialize as _;
 use openmls::prelude::{
-    BasicCredential, Capabilities, Ciphersuite, Credential, CredentialWithKey, ExtensionType, GroupId, KeyPackage,
-    KeyPackageIn, LeafNodeIndex, MlsGroup, MlsGroupCreateConfig, MlsGroupJoinConfig, MlsMessageBodyIn,
-    MlsMessageIn, MlsMessageOut, OpenMlsProvider, ProcessedMessageContent, ProtocolVersion,
-    SignatureScheme, StagedWelcome, MIXED_PLAINTEXT_WIRE_FORMAT_POLICY,
+    BasicCredential, Capabilities, Ciphersuite, Credential, CredentialWithKey, ExtensionType,
+    GroupId, KeyPackage, KeyPackageIn, LeafNodeIndex, MlsGroup, MlsGroupCreateConfig,
+    MlsGroupJoinConfig, MlsMessageBodyIn, MlsMessageIn, MlsMessageOut, OpenMlsProvider,
+    ProcessedMessageContent, ProtocolVersion, SignatureScheme, StagedWelcome,
+    MIXED_PLAINTEXT_WIRE_FORMAT_POLICY,
 };
 use openmls_basic_credential::SignatureKeyPair;
 use openmls_rust_crypto::RustCrypto;
@@ -113,7 +114,10 @@ pub struct ValidatedKeyPackage {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Incoming {
     /// A decrypted application message from another device.
-    Application { sender: DeviceUri, plaintext: Vec<u8> },
+    Application {
+        sender: DeviceUri,
+        plaintext: Vec<u8>,
+    },
     /// A commit was merged; users whose first device joined or whose last device left.
     CommitMerged {
         added: Vec<UserId>,
@@ -209,7 +213,12 @@ impl DeviceMls {
                 .leaf_node_capabilities(capabilities);
         }
         let bundle = builder
-            .build(CIPHERSUITE, &self.provider(conn), &self.signer, self.credential())
+            .build(
+                CIPHERSUITE,
+                &self.provider(conn),
+                &self.signer,
+                self.credential(),
+            )
             .map_err(|e| ClientError::mls("cannot create a KeyPackage", e))?;
         serialize(MlsMessageOut::from(bundle.key_package().clone()))
     }
@@ -288,7 +297,10 @@ impl DeviceMls {
 
     /// The room's current MLS epoch as this device sees it.
     pub fn epoch(&self, conn: &Connection, room: &RoomId) -> Result<u64> {
-        Ok(self.active_group(&self.provider(conn), room)?.epoch().as_u64())
+        Ok(self
+            .active_group(&self.provider(conn), room)?
+            .epoch()
+            .as_u64())
     }
 
     /// Whether a commit built by this device awaits the hub's verdict.
@@ -414,7 +426,12 @@ impl DeviceMls {
         };
         let builder = StagedWelcome::build_from_welcome(&provider, &join_config(), welcome)
             .map_err(|e| ClientError::mls("cannot open the Welcome", e))?;
-        let room = room_of(builder.processed_welcome().unverified_group_info().group_id())?;
+        let room = room_of(
+            builder
+                .processed_welcome()
+                .unverified_group_info()
+                .group_id(),
+        )?;
         self.replace_stale_group(&provider, &room)?;
         let staged = builder
             .build()
@@ -467,7 +484,9 @@ impl DeviceMls {
                 for credential in staged.credentials_to_verify() {
                     device_uri_of(credential)?;
                 }
-                merge_commit(&provider, &mut group, |g, p| g.merge_staged_commit(p, *staged))
+                merge_commit(&provider, &mut group, |g, p| {
+                    g.merge_staged_commit(p, *staged)
+                })
             }
             ProcessedMessageContent::OwnPendingCommit => {
                 merge_commit(&provider, &mut group, |g, p| g.merge_pending_commit(p))
@@ -553,6 +572,15 @@ pub fn device_uri_of(credential: &Credential) -> Result<DeviceUri> {
         .map_err(|e| ClientError::Protocol(format!("credential identity: {e}")))
 }
 
+/// The epoch a commit or application message was made in, if `bytes` is one.
+pub fn message_epoch(bytes: &[u8]) -> Option<u64> {
+    let message = decode_message(bytes)
+        .ok()?
+        .try_into_protocol_message()
+        .ok()?;
+    Some(message.epoch().as_u64())
+}
+
 fn decode_message(bytes: &[u8]) -> Result<MlsMessageIn> {
     MlsMessageIn::tls_deserialize_exact(bytes)
         .map_err(|e| ClientError::Protocol(format!("malformed MLS message: {e}")))
@@ -613,7 +641,10 @@ mod tests {
         /// Drops every in-memory handle and reopens the profile from disk.
         fn reopen(self) -> Self {
             let Self { dir, conn, mls } = self;
-            let (me, public) = (mls.device_uri().clone(), mls.signature_public_key().to_vec());
+            let (me, public) = (
+                mls.device_uri().clone(),
+                mls.signature_public_key().to_vec(),
+            );
             drop((conn, mls));
             let conn = open_db(dir.path());
             let mls = DeviceMls::load(&conn, me, &public).unwrap();
@@ -632,7 +663,11 @@ mod tests {
         /// Adds `others` in one commit, merges it, and lets them join from the Welcome.
         fn add(&self, room: &RoomId, others: &[&TestDevice]) -> Vec<u8> {
             let kps: Vec<_> = others.iter().map(|o| self.key_package_for(o)).collect();
-            let out = self.mls.add_members(&self.conn, room, &kps).unwrap().unwrap();
+            let out = self
+                .mls
+                .add_members(&self.conn, room, &kps)
+                .unwrap()
+                .unwrap();
             self.mls.merge_pending_commit(&self.conn, room).unwrap();
             for other in others {
                 let welcome = out.welcome.as_ref().unwrap();
@@ -689,7 +724,10 @@ mod tests {
         alice.mls.create_group(&alice.conn, &room).unwrap();
         alice.add(&room, &[&bob, &carol]);
 
-        let out = alice.mls.remove_user(&alice.conn, &room, &bob.user()).unwrap();
+        let out = alice
+            .mls
+            .remove_user(&alice.conn, &room, &bob.user())
+            .unwrap();
         assert!(out.welcome.is_none());
         alice.mls.merge_pending_commit(&alice.conn, &room).unwrap();
         assert_eq!(
@@ -702,7 +740,10 @@ mod tests {
         );
         assert!(matches!(
             bob.mls.process(&bob.conn, &room, &out.commit).unwrap(),
-            Incoming::CommitMerged { self_removed: true, .. }
+            Incoming::CommitMerged {
+                self_removed: true,
+                ..
+            }
         ));
 
         let secret = alice.send(&room, "bob is gone");
@@ -757,16 +798,28 @@ mod tests {
         let room = room();
         alice.mls.create_group(&alice.conn, &room).unwrap();
         let kp = alice.key_package_for(&bob);
-        alice.mls.add_members(&alice.conn, &room, &[kp.clone()]).unwrap().unwrap();
+        alice
+            .mls
+            .add_members(&alice.conn, &room, std::slice::from_ref(&kp))
+            .unwrap()
+            .unwrap();
         assert!(alice.mls.has_pending_commit(&alice.conn, &room).unwrap());
         alice.mls.clear_pending_commit(&alice.conn, &room).unwrap();
         assert_eq!(alice.mls.epoch(&alice.conn, &room).unwrap(), 0);
         // The same validated KeyPackage is reused for the rebuilt commit.
-        let out = alice.mls.add_members(&alice.conn, &room, &[kp.clone()]).unwrap().unwrap();
+        let out = alice
+            .mls
+            .add_members(&alice.conn, &room, std::slice::from_ref(&kp))
+            .unwrap()
+            .unwrap();
         alice.mls.merge_pending_commit(&alice.conn, &room).unwrap();
         bob.mls.join(&bob.conn, &out.welcome.unwrap()).unwrap();
         // Adding a device that is already in the group is a no-op.
-        assert!(alice.mls.add_members(&alice.conn, &room, &[kp]).unwrap().is_none());
+        assert!(alice
+            .mls
+            .add_members(&alice.conn, &room, &[kp])
+            .unwrap()
+            .is_none());
     }
 
     #[test]
@@ -779,7 +832,10 @@ mod tests {
         let mut tampered = kp.clone();
         let last = tampered.len() - 1;
         tampered[last] ^= 1;
-        assert!(alice.mls.validate_key_package(&tampered, &bob.user()).is_err());
+        assert!(alice
+            .mls
+            .validate_key_package(&tampered, &bob.user())
+            .is_err());
     }
 
     #[test]

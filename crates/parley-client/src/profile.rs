@@ -59,6 +59,10 @@ CREATE TABLE parley_history (
     ts INTEGER NOT NULL
 );
 CREATE INDEX parley_history_by_room ON parley_history (room_id, event);
+CREATE TABLE parley_events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    event TEXT NOT NULL
+);
 ";
 
 /// The server account this profile's device belongs to.
@@ -140,9 +144,8 @@ impl Profile {
 
     fn open_file(dir: &Path) -> Result<Self> {
         let path = dir.join(DB_FILE);
-        let mut conn = Connection::open(&path).map_err(|e| {
-            ClientError::Storage(format!("cannot open {}: {e}", path.display()))
-        })?;
+        let mut conn = Connection::open(&path)
+            .map_err(|e| ClientError::Storage(format!("cannot open {}: {e}", path.display())))?;
         conn.busy_timeout(BUSY_TIMEOUT)?;
         // WAL lets a `sync` in one process and a `send` in another proceed without blocking
         // readers; FULL sync because losing MLS state after a crash would desynchronise groups.
@@ -165,8 +168,12 @@ impl Profile {
         &self.conn
     }
 
-    /// Runs `f` in one write transaction: everything or nothing reaches the disk.
+    /// Runs `f` in one write transaction: everything or nothing reaches the disk. Inside an
+    /// enclosing transaction, `f` simply joins it.
     pub fn transaction<T>(&self, f: impl FnOnce() -> Result<T>) -> Result<T> {
+        if !self.conn.is_autocommit() {
+            return f();
+        }
         self.conn.execute_batch("BEGIN IMMEDIATE")?;
         match f() {
             Ok(value) => {
@@ -343,7 +350,9 @@ impl Profile {
             .conn
             .prepare("SELECT room_id, epoch FROM parley_pending_commits ORDER BY room_id")?;
         let raws = stmt
-            .query_map([], |row| Ok((row.get::<_, String>(0)?, row.get::<_, i64>(1)?)))?
+            .query_map([], |row| {
+                Ok((row.get::<_, String>(0)?, row.get::<_, i64>(1)?))
+            })?
             .collect::<rusqlite::Result<Vec<_>>>()?;
         raws.into_iter()
             .map(|(room, epoch)| Ok((parse_stored(&room, RoomId::parse)?, from_sql_int(epoch)?)))
@@ -413,6 +422,42 @@ impl Profile {
         entries.reverse();
         Ok(entries)
     }
+
+    // --- events not yet handed out ------------------------------------------------------------
+
+    /// Queues an event for the next caller of [`Profile::take_events`]; written in the same
+    /// transaction as the change it reports, so a crash can neither lose nor repeat it.
+    pub fn push_event<T: Serialize>(&self, event: &T) -> Result<()> {
+        let json = serde_json::to_string(event)
+            .map_err(|e| ClientError::Storage(format!("cannot encode event: {e}")))?;
+        self.conn.execute(
+            "INSERT INTO parley_events (event) VALUES (?1)",
+            params![json],
+        )?;
+        Ok(())
+    }
+
+    /// Removes and returns all queued events, oldest first. Undecodable ones are dropped.
+    pub fn take_events<T: serde::de::DeserializeOwned>(&self) -> Result<Vec<T>> {
+        let rows = self.transaction(|| {
+            let mut stmt = self
+                .conn
+                .prepare("SELECT event FROM parley_events ORDER BY id")?;
+            let rows = stmt
+                .query_map([], |row| row.get::<_, String>(0))?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            self.conn.execute("DELETE FROM parley_events", [])?;
+            Ok(rows)
+        })?;
+        Ok(rows
+            .iter()
+            .filter_map(|json| {
+                serde_json::from_str(json)
+                    .inspect_err(|e| tracing::warn!("dropping undecodable stored event: {e}"))
+                    .ok()
+            })
+            .collect())
+    }
 }
 
 fn migrate(conn: &Connection) -> Result<()> {
@@ -434,7 +479,10 @@ fn migrate(conn: &Connection) -> Result<()> {
 /// Creates the profile directory readable by its owner only: it holds private keys and a token.
 fn create_private_dir(dir: &Path) -> Result<()> {
     let fail = |e: std::io::Error| {
-        ClientError::Storage(format!("cannot create profile directory {}: {e}", dir.display()))
+        ClientError::Storage(format!(
+            "cannot create profile directory {}: {e}",
+            dir.display()
+        ))
     };
     if dir.is_dir() {
         return Ok(());
@@ -446,10 +494,22 @@ fn create_private_dir(dir: &Path) -> Result<()> {
     builder.create(dir).map_err(fail)
 }
 
-type RawRoom = (String, Option<String>, Option<String>, Option<String>, String);
+type RawRoom = (
+    String,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+    String,
+);
 
 fn raw_room(row: &rusqlite::Row<'_>) -> rusqlite::Result<RawRoom> {
-    Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?, row.get(4)?))
+    Ok((
+        row.get(0)?,
+        row.get(1)?,
+        row.get(2)?,
+        row.get(3)?,
+        row.get(4)?,
+    ))
 }
 
 fn room_from_raw((id, uri, kind, name, members): RawRoom) -> Result<RoomRecord> {
@@ -566,7 +626,9 @@ mod tests {
         let id = RoomId::from_random([3; 16]);
         let alice = UserId::parse("alice@chirp.test").unwrap();
         let bob = UserId::parse("bob@wave.test").unwrap();
-        profile.set_room_members(&id, &[alice.clone()]).unwrap();
+        profile
+            .set_room_members(&id, std::slice::from_ref(&alice))
+            .unwrap();
         let bare = profile.room(&id).unwrap().unwrap();
         assert_eq!((bare.kind, bare.uri), (None, None));
         let record = RoomRecord {
@@ -614,8 +676,26 @@ mod tests {
         });
         assert!(result.is_err());
         assert_eq!(profile.processed_seq().unwrap(), 0);
-        profile.transaction(|| profile.set_processed_seq(4)).unwrap();
+        profile
+            .transaction(|| profile.set_processed_seq(4))
+            .unwrap();
         assert_eq!(profile.processed_seq().unwrap(), 4);
+    }
+
+    #[test]
+    fn events_are_taken_once_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let profile = Profile::create_or_open(dir.path()).unwrap();
+        profile.push_event(&"first").unwrap();
+        profile.push_event(&"second").unwrap();
+        let rolled_back: Result<()> = profile.transaction(|| {
+            profile.push_event(&"lost")?;
+            Err(ClientError::Protocol("boom".into()))
+        });
+        assert!(rolled_back.is_err());
+        let taken: Vec<String> = profile.take_events().unwrap();
+        assert_eq!(taken, ["first", "second"]);
+        assert!(profile.take_events::<String>().unwrap().is_empty());
     }
 
     #[test]

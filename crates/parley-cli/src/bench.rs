@@ -1,0 +1,241 @@
+//! `parley bench`: the load tool. Drives N sender/receiver device pairs through one server and
+//! reports durable messages/s and send→deliver latency percentiles.
+//!
+//! Setup uses the real client (registration, MLS rooms, Welcome). The timed phase replays one
+//! pre-encrypted MLS PrivateMessage per room, so it measures the server (validation, ordering,
+//! durable fan-out, push) rather than client-side encryption; receivers take entries from the
+//! WebSocket push channel and ack them, as real clients do.
+
+use anyhow::{bail, Context};
+use clap::Args;
+use parley_client::{ApiClient, Device};
+use parley_proto::api::SendRequest;
+use parley_proto::{RoomId, UserId};
+use parley_server::config::ServerConfig;
+use parley_server::Server;
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Server to load; default: start one in-process with its data in a temporary directory.
+    #[arg(long)]
+    pub server: Option<String>,
+    /// Sender/receiver pairs, each with its own 1:1 room.
+    #[arg(long, default_value_t = 50)]
+    pub pairs: usize,
+    /// Messages to send in the timed phase.
+    #[arg(long, default_value_t = 20_000)]
+    pub messages: u64,
+    /// Target send rate in messages/s across all senders; 0 sends as fast as the server answers.
+    #[arg(long, default_value_t = 0)]
+    pub rate: u64,
+    /// Requests in flight at once.
+    #[arg(long, default_value_t = 64)]
+    pub concurrency: usize,
+    /// Data directory for the in-process server (default: a temporary directory).
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// Payload text size in bytes before encryption.
+    #[arg(long, default_value_t = 200)]
+    pub payload: usize,
+}
+
+/// One room under load: the sender's authenticated API client and its pre-encrypted message.
+struct Lane {
+    api: ApiClient,
+    room: RoomId,
+    request: SendRequest,
+}
+
+/// Send start and delivery times, keyed by (lane, room event).
+#[derive(Default)]
+struct Timings {
+    sent: Mutex<HashMap<(usize, u64), Instant>>,
+    delivered: Mutex<HashMap<(usize, u64), Instant>>,
+}
+
+pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    if args.pairs == 0 || args.messages == 0 || args.concurrency == 0 {
+        bail!("--pairs, --messages and --concurrency must be at least 1");
+    }
+    let tmp = tempfile::tempdir().context("cannot create a temporary directory")?;
+    let (server, url) = match &args.server {
+        Some(url) => (None, url.clone()),
+        None => {
+            let mut config = ServerConfig {
+                listen: "127.0.0.1:0".parse()?,
+                data: args.data.clone().unwrap_or_else(|| tmp.path().join("server")),
+                ..Default::default()
+            };
+            config.add_domain("bench.test");
+            // The load tool sends far faster than a person; lift the per-device rate limit.
+            config.limits.messages_per_second = 1e9;
+            config.limits.message_burst = 1e9;
+            let server = Server::start(config).await?;
+            let url = server.url();
+            (Some(server), url)
+        }
+    };
+    let domain = if args.server.is_some() { "localhost" } else { "bench.test" };
+    eprintln!("setting up {} pairs on {url} ...", args.pairs);
+    let (lanes, receivers) = setup(&args, &url, domain, tmp.path()).await?;
+    let timings = Arc::new(Timings::default());
+    let received = Arc::new(AtomicU64::new(0));
+    let mut listeners = Vec::new();
+    for (lane, push) in receivers.into_iter().enumerate() {
+        listeners.push(tokio::spawn(receive(lane, push, timings.clone(), received.clone())));
+    }
+    eprintln!("sending {} messages ({}) ...", args.messages, rate_label(args.rate));
+    let started = Instant::now();
+    send_all(&args, Arc::new(lanes), timings.clone()).await?;
+    let sent_done = started.elapsed();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while received.load(Ordering::Relaxed) < args.messages && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let all_done = started.elapsed();
+    for l in listeners {
+        l.abort();
+    }
+    report(&args, &timings, sent_done, all_done)?;
+    if let Some(server) = server {
+        server.shutdown().await;
+    }
+    Ok(())
+}
+
+fn rate_label(rate: u64) -> String {
+    if rate == 0 {
+        "as fast as possible".into()
+    } else {
+        format!("at {rate}/s")
+    }
+}
+
+async fn setup(
+    args: &BenchArgs,
+    url: &str,
+    domain: &str,
+    dir: &std::path::Path,
+) -> anyhow::Result<(Vec<Lane>, Vec<parley_client::PushConnection>)> {
+    let run_id = std::process::id();
+    let payload = "x".repeat(args.payload);
+    let mut lanes = Vec::new();
+    let mut receivers = Vec::new();
+    for i in 0..args.pairs {
+        let sender_id = UserId::parse(&format!("s{run_id}-{i}@{domain}"))?;
+        let receiver_id = UserId::parse(&format!("r{run_id}-{i}@{domain}"))?;
+        let pw = Some("bench-password");
+        let mut sender = Device::register(&dir.join(format!("s{i}")), url, &sender_id, pw, None, None).await?;
+        let mut receiver = Device::register(&dir.join(format!("r{i}")), url, &receiver_id, pw, None, None).await?;
+        let room = sender.direct_room(&receiver_id).await?;
+        receiver.sync(None).await?;
+        let message = sender.encrypt_text(&room, &payload)?;
+        lanes.push(Lane {
+            api: sender.api().clone(),
+            room,
+            request: SendRequest { message },
+        });
+        receivers.push(receiver.api().connect_push().await?);
+    }
+    Ok((lanes, receivers))
+}
+
+async fn receive(
+    lane: usize,
+    mut push: parley_client::PushConnection,
+    timings: Arc<Timings>,
+    received: Arc<AtomicU64>,
+) {
+    while let Ok(Some(entries)) = push.next_entries().await {
+        let now = Instant::now();
+        let Some(last) = entries.last().map(|e| e.seq) else { continue };
+        if let Ok(mut map) = timings.delivered.lock() {
+            for e in &entries {
+                if map.insert((lane, e.event), now).is_none() {
+                    received.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+        if push.ack(last).await.is_err() {
+            return;
+        }
+    }
+}
+
+async fn send_all(args: &BenchArgs, lanes: Arc<Vec<Lane>>, timings: Arc<Timings>) -> anyhow::Result<()> {
+    let next = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let mut workers = Vec::new();
+    for _ in 0..args.concurrency {
+        let (lanes, timings, next) = (lanes.clone(), timings.clone(), next.clone());
+        let (total, rate) = (args.messages, args.rate);
+        workers.push(tokio::spawn(async move {
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= total {
+                    return Ok::<(), anyhow::Error>(());
+                }
+                if rate > 0 {
+                    let due = start + Duration::from_secs_f64(i as f64 / rate as f64);
+                    tokio::time::sleep_until(due.into()).await;
+                }
+                let lane_index = (i % lanes.len() as u64) as usize;
+                let lane = &lanes[lane_index];
+                let t0 = Instant::now();
+                let accepted = lane.api.send_message(&lane.room, &lane.request).await?;
+                if let Ok(mut map) = timings.sent.lock() {
+                    map.insert((lane_index, accepted.event), t0);
+                }
+            }
+        }));
+    }
+    for w in workers {
+        w.await??;
+    }
+    Ok(())
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[idx.min(sorted.len() - 1)]
+}
+
+fn report(args: &BenchArgs, timings: &Timings, sent_done: Duration, all_done: Duration) -> anyhow::Result<()> {
+    let sent = timings.sent.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
+    let delivered = timings.delivered.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
+    let mut latencies: Vec<Duration> = sent
+        .iter()
+        .filter_map(|(k, t0)| delivered.get(k).map(|t1| t1.saturating_duration_since(*t0)))
+        .collect();
+    latencies.sort();
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    println!("pairs            {}", args.pairs);
+    println!("offered rate     {}", rate_label(args.rate));
+    println!("messages sent    {} (acked durable by the server)", sent.len());
+    println!("messages deliv.  {}", delivered.len());
+    println!("send phase       {:.2} s", sent_done.as_secs_f64());
+    println!(
+        "throughput       {:.0} messages/s (sent and delivered, over {:.2} s)",
+        delivered.len() as f64 / all_done.as_secs_f64(),
+        all_done.as_secs_f64()
+    );
+    println!(
+        "latency ms       p50 {:.2}  p90 {:.2}  p99 {:.2}  max {:.2}",
+        ms(percentile(&latencies, 0.50)),
+        ms(percentile(&latencies, 0.90)),
+        ms(percentile(&latencies, 0.99)),
+        ms(percentile(&latencies, 1.0)),
+    );
+    if delivered.len() as u64 != args.messages {
+        bail!("only {} of {} messages were delivered", delivered.len(), args.messages);
+    }
+    Ok(())
+}

@@ -1,0 +1,249 @@
+//! The `parley` binary as a user drives it: a real `parley serve` process on loopback, client
+//! commands exactly as documented, restarts and kill -9, and what lands on disk.
+
+use serde_json::Value;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_parley");
+
+/// A `parley serve` child process, killed on drop.
+struct ServerProcess {
+    child: Child,
+    url: String,
+}
+
+impl ServerProcess {
+    fn start(data: &Path, listen: &str) -> Self {
+        let mut child = Command::new(BIN)
+            .args(["serve", "--domain", "chirp.test", "--domain", "wave.test", "--listen", listen])
+            .arg("--data")
+            .arg(data)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn parley serve");
+        let stdout = child.stdout.take().unwrap();
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line).unwrap();
+        let url = line
+            .trim()
+            .strip_prefix("parley serving on ")
+            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+            .to_owned();
+        Self { child, url }
+    }
+
+    fn port(&self) -> &str {
+        self.url.rsplit(':').next().unwrap()
+    }
+
+    fn kill_9(mut self) {
+        let _ = self.child.kill(); // SIGKILL
+        let _ = self.child.wait();
+    }
+
+    fn terminate(mut self) {
+        let pid = self.child.id().to_string();
+        let status = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        assert!(status.success());
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                assert!(status.success(), "graceful shutdown exits 0, got {status}");
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("server did not stop on SIGTERM");
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn parley(profile: &Path, args: &[&str]) -> Output {
+    Command::new(BIN)
+        .env("PARLEY_PROFILE", profile)
+        .env("RUST_LOG", "warn")
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run parley")
+}
+
+/// Runs a command that must succeed; returns stdout.
+fn ok(profile: &Path, args: &[&str]) -> String {
+    let out = parley(profile, args);
+    assert!(
+        out.status.success(),
+        "parley {args:?} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(&out.stdout)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Runs a command that must fail with one clear line on stderr; returns that line.
+fn fails(profile: &Path, args: &[&str]) -> String {
+    let out = parley(profile, args);
+    assert!(!out.status.success(), "parley {args:?} should have failed");
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "one line on stderr, got {stderr:?}");
+    assert!(lines[0].starts_with("error: "), "{stderr:?}");
+    lines[0].to_owned()
+}
+
+fn sync_json(profile: &Path) -> Vec<Value> {
+    ok(profile, &["sync", "--json"])
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad JSON line {l:?}: {e}")))
+        .collect()
+}
+
+fn messages(events: &[Value]) -> Vec<(String, String)> {
+    events
+        .iter()
+        .filter(|e| e["type"] == "message")
+        .map(|e| (e["sender"].as_str().unwrap().to_owned(), e["text"].as_str().unwrap().to_owned()))
+        .collect()
+}
+
+struct Users {
+    _dir: tempfile::TempDir,
+    alice: PathBuf,
+    bob: PathBuf,
+    carol: PathBuf,
+}
+
+fn register_users(server: &ServerProcess) -> Users {
+    let dir = tempfile::tempdir().unwrap();
+    let (alice, bob, carol) = (dir.path().join("alice"), dir.path().join("bob"), dir.path().join("carol"));
+    ok(&alice, &["account", "register", "alice@chirp.test", "--server", &server.url, "--password", "alice-secret"]);
+    ok(&bob, &["account", "register", "bob@wave.test", "--server", &server.url, "--password", "bob-secret"]);
+    ok(&carol, &["account", "register", "carol@chirp.test", "--server", &server.url, "--password", "carol-secret"]);
+    Users { _dir: dir, alice, bob, carol }
+}
+
+#[test]
+fn documented_cli_scenario_across_two_domains() {
+    let data = tempfile::tempdir().unwrap();
+    let server = ServerProcess::start(data.path(), "127.0.0.1:0");
+    let u = register_users(&server);
+
+    // 1:1 across domains, by user address.
+    ok(&u.alice, &["send", "bob@wave.test", "hello bob"]);
+    let events = sync_json(&u.bob);
+    assert_eq!(messages(&events), vec![("alice@chirp.test".into(), "hello bob".into())]);
+    let m = events.iter().find(|e| e["type"] == "message").unwrap();
+    assert_eq!(m["id"].as_str().unwrap().len(), 64, "MessageId is 32 bytes hex");
+    assert!(m["ts"].as_u64().unwrap() > 0 && m["room"].as_str().unwrap().len() == 32);
+    ok(&u.bob, &["send", "alice@chirp.test", "hi alice"]);
+    assert_eq!(messages(&sync_json(&u.alice)), vec![("bob@wave.test".into(), "hi alice".into())]);
+    // Nothing twice.
+    assert!(messages(&sync_json(&u.bob)).is_empty());
+
+    // A group: create prints the room id last; add, send, remove.
+    let created = ok(&u.alice, &["room", "create", "--name", "team", "bob@wave.test"]);
+    let room = created.lines().last().unwrap().trim().to_owned();
+    assert_eq!(room.len(), 32, "{created}");
+    ok(&u.alice, &["room", "add", &room, "carol@chirp.test"]);
+    ok(&u.alice, &["send", &room, "hello team"]);
+    for p in [&u.bob, &u.carol] {
+        assert_eq!(messages(&sync_json(p)), vec![("alice@chirp.test".into(), "hello team".into())]);
+    }
+    let list = ok(&u.carol, &["room", "list"]);
+    assert!(list.contains(&room) && list.contains("team") && list.contains("bob@wave.test"), "{list}");
+    ok(&u.alice, &["room", "remove", &room, "bob@wave.test"]);
+    ok(&u.carol, &["send", "team", "bob is gone"]); // a room by name
+    assert_eq!(messages(&sync_json(&u.alice)), vec![("carol@chirp.test".into(), "bob is gone".into())]);
+    assert!(messages(&sync_json(&u.bob)).is_empty(), "a removed member reads nothing new");
+
+    // sync --wait waits for something to arrive.
+    let bob = u.bob.clone();
+    let waiter = std::thread::spawn(move || ok(&bob, &["sync", "--wait", "20", "--json"]));
+    std::thread::sleep(Duration::from_millis(700));
+    ok(&u.alice, &["send", "bob@wave.test", "are you there?"]);
+    let waited: Vec<Value> = waiter.join().unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(messages(&waited), vec![("alice@chirp.test".into(), "are you there?".into())]);
+
+    // Errors: one clear line, non-zero exit.
+    let line = fails(&u.alice, &["send", "nobody@chirp.test", "hi"]);
+    assert!(line.contains("nobody@chirp.test"), "{line}");
+    let dir = tempfile::tempdir().unwrap();
+    let line = fails(
+        &dir.path().join("x"),
+        &["account", "login", "alice@chirp.test", "--server", &server.url, "--password", "wrong-password"],
+    );
+    assert!(line.to_lowercase().contains("password"), "{line}");
+    let line = fails(
+        &dir.path().join("y"),
+        &["account", "register", "zed@chirp.test", "--server", "http://127.0.0.1:9", "--password", "zed-secret"],
+    );
+    assert!(line.contains("cannot reach"), "{line}");
+    let line = fails(&u.bob, &["send", &room, "let me back in"]);
+    assert!(line.contains("member") || line.contains("room"), "{line}");
+    let line = fails(&dir.path().join("nobody"), &["sync"]);
+    assert!(line.contains("profile") || line.contains("register"), "{line}");
+    server.terminate();
+}
+
+/// Everything the server acknowledged survives a kill -9 and a graceful restart, and the data
+/// directory never holds a message's plaintext.
+#[test]
+fn kill_9_and_restart_lose_nothing_acknowledged() {
+    let data = tempfile::tempdir().unwrap();
+    let server = ServerProcess::start(data.path(), "127.0.0.1:0");
+    let port = server.port().to_owned();
+    let listen = format!("127.0.0.1:{port}");
+    let u = register_users(&server);
+    let secret = |i: usize| format!("plaintext-canary-{i:03}-zebra");
+    for i in 0..10 {
+        ok(&u.alice, &["send", "bob@wave.test", &secret(i)]);
+    }
+    server.kill_9();
+    let server = ServerProcess::start(data.path(), &listen);
+    for i in 10..20 {
+        ok(&u.alice, &["send", "bob@wave.test", &secret(i)]);
+    }
+    server.terminate();
+
+    // No plaintext anywhere in the data directory (database, WAL, anything).
+    for entry in walk(data.path()) {
+        let bytes = std::fs::read(&entry).unwrap();
+        for needle in ["plaintext-canary", "zebra"] {
+            assert!(
+                !bytes.windows(needle.len()).any(|w| w == needle.as_bytes()),
+                "{} contains plaintext {needle:?}",
+                entry.display()
+            );
+        }
+    }
+
+    let server = ServerProcess::start(data.path(), &listen);
+    let got: Vec<String> = messages(&sync_json(&u.bob)).into_iter().map(|(_, t)| t).collect();
+    let want: Vec<String> = (0..20).map(secret).collect();
+    assert_eq!(got, want, "all 20 acknowledged messages, once, in order");
+    drop(server);
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            out.extend(walk(&path));
+        } else {
+            out.push(path);
+        }
+    }
+    out
+}

@@ -1,0 +1,133 @@
+//! End-to-end through the client library and an in-process server on an ephemeral loopback port
+//! with real storage: groups with add/remove, offline catch-up, and a further device.
+
+use parley_client::{Device, Event};
+use parley_proto::{RoomId, UserId};
+use parley_server::config::ServerConfig;
+use parley_server::Server;
+use std::path::Path;
+
+async fn server(dir: &Path) -> Server {
+    let mut config = ServerConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        data: dir.join("server"),
+        ..Default::default()
+    };
+    config.add_domain("chirp.test");
+    config.add_domain("wave.test");
+    Server::start(config).await.unwrap()
+}
+
+async fn register(dir: &Path, server: &Server, user: &str) -> Device {
+    let user = UserId::parse(user).unwrap();
+    Device::register(&dir.join(user.to_string()), &server.url(), &user, Some("password-123"), None, None)
+        .await
+        .unwrap()
+}
+
+/// Texts of the messages in `room` that a sync returns, in order, with their senders.
+async fn read(device: &mut Device, room: &RoomId) -> Vec<(String, String)> {
+    device
+        .sync(None)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter_map(|e| match e {
+            Event::Message { room: r, sender, text, .. } if &r == room => Some((sender.to_string(), text)),
+            Event::Error { detail, .. } => panic!("{} failed to process an entry: {detail}", device.user()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn from(sender: &str, texts: &[&str]) -> Vec<(String, String)> {
+    texts.iter().map(|t| (sender.to_owned(), t.to_string())).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn group_of_four_with_add_and_remove() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = server(dir.path()).await;
+    let mut alice = register(dir.path(), &server, "alice@chirp.test").await;
+    let mut bob = register(dir.path(), &server, "bob@wave.test").await;
+    let mut carol = register(dir.path(), &server, "carol@chirp.test").await;
+    let mut dave = register(dir.path(), &server, "dave@wave.test").await;
+
+    let room = alice
+        .create_room(Some("four"), &[bob.user().clone(), carol.user().clone()])
+        .await
+        .unwrap();
+    alice.send_text(&room, "one").await.unwrap();
+    assert_eq!(read(&mut bob, &room).await, from("alice@chirp.test", &["one"]));
+    assert_eq!(read(&mut carol, &room).await, from("alice@chirp.test", &["one"]));
+    assert!(read(&mut dave, &room).await.is_empty(), "dave is not a member yet");
+
+    // A member other than the creator adds dave; dave joins and talks.
+    bob.add_member(&room, dave.user()).await.unwrap();
+    read(&mut dave, &room).await;
+    dave.send_text(&room, "two").await.unwrap();
+    for d in [&mut alice, &mut bob, &mut carol] {
+        assert_eq!(read(d, &room).await, from("dave@wave.test", &["two"]));
+    }
+    let info = alice.rooms().await.unwrap().into_iter().find(|r| r.room == room).unwrap();
+    assert_eq!(info.members.len(), 4);
+
+    // Remove carol: she sees the removal and cannot read anything after it.
+    alice.remove_member(&room, carol.user()).await.unwrap();
+    let removed = carol.sync(None).await.unwrap();
+    assert!(removed.iter().any(|e| matches!(e, Event::Removed { room: r } if r == &room)), "{removed:?}");
+    dave.send_text(&room, "three").await.unwrap();
+    for d in [&mut alice, &mut bob] {
+        assert_eq!(read(d, &room).await, from("dave@wave.test", &["three"]));
+    }
+    assert!(read(&mut carol, &room).await.is_empty());
+    assert!(carol.send_text(&room, "let me in").await.is_err(), "a removed member cannot send");
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offline_device_catches_up_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = server(dir.path()).await;
+    let mut alice = register(dir.path(), &server, "alice@chirp.test").await;
+    let bob_dir = dir.path().join("bob-profile");
+    let bob_id = UserId::parse("bob@wave.test").unwrap();
+    let mut bob = Device::register(&bob_dir, &server.url(), &bob_id, Some("password-123"), None, None)
+        .await
+        .unwrap();
+    let room = alice.direct_room(&bob_id).await.unwrap();
+    drop(bob); // offline: no process, no connection
+    let texts: Vec<String> = (0..40).map(|i| format!("message {i}")).collect();
+    for t in &texts {
+        alice.send_text(&room, t).await.unwrap();
+    }
+    let mut bob = Device::open(&bob_dir, None).unwrap();
+    let got = read(&mut bob, &room).await;
+    let want: Vec<(String, String)> = texts.iter().map(|t| ("alice@chirp.test".to_owned(), t.clone())).collect();
+    assert_eq!(got, want);
+    assert!(read(&mut bob, &room).await.is_empty(), "acked entries are not delivered again");
+    let history = bob.history(&room, 100).unwrap();
+    assert_eq!(history.len(), 40);
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_further_device_is_included_in_new_rooms() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = server(dir.path()).await;
+    let mut alice = register(dir.path(), &server, "alice@chirp.test").await;
+    let bob_id = UserId::parse("bob@wave.test").unwrap();
+    let _bob1 = Device::register(&dir.path().join("bob1"), &server.url(), &bob_id, Some("password-123"), None, None)
+        .await
+        .unwrap();
+    let mut bob2 = Device::login(&dir.path().join("bob2"), &server.url(), &bob_id, "password-123", None)
+        .await
+        .unwrap();
+    assert_eq!(bob2.api().devices().await.unwrap().len(), 2);
+    let room = alice.create_room(None, &[bob_id.clone()]).await.unwrap();
+    alice.send_text(&room, "to both of bob's devices").await.unwrap();
+    assert_eq!(read(&mut bob2, &room).await, from("alice@chirp.test", &["to both of bob's devices"]));
+    let mut bob1 = Device::open(&dir.path().join("bob1"), None).unwrap();
+    assert_eq!(read(&mut bob1, &room).await, from("alice@chirp.test", &["to both of bob's devices"]));
+    server.shutdown().await;
+}

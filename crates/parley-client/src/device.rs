@@ -1,0 +1,1302 @@
+//! [`Device`]: one registered device with its profile, MLS state and server connection; the API
+//! the CLI and tests use to register, create rooms, send, and sync.
+//!
+//! Invariants:
+//! - queue entries are processed strictly in `seq` order, each at most once (a high-water mark
+//!   in the profile, updated in the same transaction as the entry's effects);
+//! - an entry that fails becomes an [`Event::Error`] and is skipped: the queue never wedges;
+//! - an own commit is merged only after the hub accepted it.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::time::Duration;
+
+use parley_proto::api::{
+    Accepted, CommitRequest, CreateRoomRequest, EntryKind, LoginRequest, QueueEntry,
+    RegisterRequest, RoomInfo, RoomKind, SendRequest, SessionResponse, UploadKeyPackages,
+};
+use parley_proto::ids::DeviceUri;
+use parley_proto::{DeviceId, MessageId, MimiContent, RoomId, UserId};
+use serde::{Deserialize, Serialize};
+use tokio::time::Instant;
+
+use crate::api::{ApiClient, PushConnection};
+use crate::error::{ClientError, Result};
+use crate::mls::{self, DeviceMls, Incoming, ValidatedKeyPackage};
+use crate::profile::{Account, HistoryEntry, Profile, RoomRecord};
+
+/// One-time KeyPackages uploaded at a time.
+pub const KEY_PACKAGE_BATCH: usize = 20;
+/// Below this many one-time KeyPackages on the server, a sync uploads a new batch.
+pub const KEY_PACKAGE_LOW_WATER: u64 = 10;
+/// Attempts for a commit or message the hub refuses as retryable (`wrong_epoch`, ...).
+const MAX_ATTEMPTS: u32 = 5;
+/// Queue entries fetched per request.
+const QUEUE_PAGE: u32 = 100;
+/// The largest queue page, used to look ahead when resolving an unanswered commit.
+const QUEUE_PAGE_MAX: u32 = 1000;
+/// Poll interval when the push WebSocket is unavailable.
+const POLL_INTERVAL: Duration = Duration::from_millis(200);
+/// Pause before retrying a retryable refusal other than `wrong_epoch` (e.g. `rate_limited`).
+const RETRY_BACKOFF: Duration = Duration::from_millis(250);
+/// Reconnection attempts of a [`Live`] session before giving up.
+const LIVE_RECONNECTS: u32 = 5;
+/// Shown instead of content this client cannot render.
+const UNSUPPORTED_CONTENT: &str = "[unsupported content]";
+
+/// Something that happened while syncing. Serialises as one JSON object tagged by `type`,
+/// e.g. `{"type":"message","room":…,"sender":"alice@chirp.test","id":…,"text":…,"ts":…}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum Event {
+    /// A message from another member (or another device of ours).
+    Message {
+        #[serde(serialize_with = "crate::display", deserialize_with = "crate::parsed")]
+        room: RoomId,
+        #[serde(serialize_with = "crate::display", deserialize_with = "crate::parsed")]
+        sender: UserId,
+        /// The MIMI MessageId, hex.
+        #[serde(serialize_with = "crate::display", deserialize_with = "crate::parsed")]
+        id: MessageId,
+        text: String,
+        /// Hub timestamp, milliseconds since the Unix epoch.
+        ts: u64,
+    },
+    /// This device was added to a room. `kind` is `null` if the hub could not be asked.
+    Joined {
+        #[serde(serialize_with = "crate::display", deserialize_with = "crate::parsed")]
+        room: RoomId,
+        name: Option<String>,
+        kind: Option<RoomKind>,
+    },
+    /// Users joined or left a room this device is in.
+    Members {
+        #[serde(serialize_with = "crate::display", deserialize_with = "crate::parsed")]
+        room: RoomId,
+        #[serde(
+            serialize_with = "crate::display_seq",
+            deserialize_with = "crate::parsed_seq"
+        )]
+        added: Vec<UserId>,
+        #[serde(
+            serialize_with = "crate::display_seq",
+            deserialize_with = "crate::parsed_seq"
+        )]
+        removed: Vec<UserId>,
+    },
+    /// This device was removed from a room.
+    Removed {
+        #[serde(serialize_with = "crate::display", deserialize_with = "crate::parsed")]
+        room: RoomId,
+    },
+    /// A queue entry could not be processed and was skipped.
+    Error {
+        #[serde(
+            serialize_with = "crate::display_opt",
+            deserialize_with = "crate::parsed_opt"
+        )]
+        room: Option<RoomId>,
+        detail: String,
+    },
+}
+
+/// The hub's acceptance of a sent message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SentMessage {
+    #[serde(serialize_with = "crate::display")]
+    pub id: MessageId,
+    pub event: u64,
+    pub ts: u64,
+}
+
+/// A room this device is in, as the server lists it, with local names filled in.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RoomSummary {
+    #[serde(serialize_with = "crate::display")]
+    pub room: RoomId,
+    pub uri: String,
+    pub kind: RoomKind,
+    pub name: Option<String>,
+    #[serde(serialize_with = "crate::display_seq")]
+    pub members: Vec<UserId>,
+    pub epoch: u64,
+}
+
+/// What a commit should do; rebuilt from scratch on every attempt.
+enum CommitPlan {
+    Add(Vec<ValidatedKeyPackage>),
+    Remove(UserId),
+}
+
+/// A registered device. Methods that touch state take `&mut self`: one operation at a time, and
+/// the futures are `Send` so a `Device` can live in a tokio task.
+pub struct Device {
+    profile: Profile,
+    mls: DeviceMls,
+    api: ApiClient,
+    account: Account,
+}
+
+impl std::fmt::Debug for Device {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Device")
+            .field("account", &self.account)
+            .field("profile", &self.profile)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Device {
+    // --- enrolment ------------------------------------------------------------------------------
+
+    /// Registers `user` with its first device (`POST /v1/accounts`) into a new profile, then
+    /// uploads KeyPackages. Should that upload fail, the error is returned but the account is
+    /// already stored: [`Device::open`] works and the next `sync` uploads them.
+    pub async fn register(
+        profile_dir: &Path,
+        server_url: &str,
+        user: &UserId,
+        password: Option<&str>,
+        invite: Option<&str>,
+        ca_pem: Option<&[u8]>,
+    ) -> Result<Device> {
+        let (profile, api) = Self::fresh_profile(profile_dir, server_url, ca_pem)?;
+        let signature_key = Self::new_signature_key(&profile)?;
+        let request = RegisterRequest {
+            user: user.to_string(),
+            password: password.map(str::to_owned),
+            invite: invite.map(str::to_owned),
+            device_name: None,
+            signature_key: signature_key.clone(),
+        };
+        let session = api.register(&request).await?;
+        Self::enrol(profile, api, session, signature_key).await
+    }
+
+    /// Logs a further device of an existing user in (`POST /v1/sessions`) into a new profile.
+    pub async fn login(
+        profile_dir: &Path,
+        server_url: &str,
+        user: &UserId,
+        password: &str,
+        ca_pem: Option<&[u8]>,
+    ) -> Result<Device> {
+        let (profile, api) = Self::fresh_profile(profile_dir, server_url, ca_pem)?;
+        let signature_key = Self::new_signature_key(&profile)?;
+        let request = LoginRequest {
+            user: user.to_string(),
+            password: password.to_owned(),
+            device_name: None,
+            signature_key: signature_key.clone(),
+        };
+        let session = api.login(&request).await?;
+        Self::enrol(profile, api, session, signature_key).await
+    }
+
+    /// Reopens the device stored in `profile_dir`.
+    pub fn open(profile_dir: &Path, ca_pem: Option<&[u8]>) -> Result<Device> {
+        let profile = Profile::open_existing(profile_dir)?;
+        let account = profile.account()?.ok_or(ClientError::NotRegistered)?;
+        let api = ApiClient::new(&account.server_url, ca_pem)?.with_token(account.token.clone());
+        let me = DeviceUri::new(account.user.clone(), account.device_id.clone());
+        let mls = DeviceMls::load(profile.conn(), me, &account.signature_key)?;
+        Ok(Device {
+            profile,
+            mls,
+            api,
+            account,
+        })
+    }
+
+    fn fresh_profile(
+        profile_dir: &Path,
+        server_url: &str,
+        ca_pem: Option<&[u8]>,
+    ) -> Result<(Profile, ApiClient)> {
+        let api = ApiClient::new(server_url, ca_pem)?;
+        let profile = Profile::create_or_open(profile_dir)?;
+        if let Some(existing) = profile.account()? {
+            return Err(ClientError::AlreadyRegistered(existing.user.to_string()));
+        }
+        Ok((profile, api))
+    }
+
+    fn new_signature_key(profile: &Profile) -> Result<Vec<u8>> {
+        let signer = DeviceMls::generate_signer(profile.conn())?;
+        Ok(signer.public().to_vec())
+    }
+
+    /// Stores the new account and publishes the device's first KeyPackages.
+    async fn enrol(
+        profile: Profile,
+        api: ApiClient,
+        session: SessionResponse,
+        signature_key: Vec<u8>,
+    ) -> Result<Device> {
+        let user = UserId::parse(&session.user)
+            .map_err(|e| ClientError::Protocol(format!("server returned a bad user: {e}")))?;
+        let device_id = DeviceId::parse(&session.device_id)
+            .map_err(|e| ClientError::Protocol(format!("server returned a bad device id: {e}")))?;
+        let account = Account {
+            server_url: api.base_url().to_owned(),
+            user,
+            device_id,
+            token: session.token,
+            signature_key,
+        };
+        profile.set_account(&account)?;
+        let me = DeviceUri::new(account.user.clone(), account.device_id.clone());
+        let mls = DeviceMls::load(profile.conn(), me, &account.signature_key)?;
+        let api = api.with_token(account.token.clone());
+        let mut device = Device {
+            profile,
+            mls,
+            api,
+            account,
+        };
+        tracing::info!(user = %device.user(), device = %device.device_id(), "device enrolled");
+        device.upload_key_packages(KEY_PACKAGE_BATCH, true).await?;
+        Ok(device)
+    }
+
+    // --- accessors ------------------------------------------------------------------------------
+
+    pub fn user(&self) -> &UserId {
+        &self.account.user
+    }
+
+    pub fn device_id(&self) -> &DeviceId {
+        &self.account.device_id
+    }
+
+    /// `mimi://domain/d/handle/device`, the identity in this device's MLS credential.
+    pub fn device_uri(&self) -> &DeviceUri {
+        self.mls.device_uri()
+    }
+
+    pub fn server_url(&self) -> &str {
+        &self.account.server_url
+    }
+
+    /// The authenticated API client, for endpoints `Device` does not wrap (e.g. devices).
+    pub fn api(&self) -> &ApiClient {
+        &self.api
+    }
+
+    // --- rooms ----------------------------------------------------------------------------------
+
+    /// Creates a group room with `members` (and this user's other devices) in one commit.
+    pub async fn create_room(&mut self, name: Option<&str>, members: &[UserId]) -> Result<RoomId> {
+        self.create_room_of_kind(RoomKind::Group, name, None, members)
+            .await
+    }
+
+    /// The direct room with `peer`: an existing one if there is one, else a new one.
+    pub async fn direct_room(&mut self, peer: &UserId) -> Result<RoomId> {
+        if peer == self.user() {
+            return Err(ClientError::InvalidInput(
+                "a direct room needs another user than yourself".into(),
+            ));
+        }
+        let (local, unjoined) = self.find_direct_room(peer).await?;
+        if let Some(room) = local {
+            return Ok(room);
+        }
+        if unjoined {
+            // The hub has us in one, but its Welcome is still in our queue.
+            self.catch_up().await?;
+            if let (Some(room), _) = self.find_direct_room(peer).await? {
+                return Ok(room);
+            }
+        }
+        let peers = [peer.clone()];
+        self.create_room_of_kind(RoomKind::Direct, None, Some(peer), &peers)
+            .await
+    }
+
+    /// Adds every device of `user` to the room.
+    pub async fn add_member(&mut self, room: &RoomId, user: &UserId) -> Result<()> {
+        self.require_member(room)?;
+        if self
+            .mls
+            .member_users(self.profile.conn(), room)?
+            .contains(user)
+        {
+            return Err(ClientError::InvalidInput(format!(
+                "{user} is already a member of room {room}"
+            )));
+        }
+        let key_packages = self.claim(user).await?;
+        self.commit(room, &CommitPlan::Add(key_packages)).await?;
+        Ok(())
+    }
+
+    /// Removes every device of `user` from the room.
+    pub async fn remove_member(&mut self, room: &RoomId, user: &UserId) -> Result<()> {
+        self.require_member(room)?;
+        self.commit(room, &CommitPlan::Remove(user.clone())).await?;
+        Ok(())
+    }
+
+    /// The rooms this device is in, per the server, with local names as a fallback.
+    pub async fn rooms(&mut self) -> Result<Vec<RoomSummary>> {
+        let infos = self.api.rooms().await?;
+        self.profile.transaction(|| {
+            infos
+                .into_iter()
+                .map(|info| {
+                    let summary = self.summarise(info)?;
+                    self.remember_room(&summary)?;
+                    Ok(summary)
+                })
+                .collect()
+        })
+    }
+
+    /// The last `limit` messages of a room, oldest first.
+    pub fn history(&self, room: &RoomId, limit: usize) -> Result<Vec<HistoryEntry>> {
+        self.profile.history(room, limit)
+    }
+
+    async fn create_room_of_kind(
+        &mut self,
+        kind: RoomKind,
+        name: Option<&str>,
+        peer: Option<&UserId>,
+        members: &[UserId],
+    ) -> Result<RoomId> {
+        // Claim first: an unknown user then fails before a room exists.
+        let mut key_packages = self.own_other_devices_key_packages().await?;
+        let others: BTreeSet<&UserId> = members.iter().filter(|u| *u != self.user()).collect();
+        for user in others {
+            key_packages.extend(self.claim(user).await?);
+        }
+        let room = RoomId::from_random(rand::random());
+        let group = self
+            .profile
+            .transaction(|| self.mls.create_group(self.profile.conn(), &room))?;
+        let request = CreateRoomRequest {
+            room_id: room.to_string(),
+            kind,
+            name: name.map(str::to_owned),
+            peer: peer.map(UserId::to_string),
+            group_info: group.group_info,
+            ratchet_tree: group.ratchet_tree,
+        };
+        let info = match self.api.create_room(&request).await {
+            Ok(info) => info,
+            Err(e) => {
+                self.forget_group(&room);
+                return Err(e);
+            }
+        };
+        let summary = self.summarise(info)?;
+        self.remember_room(&summary)?;
+        tracing::info!(%room, kind = kind.as_str(), "room created");
+        if !key_packages.is_empty() {
+            self.commit(&room, &CommitPlan::Add(key_packages)).await?;
+        }
+        Ok(room)
+    }
+
+    /// Looks for a direct room with `peer` among the server's rooms: the one we can use, and
+    /// whether one exists that this device has not joined locally yet.
+    async fn find_direct_room(&mut self, peer: &UserId) -> Result<(Option<RoomId>, bool)> {
+        let me = self.user().to_string();
+        let peer_name = peer.to_string();
+        let mut candidates: Vec<RoomId> = Vec::new();
+        let mut unjoined = false;
+        for info in self.api.rooms().await? {
+            let is_ours = info.kind == RoomKind::Direct
+                && info.members.contains(&peer_name)
+                && info.members.iter().all(|m| *m == me || *m == peer_name);
+            if !is_ours {
+                continue;
+            }
+            let summary = self.summarise(info)?;
+            if self.mls.has_group(self.profile.conn(), &summary.room)? {
+                self.remember_room(&summary)?;
+                candidates.push(summary.room);
+            } else {
+                unjoined = true;
+            }
+        }
+        // Should two exist (both sides created one at once), both sides pick the same.
+        candidates.sort();
+        Ok((candidates.into_iter().next(), unjoined))
+    }
+
+    /// Claims one KeyPackage per device of `user` and validates them.
+    async fn claim(&mut self, user: &UserId) -> Result<Vec<ValidatedKeyPackage>> {
+        let claimed = self.api.claim_key_packages(user).await?;
+        let valid = self.validate_claimed(user, &claimed.key_packages, None);
+        if valid.is_empty() {
+            return Err(ClientError::Protocol(format!(
+                "the server offered no usable KeyPackage for {user}"
+            )));
+        }
+        Ok(valid)
+    }
+
+    /// KeyPackages of this user's other devices, so they share the rooms this device creates.
+    async fn own_other_devices_key_packages(&mut self) -> Result<Vec<ValidatedKeyPackage>> {
+        let devices = self.api.devices().await?;
+        if devices
+            .iter()
+            .all(|d| d.device_id == self.device_id().as_str())
+        {
+            return Ok(Vec::new()); // Do not burn one of our own KeyPackages for nothing.
+        }
+        let user = self.user().clone();
+        let claimed = self.api.claim_key_packages(&user).await?;
+        Ok(self.validate_claimed(&user, &claimed.key_packages, Some(self.device_id())))
+    }
+
+    /// Keeps the claimed packages that validate and match the device the server says they are
+    /// for; others are skipped with a warning (that device then stays out of the room).
+    fn validate_claimed(
+        &self,
+        user: &UserId,
+        claimed: &[parley_proto::api::ClaimedKeyPackage],
+        skip: Option<&DeviceId>,
+    ) -> Vec<ValidatedKeyPackage> {
+        claimed
+            .iter()
+            .filter(|c| skip.is_none_or(|s| s.as_str() != c.device_id))
+            .filter_map(|c| {
+                let checked = self
+                    .mls
+                    .validate_key_package(&c.key_package, user)
+                    .and_then(|kp| {
+                        if kp.device.device.as_str() == c.device_id {
+                            Ok(kp)
+                        } else {
+                            Err(ClientError::Protocol(format!(
+                                "KeyPackage of {} offered as device {}",
+                                kp.device, c.device_id
+                            )))
+                        }
+                    });
+                checked
+                    .inspect_err(|e| tracing::warn!(%user, device = %c.device_id, "skipping KeyPackage: {e}"))
+                    .ok()
+            })
+            .collect()
+    }
+
+    fn require_member(&self, room: &RoomId) -> Result<()> {
+        if self.mls.has_group(self.profile.conn(), room)? {
+            return Ok(());
+        }
+        if self.profile.room(room)?.is_some() {
+            Err(ClientError::NotMember(room.clone()))
+        } else {
+            Err(ClientError::UnknownRoom(room.clone()))
+        }
+    }
+
+    fn summarise(&self, info: RoomInfo) -> Result<RoomSummary> {
+        let room = RoomId::parse(&info.room_id)
+            .map_err(|e| ClientError::Protocol(format!("server listed a bad room: {e}")))?;
+        let members = info
+            .members
+            .iter()
+            .map(|m| UserId::parse(m))
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(|e| ClientError::Protocol(format!("server listed a bad member: {e}")))?;
+        let local_name = || Ok::<_, ClientError>(self.profile.room(&room)?.and_then(|r| r.name));
+        let name = match info.name {
+            Some(name) => Some(name),
+            None => local_name()?,
+        };
+        Ok(RoomSummary {
+            room,
+            uri: info.room_uri,
+            kind: info.kind,
+            name,
+            members,
+            epoch: info.epoch,
+        })
+    }
+
+    fn remember_room(&self, summary: &RoomSummary) -> Result<()> {
+        self.profile.upsert_room(&RoomRecord {
+            id: summary.room.clone(),
+            uri: Some(summary.uri.clone()),
+            kind: Some(summary.kind),
+            name: summary.name.clone(),
+            members: summary.members.clone(),
+        })
+    }
+
+    /// Best-effort cleanup of a group the hub never accepted.
+    fn forget_group(&self, room: &RoomId) {
+        if let Err(e) = self
+            .profile
+            .transaction(|| self.mls.delete_group(self.profile.conn(), room))
+        {
+            tracing::warn!(%room, "cannot delete abandoned group: {e}");
+        }
+    }
+
+    // --- commits --------------------------------------------------------------------------------
+
+    /// Builds, posts and merges a commit, rebuilding it after `wrong_epoch` (up to 5 attempts).
+    /// `None` when there was nothing to commit.
+    async fn commit(&mut self, room: &RoomId, plan: &CommitPlan) -> Result<Option<Accepted>> {
+        // openmls refuses to build a commit while an earlier one is pending.
+        self.resolve_unanswered_commits().await?;
+        let mut attempt = 1;
+        loop {
+            let Some(commit) = self.profile.transaction(|| self.build_commit(room, plan))? else {
+                return Ok(None);
+            };
+            let request = CommitRequest {
+                commit: commit.commit,
+                welcome: commit.welcome,
+            };
+            match self.api.post_commit(room, &request).await {
+                Ok(accepted) => {
+                    self.finish_commit(room, true)?;
+                    tracing::info!(%room, epoch = accepted.epoch, "commit accepted");
+                    return Ok(Some(accepted));
+                }
+                Err(e @ ClientError::Unreachable(_)) => {
+                    // The hub may or may not have accepted it: the pending-commit marker
+                    // makes the next sync find out before touching the room.
+                    return Err(e);
+                }
+                Err(e) if e.is_retryable() && attempt < MAX_ATTEMPTS => {
+                    tracing::debug!(%room, attempt, "commit refused ({e}); retrying");
+                    self.finish_commit(room, false)?;
+                    self.recover_from(&e, attempt).await?;
+                    attempt += 1;
+                }
+                Err(e) => {
+                    self.finish_commit(room, false)?;
+                    return Err(e);
+                }
+            }
+        }
+    }
+
+    fn build_commit(
+        &self,
+        room: &RoomId,
+        plan: &CommitPlan,
+    ) -> Result<Option<mls::OutgoingCommit>> {
+        let conn = self.profile.conn();
+        let epoch = self.mls.epoch(conn, room)?;
+        let commit = match plan {
+            CommitPlan::Add(key_packages) => self.mls.add_members(conn, room, key_packages)?,
+            CommitPlan::Remove(user) => Some(self.mls.remove_user(conn, room, user)?),
+        };
+        if commit.is_some() {
+            self.profile.set_pending_commit(room, epoch)?;
+        }
+        Ok(commit)
+    }
+
+    /// Merges (hub accepted) or discards (hub refused) our pending commit.
+    fn finish_commit(&self, room: &RoomId, accepted: bool) -> Result<()> {
+        let conn = self.profile.conn();
+        self.profile.transaction(|| {
+            self.profile.clear_pending_commit(room)?;
+            if !self.mls.has_group(conn, room)? {
+                return Ok(());
+            }
+            if accepted {
+                self.mls.merge_pending_commit(conn, room)?;
+                self.profile
+                    .set_room_members(room, &self.mls.member_users(conn, room)?)
+            } else {
+                self.mls.clear_pending_commit(conn, room)
+            }
+        })
+    }
+
+    /// Settles commits posted before a crash or a lost answer. The hub moved past the commit's
+    /// epoch either by accepting it or by accepting someone else's commit, which then sits in
+    /// our queue; so: accepted iff the hub is ahead and no foreign commit from that epoch waits.
+    async fn resolve_unanswered_commits(&mut self) -> Result<()> {
+        let unanswered = self.profile.pending_commits()?;
+        if unanswered.is_empty() {
+            return Ok(());
+        }
+        let queued = self.api.queue(Some(QUEUE_PAGE_MAX)).await?.entries;
+        for (room, epoch) in unanswered {
+            let accepted = match self.api.room(&room).await {
+                Ok(info) => info.epoch > epoch && !has_commit_from(&queued, &room, epoch),
+                Err(e) if e.code() == Some("unknown_room") => false,
+                Err(e) => return Err(e),
+            };
+            tracing::info!(%room, epoch, accepted, "resolved an unanswered commit");
+            self.finish_commit(&room, accepted)?;
+        }
+        Ok(())
+    }
+
+    /// Prepares a retry after a retryable refusal: catch up on `wrong_epoch`, else back off.
+    async fn recover_from(&mut self, e: &ClientError, attempt: u32) -> Result<()> {
+        if e.is_wrong_epoch() {
+            self.catch_up().await.map(drop)
+        } else {
+            tokio::time::sleep(RETRY_BACKOFF * attempt).await;
+            Ok(())
+        }
+    }
+
+    // --- messages -------------------------------------------------------------------------------
+
+    /// Sends a text message to a room (MIMI content in an MLS PrivateMessage).
+    pub async fn send_text(&mut self, room: &RoomId, text: &str) -> Result<SentMessage> {
+        self.require_member(room)?;
+        // A commit of unknown fate would make the message's epoch a guess.
+        self.resolve_unanswered_commits().await?;
+        let room_uri = self.room_uri(room).await?;
+        let content = self.text_content(&room_uri, text);
+        // The id and encoding stay fixed across retries, so receivers can deduplicate.
+        let id = content.message_id();
+        let plaintext = content.encode();
+        let mut attempt = 1;
+        loop {
+            let message = self
+                .profile
+                .transaction(|| self.mls.encrypt(self.profile.conn(), room, &plaintext))?;
+            match self.api.send_message(room, &SendRequest { message }).await {
+                Ok(accepted) => return self.record_sent(room, id, text, &accepted),
+                Err(e) if e.is_retryable() && attempt < MAX_ATTEMPTS => {
+                    tracing::debug!(%room, attempt, "message refused ({e}); retrying");
+                    self.recover_from(&e, attempt).await?;
+                    self.require_member(room)?;
+                    attempt += 1;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Encrypts a text message for the room without sending it, for tools that post it
+    /// themselves (load tests). Needs the room's URI stored, as after creating or joining it.
+    pub fn encrypt_text(&mut self, room: &RoomId, text: &str) -> Result<Vec<u8>> {
+        self.require_member(room)?;
+        let room_uri = self
+            .profile
+            .room(room)?
+            .and_then(|r| r.uri)
+            .ok_or_else(|| ClientError::UnknownRoom(room.clone()))?;
+        let plaintext = self.text_content(&room_uri, text).encode();
+        self.profile
+            .transaction(|| self.mls.encrypt(self.profile.conn(), room, &plaintext))
+    }
+
+    /// MIMI content for a text message from this device's user.
+    fn text_content(&self, room_uri: &str, text: &str) -> MimiContent {
+        MimiContent::text(rand::random(), &self.user().to_uri(), room_uri, text)
+    }
+
+    fn record_sent(
+        &self,
+        room: &RoomId,
+        id: MessageId,
+        text: &str,
+        accepted: &Accepted,
+    ) -> Result<SentMessage> {
+        self.profile.transaction(|| {
+            self.profile.mark_seen(&id)?;
+            self.profile.add_history(&HistoryEntry {
+                room: room.clone(),
+                event: accepted.event,
+                sender: self.user().clone(),
+                id,
+                text: text.to_owned(),
+                ts: accepted.ts,
+            })
+        })?;
+        Ok(SentMessage {
+            id,
+            event: accepted.event,
+            ts: accepted.ts,
+        })
+    }
+
+    /// The room's MIMI URI, asking the hub if we have not stored it yet.
+    async fn room_uri(&mut self, room: &RoomId) -> Result<String> {
+        if let Some(uri) = self.profile.room(room)?.and_then(|r| r.uri) {
+            return Ok(uri);
+        }
+        let info = self.api.room(room).await?;
+        let summary = self.summarise(info)?;
+        self.remember_room(&summary)?;
+        Ok(summary.uri)
+    }
+
+    // --- sync -----------------------------------------------------------------------------------
+
+    /// Processes everything queued for this device and returns what happened. With `wait`, if
+    /// nothing was queued, waits up to that long for a push and processes it too.
+    pub async fn sync(&mut self, wait: Option<Duration>) -> Result<Vec<Event>> {
+        self.resolve_unanswered_commits().await?;
+        let processed = self.drain_queue().await?;
+        if processed == 0 {
+            if let Some(wait) = wait {
+                self.wait_for_entries(wait).await?;
+            }
+        }
+        self.top_up_key_packages_quietly().await;
+        self.take_events()
+    }
+
+    /// Syncs inside another operation; its events wait in the profile for the next `sync`.
+    async fn catch_up(&mut self) -> Result<usize> {
+        self.resolve_unanswered_commits().await?;
+        self.drain_queue().await
+    }
+
+    /// Fetches and processes queue pages until the queue is empty; returns entries processed.
+    async fn drain_queue(&mut self) -> Result<usize> {
+        let mut processed = 0;
+        let mut acked: Option<u64> = None;
+        loop {
+            let entries = self.api.queue(Some(QUEUE_PAGE)).await?.entries;
+            let Some(last) = entries.iter().map(|e| e.seq).max() else {
+                break;
+            };
+            if acked.is_some_and(|acked| last <= acked) {
+                tracing::warn!(last, "server re-sent acknowledged entries; stopping");
+                break;
+            }
+            processed += self.process_entries(entries).await?;
+            self.api.ack(last).await?;
+            acked = Some(last);
+        }
+        Ok(processed)
+    }
+
+    /// Waits for pushed entries until `deadline`, over the WebSocket or, failing that, polling.
+    async fn wait_for_entries(&mut self, wait: Duration) -> Result<()> {
+        let deadline = Instant::now() + wait;
+        match self.api.connect_push().await {
+            Ok(mut push) => {
+                let outcome = self.wait_on_push(&mut push, deadline).await;
+                push.close().await;
+                match outcome {
+                    Ok(_) => return Ok(()),
+                    Err(e @ ClientError::Storage(_)) => return Err(e),
+                    Err(e) => tracing::debug!("push failed ({e}); polling instead"),
+                }
+            }
+            Err(e) => tracing::debug!("push unavailable ({e}); polling instead"),
+        }
+        self.poll_until(deadline).await
+    }
+
+    /// Processes the first pushed entries we have not seen, then whatever else is queued.
+    async fn wait_on_push(&mut self, push: &mut PushConnection, deadline: Instant) -> Result<bool> {
+        loop {
+            let entries = match tokio::time::timeout_at(deadline, push.next_entries()).await {
+                Err(_elapsed) => return Ok(false),
+                Ok(entries) => entries?.ok_or_else(|| {
+                    ClientError::Unreachable("the server closed the push connection".into())
+                })?,
+            };
+            let Some(last) = entries.iter().map(|e| e.seq).max() else {
+                continue;
+            };
+            if self.process_entries(entries).await? > 0 {
+                self.api.ack(last).await?;
+                self.drain_queue().await?;
+                return Ok(true);
+            }
+        }
+    }
+
+    async fn poll_until(&mut self, deadline: Instant) -> Result<()> {
+        while Instant::now() < deadline {
+            tokio::time::sleep_until((Instant::now() + POLL_INTERVAL).min(deadline)).await;
+            if self.drain_queue().await? > 0 {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// Processes entries in `seq` order, skipping those already handled; returns how many were
+    /// new. Only a failure of the profile or the network aborts (nothing past it is marked done).
+    async fn process_entries(&mut self, mut entries: Vec<QueueEntry>) -> Result<usize> {
+        entries.sort_by_key(|e| e.seq);
+        let mut fresh = 0;
+        for entry in entries {
+            if entry.seq <= self.profile.processed_seq()? {
+                continue;
+            }
+            fresh += 1;
+            let room = RoomId::parse(&entry.room_id).ok();
+            let outcome = match &room {
+                None => Err(ClientError::Protocol(format!(
+                    "queue entry {} names a bad room {:?}",
+                    entry.seq, entry.room_id
+                ))),
+                Some(room) => self.process_entry(room, &entry).await,
+            };
+            match outcome {
+                Ok(()) => {}
+                // Not the entry's fault: stop here and retry it on the next sync.
+                Err(e @ (ClientError::Storage(_) | ClientError::Unreachable(_))) => return Err(e),
+                Err(e) => {
+                    tracing::warn!(seq = entry.seq, room = %entry.room_id, "skipping entry: {e}");
+                    let event = Event::Error {
+                        room,
+                        detail: e.to_string(),
+                    };
+                    self.profile.transaction(|| {
+                        self.profile.set_processed_seq(entry.seq)?;
+                        self.profile.push_event(&event)
+                    })?;
+                }
+            }
+        }
+        Ok(fresh)
+    }
+
+    async fn process_entry(&mut self, room: &RoomId, entry: &QueueEntry) -> Result<()> {
+        match entry.kind {
+            EntryKind::Welcome => self.process_welcome(room, entry).await,
+            EntryKind::Commit | EntryKind::Message => self
+                .profile
+                .transaction(|| self.process_group_message(room, entry)),
+        }
+    }
+
+    /// Joins from a Welcome. The hub already lists us, so the room's name and kind are fetched
+    /// first and everything is stored at once.
+    async fn process_welcome(&mut self, room: &RoomId, entry: &QueueEntry) -> Result<()> {
+        let info = match self.api.room(room).await {
+            Ok(info) => Some(info),
+            Err(e @ ClientError::Unreachable(_)) => return Err(e),
+            Err(e) => {
+                tracing::warn!(%room, "cannot fetch the details of a joined room: {e}");
+                None
+            }
+        };
+        self.profile.transaction(|| {
+            let conn = self.profile.conn();
+            let joined = self.mls.join(conn, &entry.data)?;
+            if joined != *room {
+                return Err(ClientError::Protocol(format!(
+                    "Welcome into room {joined} delivered for room {room}"
+                )));
+            }
+            let summary = info.map(|info| self.summarise(info)).transpose()?;
+            if let Some(summary) = &summary {
+                self.remember_room(summary)?;
+            }
+            self.profile
+                .set_room_members(room, &self.mls.member_users(conn, room)?)?;
+            self.profile.push_event(&Event::Joined {
+                room: room.clone(),
+                name: summary.as_ref().and_then(|s| s.name.clone()),
+                kind: summary.map(|s| s.kind),
+            })?;
+            self.profile.set_processed_seq(entry.seq)
+        })?;
+        tracing::info!(%room, "joined room");
+        Ok(())
+    }
+
+    /// Processes a commit or application message (runs inside a transaction).
+    fn process_group_message(&self, room: &RoomId, entry: &QueueEntry) -> Result<()> {
+        let conn = self.profile.conn();
+        let events = match self.mls.process(conn, room, &entry.data)? {
+            Incoming::Application { sender, plaintext } => {
+                self.accept_message(room, entry, &sender, &plaintext)?
+            }
+            Incoming::CommitMerged {
+                added,
+                removed,
+                self_removed,
+            } => self.apply_membership(room, added, removed, self_removed)?,
+            Incoming::Skipped(why) => {
+                tracing::debug!(%room, seq = entry.seq, "skipped: {why}");
+                Vec::new()
+            }
+        };
+        for event in &events {
+            self.profile.push_event(event)?;
+        }
+        self.profile.set_processed_seq(entry.seq)
+    }
+
+    /// Checks a decrypted message's MIMI content, deduplicates it, and files it in history.
+    fn accept_message(
+        &self,
+        room: &RoomId,
+        entry: &QueueEntry,
+        sender: &DeviceUri,
+        plaintext: &[u8],
+    ) -> Result<Vec<Event>> {
+        let content = MimiContent::decode(plaintext)
+            .map_err(|e| ClientError::Protocol(format!("undecodable message content: {e}")))?;
+        let author = content_author(&content, sender)?;
+        let expected_uri = self.profile.room(room)?.and_then(|r| r.uri);
+        if let (Some(expected), Some(claimed)) = (&expected_uri, &content.room_uri) {
+            if expected != claimed {
+                return Err(ClientError::Protocol(format!(
+                    "message for {claimed} delivered in {expected}"
+                )));
+            }
+        }
+        let id = content.message_id();
+        if !self.profile.mark_seen(&id)? {
+            tracing::debug!(%room, %id, "duplicate message dropped");
+            return Ok(Vec::new());
+        }
+        let text = content
+            .text_body()
+            .unwrap_or(UNSUPPORTED_CONTENT)
+            .to_owned();
+        self.profile.add_history(&HistoryEntry {
+            room: room.clone(),
+            event: entry.event,
+            sender: author.clone(),
+            id,
+            text: text.clone(),
+            ts: entry.ts,
+        })?;
+        Ok(vec![Event::Message {
+            room: room.clone(),
+            sender: author,
+            id,
+            text,
+            ts: entry.ts,
+        }])
+    }
+
+    /// Updates the members cache after a merged commit and reports the change.
+    fn apply_membership(
+        &self,
+        room: &RoomId,
+        added: Vec<UserId>,
+        removed: Vec<UserId>,
+        self_removed: bool,
+    ) -> Result<Vec<Event>> {
+        // A foreign commit supersedes any commit of ours from the same epoch.
+        self.profile.clear_pending_commit(room)?;
+        if self_removed {
+            // The record stays, so later use of the room says "not a member", not "unknown".
+            return Ok(vec![Event::Removed { room: room.clone() }]);
+        }
+        let members = self.mls.member_users(self.profile.conn(), room)?;
+        self.profile.set_room_members(room, &members)?;
+        if added.is_empty() && removed.is_empty() {
+            return Ok(Vec::new());
+        }
+        Ok(vec![Event::Members {
+            room: room.clone(),
+            added,
+            removed,
+        }])
+    }
+
+    // --- KeyPackages ----------------------------------------------------------------------------
+
+    /// Uploads `count` one-time KeyPackages and, if asked, a fresh last-resort one.
+    async fn upload_key_packages(&mut self, count: usize, last_resort: bool) -> Result<()> {
+        let (key_packages, last_resort) = self.profile.transaction(|| {
+            let conn = self.profile.conn();
+            let batch = self.mls.key_packages(conn, count)?;
+            let last = last_resort
+                .then(|| self.mls.last_resort_key_package(conn))
+                .transpose()?;
+            Ok((batch, last))
+        })?;
+        let upload = UploadKeyPackages {
+            key_packages,
+            last_resort,
+        };
+        let count = self.api.upload_key_packages(&upload).await?;
+        tracing::debug!(remaining = count.remaining, "KeyPackages uploaded");
+        Ok(())
+    }
+
+    /// Refills the server's KeyPackages when they run low; failures only delay the refill.
+    async fn top_up_key_packages_quietly(&mut self) {
+        if let Err(e) = self.top_up_key_packages().await {
+            tracing::warn!("cannot top up KeyPackages: {e}");
+        }
+    }
+
+    async fn top_up_key_packages(&mut self) -> Result<()> {
+        let count = self.api.key_package_count().await?;
+        let batch = if count.remaining < KEY_PACKAGE_LOW_WATER {
+            KEY_PACKAGE_BATCH
+        } else {
+            0
+        };
+        if batch > 0 || !count.has_last_resort {
+            self.upload_key_packages(batch, !count.has_last_resort)
+                .await?;
+        }
+        Ok(())
+    }
+
+    // --- live push --------------------------------------------------------------------------------
+
+    /// Starts a live session for interactive use: catches up, then opens the push WebSocket.
+    /// The catch-up's events come out of [`Device::take_events`] or the first [`Device::apply`]
+    /// (an empty batch will do).
+    ///
+    /// ```text
+    /// let mut live = device.live().await?;
+    /// device.take_events()?.into_iter().for_each(show);
+    /// loop {
+    ///     tokio::select! {
+    ///         batch = live.recv() => device.apply(&mut live, batch?).await?.into_iter().for_each(show),
+    ///         line = input.next_line() => {
+    ///             device.send_text(&room, &line?).await?;
+    ///             device.take_events()?.into_iter().for_each(show); // from a retry's catch-up
+    ///         }
+    ///     }
+    /// }
+    /// ```
+    pub async fn live(&mut self) -> Result<Live> {
+        self.catch_up().await?;
+        let push = self.api.connect_push().await?;
+        Ok(Live {
+            api: self.api.clone(),
+            push: Some(push),
+        })
+    }
+
+    /// Events not yet handed out: those of catch-ups inside other calls (a retried commit or
+    /// message, `direct_room`, `live`), also from earlier processes on this profile. `sync` and
+    /// `apply` return these too; each event is returned exactly once.
+    pub fn take_events(&mut self) -> Result<Vec<Event>> {
+        self.profile.take_events()
+    }
+
+    /// Processes a batch received by [`Live::recv`], acknowledges it, and returns the events
+    /// (including any left over from earlier internal syncs).
+    pub async fn apply(&mut self, live: &mut Live, entries: Vec<QueueEntry>) -> Result<Vec<Event>> {
+        let last = entries.iter().map(|e| e.seq).max();
+        let joined_any = entries.iter().any(|e| e.kind == EntryKind::Welcome);
+        self.process_entries(entries).await?;
+        if let Some(last) = last {
+            live.ack(last).await;
+        }
+        if joined_any {
+            self.top_up_key_packages_quietly().await;
+        }
+        self.take_events()
+    }
+}
+
+/// A push session from [`Device::live`]; reconnects by itself when the server drops it.
+pub struct Live {
+    api: ApiClient,
+    push: Option<PushConnection>,
+}
+
+impl std::fmt::Debug for Live {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Live")
+            .field("connected", &self.push.is_some())
+            .finish()
+    }
+}
+
+impl Live {
+    /// Waits for the next batch of pushed entries; hand it to [`Device::apply`].
+    /// Cancellation-safe, so it can be one branch of a `tokio::select!`.
+    pub async fn recv(&mut self) -> Result<Vec<QueueEntry>> {
+        let mut failures = 0;
+        loop {
+            if self.push.is_none() {
+                self.push = Some(self.reconnect(&mut failures).await?);
+            }
+            let Some(push) = self.push.as_mut() else {
+                continue;
+            };
+            match push.next_entries().await {
+                Ok(Some(entries)) if !entries.is_empty() => return Ok(entries),
+                Ok(Some(_)) => {}
+                Ok(None) => {
+                    tracing::debug!("push connection closed; reconnecting");
+                    self.push = None;
+                }
+                Err(e) => {
+                    tracing::debug!("push connection failed ({e}); reconnecting");
+                    self.push = None;
+                }
+            }
+        }
+    }
+
+    async fn reconnect(&self, failures: &mut u32) -> Result<PushConnection> {
+        loop {
+            match self.api.connect_push().await {
+                Ok(push) => return Ok(push),
+                Err(e) if *failures + 1 >= LIVE_RECONNECTS => return Err(e),
+                Err(e) => {
+                    *failures += 1;
+                    tracing::debug!(failures = *failures, "reconnect failed: {e}");
+                    tokio::time::sleep(POLL_INTERVAL * 2u32.pow(*failures)).await;
+                }
+            }
+        }
+    }
+
+    /// Acknowledges over the WebSocket, falling back to HTTP; an unacknowledged entry is only
+    /// re-delivered (and then skipped), so failure here is harmless.
+    async fn ack(&mut self, up_to: u64) {
+        if let Some(push) = &mut self.push {
+            if push.ack(up_to).await.is_ok() {
+                return;
+            }
+        }
+        if let Err(e) = self.api.ack(up_to).await {
+            tracing::debug!("ack failed: {e}");
+        }
+    }
+
+    /// Closes the push connection.
+    pub async fn close(mut self) {
+        if let Some(push) = self.push.take() {
+            push.close().await;
+        }
+    }
+}
+
+/// The user who wrote a message: `senderUri` must name the user whose device sent it.
+fn content_author(content: &MimiContent, sender: &DeviceUri) -> Result<UserId> {
+    let claimed = content
+        .sender_uri
+        .as_deref()
+        .ok_or_else(|| ClientError::Protocol("message content has no senderUri".into()))?;
+    let claimed = UserId::parse(claimed)
+        .map_err(|e| ClientError::Protocol(format!("message content senderUri: {e}")))?;
+    if claimed != sender.user {
+        return Err(ClientError::Protocol(format!(
+            "message claims to be from {claimed} but was sent by a device of {}",
+            sender.user
+        )));
+    }
+    Ok(claimed)
+}
+
+/// Whether `entries` hold a commit of `room` made in `epoch`.
+fn has_commit_from(entries: &[QueueEntry], room: &RoomId, epoch: u64) -> bool {
+    entries.iter().any(|e| {
+        e.kind == EntryKind::Commit
+            && e.room_id == room.as_str()
+            && mls::message_epoch(&e.data) == Some(epoch)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use parley_proto::content::{NestedPart, PartBody};
+
+    fn alice_device() -> DeviceUri {
+        DeviceUri::parse("mimi://chirp.test/d/alice/0102030405060708").unwrap()
+    }
+
+    const ROOM_URI: &str = "mimi://chirp.test/r/00112233445566778899aabbccddeeff";
+
+    #[test]
+    fn events_serialise_as_documented() {
+        let room = RoomId::parse("00112233445566778899aabbccddeeff").unwrap();
+        let event = Event::Message {
+            room: room.clone(),
+            sender: UserId::parse("alice@chirp.test").unwrap(),
+            id: MessageId([0xab; 32]),
+            text: "hi".into(),
+            ts: 5,
+        };
+        let json = serde_json::to_string(&event).unwrap();
+        assert_eq!(
+            json,
+            format!(
+                r#"{{"type":"message","room":"{room}","sender":"alice@chirp.test","id":"{}","text":"hi","ts":5}}"#,
+                "ab".repeat(32)
+            )
+        );
+        let joined = Event::Joined {
+            room: room.clone(),
+            name: Some("team".into()),
+            kind: Some(RoomKind::Group),
+        };
+        assert_eq!(
+            serde_json::to_string(&joined).unwrap(),
+            format!(r#"{{"type":"joined","room":"{room}","name":"team","kind":"group"}}"#)
+        );
+        let members = Event::Members {
+            room: room.clone(),
+            added: vec![UserId::parse("bob@wave.test").unwrap()],
+            removed: vec![],
+        };
+        assert_eq!(
+            serde_json::to_string(&members).unwrap(),
+            format!(
+                r#"{{"type":"members","room":"{room}","added":["bob@wave.test"],"removed":[]}}"#
+            )
+        );
+        let error = Event::Error {
+            room: None,
+            detail: "x".into(),
+        };
+        assert_eq!(
+            serde_json::to_string(&error).unwrap(),
+            r#"{"type":"error","room":null,"detail":"x"}"#
+        );
+        assert_eq!(
+            serde_json::to_string(&Event::Removed { room: room.clone() }).unwrap(),
+            format!(r#"{{"type":"removed","room":"{room}"}}"#)
+        );
+        // Events are stored as JSON until handed out, so they must parse back.
+        for e in [event, joined, members, error, Event::Removed { room }] {
+            let json = serde_json::to_string(&e).unwrap();
+            assert_eq!(serde_json::from_str::<Event>(&json).unwrap(), e);
+        }
+        assert!(serde_json::from_str::<Event>(r#"{"type":"removed","room":"nope"}"#).is_err());
+    }
+
+    #[test]
+    fn content_must_name_the_sending_user() {
+        let ok = MimiContent::text([1; 16], "mimi://chirp.test/u/alice", ROOM_URI, "hi");
+        assert_eq!(
+            content_author(&ok, &alice_device()).unwrap(),
+            UserId::parse("alice@chirp.test").unwrap()
+        );
+        let forged = MimiContent::text([1; 16], "mimi://chirp.test/u/mallory", ROOM_URI, "hi");
+        assert!(content_author(&forged, &alice_device()).is_err());
+        let mut anonymous = ok.clone();
+        anonymous.sender_uri = None;
+        assert!(content_author(&anonymous, &alice_device()).is_err());
+        let mut non_text = ok;
+        non_text.part = NestedPart {
+            body: PartBody::Null,
+            ..non_text.part
+        };
+        assert_eq!(non_text.text_body(), None);
+    }
+
+    /// `Device` must be usable from spawned tokio tasks.
+    #[allow(dead_code)]
+    fn device_futures_are_send(device: &mut Device, live: &mut Live, room: &RoomId, user: &UserId) {
+        fn send<T: Send>(_: T) {}
+        send(device.sync(None));
+        send(device.send_text(room, "x"));
+        send(device.create_room(None, &[]));
+        send(device.direct_room(user));
+        send(device.add_member(room, user));
+        send(device.remove_member(room, user));
+        send(device.rooms());
+        send(device.live());
+        send(live.recv());
+        send(device.apply(live, Vec::new()));
+        send(Device::register(Path::new("."), "", user, None, None, None));
+        send(Device::login(Path::new("."), "", user, "", None));
+    }
+}
