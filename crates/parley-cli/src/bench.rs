@@ -68,7 +68,10 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         None => {
             let mut config = ServerConfig {
                 listen: "127.0.0.1:0".parse()?,
-                data: args.data.clone().unwrap_or_else(|| tmp.path().join("server")),
+                data: args
+                    .data
+                    .clone()
+                    .unwrap_or_else(|| tmp.path().join("server")),
                 ..Default::default()
             };
             config.add_domain("bench.test");
@@ -80,16 +83,29 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             (Some(server), url)
         }
     };
-    let domain = if args.server.is_some() { "localhost" } else { "bench.test" };
+    let domain = if args.server.is_some() {
+        "localhost"
+    } else {
+        "bench.test"
+    };
     eprintln!("setting up {} pairs on {url} ...", args.pairs);
     let (lanes, receivers) = setup(&args, &url, domain, tmp.path()).await?;
     let timings = Arc::new(Timings::default());
     let received = Arc::new(AtomicU64::new(0));
     let mut listeners = Vec::new();
     for (lane, push) in receivers.into_iter().enumerate() {
-        listeners.push(tokio::spawn(receive(lane, push, timings.clone(), received.clone())));
+        listeners.push(tokio::spawn(receive(
+            lane,
+            push,
+            timings.clone(),
+            received.clone(),
+        )));
     }
-    eprintln!("sending {} messages ({}) ...", args.messages, rate_label(args.rate));
+    eprintln!(
+        "sending {} messages ({}) ...",
+        args.messages,
+        rate_label(args.rate)
+    );
     let started = Instant::now();
     send_all(&args, Arc::new(lanes), timings.clone()).await?;
     let sent_done = started.elapsed();
@@ -130,8 +146,17 @@ async fn setup(
         let sender_id = UserId::parse(&format!("s{run_id}-{i}@{domain}"))?;
         let receiver_id = UserId::parse(&format!("r{run_id}-{i}@{domain}"))?;
         let pw = Some("bench-password");
-        let mut sender = Device::register(&dir.join(format!("s{i}")), url, &sender_id, pw, None, None).await?;
-        let mut receiver = Device::register(&dir.join(format!("r{i}")), url, &receiver_id, pw, None, None).await?;
+        let mut sender =
+            Device::register(&dir.join(format!("s{i}")), url, &sender_id, pw, None, None).await?;
+        let mut receiver = Device::register(
+            &dir.join(format!("r{i}")),
+            url,
+            &receiver_id,
+            pw,
+            None,
+            None,
+        )
+        .await?;
         let room = sender.direct_room(&receiver_id).await?;
         receiver.sync(None).await?;
         let message = sender.encrypt_text(&room, &payload)?;
@@ -153,7 +178,9 @@ async fn receive(
 ) {
     while let Ok(Some(entries)) = push.next_entries().await {
         let now = Instant::now();
-        let Some(last) = entries.last().map(|e| e.seq) else { continue };
+        let Some(last) = entries.last().map(|e| e.seq) else {
+            continue;
+        };
         if let Ok(mut map) = timings.delivered.lock() {
             for e in &entries {
                 if map.insert((lane, e.event), now).is_none() {
@@ -167,7 +194,11 @@ async fn receive(
     }
 }
 
-async fn send_all(args: &BenchArgs, lanes: Arc<Vec<Lane>>, timings: Arc<Timings>) -> anyhow::Result<()> {
+async fn send_all(
+    args: &BenchArgs,
+    lanes: Arc<Vec<Lane>>,
+    timings: Arc<Timings>,
+) -> anyhow::Result<()> {
     let next = Arc::new(AtomicU64::new(0));
     let start = Instant::now();
     let mut workers = Vec::new();
@@ -208,9 +239,20 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[idx.min(sorted.len() - 1)]
 }
 
-fn report(args: &BenchArgs, timings: &Timings, sent_done: Duration, all_done: Duration) -> anyhow::Result<()> {
-    let sent = timings.sent.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
-    let delivered = timings.delivered.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
+fn report(
+    args: &BenchArgs,
+    timings: &Timings,
+    sent_done: Duration,
+    all_done: Duration,
+) -> anyhow::Result<()> {
+    let sent = timings
+        .sent
+        .lock()
+        .map_err(|_| anyhow::anyhow!("poisoned"))?;
+    let delivered = timings
+        .delivered
+        .lock()
+        .map_err(|_| anyhow::anyhow!("poisoned"))?;
     let mut latencies: Vec<Duration> = sent
         .iter()
         .filter_map(|(k, t0)| delivered.get(k).map(|t1| t1.saturating_duration_since(*t0)))
@@ -219,7 +261,10 @@ fn report(args: &BenchArgs, timings: &Timings, sent_done: Duration, all_done: Du
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
     println!("pairs            {}", args.pairs);
     println!("offered rate     {}", rate_label(args.rate));
-    println!("messages sent    {} (acked durable by the server)", sent.len());
+    println!(
+        "messages sent    {} (acked durable by the server)",
+        sent.len()
+    );
     println!("messages deliv.  {}", delivered.len());
     println!("send phase       {:.2} s", sent_done.as_secs_f64());
     println!(
@@ -235,7 +280,11 @@ fn report(args: &BenchArgs, timings: &Timings, sent_done: Duration, all_done: Du
         ms(percentile(&latencies, 1.0)),
     );
     if delivered.len() as u64 != args.messages {
-        bail!("only {} of {} messages were delivered", delivered.len(), args.messages);
+        bail!(
+            "only {} of {} messages were delivered",
+            delivered.len(),
+            args.messages
+        );
     }
     Ok(())
 }

@@ -67,7 +67,8 @@ fn default_profile() -> anyhow::Result<PathBuf> {
     if let Some(dir) = std::env::var_os("XDG_DATA_HOME").filter(|d| !d.is_empty()) {
         return Ok(PathBuf::from(dir).join("parley"));
     }
-    let home = std::env::var_os("HOME").ok_or_else(|| anyhow!("no --profile, $PARLEY_PROFILE or $HOME"))?;
+    let home = std::env::var_os("HOME")
+        .ok_or_else(|| anyhow!("no --profile, $PARLEY_PROFILE or $HOME"))?;
     let base = if cfg!(target_os = "macos") {
         PathBuf::from(home).join("Library/Application Support")
     } else {
@@ -92,7 +93,10 @@ impl Client {
             None => default_profile()?,
         };
         let ca = match &opts.ca_cert {
-            Some(path) => Some(std::fs::read(path).with_context(|| format!("cannot read CA certificate {}", path.display()))?),
+            Some(path) => Some(
+                std::fs::read(path)
+                    .with_context(|| format!("cannot read CA certificate {}", path.display()))?,
+            ),
             None => None,
         };
         Ok(Self { profile, ca })
@@ -105,7 +109,12 @@ impl Client {
 
     pub async fn account(&self, cmd: AccountCommand) -> anyhow::Result<()> {
         match cmd {
-            AccountCommand::Register { user, server, password, invite } => {
+            AccountCommand::Register {
+                user,
+                server,
+                password,
+                invite,
+            } => {
                 let user = parse_user(&user)?;
                 let device = Device::register(
                     &self.profile,
@@ -116,17 +125,35 @@ impl Client {
                     self.ca.as_deref(),
                 )
                 .await?;
-                println!("registered {} (device {})", device.user(), device.device_id());
+                println!(
+                    "registered {} (device {})",
+                    device.user(),
+                    device.device_id()
+                );
             }
-            AccountCommand::Login { user, server, password } => {
+            AccountCommand::Login {
+                user,
+                server,
+                password,
+            } => {
                 let user = parse_user(&user)?;
-                let device = Device::login(&self.profile, &server, &user, &password, self.ca.as_deref()).await?;
-                println!("logged in {} (new device {})", device.user(), device.device_id());
+                let device =
+                    Device::login(&self.profile, &server, &user, &password, self.ca.as_deref())
+                        .await?;
+                println!(
+                    "logged in {} (new device {})",
+                    device.user(),
+                    device.device_id()
+                );
             }
             AccountCommand::Devices => {
                 let device = self.open()?;
                 for d in device.api().devices().await? {
-                    let me = if d.device_id == device.device_id().as_str() { " (this device)" } else { "" };
+                    let me = if d.device_id == device.device_id().as_str() {
+                        " (this device)"
+                    } else {
+                        ""
+                    };
                     println!("{}  {}{me}", d.device_id, d.name);
                 }
             }
@@ -138,7 +165,10 @@ impl Client {
         let mut device = self.open()?;
         match cmd {
             RoomCommand::Create { name, members } => {
-                let members = members.iter().map(|m| parse_user(m)).collect::<Result<Vec<_>, _>>()?;
+                let members = members
+                    .iter()
+                    .map(|m| parse_user(m))
+                    .collect::<Result<Vec<_>, _>>()?;
                 let room = device.create_room(name.as_deref(), &members).await?;
                 println!("{room}");
             }
@@ -197,7 +227,10 @@ impl Client {
     pub async fn chat(&self, room: &str) -> anyhow::Result<()> {
         let mut device = self.open()?;
         let room = resolve_room(&mut device, room).await?;
-        println!("chatting in {room} as {} — type a message and Enter; /quit or Ctrl-D to leave", device.user());
+        println!(
+            "chatting in {room} as {} — type a message and Enter; /quit or Ctrl-D to leave",
+            device.user()
+        );
         for h in device.history(&room, 20)? {
             println!("{}: {}", h.sender, h.text);
         }
@@ -251,12 +284,27 @@ async fn resolve_room(device: &mut Device, room: &str) -> anyhow::Result<RoomId>
 
 fn describe(event: &Event) -> String {
     match event {
-        Event::Message { room, sender, text, .. } => format!("[{}] {sender}: {text}", short(room)),
+        Event::Message {
+            room, sender, text, ..
+        } => format!("[{}] {sender}: {text}", short(room)),
         Event::Joined { room, name, .. } => {
-            format!("[{}] joined room {}", short(room), name.as_deref().unwrap_or("(unnamed)"))
+            format!(
+                "[{}] joined room {}",
+                short(room),
+                name.as_deref().unwrap_or("(unnamed)")
+            )
         }
-        Event::Members { room, added, removed } => {
-            let list = |v: &[UserId]| v.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ");
+        Event::Members {
+            room,
+            added,
+            removed,
+        } => {
+            let list = |v: &[UserId]| {
+                v.iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
             let mut parts = Vec::new();
             if !added.is_empty() {
                 parts.push(format!("added {}", list(added)));
@@ -276,7 +324,12 @@ fn describe(event: &Event) -> String {
 
 fn show_in_chat(room: &RoomId, event: &Event) {
     match event {
-        Event::Message { room: r, sender, text, .. } if r == room => println!("{sender}: {text}"),
+        Event::Message {
+            room: r,
+            sender,
+            text,
+            ..
+        } if r == room => println!("{sender}: {text}"),
         other => println!("{}", describe(other)),
     }
 }

@@ -24,15 +24,24 @@ impl Person {
         let mut texts = Vec::new();
         for event in self.device.sync(None).await? {
             match &event {
-                Event::Message { room: r, sender, text, .. } if r == room => {
+                Event::Message {
+                    room: r,
+                    sender,
+                    text,
+                    ..
+                } if r == room => {
                     println!("    {:<7} sees  {sender}: {text}", self.name);
                     texts.push(text.clone());
                 }
                 Event::Joined { room: r, .. } if r == room => {
                     println!("    {:<7} joined the room (MLS Welcome)", self.name)
                 }
-                Event::Removed { room: r } if r == room => println!("    {:<7} was removed from the room", self.name),
-                Event::Error { detail, .. } => bail!("{} could not process an entry: {detail}", self.name),
+                Event::Removed { room: r } if r == room => {
+                    println!("    {:<7} was removed from the room", self.name)
+                }
+                Event::Error { detail, .. } => {
+                    bail!("{} could not process an entry: {detail}", self.name)
+                }
                 _ => {}
             }
         }
@@ -65,7 +74,9 @@ pub async fn run() -> anyhow::Result<()> {
     config.add_domain("wave.test");
     let server = Server::start(config).await?;
     let url = server.url();
-    println!("Parley demo: one provider at {url} hosting chirp.test and wave.test (data: SQLite, WAL)");
+    println!(
+        "Parley demo: one provider at {url} hosting chirp.test and wave.test (data: SQLite, WAL)"
+    );
 
     let mut people = Vec::new();
     for (name, user) in [
@@ -75,25 +86,55 @@ pub async fn run() -> anyhow::Result<()> {
         ("dave", "dave@wave.test"),
     ] {
         let user = UserId::parse(user)?;
-        let device = Device::register(&dir.path().join(name), &url, &user, Some("demo-password"), None, None).await?;
-        println!("registered {user} (device {}, own MLS signature key)", device.device_id());
+        let device = Device::register(
+            &dir.path().join(name),
+            &url,
+            &user,
+            Some("demo-password"),
+            None,
+            None,
+        )
+        .await?;
+        println!(
+            "registered {user} (device {}, own MLS signature key)",
+            device.device_id()
+        );
         people.push(Person { name, device });
     }
-    let [mut alice, mut bob, mut carol, mut dave]: [Person; 4] =
-        people.try_into().map_err(|_| anyhow::anyhow!("four people"))?;
+    let [mut alice, mut bob, mut carol, mut dave]: [Person; 4] = people
+        .try_into()
+        .map_err(|_| anyhow::anyhow!("four people"))?;
 
     println!("\n1:1 across domains: alice@chirp.test <-> bob@wave.test");
     let direct = alice.device.direct_room(&bob.id()).await?;
-    alice.say(&direct, "Hi Bob! This is end-to-end encrypted with MLS.").await?;
-    expect("bob", &bob.read(&direct).await?, &["Hi Bob! This is end-to-end encrypted with MLS."])?;
-    bob.say(&direct, "Hi Alice, the server only ever saw ciphertext.").await?;
-    expect("alice", &alice.read(&direct).await?, &["Hi Alice, the server only ever saw ciphertext."])?;
+    alice
+        .say(&direct, "Hi Bob! This is end-to-end encrypted with MLS.")
+        .await?;
+    expect(
+        "bob",
+        &bob.read(&direct).await?,
+        &["Hi Bob! This is end-to-end encrypted with MLS."],
+    )?;
+    bob.say(&direct, "Hi Alice, the server only ever saw ciphertext.")
+        .await?;
+    expect(
+        "alice",
+        &alice.read(&direct).await?,
+        &["Hi Alice, the server only ever saw ciphertext."],
+    )?;
 
     println!("\nGroup \"team\": alice creates it with bob and carol");
-    let team = alice.device.create_room(Some("team"), &[bob.id(), carol.id()]).await?;
+    let team = alice
+        .device
+        .create_room(Some("team"), &[bob.id(), carol.id()])
+        .await?;
     alice.say(&team, "Welcome to the team room.").await?;
     for p in [&mut bob, &mut carol] {
-        expect(p.name, &p.read(&team).await?, &["Welcome to the team room."])?;
+        expect(
+            p.name,
+            &p.read(&team).await?,
+            &["Welcome to the team room."],
+        )?;
     }
     println!("  carol adds dave");
     carol.device.add_member(&team, &dave.id()).await?;
@@ -105,9 +146,15 @@ pub async fn run() -> anyhow::Result<()> {
     println!("  alice removes bob");
     alice.device.remove_member(&team, &bob.id()).await?;
     bob.read(&team).await?;
-    alice.say(&team, "Bob has left; he cannot read this.").await?;
+    alice
+        .say(&team, "Bob has left; he cannot read this.")
+        .await?;
     for p in [&mut carol, &mut dave] {
-        expect(p.name, &p.read(&team).await?, &["Bob has left; he cannot read this."])?;
+        expect(
+            p.name,
+            &p.read(&team).await?,
+            &["Bob has left; he cannot read this."],
+        )?;
     }
     let bob_after = bob.read(&team).await?;
     expect("bob (removed)", &bob_after, &[])?;
@@ -127,6 +174,9 @@ pub async fn run() -> anyhow::Result<()> {
         }
     }
     server.shutdown().await;
-    println!("\ndemo finished in {:.1} s", started.elapsed().as_secs_f64());
+    println!(
+        "\ndemo finished in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
     Ok(())
 }

@@ -63,7 +63,10 @@ enum Command {
 fn init_logs(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
 }
 
 async fn dispatch(cli: Cli) -> anyhow::Result<()> {
@@ -89,7 +92,10 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             init_logs("warn");
             client()?.room(cmd).await
         }
-        Command::Send { ref target, ref text } => {
+        Command::Send {
+            ref target,
+            ref text,
+        } => {
             init_logs("warn");
             client()?.send(target, text).await
         }

@@ -18,7 +18,15 @@ struct ServerProcess {
 impl ServerProcess {
     fn start(data: &Path, listen: &str) -> Self {
         let mut child = Command::new(BIN)
-            .args(["serve", "--domain", "chirp.test", "--domain", "wave.test", "--listen", listen])
+            .args([
+                "serve",
+                "--domain",
+                "chirp.test",
+                "--domain",
+                "wave.test",
+                "--listen",
+                listen,
+            ])
             .arg("--data")
             .arg(data)
             .env("RUST_LOG", "warn")
@@ -113,7 +121,12 @@ fn messages(events: &[Value]) -> Vec<(String, String)> {
     events
         .iter()
         .filter(|e| e["type"] == "message")
-        .map(|e| (e["sender"].as_str().unwrap().to_owned(), e["text"].as_str().unwrap().to_owned()))
+        .map(|e| {
+            (
+                e["sender"].as_str().unwrap().to_owned(),
+                e["text"].as_str().unwrap().to_owned(),
+            )
+        })
         .collect()
 }
 
@@ -126,11 +139,53 @@ struct Users {
 
 fn register_users(server: &ServerProcess) -> Users {
     let dir = tempfile::tempdir().unwrap();
-    let (alice, bob, carol) = (dir.path().join("alice"), dir.path().join("bob"), dir.path().join("carol"));
-    ok(&alice, &["account", "register", "alice@chirp.test", "--server", &server.url, "--password", "alice-secret"]);
-    ok(&bob, &["account", "register", "bob@wave.test", "--server", &server.url, "--password", "bob-secret"]);
-    ok(&carol, &["account", "register", "carol@chirp.test", "--server", &server.url, "--password", "carol-secret"]);
-    Users { _dir: dir, alice, bob, carol }
+    let (alice, bob, carol) = (
+        dir.path().join("alice"),
+        dir.path().join("bob"),
+        dir.path().join("carol"),
+    );
+    ok(
+        &alice,
+        &[
+            "account",
+            "register",
+            "alice@chirp.test",
+            "--server",
+            &server.url,
+            "--password",
+            "alice-secret",
+        ],
+    );
+    ok(
+        &bob,
+        &[
+            "account",
+            "register",
+            "bob@wave.test",
+            "--server",
+            &server.url,
+            "--password",
+            "bob-secret",
+        ],
+    );
+    ok(
+        &carol,
+        &[
+            "account",
+            "register",
+            "carol@chirp.test",
+            "--server",
+            &server.url,
+            "--password",
+            "carol-secret",
+        ],
+    );
+    Users {
+        _dir: dir,
+        alice,
+        bob,
+        carol,
+    }
 }
 
 #[test]
@@ -142,38 +197,71 @@ fn documented_cli_scenario_across_two_domains() {
     // 1:1 across domains, by user address.
     ok(&u.alice, &["send", "bob@wave.test", "hello bob"]);
     let events = sync_json(&u.bob);
-    assert_eq!(messages(&events), vec![("alice@chirp.test".into(), "hello bob".into())]);
+    assert_eq!(
+        messages(&events),
+        vec![("alice@chirp.test".into(), "hello bob".into())]
+    );
     let m = events.iter().find(|e| e["type"] == "message").unwrap();
-    assert_eq!(m["id"].as_str().unwrap().len(), 64, "MessageId is 32 bytes hex");
+    assert_eq!(
+        m["id"].as_str().unwrap().len(),
+        64,
+        "MessageId is 32 bytes hex"
+    );
     assert!(m["ts"].as_u64().unwrap() > 0 && m["room"].as_str().unwrap().len() == 32);
     ok(&u.bob, &["send", "alice@chirp.test", "hi alice"]);
-    assert_eq!(messages(&sync_json(&u.alice)), vec![("bob@wave.test".into(), "hi alice".into())]);
+    assert_eq!(
+        messages(&sync_json(&u.alice)),
+        vec![("bob@wave.test".into(), "hi alice".into())]
+    );
     // Nothing twice.
     assert!(messages(&sync_json(&u.bob)).is_empty());
 
     // A group: create prints the room id last; add, send, remove.
-    let created = ok(&u.alice, &["room", "create", "--name", "team", "bob@wave.test"]);
+    let created = ok(
+        &u.alice,
+        &["room", "create", "--name", "team", "bob@wave.test"],
+    );
     let room = created.lines().last().unwrap().trim().to_owned();
     assert_eq!(room.len(), 32, "{created}");
     ok(&u.alice, &["room", "add", &room, "carol@chirp.test"]);
     ok(&u.alice, &["send", &room, "hello team"]);
     for p in [&u.bob, &u.carol] {
-        assert_eq!(messages(&sync_json(p)), vec![("alice@chirp.test".into(), "hello team".into())]);
+        assert_eq!(
+            messages(&sync_json(p)),
+            vec![("alice@chirp.test".into(), "hello team".into())]
+        );
     }
     let list = ok(&u.carol, &["room", "list"]);
-    assert!(list.contains(&room) && list.contains("team") && list.contains("bob@wave.test"), "{list}");
+    assert!(
+        list.contains(&room) && list.contains("team") && list.contains("bob@wave.test"),
+        "{list}"
+    );
     ok(&u.alice, &["room", "remove", &room, "bob@wave.test"]);
     ok(&u.carol, &["send", "team", "bob is gone"]); // a room by name
-    assert_eq!(messages(&sync_json(&u.alice)), vec![("carol@chirp.test".into(), "bob is gone".into())]);
-    assert!(messages(&sync_json(&u.bob)).is_empty(), "a removed member reads nothing new");
+    assert_eq!(
+        messages(&sync_json(&u.alice)),
+        vec![("carol@chirp.test".into(), "bob is gone".into())]
+    );
+    assert!(
+        messages(&sync_json(&u.bob)).is_empty(),
+        "a removed member reads nothing new"
+    );
 
     // sync --wait waits for something to arrive.
     let bob = u.bob.clone();
     let waiter = std::thread::spawn(move || ok(&bob, &["sync", "--wait", "20", "--json"]));
     std::thread::sleep(Duration::from_millis(700));
     ok(&u.alice, &["send", "bob@wave.test", "are you there?"]);
-    let waited: Vec<Value> = waiter.join().unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
-    assert_eq!(messages(&waited), vec![("alice@chirp.test".into(), "are you there?".into())]);
+    let waited: Vec<Value> = waiter
+        .join()
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(
+        messages(&waited),
+        vec![("alice@chirp.test".into(), "are you there?".into())]
+    );
 
     // Errors: one clear line, non-zero exit.
     let line = fails(&u.alice, &["send", "nobody@chirp.test", "hi"]);
@@ -181,18 +269,37 @@ fn documented_cli_scenario_across_two_domains() {
     let dir = tempfile::tempdir().unwrap();
     let line = fails(
         &dir.path().join("x"),
-        &["account", "login", "alice@chirp.test", "--server", &server.url, "--password", "wrong-password"],
+        &[
+            "account",
+            "login",
+            "alice@chirp.test",
+            "--server",
+            &server.url,
+            "--password",
+            "wrong-password",
+        ],
     );
     assert!(line.to_lowercase().contains("password"), "{line}");
     let line = fails(
         &dir.path().join("y"),
-        &["account", "register", "zed@chirp.test", "--server", "http://127.0.0.1:9", "--password", "zed-secret"],
+        &[
+            "account",
+            "register",
+            "zed@chirp.test",
+            "--server",
+            "http://127.0.0.1:9",
+            "--password",
+            "zed-secret",
+        ],
     );
     assert!(line.contains("cannot reach"), "{line}");
     let line = fails(&u.bob, &["send", &room, "let me back in"]);
     assert!(line.contains("member") || line.contains("room"), "{line}");
     let line = fails(&dir.path().join("nobody"), &["sync"]);
-    assert!(line.contains("profile") || line.contains("register"), "{line}");
+    assert!(
+        line.contains("profile") || line.contains("register"),
+        "{line}"
+    );
     server.terminate();
 }
 
@@ -229,7 +336,10 @@ fn kill_9_and_restart_lose_nothing_acknowledged() {
     }
 
     let server = ServerProcess::start(data.path(), &listen);
-    let got: Vec<String> = messages(&sync_json(&u.bob)).into_iter().map(|(_, t)| t).collect();
+    let got: Vec<String> = messages(&sync_json(&u.bob))
+        .into_iter()
+        .map(|(_, t)| t)
+        .collect();
     let want: Vec<String> = (0..20).map(secret).collect();
     assert_eq!(got, want, "all 20 acknowledged messages, once, in order");
     drop(server);

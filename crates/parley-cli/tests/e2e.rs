@@ -20,9 +20,16 @@ async fn server(dir: &Path) -> Server {
 
 async fn register(dir: &Path, server: &Server, user: &str) -> Device {
     let user = UserId::parse(user).unwrap();
-    Device::register(&dir.join(user.to_string()), &server.url(), &user, Some("password-123"), None, None)
-        .await
-        .unwrap()
+    Device::register(
+        &dir.join(user.to_string()),
+        &server.url(),
+        &user,
+        Some("password-123"),
+        None,
+        None,
+    )
+    .await
+    .unwrap()
 }
 
 /// Texts of the messages in `room` that a sync returns, in order, with their senders.
@@ -33,15 +40,25 @@ async fn read(device: &mut Device, room: &RoomId) -> Vec<(String, String)> {
         .unwrap()
         .into_iter()
         .filter_map(|e| match e {
-            Event::Message { room: r, sender, text, .. } if &r == room => Some((sender.to_string(), text)),
-            Event::Error { detail, .. } => panic!("{} failed to process an entry: {detail}", device.user()),
+            Event::Message {
+                room: r,
+                sender,
+                text,
+                ..
+            } if &r == room => Some((sender.to_string(), text)),
+            Event::Error { detail, .. } => {
+                panic!("{} failed to process an entry: {detail}", device.user())
+            }
             _ => None,
         })
         .collect()
 }
 
 fn from(sender: &str, texts: &[&str]) -> Vec<(String, String)> {
-    texts.iter().map(|t| (sender.to_owned(), t.to_string())).collect()
+    texts
+        .iter()
+        .map(|t| (sender.to_owned(), t.to_string()))
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -58,9 +75,18 @@ async fn group_of_four_with_add_and_remove() {
         .await
         .unwrap();
     alice.send_text(&room, "one").await.unwrap();
-    assert_eq!(read(&mut bob, &room).await, from("alice@chirp.test", &["one"]));
-    assert_eq!(read(&mut carol, &room).await, from("alice@chirp.test", &["one"]));
-    assert!(read(&mut dave, &room).await.is_empty(), "dave is not a member yet");
+    assert_eq!(
+        read(&mut bob, &room).await,
+        from("alice@chirp.test", &["one"])
+    );
+    assert_eq!(
+        read(&mut carol, &room).await,
+        from("alice@chirp.test", &["one"])
+    );
+    assert!(
+        read(&mut dave, &room).await.is_empty(),
+        "dave is not a member yet"
+    );
 
     // A member other than the creator adds dave; dave joins and talks.
     bob.add_member(&room, dave.user()).await.unwrap();
@@ -69,19 +95,33 @@ async fn group_of_four_with_add_and_remove() {
     for d in [&mut alice, &mut bob, &mut carol] {
         assert_eq!(read(d, &room).await, from("dave@wave.test", &["two"]));
     }
-    let info = alice.rooms().await.unwrap().into_iter().find(|r| r.room == room).unwrap();
+    let info = alice
+        .rooms()
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|r| r.room == room)
+        .unwrap();
     assert_eq!(info.members.len(), 4);
 
     // Remove carol: she sees the removal and cannot read anything after it.
     alice.remove_member(&room, carol.user()).await.unwrap();
     let removed = carol.sync(None).await.unwrap();
-    assert!(removed.iter().any(|e| matches!(e, Event::Removed { room: r } if r == &room)), "{removed:?}");
+    assert!(
+        removed
+            .iter()
+            .any(|e| matches!(e, Event::Removed { room: r } if r == &room)),
+        "{removed:?}"
+    );
     dave.send_text(&room, "three").await.unwrap();
     for d in [&mut alice, &mut bob] {
         assert_eq!(read(d, &room).await, from("dave@wave.test", &["three"]));
     }
     assert!(read(&mut carol, &room).await.is_empty());
-    assert!(carol.send_text(&room, "let me in").await.is_err(), "a removed member cannot send");
+    assert!(
+        carol.send_text(&room, "let me in").await.is_err(),
+        "a removed member cannot send"
+    );
     server.shutdown().await;
 }
 
@@ -92,9 +132,16 @@ async fn offline_device_catches_up_in_order() {
     let mut alice = register(dir.path(), &server, "alice@chirp.test").await;
     let bob_dir = dir.path().join("bob-profile");
     let bob_id = UserId::parse("bob@wave.test").unwrap();
-    let mut bob = Device::register(&bob_dir, &server.url(), &bob_id, Some("password-123"), None, None)
-        .await
-        .unwrap();
+    let bob = Device::register(
+        &bob_dir,
+        &server.url(),
+        &bob_id,
+        Some("password-123"),
+        None,
+        None,
+    )
+    .await
+    .unwrap();
     let room = alice.direct_room(&bob_id).await.unwrap();
     drop(bob); // offline: no process, no connection
     let texts: Vec<String> = (0..40).map(|i| format!("message {i}")).collect();
@@ -103,9 +150,15 @@ async fn offline_device_catches_up_in_order() {
     }
     let mut bob = Device::open(&bob_dir, None).unwrap();
     let got = read(&mut bob, &room).await;
-    let want: Vec<(String, String)> = texts.iter().map(|t| ("alice@chirp.test".to_owned(), t.clone())).collect();
+    let want: Vec<(String, String)> = texts
+        .iter()
+        .map(|t| ("alice@chirp.test".to_owned(), t.clone()))
+        .collect();
     assert_eq!(got, want);
-    assert!(read(&mut bob, &room).await.is_empty(), "acked entries are not delivered again");
+    assert!(
+        read(&mut bob, &room).await.is_empty(),
+        "acked entries are not delivered again"
+    );
     let history = bob.history(&room, 100).unwrap();
     assert_eq!(history.len(), 40);
     server.shutdown().await;
@@ -117,17 +170,39 @@ async fn a_further_device_is_included_in_new_rooms() {
     let server = server(dir.path()).await;
     let mut alice = register(dir.path(), &server, "alice@chirp.test").await;
     let bob_id = UserId::parse("bob@wave.test").unwrap();
-    let _bob1 = Device::register(&dir.path().join("bob1"), &server.url(), &bob_id, Some("password-123"), None, None)
-        .await
-        .unwrap();
-    let mut bob2 = Device::login(&dir.path().join("bob2"), &server.url(), &bob_id, "password-123", None)
-        .await
-        .unwrap();
+    let _bob1 = Device::register(
+        &dir.path().join("bob1"),
+        &server.url(),
+        &bob_id,
+        Some("password-123"),
+        None,
+        None,
+    )
+    .await
+    .unwrap();
+    let mut bob2 = Device::login(
+        &dir.path().join("bob2"),
+        &server.url(),
+        &bob_id,
+        "password-123",
+        None,
+    )
+    .await
+    .unwrap();
     assert_eq!(bob2.api().devices().await.unwrap().len(), 2);
-    let room = alice.create_room(None, &[bob_id.clone()]).await.unwrap();
-    alice.send_text(&room, "to both of bob's devices").await.unwrap();
-    assert_eq!(read(&mut bob2, &room).await, from("alice@chirp.test", &["to both of bob's devices"]));
+    let room = alice.create_room(None, std::slice::from_ref(&bob_id)).await.unwrap();
+    alice
+        .send_text(&room, "to both of bob's devices")
+        .await
+        .unwrap();
+    assert_eq!(
+        read(&mut bob2, &room).await,
+        from("alice@chirp.test", &["to both of bob's devices"])
+    );
     let mut bob1 = Device::open(&dir.path().join("bob1"), None).unwrap();
-    assert_eq!(read(&mut bob1, &room).await, from("alice@chirp.test", &["to both of bob's devices"]));
+    assert_eq!(
+        read(&mut bob1, &room).await,
+        from("alice@chirp.test", &["to both of bob's devices"])
+    );
     server.shutdown().await;
 }

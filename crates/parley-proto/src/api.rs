@@ -16,7 +16,9 @@ pub mod b64 {
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
         let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
-        STANDARD.decode(s.as_bytes()).map_err(serde::de::Error::custom)
+        STANDARD
+            .decode(s.as_bytes())
+            .map_err(serde::de::Error::custom)
     }
 
     /// The same for `Option<Vec<u8>>`.
@@ -32,8 +34,12 @@ pub mod b64 {
 
         pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<u8>>, D::Error> {
             let s = <Option<std::borrow::Cow<'de, str>>>::deserialize(d)?;
-            s.map(|s| STANDARD.decode(s.as_bytes()).map_err(serde::de::Error::custom))
-                .transpose()
+            s.map(|s| {
+                STANDARD
+                    .decode(s.as_bytes())
+                    .map_err(serde::de::Error::custom)
+            })
+            .transpose()
         }
     }
 
@@ -54,7 +60,11 @@ pub mod b64 {
             let items = <Vec<String>>::deserialize(d)?;
             items
                 .iter()
-                .map(|s| STANDARD.decode(s.as_bytes()).map_err(serde::de::Error::custom))
+                .map(|s| {
+                    STANDARD
+                        .decode(s.as_bytes())
+                        .map_err(serde::de::Error::custom)
+                })
                 .collect()
         }
     }
@@ -289,7 +299,10 @@ mod tests {
             ts: 1,
             data: vec![0, 1, 2, 250],
         };
-        let json = serde_json::to_string(&WsFrame::Entries { entries: vec![e.clone()] }).unwrap();
+        let json = serde_json::to_string(&WsFrame::Entries {
+            entries: vec![e.clone()],
+        })
+        .unwrap();
         assert!(json.contains("\"data\":\"AAEC+g==\""), "{json}");
         assert!(json.contains("\"type\":\"entries\""), "{json}");
         let WsFrame::Entries { entries } = serde_json::from_str(&json).unwrap() else {

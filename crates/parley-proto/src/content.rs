@@ -228,12 +228,11 @@ impl MimiContent {
         let Value::Array(items) = value else {
             return Err(ContentError::Schema("content is not an array"));
         };
-        let [salt, replaces, topic, expires, reply, ext, part] =
-            <[Value; 7]>::try_from(items).map_err(|_| ContentError::Schema("content needs 7 items"))?;
+        let [salt, replaces, topic, expires, reply, ext, part] = <[Value; 7]>::try_from(items)
+            .map_err(|_| ContentError::Schema("content needs 7 items"))?;
         let salt = match salt {
-            Value::Bytes(b) => {
-                <[u8; 16]>::try_from(b).map_err(|_| ContentError::Schema("salt must be 16 bytes"))?
-            }
+            Value::Bytes(b) => <[u8; 16]>::try_from(b)
+                .map_err(|_| ContentError::Schema("salt must be 16 bytes"))?,
             _ => return Err(ContentError::Schema("salt must be bytes")),
         };
         let expires = match expires {
@@ -336,7 +335,9 @@ fn encode_part(p: &NestedPart) -> Value {
 fn uint<T: TryFrom<i128>>(v: &Value) -> Result<T, ContentError> {
     v.as_integer()
         .and_then(|i| T::try_from(i128::from(i)).ok())
-        .ok_or(ContentError::Schema("expected an unsigned integer in range"))
+        .ok_or(ContentError::Schema(
+            "expected an unsigned integer in range",
+        ))
 }
 
 fn text_of(v: Value, what: &'static str) -> Result<String, ContentError> {
@@ -361,7 +362,10 @@ fn decode_part(v: Value, depth: usize) -> Result<NestedPart, ContentError> {
         return Err(ContentError::Schema("NestedPart must be an array"));
     };
     let mut it = items.into_iter();
-    let mut next = || it.next().ok_or(ContentError::Schema("NestedPart too short"));
+    let mut next = || {
+        it.next()
+            .ok_or(ContentError::Schema("NestedPart too short"))
+    };
     let disposition = Disposition(uint(&next()?)?);
     let language = text_of(next()?, "language must be text")?;
     let cardinality: u8 = uint(&next()?)?;
@@ -430,7 +434,10 @@ mod tests {
         assert_eq!(id.0[0], 0x01);
         assert_eq!(id, back.message_id());
         // A different salt gives a different id for the same text.
-        assert_ne!(id, MimiContent::text([8; 16], ALICE, ROOM, "hello, wave").message_id());
+        assert_ne!(
+            id,
+            MimiContent::text([8; 16], ALICE, ROOM, "hello, wave").message_id()
+        );
     }
 
     #[test]
@@ -467,7 +474,7 @@ mod tests {
         for bad in [
             &b""[..],
             &[0xff],
-            &[0x80],             // empty array
+            &[0x80],                      // empty array
             &[0x87, 0, 0, 0, 0, 0, 0, 0], // seven integers
         ] {
             assert!(MimiContent::decode(bad).is_err());
@@ -481,8 +488,14 @@ mod tests {
     fn arb_part() -> impl Strategy<Value = NestedPart> {
         let leaf = prop_oneof![
             Just(PartBody::Null),
-            ("[a-z/]{1,20}", proptest::collection::vec(any::<u8>(), 0..64))
-                .prop_map(|(content_type, content)| PartBody::Single { content_type, content }),
+            (
+                "[a-z/]{1,20}",
+                proptest::collection::vec(any::<u8>(), 0..64)
+            )
+                .prop_map(|(content_type, content)| PartBody::Single {
+                    content_type,
+                    content
+                }),
         ];
         let body = leaf.prop_recursive(2, 8, 4, |inner| {
             (0u8..3, proptest::collection::vec(inner, 2..4)).prop_map(|(semantics, bodies)| {
@@ -490,7 +503,11 @@ mod tests {
                     semantics,
                     parts: bodies
                         .into_iter()
-                        .map(|body| NestedPart { disposition: Disposition::RENDER, language: "en".into(), body })
+                        .map(|body| NestedPart {
+                            disposition: Disposition::RENDER,
+                            language: "en".into(),
+                            body,
+                        })
                         .collect(),
                 }
             })

@@ -7,7 +7,9 @@ use std::str::FromStr;
 /// Why an identifier was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum IdError {
-    #[error("invalid domain {0:?}: use 1-253 characters a-z, 0-9, '-' and '.' in non-empty labels")]
+    #[error(
+        "invalid domain {0:?}: use 1-253 characters a-z, 0-9, '-' and '.' in non-empty labels"
+    )]
     Domain(String),
     #[error("invalid handle {0:?}: use 1-32 characters a-z, 0-9, '.', '_' or '-', starting with a letter or digit")]
     Handle(String),
@@ -138,7 +140,9 @@ impl FromStr for UserId {
 }
 
 fn is_lower_hex(s: &str, len: usize) -> bool {
-    s.len() == len && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    s.len() == len
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 /// A device (MIMI "client") of a user: 16 lowercase hex characters chosen by its provider.

@@ -6,7 +6,9 @@ use crate::error::{ServiceError, ServiceResult};
 use crate::limits::RateLimiter;
 use crate::mls::validate_key_package;
 use crate::store::{Store, StoreError};
-use argon2::password_hash::{rand_core::OsRng, PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use argon2::password_hash::{
+    rand_core::OsRng, PasswordHash, PasswordHasher, PasswordVerifier, SaltString,
+};
 use argon2::Argon2;
 use base64::{engine::general_purpose::URL_SAFE_NO_PAD, Engine as _};
 use parley_proto::api::{ClaimResponse, ClaimedKeyPackage, DeviceInfo, KeyPackageCount};
@@ -74,7 +76,10 @@ fn new_device_id() -> DeviceId {
 
 fn check_device_name(name: Option<&str>) -> ServiceResult<String> {
     let name = name.unwrap_or("device");
-    if name.is_empty() || name.chars().count() > MAX_DEVICE_NAME || name.chars().any(char::is_control) {
+    if name.is_empty()
+        || name.chars().count() > MAX_DEVICE_NAME
+        || name.chars().any(char::is_control)
+    {
         return Err(ServiceError::bad(
             "invalid_device_name",
             format!("device names are 1-{MAX_DEVICE_NAME} printable characters"),
@@ -108,7 +113,11 @@ async fn hash_password(password: String) -> ServiceResult<String> {
 async fn verify_password(password: String, hash: String) -> bool {
     tokio::task::spawn_blocking(move || {
         PasswordHash::new(&hash)
-            .map(|parsed| Argon2::default().verify_password(password.as_bytes(), &parsed).is_ok())
+            .map(|parsed| {
+                Argon2::default()
+                    .verify_password(password.as_bytes(), &parsed)
+                    .is_ok()
+            })
             .unwrap_or(false)
     })
     .await
@@ -129,7 +138,8 @@ impl Accounts {
 
     /// Parses a user and checks its domain is one this server hosts.
     pub fn local_user(&self, user: &str) -> ServiceResult<UserId> {
-        let user = UserId::parse(user).map_err(|e| ServiceError::bad("invalid_user", e.to_string()))?;
+        let user =
+            UserId::parse(user).map_err(|e| ServiceError::bad("invalid_user", e.to_string()))?;
         if self.config.domain(user.domain().as_str()).is_none() {
             return Err(ServiceError::not_found(
                 "unknown_domain",
@@ -152,7 +162,9 @@ impl Accounts {
         let name = check_device_name(device_name)?;
         check_signature_key(&signature_key)?;
         if !self.registrations.allow("register") {
-            return Err(ServiceError::RateLimited("too many registrations, try again later".into()));
+            return Err(ServiceError::RateLimited(
+                "too many registrations, try again later".into(),
+            ));
         }
         let policy = self
             .config
@@ -162,11 +174,17 @@ impl Accounts {
             (Registration::InviteOnly, None) => {
                 return Err(ServiceError::forbidden(
                     "invite_required",
-                    format!("{} is invite-only: register with an invite code", user.domain()),
+                    format!(
+                        "{} is invite-only: register with an invite code",
+                        user.domain()
+                    ),
                 ))
             }
             (Registration::InviteOnly, Some(code)) if !policy.invites.contains(&code) => {
-                return Err(ServiceError::forbidden("invalid_invite", "unknown invite code"))
+                return Err(ServiceError::forbidden(
+                    "invalid_invite",
+                    "unknown invite code",
+                ))
             }
             (Registration::InviteOnly, Some(code)) => Some(code),
             (Registration::Open, _) => None,
@@ -187,7 +205,10 @@ impl Accounts {
             token: new_token(),
         };
         let (device, hash) = (session.device.clone(), token_hash(&session.token));
-        let (domain, handle) = (user.domain().as_str().to_owned(), user.handle().as_str().to_owned());
+        let (domain, handle) = (
+            user.domain().as_str().to_owned(),
+            user.handle().as_str().to_owned(),
+        );
         let outcome = self
             .store
             .write(move |c| {
@@ -223,8 +244,14 @@ impl Accounts {
                 tracing::info!(%user, device = %session.device, "registered");
                 Ok(session)
             }
-            Err("user_exists") => Err(ServiceError::conflict("user_exists", format!("{user} is already registered"))),
-            Err(_) => Err(ServiceError::forbidden("invalid_invite", "this invite code was already used")),
+            Err("user_exists") => Err(ServiceError::conflict(
+                "user_exists",
+                format!("{user} is already registered"),
+            )),
+            Err(_) => Err(ServiceError::forbidden(
+                "invalid_invite",
+                "this invite code was already used",
+            )),
         }
     }
 
@@ -240,7 +267,10 @@ impl Accounts {
         let name = check_device_name(device_name)?;
         check_signature_key(&signature_key)?;
         let denied = || ServiceError::Unauthorized("wrong user or password".into());
-        let (domain, handle) = (user.domain().as_str().to_owned(), user.handle().as_str().to_owned());
+        let (domain, handle) = (
+            user.domain().as_str().to_owned(),
+            user.handle().as_str().to_owned(),
+        );
         let (d2, h2) = (domain.clone(), handle.clone());
         let stored: Option<(String, i64)> = self
             .store
@@ -259,7 +289,9 @@ impl Accounts {
         };
         if hash == NO_PASSWORD || !verify_password(password, hash).await {
             if !self.login_failures.allow(&user.to_string()) {
-                return Err(ServiceError::RateLimited("too many failed logins, try again later".into()));
+                return Err(ServiceError::RateLimited(
+                    "too many failed logins, try again later".into(),
+                ));
             }
             return Err(denied());
         }
@@ -302,7 +334,8 @@ impl Accounts {
             row.ok_or_else(|| ServiceError::Unauthorized("unknown or revoked token".into()))?;
         let auth = AuthDevice {
             device: DeviceId::parse(&device).map_err(|e| ServiceError::Internal(e.to_string()))?,
-            user: UserId::parse(&format!("{handle}@{domain}")).map_err(|e| ServiceError::Internal(e.to_string()))?,
+            user: UserId::parse(&format!("{handle}@{domain}"))
+                .map_err(|e| ServiceError::Internal(e.to_string()))?,
         };
         if let Ok(mut cache) = self.tokens.write() {
             cache.insert(hash, auth.clone());
@@ -312,7 +345,10 @@ impl Accounts {
 
     /// `GET /v1/users/{user}/devices` and `GET /v1/devices`.
     pub async fn devices(&self, user: &UserId) -> ServiceResult<Vec<DeviceInfo>> {
-        let (domain, handle) = (user.domain().as_str().to_owned(), user.handle().as_str().to_owned());
+        let (domain, handle) = (
+            user.domain().as_str().to_owned(),
+            user.handle().as_str().to_owned(),
+        );
         let (exists, devices) = self
             .store
             .read(move |c| {
@@ -340,7 +376,10 @@ impl Accounts {
             })
             .await?;
         if !exists {
-            return Err(ServiceError::not_found("unknown_user", format!("no such user {user}")));
+            return Err(ServiceError::not_found(
+                "unknown_user",
+                format!("no such user {user}"),
+            ));
         }
         Ok(devices)
     }
@@ -367,7 +406,8 @@ impl Accounts {
 
     /// `DELETE /v1/devices/{id}`: removes one of the caller's user's devices and revokes its token.
     pub async fn remove_device(&self, caller: &AuthDevice, device: &str) -> ServiceResult<()> {
-        let device = DeviceId::parse(device).map_err(|e| ServiceError::bad("invalid_device", e.to_string()))?;
+        let device = DeviceId::parse(device)
+            .map_err(|e| ServiceError::bad("invalid_device", e.to_string()))?;
         let (domain, handle) = (
             caller.user.domain().as_str().to_owned(),
             caller.user.handle().as_str().to_owned(),
@@ -388,7 +428,10 @@ impl Accounts {
             })
             .await?;
         if !removed {
-            return Err(ServiceError::not_found("unknown_device", format!("{} has no device {device}", caller.user)));
+            return Err(ServiceError::not_found(
+                "unknown_device",
+                format!("{} has no device {device}", caller.user),
+            ));
         }
         if let Ok(mut cache) = self.tokens.write() {
             cache.retain(|_, a| a.device != device);
@@ -407,7 +450,10 @@ impl Accounts {
         if packages.len() > limits.max_key_packages_per_upload {
             return Err(ServiceError::too_large(
                 "too_many_key_packages",
-                format!("at most {} KeyPackages per upload", limits.max_key_packages_per_upload),
+                format!(
+                    "at most {} KeyPackages per upload",
+                    limits.max_key_packages_per_upload
+                ),
             ));
         }
         let registered = self
@@ -459,7 +505,10 @@ impl Accounts {
         stored.ok_or_else(|| {
             ServiceError::too_large(
                 "too_many_key_packages",
-                format!("a device may hold at most {} unused KeyPackages", limits.max_stored_key_packages),
+                format!(
+                    "a device may hold at most {} unused KeyPackages",
+                    limits.max_stored_key_packages
+                ),
             )
         })
     }
@@ -467,7 +516,10 @@ impl Accounts {
     /// `GET /v1/key-packages`.
     pub async fn key_package_count(&self, caller: &AuthDevice) -> ServiceResult<KeyPackageCount> {
         let device = caller.device.as_str().to_owned();
-        Ok(self.store.read(move |c| count_key_packages(c, &device)).await?)
+        Ok(self
+            .store
+            .read(move |c| count_key_packages(c, &device))
+            .await?)
     }
 
     /// `POST /v1/users/{user}/key-packages/claim`: one package per device, each consumed once;
@@ -541,7 +593,10 @@ fn insert_device(
     Ok(())
 }
 
-fn count_key_packages(c: &rusqlite::Connection, device: &str) -> Result<KeyPackageCount, StoreError> {
+fn count_key_packages(
+    c: &rusqlite::Connection,
+    device: &str,
+) -> Result<KeyPackageCount, StoreError> {
     let (remaining, last): (i64, i64) = c.query_row(
         "SELECT COALESCE(SUM(last_resort = 0), 0), COALESCE(SUM(last_resort = 1), 0)
          FROM key_packages WHERE device_id = ?1",

@@ -253,7 +253,11 @@ mod tests {
             listen: "0.0.0.0:8420".parse().unwrap(),
             ..Default::default()
         };
-        assert!(c.validate().unwrap_err().to_string().contains("--insecure-http"));
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("--insecure-http"));
         c.insecure_http = true;
         c.validate().unwrap();
     }

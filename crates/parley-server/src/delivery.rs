@@ -131,7 +131,10 @@ impl PushRegistry {
     }
 
     pub fn connected(&self) -> usize {
-        self.subscribers.lock().map(|s| s.values().map(Vec::len).sum()).unwrap_or(0)
+        self.subscribers
+            .lock()
+            .map(|s| s.values().map(Vec::len).sum())
+            .unwrap_or(0)
     }
 }
 
@@ -150,7 +153,12 @@ impl Delivery {
     }
 
     /// The oldest `limit` entries of a device's queue with `seq > after`.
-    pub async fn page(&self, device: &str, after: u64, limit: usize) -> Result<Vec<QueueEntry>, StoreError> {
+    pub async fn page(
+        &self,
+        device: &str,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<QueueEntry>, StoreError> {
         let device = device.to_owned();
         self.store
             .read(move |c| {

@@ -14,8 +14,8 @@ use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use futures_util::{SinkExt, StreamExt};
 use parley_proto::api::{
-    AckRequest, CommitRequest, CreateRoomRequest, ErrorBody, LoginRequest, QueuePage, RegisterRequest, SendRequest,
-    SessionResponse, UploadKeyPackages, WsFrame,
+    AckRequest, CommitRequest, CreateRoomRequest, ErrorBody, LoginRequest, QueuePage,
+    RegisterRequest, SendRequest, SessionResponse, UploadKeyPackages, WsFrame,
 };
 use parley_proto::UserId;
 use serde::de::DeserializeOwned;
@@ -62,7 +62,9 @@ impl IntoResponse for ApiError {
             ServiceError::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized", false),
             ServiceError::Forbidden { code, .. } => (StatusCode::FORBIDDEN, code, false),
             ServiceError::NotFound { code, .. } => (StatusCode::NOT_FOUND, code, false),
-            ServiceError::Conflict { code, retryable, .. } => (StatusCode::CONFLICT, code, retryable),
+            ServiceError::Conflict {
+                code, retryable, ..
+            } => (StatusCode::CONFLICT, code, retryable),
             ServiceError::TooLarge { code, .. } => (StatusCode::PAYLOAD_TOO_LARGE, code, false),
             ServiceError::RateLimited(_) => (StatusCode::TOO_MANY_REQUESTS, "rate_limited", true),
             ServiceError::Internal(detail) => {
@@ -117,7 +119,10 @@ pub struct Authed(pub AuthDevice);
 impl FromRequestParts<Arc<App>> for Authed {
     type Rejection = ApiError;
 
-    async fn from_request_parts(parts: &mut Parts, app: &Arc<App>) -> Result<Self, Self::Rejection> {
+    async fn from_request_parts(
+        parts: &mut Parts,
+        app: &Arc<App>,
+    ) -> Result<Self, Self::Rejection> {
         let from_header = parts
             .headers
             .get(header::AUTHORIZATION)
@@ -147,9 +152,15 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/sessions", post(login))
         .route("/v1/devices", get(own_devices))
         .route("/v1/devices/{device}", delete(remove_device))
-        .route("/v1/key-packages", post(upload_key_packages).get(count_key_packages))
+        .route(
+            "/v1/key-packages",
+            post(upload_key_packages).get(count_key_packages),
+        )
         .route("/v1/users/{user}/devices", get(user_devices))
-        .route("/v1/users/{user}/key-packages/claim", post(claim_key_packages))
+        .route(
+            "/v1/users/{user}/key-packages/claim",
+            post(claim_key_packages),
+        )
         .route("/v1/rooms", post(create_room).get(list_rooms))
         .route("/v1/rooms/{room}", get(room_info))
         .route("/v1/rooms/{room}/commits", post(commit))
@@ -164,7 +175,12 @@ pub fn router(app: Arc<App>) -> Router {
 }
 
 async fn not_found() -> Response {
-    error_response(StatusCode::NOT_FOUND, "not_found", "no such endpoint".into(), false)
+    error_response(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        "no such endpoint".into(),
+        false,
+    )
 }
 
 async fn method_not_allowed() -> Response {
@@ -198,23 +214,54 @@ async fn metrics(State(app): AppState) -> impl IntoResponse {
 }
 
 /// `POST /v1/accounts`
-async fn register(State(app): AppState, ApiJson(req): ApiJson<RegisterRequest>) -> ApiResult<impl IntoResponse> {
+async fn register(
+    State(app): AppState,
+    ApiJson(req): ApiJson<RegisterRequest>,
+) -> ApiResult<impl IntoResponse> {
     let user = req.user.clone();
     let s = app
         .accounts
-        .register(&req.user, req.password, req.invite, req.device_name.as_deref(), req.signature_key)
+        .register(
+            &req.user,
+            req.password,
+            req.invite,
+            req.device_name.as_deref(),
+            req.signature_key,
+        )
         .await?;
     let user = UserId::parse(&user).map(|u| u.to_string()).unwrap_or(user);
-    Ok((StatusCode::CREATED, Json(SessionResponse { user, device_id: s.device.to_string(), token: s.token })))
+    Ok((
+        StatusCode::CREATED,
+        Json(SessionResponse {
+            user,
+            device_id: s.device.to_string(),
+            token: s.token,
+        }),
+    ))
 }
 
 /// `POST /v1/sessions`
-async fn login(State(app): AppState, ApiJson(req): ApiJson<LoginRequest>) -> ApiResult<impl IntoResponse> {
+async fn login(
+    State(app): AppState,
+    ApiJson(req): ApiJson<LoginRequest>,
+) -> ApiResult<impl IntoResponse> {
     let s = app
         .accounts
-        .login(&req.user, req.password, req.device_name.as_deref(), req.signature_key)
+        .login(
+            &req.user,
+            req.password,
+            req.device_name.as_deref(),
+            req.signature_key,
+        )
         .await?;
-    Ok((StatusCode::CREATED, Json(SessionResponse { user: req.user, device_id: s.device.to_string(), token: s.token })))
+    Ok((
+        StatusCode::CREATED,
+        Json(SessionResponse {
+            user: req.user,
+            device_id: s.device.to_string(),
+            token: s.token,
+        }),
+    ))
 }
 
 /// `GET /v1/devices`
@@ -223,7 +270,11 @@ async fn own_devices(State(app): AppState, Authed(me): Authed) -> ApiResult<impl
 }
 
 /// `DELETE /v1/devices/{device}`
-async fn remove_device(State(app): AppState, Authed(me): Authed, Path(device): Path<String>) -> ApiResult<StatusCode> {
+async fn remove_device(
+    State(app): AppState,
+    Authed(me): Authed,
+    Path(device): Path<String>,
+) -> ApiResult<StatusCode> {
     app.accounts.remove_device(&me, &device).await?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -234,16 +285,27 @@ async fn upload_key_packages(
     Authed(me): Authed,
     ApiJson(req): ApiJson<UploadKeyPackages>,
 ) -> ApiResult<impl IntoResponse> {
-    Ok(Json(app.accounts.upload_key_packages(&me, req.key_packages, req.last_resort).await?))
+    Ok(Json(
+        app.accounts
+            .upload_key_packages(&me, req.key_packages, req.last_resort)
+            .await?,
+    ))
 }
 
 /// `GET /v1/key-packages`
-async fn count_key_packages(State(app): AppState, Authed(me): Authed) -> ApiResult<impl IntoResponse> {
+async fn count_key_packages(
+    State(app): AppState,
+    Authed(me): Authed,
+) -> ApiResult<impl IntoResponse> {
     Ok(Json(app.accounts.key_package_count(&me).await?))
 }
 
 /// `GET /v1/users/{user}/devices`
-async fn user_devices(State(app): AppState, Authed(_): Authed, Path(user): Path<String>) -> ApiResult<impl IntoResponse> {
+async fn user_devices(
+    State(app): AppState,
+    Authed(_): Authed,
+    Path(user): Path<String>,
+) -> ApiResult<impl IntoResponse> {
     let user = app.accounts.local_user(&user)?;
     Ok(Json(app.accounts.devices(&user).await?))
 }
@@ -264,7 +326,10 @@ async fn create_room(
     Authed(me): Authed,
     ApiJson(req): ApiJson<CreateRoomRequest>,
 ) -> ApiResult<impl IntoResponse> {
-    Ok((StatusCode::CREATED, Json(app.hub.create_room(&me, req).await?)))
+    Ok((
+        StatusCode::CREATED,
+        Json(app.hub.create_room(&me, req).await?),
+    ))
 }
 
 /// `GET /v1/rooms`
@@ -273,7 +338,11 @@ async fn list_rooms(State(app): AppState, Authed(me): Authed) -> ApiResult<impl 
 }
 
 /// `GET /v1/rooms/{room}`
-async fn room_info(State(app): AppState, Authed(me): Authed, Path(room): Path<String>) -> ApiResult<impl IntoResponse> {
+async fn room_info(
+    State(app): AppState,
+    Authed(me): Authed,
+    Path(room): Path<String>,
+) -> ApiResult<impl IntoResponse> {
     Ok(Json(app.hub.room_info(&me, &room).await?))
 }
 
@@ -284,7 +353,9 @@ async fn commit(
     Path(room): Path<String>,
     ApiJson(req): ApiJson<CommitRequest>,
 ) -> ApiResult<impl IntoResponse> {
-    Ok(Json(app.hub.commit(&me, &room, req.commit, req.welcome).await?))
+    Ok(Json(
+        app.hub.commit(&me, &room, req.commit, req.welcome).await?,
+    ))
 }
 
 /// `POST /v1/rooms/{room}/messages`
@@ -310,13 +381,23 @@ async fn queue(
     query: Result<Query<QueueQuery>, QueryRejection>,
 ) -> ApiResult<impl IntoResponse> {
     let Query(q) = query.map_err(|e| ServiceError::bad("invalid_query", e.body_text()))?;
-    let limit = q.limit.unwrap_or(100).clamp(1, app.config.limits.max_queue_page);
-    let entries = app.delivery.page(me.device.as_str(), q.after.unwrap_or(0), limit).await?;
+    let limit = q
+        .limit
+        .unwrap_or(100)
+        .clamp(1, app.config.limits.max_queue_page);
+    let entries = app
+        .delivery
+        .page(me.device.as_str(), q.after.unwrap_or(0), limit)
+        .await?;
     Ok(Json(QueuePage { entries }))
 }
 
 /// `POST /v1/queue/ack`
-async fn ack(State(app): AppState, Authed(me): Authed, ApiJson(req): ApiJson<AckRequest>) -> ApiResult<StatusCode> {
+async fn ack(
+    State(app): AppState,
+    Authed(me): Authed,
+    ApiJson(req): ApiJson<AckRequest>,
+) -> ApiResult<StatusCode> {
     app.delivery.ack(me.device.as_str(), req.up_to).await?;
     Ok(StatusCode::NO_CONTENT)
 }

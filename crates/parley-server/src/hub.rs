@@ -61,7 +61,8 @@ impl RoomState {
         RoomInfo {
             room_id: self.id.to_string(),
             room_uri: self.id.to_uri(
-                &parley_proto::Domain::parse(&self.hub_domain).unwrap_or_else(|_| self.creator.domain().clone()),
+                &parley_proto::Domain::parse(&self.hub_domain)
+                    .unwrap_or_else(|_| self.creator.domain().clone()),
             ),
             kind: self.kind,
             name: self.name.clone(),
@@ -96,11 +97,19 @@ fn parse_room(room: &str) -> ServiceResult<RoomId> {
 }
 
 fn unknown_room(room: &RoomId) -> ServiceError {
-    ServiceError::not_found("unknown_room", format!("no room {room} that you are a member of"))
+    ServiceError::not_found(
+        "unknown_room",
+        format!("no room {room} that you are a member of"),
+    )
 }
 
 impl Hub {
-    pub fn new(store: Store, accounts: Arc<Accounts>, delivery: Arc<Delivery>, config: Arc<ServerConfig>) -> Self {
+    pub fn new(
+        store: Store,
+        accounts: Arc<Accounts>,
+        delivery: Arc<Delivery>,
+        config: Arc<ServerConfig>,
+    ) -> Self {
         let limits = &config.limits;
         Self {
             sends: RateLimiter::new(limits.messages_per_second, limits.message_burst),
@@ -164,7 +173,11 @@ impl Hub {
     }
 
     /// `POST /v1/rooms`.
-    pub async fn create_room(&self, caller: &AuthDevice, req: CreateRoomRequest) -> ServiceResult<RoomInfo> {
+    pub async fn create_room(
+        &self,
+        caller: &AuthDevice,
+        req: CreateRoomRequest,
+    ) -> ServiceResult<RoomInfo> {
         let id = parse_room(&req.room_id)?;
         if let Some(name) = &req.name {
             if name.chars().count() > MAX_ROOM_NAME || name.chars().any(char::is_control) {
@@ -176,15 +189,22 @@ impl Hub {
         }
         let direct_peer = match (req.kind, &req.peer) {
             (RoomKind::Direct, Some(peer)) => {
-                let peer = UserId::parse(peer).map_err(|e| ServiceError::bad("invalid_user", e.to_string()))?;
+                let peer = UserId::parse(peer)
+                    .map_err(|e| ServiceError::bad("invalid_user", e.to_string()))?;
                 if peer == caller.user {
-                    return Err(ServiceError::bad("invalid_peer", "a direct room needs another user"));
+                    return Err(ServiceError::bad(
+                        "invalid_peer",
+                        "a direct room needs another user",
+                    ));
                 }
                 self.accounts.devices(&peer).await?; // 404 if unknown
                 Some(peer)
             }
             (RoomKind::Direct, None) => {
-                return Err(ServiceError::bad("invalid_peer", "a direct room needs a peer"));
+                return Err(ServiceError::bad(
+                    "invalid_peer",
+                    "a direct room needs a peer",
+                ));
             }
             (RoomKind::Group, _) => None,
         };
@@ -221,7 +241,10 @@ impl Hub {
         let row = RoomRow::of(&state)?;
         let created = self.store.write(move |c| insert_room(c, &row)).await?;
         if !created {
-            return Err(ServiceError::conflict("room_exists", format!("room {id} already exists")));
+            return Err(ServiceError::conflict(
+                "room_exists",
+                format!("room {id} already exists"),
+            ));
         }
         let info = state.info();
         if let Ok(mut rooms) = self.rooms.lock() {
@@ -237,7 +260,9 @@ impl Hub {
         let ids: Vec<String> = self
             .store
             .read(move |c| {
-                let mut st = c.prepare("SELECT room_id FROM room_members WHERE device_id = ?1 ORDER BY room_id")?;
+                let mut st = c.prepare(
+                    "SELECT room_id FROM room_members WHERE device_id = ?1 ORDER BY room_id",
+                )?;
                 let rows = st.query_map(params![device], |r| r.get(0))?;
                 Ok(rows.collect::<Result<_, _>>()?)
             })
@@ -291,9 +316,21 @@ impl Hub {
         self.check_added_devices(&effect.added).await?;
         self.check_policy(&state, &effect.members, !effect.removed.is_empty())?;
         match (&welcome, effect.added.is_empty()) {
-            (None, false) => return Err(ServiceError::bad("missing_welcome", "a commit that adds devices needs a Welcome")),
-            (Some(w), false) => check_welcome(w).map_err(|e| ServiceError::bad("invalid_welcome", e.to_string()))?,
-            (Some(_), true) => return Err(ServiceError::bad("invalid_welcome", "a Welcome without added devices")),
+            (None, false) => {
+                return Err(ServiceError::bad(
+                    "missing_welcome",
+                    "a commit that adds devices needs a Welcome",
+                ))
+            }
+            (Some(w), false) => {
+                check_welcome(w).map_err(|e| ServiceError::bad("invalid_welcome", e.to_string()))?
+            }
+            (Some(_), true) => {
+                return Err(ServiceError::bad(
+                    "invalid_welcome",
+                    "a Welcome without added devices",
+                ))
+            }
             (None, true) => {}
         }
 
@@ -355,7 +392,9 @@ impl Hub {
         state.members = members;
         state.public = effect.next;
         self.counters.commits.fetch_add(1, Ordering::Relaxed);
-        self.counters.queued.fetch_add(queued.len() as u64, Ordering::Relaxed);
+        self.counters
+            .queued
+            .fetch_add(queued.len() as u64, Ordering::Relaxed);
         tracing::info!(room = %state.id, epoch = state.epoch, added = effect.added.len(), removed = effect.removed.len(), "commit accepted");
         Ok(Accepted {
             event,
@@ -378,7 +417,12 @@ impl Hub {
         Ok(())
     }
 
-    fn check_policy(&self, state: &RoomState, members: &[LeafDevice], removes: bool) -> ServiceResult<()> {
+    fn check_policy(
+        &self,
+        state: &RoomState,
+        members: &[LeafDevice],
+        removes: bool,
+    ) -> ServiceResult<()> {
         let max = self
             .config
             .domain(&state.hub_domain)
@@ -391,13 +435,19 @@ impl Hub {
         }
         if state.kind == RoomKind::Direct {
             if removes {
-                return Err(ServiceError::forbidden("policy", "a direct room has fixed membership"));
+                return Err(ServiceError::forbidden(
+                    "policy",
+                    "a direct room has fixed membership",
+                ));
             }
             let allowed = |u: &UserId| *u == state.creator || Some(u) == state.direct_peer.as_ref();
             if let Some(intruder) = members.iter().find(|m| !allowed(&m.device.user)) {
                 return Err(ServiceError::forbidden(
                     "policy",
-                    format!("a direct room holds only its two users, not {}", intruder.device.user),
+                    format!(
+                        "a direct room holds only its two users, not {}",
+                        intruder.device.user
+                    ),
                 ));
             }
         }
@@ -405,7 +455,12 @@ impl Hub {
     }
 
     /// `POST /v1/rooms/{id}/messages`.
-    pub async fn send(&self, caller: &AuthDevice, room: &str, message: Vec<u8>) -> ServiceResult<Accepted> {
+    pub async fn send(
+        &self,
+        caller: &AuthDevice,
+        room: &str,
+        message: Vec<u8>,
+    ) -> ServiceResult<Accepted> {
         let max = self
             .config
             .domain(caller.user.domain().as_str())
@@ -417,9 +472,13 @@ impl Hub {
             ));
         }
         self.check_rate(caller)?;
-        let header = application_header(&message).map_err(|e| ServiceError::bad("invalid_message", e.to_string()))?;
+        let header = application_header(&message)
+            .map_err(|e| ServiceError::bad("invalid_message", e.to_string()))?;
         if header.room.as_str() != room {
-            return Err(ServiceError::bad("invalid_message", "the message is for another room"));
+            return Err(ServiceError::bad(
+                "invalid_message",
+                "the message is for another room",
+            ));
         }
         let handle = self.member_room(caller, room).await?;
         // Read lock: messages of one room proceed concurrently, but never across a commit.
@@ -450,15 +509,19 @@ impl Hub {
             .store
             .write_then(
                 move |c| {
-                    c.prepare_cached("UPDATE rooms SET next_event = MAX(next_event, ?2) WHERE room_id = ?1")?
-                        .execute(params![room_id, (event + 1) as i64])?;
+                    c.prepare_cached(
+                        "UPDATE rooms SET next_event = MAX(next_event, ?2) WHERE room_id = ?1",
+                    )?
+                    .execute(params![room_id, (event + 1) as i64])?;
                     enqueue(c, &outgoing)
                 },
                 move |stored: &Vec<Stored>| push.push(stored),
             )
             .await?;
         self.counters.messages.fetch_add(1, Ordering::Relaxed);
-        self.counters.queued.fetch_add(queued.len() as u64, Ordering::Relaxed);
+        self.counters
+            .queued
+            .fetch_add(queued.len() as u64, Ordering::Relaxed);
         Ok(Accepted {
             event,
             ts,
@@ -488,8 +551,15 @@ impl RoomRow {
             name: s.name.clone(),
             creator: s.creator.to_string(),
             direct_peer: s.direct_peer.as_ref().map(ToString::to_string),
-            public_state: s.public.encode().map_err(|e| ServiceError::Internal(e.to_string()))?,
-            members: s.members.iter().map(|m| (m.device.clone(), m.user.to_string())).collect(),
+            public_state: s
+                .public
+                .encode()
+                .map_err(|e| ServiceError::Internal(e.to_string()))?,
+            members: s
+                .members
+                .iter()
+                .map(|m| (m.device.clone(), m.user.to_string()))
+                .collect(),
         })
     }
 }
@@ -507,9 +577,15 @@ fn insert_room(c: &Connection, r: &RoomRow) -> Result<bool, StoreError> {
     Ok(true)
 }
 
-fn replace_members(c: &Connection, room: &str, members: &[(String, String)]) -> Result<(), StoreError> {
+fn replace_members(
+    c: &Connection,
+    room: &str,
+    members: &[(String, String)],
+) -> Result<(), StoreError> {
     c.execute("DELETE FROM room_members WHERE room_id = ?1", params![room])?;
-    let mut st = c.prepare_cached("INSERT INTO room_members (room_id, device_id, user_id) VALUES (?1, ?2, ?3)")?;
+    let mut st = c.prepare_cached(
+        "INSERT INTO room_members (room_id, device_id, user_id) VALUES (?1, ?2, ?3)",
+    )?;
     for (device, user) in members {
         st.execute(params![room, device, user])?;
     }
@@ -536,13 +612,33 @@ impl RoomUpdate {
 }
 
 fn load_room(c: &Connection, room: &str) -> Result<Option<RoomState>, StoreError> {
-    type Row = (String, String, Option<String>, String, Option<String>, i64, i64, Vec<u8>);
+    type Row = (
+        String,
+        String,
+        Option<String>,
+        String,
+        Option<String>,
+        i64,
+        i64,
+        Vec<u8>,
+    );
     let row: Option<Row> = c
         .query_row(
             "SELECT hub_domain, kind, name, creator, direct_peer, epoch, next_event, public_state
              FROM rooms WHERE room_id = ?1",
             params![room],
-            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?, r.get(7)?)),
+            |r| {
+                Ok((
+                    r.get(0)?,
+                    r.get(1)?,
+                    r.get(2)?,
+                    r.get(3)?,
+                    r.get(4)?,
+                    r.get(5)?,
+                    r.get(6)?,
+                    r.get(7)?,
+                ))
+            },
         )
         .optional()?;
     let Some((hub_domain, kind, name, creator, peer, epoch, next_event, public)) = row else {
@@ -551,7 +647,9 @@ fn load_room(c: &Connection, room: &str) -> Result<Option<RoomState>, StoreError
     let corrupt = |what: &str| StoreError::Task(format!("room {room}: stored {what} is corrupt"));
     let mut st = c.prepare("SELECT device_id, user_id FROM room_members WHERE room_id = ?1")?;
     let members = st
-        .query_map(params![room], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?
+        .query_map(params![room], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
+        })?
         .collect::<Result<Vec<_>, _>>()?
         .into_iter()
         .map(|(device, user)| UserId::parse(&user).map(|user| MemberDevice { device, user }))
@@ -563,11 +661,13 @@ fn load_room(c: &Connection, room: &str) -> Result<Option<RoomState>, StoreError
         kind: RoomKind::parse(&kind).ok_or_else(|| corrupt("kind"))?,
         name,
         creator: UserId::parse(&creator).map_err(|_| corrupt("creator"))?,
-        direct_peer: peer.map(|p| UserId::parse(&p)).transpose().map_err(|_| corrupt("peer"))?,
+        direct_peer: peer
+            .map(|p| UserId::parse(&p))
+            .transpose()
+            .map_err(|_| corrupt("peer"))?,
         epoch: epoch as u64,
         next_event: AtomicU64::new(next_event as u64),
         members,
         public: PublicState::decode(&public).map_err(|_| corrupt("group state"))?,
     }))
 }
-

@@ -82,12 +82,19 @@ impl Server {
         let listener = TcpListener::bind(config.listen)
             .await
             .map_err(|e| ServerError::Bind(config.listen, e))?;
-        let addr = listener.local_addr().map_err(|e| ServerError::Bind(config.listen, e))?;
+        let addr = listener
+            .local_addr()
+            .map_err(|e| ServerError::Bind(config.listen, e))?;
         let config = Arc::new(config);
         let (stop, shutdown) = watch::channel(false);
         let accounts = Arc::new(Accounts::new(store.clone(), config.clone()));
         let delivery = Arc::new(Delivery::new(store.clone()));
-        let hub = Arc::new(Hub::new(store, accounts.clone(), delivery.clone(), config.clone()));
+        let hub = Arc::new(Hub::new(
+            store,
+            accounts.clone(),
+            delivery.clone(),
+            config.clone(),
+        ));
         let app = Arc::new(App {
             config: config.clone(),
             accounts,
@@ -100,7 +107,13 @@ impl Server {
         let domains: Vec<&str> = config.domains.iter().map(|d| d.name.as_str()).collect();
         tracing::info!(%addr, tls = tls.is_some(), domains = ?domains, data = %config.data.display(), "parley server listening");
         let tls_on = tls.is_some();
-        let task = tokio::spawn(net::serve(listener, router, tls, config.limits.max_connections, shutdown));
+        let task = tokio::spawn(net::serve(
+            listener,
+            router,
+            tls,
+            config.limits.max_connections,
+            shutdown,
+        ));
         Ok(Self {
             addr,
             tls: tls_on,

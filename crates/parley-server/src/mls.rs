@@ -5,12 +5,12 @@
 //! KeyPackages and commits (PublicMessages), and application messages only as ciphertext, of which
 //! it reads the cleartext header (group id, epoch, content type).
 
+use openmls::group::GroupId;
 use openmls::prelude::{
     BasicCredential, Ciphersuite, ContentType, Credential, KeyPackageIn, MlsMessageBodyIn,
     MlsMessageIn, ProcessedMessageContent, ProposalStore, ProtocolMessage, ProtocolVersion,
     PublicGroup, RatchetTreeIn, Sender,
 };
-use openmls::group::GroupId;
 use openmls_memory_storage::MemoryStorage;
 use openmls_rust_crypto::RustCrypto;
 use parley_proto::ids::DeviceUri;
@@ -60,7 +60,10 @@ pub fn validate_key_package(bytes: &[u8]) -> Result<LeafDevice, MlsInputError> {
         .validate(&RustCrypto::default(), ProtocolVersion::Mls10)
         .map_err(|e| bad(format!("invalid KeyPackage: {e}")))?;
     if kp.ciphersuite() != CIPHERSUITE {
-        return Err(bad(format!("KeyPackage ciphersuite must be {}", parley_proto::CIPHERSUITE_NAME)));
+        return Err(bad(format!(
+            "KeyPackage ciphersuite must be {}",
+            parley_proto::CIPHERSUITE_NAME
+        )));
     }
     let leaf = kp.leaf_node();
     let device = credential_device(leaf.credential())
@@ -148,7 +151,10 @@ impl PublicState {
             return Err(bad("group_info is not an MLS GroupInfo"));
         };
         if vgi.ciphersuite() != CIPHERSUITE {
-            return Err(bad(format!("the group must use {}", parley_proto::CIPHERSUITE_NAME)));
+            return Err(bad(format!(
+                "the group must use {}",
+                parley_proto::CIPHERSUITE_NAME
+            )));
         }
         let tree = RatchetTreeIn::tls_deserialize_exact(ratchet_tree)
             .map_err(|e| bad(format!("ratchet_tree is not a ratchet tree: {e}")))?;
@@ -280,7 +286,7 @@ impl PublicState {
             entries,
         }
         .tls_serialize(&mut out)
-            .map_err(|e| bad(format!("cannot encode group state: {e}")))?;
+        .map_err(|e| bad(format!("cannot encode group state: {e}")))?;
         Ok(out)
     }
 

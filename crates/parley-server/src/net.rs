@@ -40,10 +40,12 @@ pub fn tls_acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, TlsError> {
     let key_der = rustls_pemfile::private_key(&mut key_pem.as_slice())
         .map_err(|e| TlsError::Read(key.display().to_string(), e))?
         .ok_or_else(|| TlsError::NoKey(key.display().to_string()))?;
-    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()?
-        .with_no_client_auth()
-        .with_single_cert(certs, key_der)?;
+    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_no_client_auth()
+    .with_single_cert(certs, key_der)?;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(TlsAcceptor::from(Arc::new(config)))
 }
@@ -80,10 +82,14 @@ pub async fn serve(
         tokio::spawn(async move {
             let _slot = slot;
             match tls {
-                Some(acceptor) => match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                    Ok(Ok(stream)) => serve_connection(TokioIo::new(stream), service, stop).await,
-                    _ => tracing::debug!("TLS handshake failed or timed out"),
-                },
+                Some(acceptor) => {
+                    match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                        Ok(Ok(stream)) => {
+                            serve_connection(TokioIo::new(stream), service, stop).await
+                        }
+                        _ => tracing::debug!("TLS handshake failed or timed out"),
+                    }
+                }
                 None => serve_connection(TokioIo::new(tcp), service, stop).await,
             }
         });
@@ -91,14 +97,20 @@ pub async fn serve(
     drop(listener);
     // Every open connection holds a slot: getting them all back means all have finished.
     let all = u32::try_from(max_connections).unwrap_or(u32::MAX);
-    if tokio::time::timeout(DRAIN_TIMEOUT, slots.acquire_many(all)).await.is_err() {
+    if tokio::time::timeout(DRAIN_TIMEOUT, slots.acquire_many(all))
+        .await
+        .is_err()
+    {
         tracing::warn!("some connections did not finish within the drain timeout");
     }
 }
 
 /// Serves one HTTP/1.1 connection (with upgrades); on shutdown, finishes the request in flight.
-async fn serve_connection<I>(io: I, service: TowerToHyperService<Router>, mut stop: watch::Receiver<bool>)
-where
+async fn serve_connection<I>(
+    io: I,
+    service: TowerToHyperService<Router>,
+    mut stop: watch::Receiver<bool>,
+) where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
     let conn = hyper::server::conn::http1::Builder::new()

@@ -93,7 +93,10 @@ impl Store {
                 let _ = tx.send(outcome);
             })
         });
-        self.jobs.send(job).await.map_err(|_| StoreError::WriterGone)?;
+        self.jobs
+            .send(job)
+            .await
+            .map_err(|_| StoreError::WriterGone)?;
         rx.await.map_err(|_| StoreError::WriterGone)?
     }
 
@@ -123,7 +126,11 @@ impl Store {
     }
 
     fn checkout(&self) -> Result<Connection, StoreError> {
-        let pooled = self.readers.lock().map_err(|_| StoreError::WriterGone)?.pop();
+        let pooled = self
+            .readers
+            .lock()
+            .map_err(|_| StoreError::WriterGone)?
+            .pop();
         match pooled {
             Some(c) => Ok(c),
             None => {
@@ -202,10 +209,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
         let ok = store.write(|c| {
-            c.execute(
-                "INSERT INTO users VALUES ('a.test', 'alice', 'h', 1)",
-                [],
-            )?;
+            c.execute("INSERT INTO users VALUES ('a.test', 'alice', 'h', 1)", [])?;
             Ok(())
         });
         let failing = store.write(|c| {

@@ -56,8 +56,12 @@ impl Api {
     }
 
     async fn register(&self, user: &str, password: &str) -> (StatusCode, Value) {
-        self.post("/v1/accounts", json!({"user": user, "password": password, "signature_key": KEY}), None)
-            .await
+        self.post(
+            "/v1/accounts",
+            json!({"user": user, "password": password, "signature_key": KEY}),
+            None,
+        )
+        .await
     }
 }
 
@@ -79,26 +83,66 @@ async fn registration_and_login_rules() {
     assert_eq!(body["user"], "alice@chirp.test");
     let token = body["token"].as_str().unwrap().to_owned();
 
-    assert_error(&api.register("alice@chirp.test", "another pw").await, StatusCode::CONFLICT, "user_exists");
-    assert_error(&api.register("Alice!@chirp.test", "password1").await, StatusCode::BAD_REQUEST, "invalid_user");
-    assert_error(&api.register("bob@nowhere.test", "password1").await, StatusCode::NOT_FOUND, "unknown_domain");
-    assert_error(&api.register("bob@chirp.test", "short").await, StatusCode::BAD_REQUEST, "weak_password");
+    assert_error(
+        &api.register("alice@chirp.test", "another pw").await,
+        StatusCode::CONFLICT,
+        "user_exists",
+    );
+    assert_error(
+        &api.register("Alice!@chirp.test", "password1").await,
+        StatusCode::BAD_REQUEST,
+        "invalid_user",
+    );
+    assert_error(
+        &api.register("bob@nowhere.test", "password1").await,
+        StatusCode::NOT_FOUND,
+        "unknown_domain",
+    );
+    assert_error(
+        &api.register("bob@chirp.test", "short").await,
+        StatusCode::BAD_REQUEST,
+        "weak_password",
+    );
     let bad_key = api
-        .post("/v1/accounts", json!({"user": "bob@chirp.test", "password": "password1", "signature_key": "AAEC"}), None)
+        .post(
+            "/v1/accounts",
+            json!({"user": "bob@chirp.test", "password": "password1", "signature_key": "AAEC"}),
+            None,
+        )
         .await;
     assert_error(&bad_key, StatusCode::BAD_REQUEST, "invalid_signature_key");
 
     // Invite-only domain.
-    assert_error(&api.register("carol@wave.test", "password1").await, StatusCode::FORBIDDEN, "invite_required");
+    assert_error(
+        &api.register("carol@wave.test", "password1").await,
+        StatusCode::FORBIDDEN,
+        "invite_required",
+    );
     let with = |code: &str| json!({"user": "carol@wave.test", "invite": code, "password": "password1", "signature_key": KEY});
-    assert_error(&api.post("/v1/accounts", with("nope"), None).await, StatusCode::FORBIDDEN, "invalid_invite");
-    assert_eq!(api.post("/v1/accounts", with("let-me-in"), None).await.0, StatusCode::CREATED);
+    assert_error(
+        &api.post("/v1/accounts", with("nope"), None).await,
+        StatusCode::FORBIDDEN,
+        "invalid_invite",
+    );
+    assert_eq!(
+        api.post("/v1/accounts", with("let-me-in"), None).await.0,
+        StatusCode::CREATED
+    );
     let reuse = json!({"user": "dave@wave.test", "invite": "let-me-in", "password": "password1", "signature_key": KEY});
-    assert_error(&api.post("/v1/accounts", reuse, None).await, StatusCode::FORBIDDEN, "invalid_invite");
+    assert_error(
+        &api.post("/v1/accounts", reuse, None).await,
+        StatusCode::FORBIDDEN,
+        "invalid_invite",
+    );
 
     // A further device.
     let login = |pw: &str| json!({"user": "alice@chirp.test", "password": pw, "signature_key": KEY, "device_name": "laptop"});
-    assert_error(&api.post("/v1/sessions", login("wrong password"), None).await, StatusCode::UNAUTHORIZED, "unauthorized");
+    assert_error(
+        &api.post("/v1/sessions", login("wrong password"), None)
+            .await,
+        StatusCode::UNAUTHORIZED,
+        "unauthorized",
+    );
     let (status, second) = api.post("/v1/sessions", login("correct horse"), None).await;
     assert_eq!(status, StatusCode::CREATED);
     assert_ne!(second["device_id"], body["device_id"]);
@@ -112,13 +156,21 @@ async fn registration_and_login_rules() {
     let second_token = second["token"].as_str().unwrap();
     let del = api
         .http
-        .delete(format!("{}/v1/devices/{}", api.base, second["device_id"].as_str().unwrap()))
+        .delete(format!(
+            "{}/v1/devices/{}",
+            api.base,
+            second["device_id"].as_str().unwrap()
+        ))
         .bearer_auth(&token)
         .send()
         .await
         .unwrap();
     assert_eq!(del.status(), StatusCode::NO_CONTENT);
-    assert_error(&api.get("/v1/devices", Some(second_token)).await, StatusCode::UNAUTHORIZED, "unauthorized");
+    assert_error(
+        &api.get("/v1/devices", Some(second_token)).await,
+        StatusCode::UNAUTHORIZED,
+        "unauthorized",
+    );
     server.shutdown().await;
 }
 
@@ -127,15 +179,34 @@ async fn bad_input_gets_4xx_json_and_the_server_keeps_serving() {
     let dir = tempfile::tempdir().unwrap();
     let server = start(dir.path()).await;
     let api = Api::new(&server);
-    let token = api.register("alice@chirp.test", "password1").await.1["token"].as_str().unwrap().to_owned();
+    let token = api.register("alice@chirp.test", "password1").await.1["token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     let t = Some(token.as_str());
 
     // Authentication.
-    assert_error(&api.get("/v1/rooms", None).await, StatusCode::UNAUTHORIZED, "unauthorized");
-    assert_error(&api.get("/v1/rooms", Some("forged")).await, StatusCode::UNAUTHORIZED, "unauthorized");
+    assert_error(
+        &api.get("/v1/rooms", None).await,
+        StatusCode::UNAUTHORIZED,
+        "unauthorized",
+    );
+    assert_error(
+        &api.get("/v1/rooms", Some("forged")).await,
+        StatusCode::UNAUTHORIZED,
+        "unauthorized",
+    );
     // Routing.
-    assert_error(&api.get("/v1/nothing", t).await, StatusCode::NOT_FOUND, "not_found");
-    assert_error(&api.get("/v1/accounts", None).await, StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed");
+    assert_error(
+        &api.get("/v1/nothing", t).await,
+        StatusCode::NOT_FOUND,
+        "not_found",
+    );
+    assert_error(
+        &api.get("/v1/accounts", None).await,
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+    );
     // Malformed JSON, wrong types, bad base64.
     let raw = api
         .http
@@ -147,23 +218,30 @@ async fn bad_input_gets_4xx_json_and_the_server_keeps_serving() {
         .unwrap();
     assert_eq!(raw.status(), StatusCode::BAD_REQUEST);
     assert_eq!(raw.json::<Value>().await.unwrap()["error"], "invalid_json");
-    assert_error(&api.post("/v1/accounts", json!({"user": 5}), None).await, StatusCode::BAD_REQUEST, "invalid_json");
     assert_error(
-        &api.post("/v1/key-packages", json!({"key_packages": ["%%%"]}), t).await,
+        &api.post("/v1/accounts", json!({"user": 5}), None).await,
+        StatusCode::BAD_REQUEST,
+        "invalid_json",
+    );
+    assert_error(
+        &api.post("/v1/key-packages", json!({"key_packages": ["%%%"]}), t)
+            .await,
         StatusCode::BAD_REQUEST,
         "invalid_json",
     );
     // Oversized body.
     let huge = "A".repeat(2 << 20);
     assert_error(
-        &api.post("/v1/key-packages", json!({"key_packages": [huge]}), t).await,
+        &api.post("/v1/key-packages", json!({"key_packages": [huge]}), t)
+            .await,
         StatusCode::PAYLOAD_TOO_LARGE,
         "body_too_large",
     );
     // MLS garbage everywhere it is accepted.
     let garbage = "AAECAwQFBgcICQ==";
     assert_error(
-        &api.post("/v1/key-packages", json!({"key_packages": [garbage]}), t).await,
+        &api.post("/v1/key-packages", json!({"key_packages": [garbage]}), t)
+            .await,
         StatusCode::BAD_REQUEST,
         "invalid_key_package",
     );
@@ -181,23 +259,50 @@ async fn bad_input_gets_4xx_json_and_the_server_keeps_serving() {
         "invalid_room",
     );
     assert_error(
-        &api.post(&format!("/v1/rooms/{room}/messages"), json!({"message": garbage}), t).await,
+        &api.post(
+            &format!("/v1/rooms/{room}/messages"),
+            json!({"message": garbage}),
+            t,
+        )
+        .await,
         StatusCode::BAD_REQUEST,
         "invalid_message",
     );
     assert_error(
-        &api.post(&format!("/v1/rooms/{room}/commits"), json!({"commit": garbage}), t).await,
+        &api.post(
+            &format!("/v1/rooms/{room}/commits"),
+            json!({"commit": garbage}),
+            t,
+        )
+        .await,
         StatusCode::NOT_FOUND,
         "unknown_room",
     );
-    assert_error(&api.get(&format!("/v1/rooms/{room}"), t).await, StatusCode::NOT_FOUND, "unknown_room");
-    assert_error(&api.get("/v1/queue?limit=abc", t).await, StatusCode::BAD_REQUEST, "invalid_query");
     assert_error(
-        &api.post("/v1/users/nobody@chirp.test/key-packages/claim", json!({}), t).await,
+        &api.get(&format!("/v1/rooms/{room}"), t).await,
+        StatusCode::NOT_FOUND,
+        "unknown_room",
+    );
+    assert_error(
+        &api.get("/v1/queue?limit=abc", t).await,
+        StatusCode::BAD_REQUEST,
+        "invalid_query",
+    );
+    assert_error(
+        &api.post(
+            "/v1/users/nobody@chirp.test/key-packages/claim",
+            json!({}),
+            t,
+        )
+        .await,
         StatusCode::NOT_FOUND,
         "unknown_user",
     );
-    assert_error(&api.get("/v1/ws", t).await, StatusCode::BAD_REQUEST, "websocket_required");
+    assert_error(
+        &api.get("/v1/ws", t).await,
+        StatusCode::BAD_REQUEST,
+        "websocket_required",
+    );
 
     // Random bytes as every binary field: always a 4xx, never a 5xx or a dropped connection.
     let mut seed = 0x2545_f491_4f6c_dd1du64;
@@ -214,9 +319,18 @@ async fn bad_input_gets_4xx_json_and_the_server_keeps_serving() {
         use base64::Engine as _;
         let b64 = base64::engine::general_purpose::STANDARD.encode(&bytes);
         for (path, body) in [
-            ("/v1/key-packages".to_string(), json!({"key_packages": [b64]})),
-            ("/v1/rooms".to_string(), json!({"room_id": room, "kind": "group", "group_info": b64, "ratchet_tree": b64})),
-            (format!("/v1/rooms/{room}/messages"), json!({"message": b64})),
+            (
+                "/v1/key-packages".to_string(),
+                json!({"key_packages": [b64]}),
+            ),
+            (
+                "/v1/rooms".to_string(),
+                json!({"room_id": room, "kind": "group", "group_info": b64, "ratchet_tree": b64}),
+            ),
+            (
+                format!("/v1/rooms/{room}/messages"),
+                json!({"message": b64}),
+            ),
         ] {
             let (status, body) = api.post(&path, body, t).await;
             assert!(status.is_client_error(), "{path}: {status} {body}");
@@ -256,7 +370,11 @@ async fn client_api_over_tls() {
     let resp = client.get(&url).send().await.unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
     // Plain HTTP to the TLS port gets nothing useful.
-    let plain = reqwest::get(format!("http://127.0.0.1:{}/health", server.local_addr().port())).await;
+    let plain = reqwest::get(format!(
+        "http://127.0.0.1:{}/health",
+        server.local_addr().port()
+    ))
+    .await;
     assert!(plain.is_err() || !plain.unwrap().status().is_success());
     server.shutdown().await;
 }
