@@ -190,7 +190,10 @@ async fn a_further_device_is_included_in_new_rooms() {
     .await
     .unwrap();
     assert_eq!(bob2.api().devices().await.unwrap().len(), 2);
-    let room = alice.create_room(None, std::slice::from_ref(&bob_id)).await.unwrap();
+    let room = alice
+        .create_room(None, std::slice::from_ref(&bob_id))
+        .await
+        .unwrap();
     alice
         .send_text(&room, "to both of bob's devices")
         .await

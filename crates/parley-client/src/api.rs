@@ -26,6 +26,8 @@ use url::Url;
 use crate::error::{ClientError, Result};
 
 /// How long to wait for a TCP/TLS connection.
+/// Read buffer of the push WebSocket (it grows for larger frames).
+const WS_READ_BUFFER: usize = 8 * 1024;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Upper bound for any single request, so a dead server cannot hang a command forever.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
@@ -222,8 +224,16 @@ impl ApiClient {
         } else {
             Connector::Plain
         };
-        let connect =
-            tokio_tungstenite::connect_async_tls_with_config(request, None, true, Some(connector));
+        // tungstenite zero-fills its whole read buffer on every read (128 KiB by default);
+        // pushes are small, so a small buffer saves that work and memory per connection.
+        let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+            .read_buffer_size(WS_READ_BUFFER);
+        let connect = tokio_tungstenite::connect_async_tls_with_config(
+            request,
+            Some(config),
+            true,
+            Some(connector),
+        );
         let (ws, _response) = tokio::time::timeout(CONNECT_TIMEOUT, connect)
             .await
             .map_err(|_| self.unreachable("WebSocket connection timed out"))?

@@ -25,6 +25,8 @@ use std::sync::Arc;
 
 /// Largest frame a client may send on the WebSocket (acks are tiny).
 const MAX_WS_FRAME: usize = 64 * 1024;
+/// Read buffer per WebSocket connection.
+const WS_READ_BUFFER: usize = 4 * 1024;
 /// Entries per backlog frame.
 const WS_PAGE: usize = 256;
 
@@ -411,6 +413,9 @@ async fn ws(
     match upgrade {
         Ok(upgrade) => upgrade
             .max_message_size(MAX_WS_FRAME)
+            // tungstenite zero-fills its whole read buffer on every read (128 KiB by default);
+            // clients only send small acks, so a small buffer saves CPU and memory per connection.
+            .read_buffer_size(WS_READ_BUFFER)
             .on_upgrade(move |socket| ws_session(app, me, socket)),
         Err(r) => error_response(r.status(), "websocket_required", r.body_text(), false),
     }
