@@ -58,6 +58,8 @@ pub enum RoomCommand {
     Add { room: String, user: String },
     /// Remove a user (all their devices) from a room.
     Remove { room: String, user: String },
+    /// Leave a group room with this device (another member completes the removal).
+    Leave { room: String },
     /// List the rooms this device is in.
     List,
 }
@@ -181,6 +183,11 @@ impl Client {
                 let room = resolve_room(&mut device, &room).await?;
                 device.remove_member(&room, &parse_user(&user)?).await?;
                 println!("removed {user} from {room}");
+            }
+            RoomCommand::Leave { room } => {
+                let room = resolve_room(&mut device, &room).await?;
+                device.leave(&room).await?;
+                println!("left {room}");
             }
             RoomCommand::List => {
                 for r in device.rooms().await? {

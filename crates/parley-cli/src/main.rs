@@ -34,7 +34,7 @@ enum Command {
     /// Register or log in this device, list devices.
     #[command(subcommand)]
     Account(AccountCommand),
-    /// Create rooms, add and remove members, list rooms.
+    /// Create rooms, add and remove members, leave and list rooms.
     #[command(subcommand)]
     Room(RoomCommand),
     /// Send a text message to a room, or to a user's 1:1 room (USER@DOMAIN).

@@ -209,3 +209,64 @@ async fn a_further_device_is_included_in_new_rooms() {
     );
     server.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_leaves_and_the_others_commit_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = server(dir.path()).await;
+    let mut alice = register(dir.path(), &server, "alice@chirp.test").await;
+    let mut bob = register(dir.path(), &server, "bob@wave.test").await;
+    let mut carol = register(dir.path(), &server, "carol@chirp.test").await;
+    let dave = register(dir.path(), &server, "dave@wave.test").await;
+    let room = alice
+        .create_room(Some("leavers"), &[bob.user().clone(), carol.user().clone()])
+        .await
+        .unwrap();
+    read(&mut bob, &room).await;
+    read(&mut carol, &room).await;
+
+    bob.leave(&room).await.unwrap();
+    assert!(
+        bob.send_text(&room, "still here?").await.is_err(),
+        "a device that left cannot send"
+    );
+
+    // Carol has not seen the leave yet; her commit must include it, so the hub first refuses it
+    // as pending_proposals, her client syncs, and the retry commits both the leave and the add.
+    carol.add_member(&room, dave.user()).await.unwrap();
+    let events = alice.sync(None).await.unwrap();
+    let removed: Vec<String> = events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Members {
+                room: r, removed, ..
+            } if r == &room => Some(removed.iter().map(|u| u.to_string())),
+            _ => None,
+        })
+        .flatten()
+        .collect();
+    assert_eq!(removed, vec!["bob@wave.test".to_string()], "{events:?}");
+    let info = alice
+        .rooms()
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|r| r.room == room)
+        .unwrap();
+    let members: Vec<String> = info.members.iter().map(|u| u.to_string()).collect();
+    assert_eq!(
+        members,
+        ["alice@chirp.test", "carol@chirp.test", "dave@wave.test"]
+    );
+
+    alice.send_text(&room, "bob is gone").await.unwrap();
+    assert_eq!(
+        read(&mut carol, &room).await,
+        from("alice@chirp.test", &["bob is gone"])
+    );
+    assert!(
+        read(&mut bob, &room).await.is_empty(),
+        "the leaver reads nothing after leaving"
+    );
+    server.shutdown().await;
+}

@@ -8,8 +8,8 @@ use std::time::Duration;
 use futures_util::{SinkExt as _, StreamExt as _};
 use parley_proto::api::{
     Accepted, AckRequest, ClaimResponse, CommitRequest, CreateRoomRequest, DeviceInfo, ErrorBody,
-    KeyPackageCount, LoginRequest, QueueEntry, QueuePage, RegisterRequest, RoomInfo, SendRequest,
-    SessionResponse, UploadKeyPackages, WsFrame,
+    KeyPackageCount, LoginRequest, ProposalRequest, QueueEntry, QueuePage, RegisterRequest,
+    RoomInfo, SendRequest, SessionResponse, UploadKeyPackages, WsFrame,
 };
 use parley_proto::{DeviceId, RoomId, UserId};
 use reqwest::{Method, StatusCode};
@@ -177,6 +177,12 @@ impl ApiClient {
     /// `POST /v1/rooms/{room_id}/commits`.
     pub async fn post_commit(&self, room: &RoomId, req: &CommitRequest) -> Result<Accepted> {
         let path = ["v1", "rooms", room.as_str(), "commits"];
+        self.call(Method::POST, &path, Some(req)).await
+    }
+
+    /// `POST /v1/rooms/{room_id}/proposals`: a proposal to remove our own leaf (leaving).
+    pub async fn post_proposal(&self, room: &RoomId, req: &ProposalRequest) -> Result<Accepted> {
+        let path = ["v1", "rooms", room.as_str(), "proposals"];
         self.call(Method::POST, &path, Some(req)).await
     }
 

@@ -5,15 +5,18 @@
 //! - queue entries are processed strictly in `seq` order, each at most once (a high-water mark
 //!   in the profile, updated in the same transaction as the entry's effects);
 //! - an entry that fails becomes an [`Event::Error`] and is skipped: the queue never wedges;
-//! - an own commit is merged only after the hub accepted it.
+//! - an own commit is merged only after the hub accepted it;
+//! - a member's proposal to leave is committed by the next `sync`/`apply` (or by any commit of
+//!   ours, which always includes pending proposals), so the hub's room never stays half-left.
 
 use std::collections::BTreeSet;
 use std::path::Path;
 use std::time::Duration;
 
 use parley_proto::api::{
-    Accepted, CommitRequest, CreateRoomRequest, EntryKind, LoginRequest, QueueEntry,
-    RegisterRequest, RoomInfo, RoomKind, SendRequest, SessionResponse, UploadKeyPackages,
+    Accepted, CommitRequest, CreateRoomRequest, EntryKind, LoginRequest, ProposalRequest,
+    QueueEntry, RegisterRequest, RoomInfo, RoomKind, SendRequest, SessionResponse,
+    UploadKeyPackages,
 };
 use parley_proto::ids::DeviceUri;
 use parley_proto::{DeviceId, MessageId, MimiContent, RoomId, UserId};
@@ -122,10 +125,25 @@ pub struct RoomSummary {
     pub epoch: u64,
 }
 
-/// What a commit should do; rebuilt from scratch on every attempt.
+/// What a commit should do; rebuilt from scratch on every attempt. Every commit also includes
+/// the proposals pending in the room (members leaving).
 enum CommitPlan {
     Add(Vec<ValidatedKeyPackage>),
     Remove(UserId),
+    /// Only the pending proposals.
+    Proposals,
+}
+
+impl CommitPlan {
+    /// Whether the caller asked for `user` to be added, so it need not be reported as an event.
+    fn adds(&self, user: &UserId) -> bool {
+        matches!(self, CommitPlan::Add(kps) if kps.iter().any(|kp| kp.device.user == *user))
+    }
+
+    /// Whether the caller asked for `user` to be removed.
+    fn removes(&self, user: &UserId) -> bool {
+        matches!(self, CommitPlan::Remove(target) if target == user)
+    }
 }
 
 /// A registered device. Methods that touch state take `&mut self`: one operation at a time, and
@@ -336,6 +354,81 @@ impl Device {
         self.require_member(room)?;
         self.commit(room, &CommitPlan::Remove(user.clone())).await?;
         Ok(())
+    }
+
+    /// Leaves a group room: proposes this device's removal to the hub, which queues it for the
+    /// other members (one of them commits it), then forgets the room's MLS state. Afterwards the
+    /// room answers [`ClientError::NotMember`], as after being removed. Only this device leaves;
+    /// the user's other devices stay until they leave too.
+    pub async fn leave(&mut self, room: &RoomId) -> Result<()> {
+        self.require_member(room)?;
+        if self.profile.room(room)?.and_then(|r| r.kind) == Some(RoomKind::Direct) {
+            return Err(ClientError::InvalidInput(format!(
+                "room {room} is a direct room, which nobody can leave"
+            )));
+        }
+        // openmls refuses to propose while a commit of ours is pending.
+        self.resolve_unanswered_commits().await?;
+        let mut attempt = 1;
+        loop {
+            let proposal = self
+                .profile
+                .transaction(|| self.mls.leave_proposal(self.profile.conn(), room))?;
+            match self
+                .api
+                .post_proposal(room, &ProposalRequest { proposal })
+                .await
+            {
+                Ok(accepted) => {
+                    self.forget_left_room(room)?;
+                    tracing::info!(%room, event = accepted.event, "left room");
+                    return Ok(());
+                }
+                Err(e @ ClientError::Unreachable(_)) => {
+                    // The hub may have taken it: keep the proposal, so the commit removing us
+                    // can still be processed; calling `leave` again resends the same proposal.
+                    return Err(e);
+                }
+                Err(e) if e.is_retryable() && attempt < MAX_ATTEMPTS => {
+                    tracing::debug!(%room, attempt, "leave refused ({e}); retrying");
+                    self.withdraw_leave(room)?;
+                    self.recover_from(&e, attempt).await?;
+                    if !self.mls.has_group(self.profile.conn(), room)? {
+                        // The catch-up merged a commit removing us: we are out all the same.
+                        return Ok(());
+                    }
+                    attempt += 1;
+                }
+                Err(e) => {
+                    self.withdraw_leave(room)?;
+                    return Err(e);
+                }
+            }
+        }
+    }
+
+    fn withdraw_leave(&self, room: &RoomId) -> Result<()> {
+        self.profile.transaction(|| {
+            let conn = self.profile.conn();
+            if self.mls.has_group(conn, room)? {
+                self.mls.withdraw_leave(conn, room)?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Deletes the room's MLS state after the hub accepted our leave proposal. The room record
+    /// stays, so the room then says "not a member" and its remaining entries are skipped.
+    fn forget_left_room(&self, room: &RoomId) -> Result<()> {
+        self.profile.transaction(|| {
+            let conn = self.profile.conn();
+            if self.profile.room(room)?.is_none() {
+                self.profile.set_room_members(room, &[])?;
+            }
+            self.profile.clear_pending_commit(room)?;
+            self.profile.remove_proposal_room(room)?;
+            self.mls.delete_group(conn, room)
+        })
     }
 
     /// The rooms this device is in, per the server, with local names as a fallback.
@@ -557,7 +650,7 @@ impl Device {
             };
             match self.api.post_commit(room, &request).await {
                 Ok(accepted) => {
-                    self.finish_commit(room, true)?;
+                    self.finish_commit(room, Some(plan))?;
                     tracing::info!(%room, epoch = accepted.epoch, "commit accepted");
                     return Ok(Some(accepted));
                 }
@@ -568,12 +661,12 @@ impl Device {
                 }
                 Err(e) if e.is_retryable() && attempt < MAX_ATTEMPTS => {
                     tracing::debug!(%room, attempt, "commit refused ({e}); retrying");
-                    self.finish_commit(room, false)?;
+                    self.discard_commit(room)?;
                     self.recover_from(&e, attempt).await?;
                     attempt += 1;
                 }
                 Err(e) => {
-                    self.finish_commit(room, false)?;
+                    self.discard_commit(room)?;
                     return Err(e);
                 }
             }
@@ -590,6 +683,7 @@ impl Device {
         let commit = match plan {
             CommitPlan::Add(key_packages) => self.mls.add_members(conn, room, key_packages)?,
             CommitPlan::Remove(user) => Some(self.mls.remove_user(conn, room, user)?),
+            CommitPlan::Proposals => self.mls.commit_pending_proposals(conn, room)?,
         };
         if commit.is_some() {
             self.profile.set_pending_commit(room, epoch)?;
@@ -597,21 +691,51 @@ impl Device {
         Ok(commit)
     }
 
-    /// Merges (hub accepted) or discards (hub refused) our pending commit.
-    fn finish_commit(&self, room: &RoomId, accepted: bool) -> Result<()> {
+    /// Merges our pending commit once the hub accepted it, and reports membership changes the
+    /// caller did not ask for (members whose leave proposals it included). With no `plan` (a
+    /// commit resolved after a crash), every change is reported.
+    fn finish_commit(&self, room: &RoomId, plan: Option<&CommitPlan>) -> Result<()> {
         let conn = self.profile.conn();
         self.profile.transaction(|| {
             self.profile.clear_pending_commit(room)?;
             if !self.mls.has_group(conn, room)? {
                 return Ok(());
             }
-            if accepted {
-                self.mls.merge_pending_commit(conn, room)?;
-                self.profile
-                    .set_room_members(room, &self.mls.member_users(conn, room)?)
-            } else {
-                self.mls.clear_pending_commit(conn, room)
+            let before: BTreeSet<UserId> = self.mls.member_users(conn, room)?.into_iter().collect();
+            self.mls.merge_pending_commit(conn, room)?;
+            let after = self.mls.member_users(conn, room)?;
+            self.profile.set_room_members(room, &after)?;
+            let after: BTreeSet<UserId> = after.into_iter().collect();
+            let added: Vec<UserId> = after
+                .difference(&before)
+                .filter(|u| plan.is_none_or(|p| !p.adds(u)))
+                .cloned()
+                .collect();
+            let removed: Vec<UserId> = before
+                .difference(&after)
+                .filter(|u| plan.is_none_or(|p| !p.removes(u)))
+                .cloned()
+                .collect();
+            if !added.is_empty() || !removed.is_empty() {
+                self.profile.push_event(&Event::Members {
+                    room: room.clone(),
+                    added,
+                    removed,
+                })?;
             }
+            Ok(())
+        })
+    }
+
+    /// Drops our pending commit after the hub refused it.
+    fn discard_commit(&self, room: &RoomId) -> Result<()> {
+        let conn = self.profile.conn();
+        self.profile.transaction(|| {
+            self.profile.clear_pending_commit(room)?;
+            if self.mls.has_group(conn, room)? {
+                self.mls.clear_pending_commit(conn, room)?;
+            }
+            Ok(())
         })
     }
 
@@ -631,19 +755,57 @@ impl Device {
                 Err(e) => return Err(e),
             };
             tracing::info!(%room, epoch, accepted, "resolved an unanswered commit");
-            self.finish_commit(&room, accepted)?;
+            if accepted {
+                self.finish_commit(&room, None)?;
+            } else {
+                self.discard_commit(&room)?;
+            }
         }
         Ok(())
     }
 
-    /// Prepares a retry after a retryable refusal: catch up on `wrong_epoch`, else back off.
+    /// Prepares a retry after a retryable refusal: catch up on `wrong_epoch` or
+    /// `pending_proposals`, else back off.
     async fn recover_from(&mut self, e: &ClientError, attempt: u32) -> Result<()> {
-        if e.is_wrong_epoch() {
+        if e.needs_sync() {
             self.catch_up().await.map(drop)
         } else {
             tokio::time::sleep(RETRY_BACKOFF * attempt).await;
             Ok(())
         }
+    }
+
+    /// Commits the proposals (members leaving) that arrived in our rooms. Every member does
+    /// this; the hub takes the first commit, and the others' commits are refused, after which
+    /// their catch-up merges the winner's commit and nothing is left to commit. Failures are
+    /// left for the next sync (network, retries exhausted) or reported as an event.
+    async fn commit_pending_proposals(&mut self) -> Result<()> {
+        for room in self.profile.proposal_rooms()? {
+            let conn = self.profile.conn();
+            if !self.mls.has_group(conn, &room)? || !self.mls.has_pending_proposals(conn, &room)? {
+                self.profile.remove_proposal_room(&room)?;
+                continue;
+            }
+            match self.commit(&room, &CommitPlan::Proposals).await {
+                Ok(_) => {}
+                Err(e @ ClientError::Storage(_)) => return Err(e),
+                Err(e) if e.is_retryable() || matches!(e, ClientError::Unreachable(_)) => {
+                    tracing::warn!(%room, "cannot commit pending proposals yet: {e}");
+                    continue;
+                }
+                // We were removed meanwhile: nothing is ours to commit.
+                Err(ClientError::NotMember(_)) => {}
+                Err(e) => {
+                    tracing::warn!(%room, "cannot commit pending proposals: {e}");
+                    self.profile.push_event(&Event::Error {
+                        room: Some(room.clone()),
+                        detail: format!("cannot commit a member's leaving: {e}"),
+                    })?;
+                }
+            }
+            self.profile.remove_proposal_room(&room)?;
+        }
+        Ok(())
     }
 
     // --- messages -------------------------------------------------------------------------------
@@ -743,6 +905,7 @@ impl Device {
                 self.wait_for_entries(wait).await?;
             }
         }
+        self.commit_pending_proposals().await?;
         self.top_up_key_packages_quietly().await;
         self.take_events()
     }
@@ -862,7 +1025,7 @@ impl Device {
     async fn process_entry(&mut self, room: &RoomId, entry: &QueueEntry) -> Result<()> {
         match entry.kind {
             EntryKind::Welcome => self.process_welcome(room, entry).await,
-            EntryKind::Commit | EntryKind::Message => self
+            EntryKind::Commit | EntryKind::Message | EntryKind::Proposal => self
                 .profile
                 .transaction(|| self.process_group_message(room, entry)),
         }
@@ -904,9 +1067,15 @@ impl Device {
         Ok(())
     }
 
-    /// Processes a commit or application message (runs inside a transaction).
+    /// Processes a commit, proposal or application message (runs inside a transaction).
     fn process_group_message(&self, room: &RoomId, entry: &QueueEntry) -> Result<()> {
         let conn = self.profile.conn();
+        if !self.mls.has_group(conn, room)? && self.profile.room(room)?.is_some() {
+            // A room we left (or were removed from): what the hub queued before the commit
+            // taking us out is not for us any more.
+            tracing::debug!(%room, seq = entry.seq, "skipped: entry of a room we are not in");
+            return self.profile.set_processed_seq(entry.seq);
+        }
         let events = match self.mls.process(conn, room, &entry.data)? {
             Incoming::Application { sender, plaintext } => {
                 self.accept_message(room, entry, &sender, &plaintext)?
@@ -916,6 +1085,11 @@ impl Device {
                 removed,
                 self_removed,
             } => self.apply_membership(room, added, removed, self_removed)?,
+            Incoming::ProposalStored { leaver } => {
+                tracing::debug!(%room, %leaver, "member asked to leave");
+                self.profile.add_proposal_room(room)?;
+                Vec::new()
+            }
             Incoming::Skipped(why) => {
                 tracing::debug!(%room, seq = entry.seq, "skipped: {why}");
                 Vec::new()
@@ -1084,6 +1258,7 @@ impl Device {
         if let Some(last) = last {
             live.ack(last).await;
         }
+        self.commit_pending_proposals().await?;
         if joined_any {
             self.top_up_key_packages_quietly().await;
         }
@@ -1292,6 +1467,7 @@ mod tests {
         send(device.direct_room(user));
         send(device.add_member(room, user));
         send(device.remove_member(room, user));
+        send(device.leave(room));
         send(device.rooms());
         send(device.live());
         send(live.recv());

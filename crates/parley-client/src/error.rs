@@ -82,6 +82,16 @@ impl ClientError {
         self.code() == Some("wrong_epoch")
     }
 
+    /// The hub refused a commit because it leaves out pending proposals (a member leaving).
+    pub fn is_pending_proposals(&self) -> bool {
+        self.code() == Some("pending_proposals")
+    }
+
+    /// A retryable refusal that syncing resolves: the room moved on, or a proposal arrived.
+    pub fn needs_sync(&self) -> bool {
+        self.is_wrong_epoch() || self.is_pending_proposals()
+    }
+
     pub(crate) fn mls(context: &str, e: impl std::fmt::Display) -> Self {
         Self::Mls(format!("{context}: {e}"))
     }
@@ -107,7 +117,17 @@ mod tests {
                 retryable: true,
             },
         );
-        assert!(e.is_wrong_epoch() && e.is_retryable());
+        assert!(e.is_wrong_epoch() && e.is_retryable() && e.needs_sync());
+        let pending = ClientError::from_body(
+            409,
+            ErrorBody {
+                error: "pending_proposals".into(),
+                message: "a member asked to leave".into(),
+                retryable: true,
+            },
+        );
+        assert!(pending.is_pending_proposals() && pending.needs_sync());
+        assert!(!pending.is_wrong_epoch());
         assert_eq!(
             e.to_string(),
             "server refused the request (409 wrong_epoch): the room is at epoch 3"

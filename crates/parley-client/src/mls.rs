@@ -6,13 +6,14 @@
 
 use std::collections::{BTreeSet, HashSet};
 
+use openmls::ciphersuite::hash_ref::ProposalRef;
 use openmls::prelude::tls_codec::Deserialize as _;
 use openmls::prelude::{
     BasicCredential, Capabilities, Ciphersuite, Credential, CredentialWithKey, ExtensionType,
     GroupId, KeyPackage, KeyPackageIn, LeafNodeIndex, MlsGroup, MlsGroupCreateConfig,
     MlsGroupJoinConfig, MlsMessageBodyIn, MlsMessageIn, MlsMessageOut, OpenMlsProvider,
-    ProcessedMessageContent, ProtocolVersion, SignatureScheme, StagedWelcome,
-    MIXED_PLAINTEXT_WIRE_FORMAT_POLICY,
+    ProcessedMessageContent, Proposal, ProtocolVersion, QueuedProposal, Sender, SignatureScheme,
+    StagedWelcome, MIXED_PLAINTEXT_WIRE_FORMAT_POLICY,
 };
 use openmls_basic_credential::SignatureKeyPair;
 use openmls_rust_crypto::RustCrypto;
@@ -125,7 +126,10 @@ pub enum Incoming {
         /// This device was removed: the group's state has been deleted.
         self_removed: bool,
     },
-    /// Nothing to act on (a standalone proposal, or an echo of our own message).
+    /// A member's proposal to remove itself (leaving) was stored; the next commit of any member
+    /// must include it.
+    ProposalStored { leaver: DeviceUri },
+    /// Nothing to act on (a repeated proposal, or an echo of our own message).
     Skipped(&'static str),
 }
 
@@ -336,6 +340,7 @@ impl DeviceMls {
     ) -> Result<Option<OutgoingCommit>> {
         let provider = self.provider(conn);
         let mut group = self.active_group(&provider, room)?;
+        drop_own_removal(&provider, &mut group)?;
         let mut present: HashSet<DeviceUri> = group
             .members()
             .filter_map(|m| device_uri_of(&m.credential).ok())
@@ -357,7 +362,8 @@ impl DeviceMls {
         }))
     }
 
-    /// Stages a commit removing every device of `user`.
+    /// Stages a commit removing every device of `user`. Devices that already asked to leave are
+    /// removed through their pending proposals (every commit includes those), not a second time.
     pub fn remove_user(
         &self,
         conn: &Connection,
@@ -381,13 +387,72 @@ impl DeviceMls {
                 "{user} is not a member of room {room}"
             )));
         }
+        drop_own_removal(&provider, &mut group)?;
+        let leaving = pending_removals(&group);
+        let fresh: Vec<LeafNodeIndex> = leaves
+            .into_iter()
+            .filter(|leaf| !leaving.contains(leaf))
+            .collect();
+        if fresh.is_empty() {
+            return commit_proposal_store(&provider, &self.signer, &mut group);
+        }
         let (commit, welcome, _group_info) = group
-            .remove_members(&provider, &self.signer, &leaves)
+            .remove_members(&provider, &self.signer, &fresh)
             .map_err(|e| ClientError::mls("cannot build the remove commit", e))?;
         Ok(OutgoingCommit {
             commit: serialize(commit)?,
             welcome: welcome.map(serialize).transpose()?,
         })
+    }
+
+    /// Whether proposals received from other members wait to be committed in the room.
+    pub fn has_pending_proposals(&self, conn: &Connection, room: &RoomId) -> Result<bool> {
+        let group = self.active_group(&self.provider(conn), room)?;
+        let own = group.own_leaf_index();
+        let pending = group
+            .pending_proposals()
+            .any(|p| self_removal(p) != Some(own));
+        Ok(pending)
+    }
+
+    /// Stages a commit of the room's pending proposals (members leaving); `None` if there are
+    /// none, e.g. because another member's commit already covered them.
+    pub fn commit_pending_proposals(
+        &self,
+        conn: &Connection,
+        room: &RoomId,
+    ) -> Result<Option<OutgoingCommit>> {
+        let provider = self.provider(conn);
+        let mut group = self.active_group(&provider, room)?;
+        drop_own_removal(&provider, &mut group)?;
+        if !group.has_pending_proposals() {
+            return Ok(None);
+        }
+        commit_proposal_store(&provider, &self.signer, &mut group).map(Some)
+    }
+
+    /// A proposal to remove this device from the room (leaving), as a PublicMessage for the
+    /// group's current epoch; another member must commit it.
+    ///
+    /// The proposal stays in our own proposal store until the epoch ends, so that, should we
+    /// keep the group (the hub's answer was lost), we can still process the commit removing us.
+    /// Our own commits never include it (a member cannot commit its own removal); after the
+    /// hub refused it, [`Self::withdraw_leave`] drops it.
+    pub fn leave_proposal(&self, conn: &Connection, room: &RoomId) -> Result<Vec<u8>> {
+        let provider = self.provider(conn);
+        let mut group = self.active_group(&provider, room)?;
+        drop_own_removal(&provider, &mut group)?;
+        let message = group
+            .leave_group(&provider, &self.signer)
+            .map_err(|e| ClientError::mls("cannot build the leave proposal", e))?;
+        serialize(message)
+    }
+
+    /// Forgets our own leave proposal after the hub refused it.
+    pub fn withdraw_leave(&self, conn: &Connection, room: &RoomId) -> Result<()> {
+        let provider = self.provider(conn);
+        let mut group = self.active_group(&provider, room)?;
+        drop_own_removal(&provider, &mut group)
     }
 
     /// Applies our pending commit once the hub accepted it.
@@ -458,8 +523,9 @@ impl DeviceMls {
         }
     }
 
-    /// Processes a commit or application message of the room. Commits are merged right away:
-    /// the hub only delivers commits it accepted, in the room's order.
+    /// Processes a commit, proposal or application message of the room. Commits are merged
+    /// right away: the hub only delivers commits it accepted, in the room's order. A proposal
+    /// (a member leaving) is checked and stored; the next commit of any member includes it.
     pub fn process(&self, conn: &Connection, room: &RoomId, bytes: &[u8]) -> Result<Incoming> {
         let provider = self.provider(conn);
         let message = decode_message(bytes)?
@@ -491,10 +557,12 @@ impl DeviceMls {
             ProcessedMessageContent::OwnPendingCommit => {
                 merge_commit(&provider, &mut group, |g, p| g.merge_pending_commit(p))
             }
-            ProcessedMessageContent::ProposalMessage(_)
-            | ProcessedMessageContent::ExternalJoinProposalMessage(_) => {
-                Ok(Incoming::Skipped("standalone proposal"))
+            ProcessedMessageContent::ProposalMessage(proposal) => {
+                store_leave_proposal(&provider, &mut group, *proposal)
             }
+            ProcessedMessageContent::ExternalJoinProposalMessage(_) => Err(ClientError::Protocol(
+                "external join proposals are not used in Parley".into(),
+            )),
             ProcessedMessageContent::OwnPrivateMessage => Ok(Incoming::Skipped("own message")),
             // Variants behind openmls draft features that Parley does not use.
             #[allow(unreachable_patterns)]
@@ -509,6 +577,86 @@ impl DeviceMls {
             Some(group) => Ok(group),
         }
     }
+}
+
+/// Stores a member's proposal to remove itself, the only kind of proposal Parley rooms use.
+fn store_leave_proposal(
+    provider: &MlsProvider<'_>,
+    group: &mut MlsGroup,
+    proposal: QueuedProposal,
+) -> Result<Incoming> {
+    let Some(leaf) = self_removal(&proposal) else {
+        return Err(ClientError::Protocol(
+            "only a member's proposal to remove itself is accepted".into(),
+        ));
+    };
+    let leaver = group
+        .member(leaf)
+        .ok_or_else(|| ClientError::Protocol("proposal from an empty leaf".into()))
+        .and_then(device_uri_of)?;
+    let reference = proposal.proposal_reference_ref();
+    if group
+        .pending_proposals()
+        .any(|p| p.proposal_reference_ref() == reference)
+    {
+        return Ok(Incoming::Skipped("repeated proposal"));
+    }
+    group
+        .store_pending_proposal(provider.storage(), proposal)
+        .map_err(|e| ClientError::Storage(format!("cannot store a proposal: {e}")))?;
+    Ok(Incoming::ProposalStored { leaver })
+}
+
+/// Drops our own leave proposal from the group's proposal store, before building a commit.
+fn drop_own_removal(provider: &MlsProvider<'_>, group: &mut MlsGroup) -> Result<()> {
+    let own = group.own_leaf_index();
+    let ours: Vec<ProposalRef> = group
+        .pending_proposals()
+        .filter(|p| self_removal(p) == Some(own))
+        .map(|p| p.proposal_reference_ref().clone())
+        .collect();
+    for reference in &ours {
+        group
+            .remove_pending_proposal(provider.storage(), reference)
+            .map_err(|e| ClientError::Storage(format!("cannot drop our leave proposal: {e}")))?;
+    }
+    Ok(())
+}
+
+/// The leaf a proposal removes, if it is a member's Remove proposal for its own leaf.
+fn self_removal(proposal: &QueuedProposal) -> Option<LeafNodeIndex> {
+    match (proposal.proposal(), proposal.sender()) {
+        (Proposal::Remove(remove), Sender::Member(sender)) if remove.removed() == *sender => {
+            Some(*sender)
+        }
+        _ => None,
+    }
+}
+
+/// Leaves that pending Remove proposals will take out of the group.
+fn pending_removals(group: &MlsGroup) -> Vec<LeafNodeIndex> {
+    group
+        .pending_proposals()
+        .filter_map(|p| match p.proposal() {
+            Proposal::Remove(remove) => Some(remove.removed()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Stages a commit of exactly the group's pending proposals.
+fn commit_proposal_store(
+    provider: &MlsProvider<'_>,
+    signer: &SignatureKeyPair,
+    group: &mut MlsGroup,
+) -> Result<OutgoingCommit> {
+    let (commit, welcome, _group_info) = group
+        .commit_to_pending_proposals(provider, signer)
+        .map_err(|e| ClientError::mls("cannot commit the pending proposals", e))?;
+    Ok(OutgoingCommit {
+        commit: serialize(commit)?,
+        welcome: welcome.map(serialize).transpose()?,
+    })
 }
 
 /// Merges a commit and reports the membership change in users.
@@ -820,6 +968,254 @@ mod tests {
             .add_members(&alice.conn, &room, &[kp])
             .unwrap()
             .is_none());
+    }
+
+    /// alice, bob and carol in one room (epoch 1).
+    fn room_of_three() -> (RoomId, TestDevice, TestDevice, TestDevice) {
+        let alice = TestDevice::new("alice@chirp.test", 1);
+        let bob = TestDevice::new("bob@wave.test", 2);
+        let carol = TestDevice::new("carol@chirp.test", 3);
+        let room = room();
+        alice.mls.create_group(&alice.conn, &room).unwrap();
+        alice.add(&room, &[&bob, &carol]);
+        (room, alice, bob, carol)
+    }
+
+    fn stored(device: &TestDevice, room: &RoomId, proposal: &[u8], leaver: &TestDevice) {
+        assert_eq!(
+            device.mls.process(&device.conn, room, proposal).unwrap(),
+            Incoming::ProposalStored {
+                leaver: leaver.mls.device_uri().clone()
+            }
+        );
+        assert!(device
+            .mls
+            .has_pending_proposals(&device.conn, room)
+            .unwrap());
+    }
+
+    #[test]
+    fn a_leave_proposal_is_committed_by_another_member() {
+        let (room, alice, bob, carol) = room_of_three();
+        let proposal = carol.mls.leave_proposal(&carol.conn, &room).unwrap();
+        // Our own proposal is not one for us to commit.
+        assert!(!carol.mls.has_pending_proposals(&carol.conn, &room).unwrap());
+        assert!(carol
+            .mls
+            .commit_pending_proposals(&carol.conn, &room)
+            .unwrap()
+            .is_none());
+        assert_eq!(message_epoch(&proposal), Some(1));
+        carol.mls.delete_group(&carol.conn, &room).unwrap();
+        assert!(matches!(
+            carol.mls.epoch(&carol.conn, &room),
+            Err(ClientError::NotMember(_))
+        ));
+
+        stored(&bob, &room, &proposal, &carol);
+        stored(&alice, &room, &proposal, &carol);
+        // The hub may deliver an entry twice.
+        assert_eq!(
+            alice.mls.process(&alice.conn, &room, &proposal).unwrap(),
+            Incoming::Skipped("repeated proposal")
+        );
+
+        let out = bob
+            .mls
+            .commit_pending_proposals(&bob.conn, &room)
+            .unwrap()
+            .unwrap();
+        assert!(out.welcome.is_none());
+        assert_eq!(message_epoch(&out.commit), Some(1));
+        bob.mls.merge_pending_commit(&bob.conn, &room).unwrap();
+        assert!(!bob.mls.has_pending_proposals(&bob.conn, &room).unwrap());
+        assert_eq!(
+            bob.mls.member_users(&bob.conn, &room).unwrap(),
+            vec![alice.user(), bob.user()]
+        );
+        assert_eq!(
+            alice.mls.process(&alice.conn, &room, &out.commit).unwrap(),
+            Incoming::CommitMerged {
+                added: vec![],
+                removed: vec![carol.user()],
+                self_removed: false
+            }
+        );
+        // Merging someone else's commit empties the proposal store: nothing left to commit.
+        assert!(!alice.mls.has_pending_proposals(&alice.conn, &room).unwrap());
+        assert!(alice
+            .mls
+            .commit_pending_proposals(&alice.conn, &room)
+            .unwrap()
+            .is_none());
+
+        let secret = alice.send(&room, "carol has left");
+        assert_eq!(bob.receive(&room, &alice, &secret), "carol has left");
+        assert!(carol.mls.process(&carol.conn, &room, &secret).is_err());
+    }
+
+    #[test]
+    fn the_leaver_cannot_read_after_the_commit_even_with_its_state() {
+        let (room, alice, bob, carol) = room_of_three();
+        let proposal = carol.mls.leave_proposal(&carol.conn, &room).unwrap();
+        stored(&alice, &room, &proposal, &carol);
+        stored(&bob, &room, &proposal, &carol);
+        let out = alice
+            .mls
+            .commit_pending_proposals(&alice.conn, &room)
+            .unwrap()
+            .unwrap();
+        alice.mls.merge_pending_commit(&alice.conn, &room).unwrap();
+        bob.mls.process(&bob.conn, &room, &out.commit).unwrap();
+        // Had carol kept her state, the commit removes her all the same.
+        assert!(matches!(
+            carol.mls.process(&carol.conn, &room, &out.commit).unwrap(),
+            Incoming::CommitMerged {
+                self_removed: true,
+                ..
+            }
+        ));
+        let secret = bob.send(&room, "just us");
+        assert_eq!(alice.receive(&room, &bob, &secret), "just us");
+        assert!(carol.mls.process(&carol.conn, &room, &secret).is_err());
+    }
+
+    #[test]
+    fn a_refused_leave_can_be_withdrawn_or_rebuilt() {
+        let (room, alice, bob, carol) = room_of_three();
+        let first = carol.mls.leave_proposal(&carol.conn, &room).unwrap();
+        // Rebuilding (a retry after a lost answer) yields the very same proposal.
+        let again = carol.mls.leave_proposal(&carol.conn, &room).unwrap();
+        assert_eq!(first, again);
+        carol.mls.withdraw_leave(&carol.conn, &room).unwrap();
+        // Still a full member: carol can commit, and her commit does not remove herself.
+        let dave = TestDevice::new("dave@wave.test", 4);
+        let commit = carol.add(&room, &[&dave]);
+        assert_eq!(
+            alice.mls.process(&alice.conn, &room, &commit).unwrap(),
+            Incoming::CommitMerged {
+                added: vec![dave.user()],
+                removed: vec![],
+                self_removed: false
+            }
+        );
+        bob.mls.process(&bob.conn, &room, &commit).unwrap();
+        let hello = carol.send(&room, "still here");
+        assert_eq!(dave.receive(&room, &carol, &hello), "still here");
+    }
+
+    #[test]
+    fn other_commits_include_pending_leave_proposals() {
+        let (room, alice, bob, carol) = room_of_three();
+        let dave = TestDevice::new("dave@wave.test", 4);
+        let proposal = carol.mls.leave_proposal(&carol.conn, &room).unwrap();
+        stored(&alice, &room, &proposal, &carol);
+        stored(&bob, &room, &proposal, &carol);
+        // alice adds dave: the same commit takes carol out.
+        let commit = alice.add(&room, &[&dave]);
+        assert_eq!(
+            bob.mls.process(&bob.conn, &room, &commit).unwrap(),
+            Incoming::CommitMerged {
+                added: vec![dave.user()],
+                removed: vec![carol.user()],
+                self_removed: false
+            }
+        );
+        assert!(matches!(
+            carol.mls.process(&carol.conn, &room, &commit).unwrap(),
+            Incoming::CommitMerged {
+                self_removed: true,
+                ..
+            }
+        ));
+        let hello = dave.send(&room, "hi");
+        assert_eq!(bob.receive(&room, &dave, &hello), "hi");
+        assert_eq!(alice.receive(&room, &dave, &hello), "hi");
+    }
+
+    #[test]
+    fn removing_a_leaving_user_commits_the_proposal_instead_of_a_second_removal() {
+        let (room, alice, bob, carol) = room_of_three();
+        let proposal = carol.mls.leave_proposal(&carol.conn, &room).unwrap();
+        stored(&alice, &room, &proposal, &carol);
+        stored(&bob, &room, &proposal, &carol);
+        let out = alice
+            .mls
+            .remove_user(&alice.conn, &room, &carol.user())
+            .unwrap();
+        alice.mls.merge_pending_commit(&alice.conn, &room).unwrap();
+        // bob can only process it if it refers to the proposal he holds.
+        assert_eq!(
+            bob.mls.process(&bob.conn, &room, &out.commit).unwrap(),
+            Incoming::CommitMerged {
+                added: vec![],
+                removed: vec![carol.user()],
+                self_removed: false
+            }
+        );
+    }
+
+    #[test]
+    fn removing_someone_else_includes_a_pending_leave() {
+        let (room, alice, bob, carol) = room_of_three();
+        let proposal = carol.mls.leave_proposal(&carol.conn, &room).unwrap();
+        stored(&alice, &room, &proposal, &carol);
+        stored(&bob, &room, &proposal, &carol);
+        let out = alice
+            .mls
+            .remove_user(&alice.conn, &room, &bob.user())
+            .unwrap();
+        alice.mls.merge_pending_commit(&alice.conn, &room).unwrap();
+        assert_eq!(
+            alice.mls.member_users(&alice.conn, &room).unwrap(),
+            vec![alice.user()]
+        );
+        assert!(matches!(
+            bob.mls.process(&bob.conn, &room, &out.commit).unwrap(),
+            Incoming::CommitMerged {
+                self_removed: true,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn only_self_removal_proposals_are_accepted() {
+        let (room, alice, bob, carol) = room_of_three();
+        // bob proposes removing carol: members must not store (or ever commit) that.
+        let provider = bob.mls.provider(&bob.conn);
+        let mut group = bob.mls.active_group(&provider, &room).unwrap();
+        let carol_leaf = group
+            .members()
+            .find(|m| device_uri_of(&m.credential).unwrap() == *carol.mls.device_uri())
+            .unwrap()
+            .index;
+        let (message, _) = group
+            .propose_remove_member(&provider, &bob.mls.signer, carol_leaf)
+            .unwrap();
+        let proposal = serialize(message).unwrap();
+        assert!(alice.mls.process(&alice.conn, &room, &proposal).is_err());
+        assert!(!alice.mls.has_pending_proposals(&alice.conn, &room).unwrap());
+    }
+
+    #[test]
+    fn pending_proposals_survive_reopening() {
+        let (room, alice, bob, carol) = room_of_three();
+        let proposal = carol.mls.leave_proposal(&carol.conn, &room).unwrap();
+        stored(&alice, &room, &proposal, &carol);
+        stored(&bob, &room, &proposal, &carol);
+        let alice = alice.reopen();
+        assert!(alice.mls.has_pending_proposals(&alice.conn, &room).unwrap());
+        let out = alice
+            .mls
+            .commit_pending_proposals(&alice.conn, &room)
+            .unwrap()
+            .unwrap();
+        alice.mls.merge_pending_commit(&alice.conn, &room).unwrap();
+        assert!(matches!(
+            bob.mls.process(&bob.conn, &room, &out.commit).unwrap(),
+            Incoming::CommitMerged { ref removed, .. } if *removed == vec![carol.user()]
+        ));
     }
 
     #[test]

@@ -18,7 +18,7 @@ use crate::mls;
 /// The database file inside a profile directory.
 pub const DB_FILE: &str = "profile.db";
 /// Version of Parley's own tables (`PRAGMA user_version`).
-const SCHEMA_VERSION: i64 = 1;
+const SCHEMA_VERSION: i64 = 2;
 /// How long to wait for another process holding the database lock.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -62,6 +62,13 @@ CREATE INDEX parley_history_by_room ON parley_history (room_id, event);
 CREATE TABLE parley_events (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     event TEXT NOT NULL
+);
+";
+
+/// Version 2: rooms where proposals from other members (leaving) may await our commit.
+const SCHEMA_V2: &str = "
+CREATE TABLE parley_proposal_rooms (
+    room_id TEXT PRIMARY KEY
 );
 ";
 
@@ -359,6 +366,38 @@ impl Profile {
             .collect()
     }
 
+    // --- rooms with proposals to commit -----------------------------------------------------------
+
+    /// Notes that a member's proposal (leaving) arrived in `room` and awaits a commit.
+    pub fn add_proposal_room(&self, room: &RoomId) -> Result<()> {
+        self.conn.execute(
+            "INSERT OR IGNORE INTO parley_proposal_rooms (room_id) VALUES (?1)",
+            params![room.as_str()],
+        )?;
+        Ok(())
+    }
+
+    pub fn remove_proposal_room(&self, room: &RoomId) -> Result<()> {
+        self.conn.execute(
+            "DELETE FROM parley_proposal_rooms WHERE room_id = ?1",
+            params![room.as_str()],
+        )?;
+        Ok(())
+    }
+
+    /// Rooms where proposals may await our commit (their MLS state has the final word).
+    pub fn proposal_rooms(&self) -> Result<Vec<RoomId>> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT room_id FROM parley_proposal_rooms ORDER BY room_id")?;
+        let raws = stmt
+            .query_map([], |row| row.get::<_, String>(0))?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        raws.iter()
+            .map(|room| parse_stored(room, RoomId::parse))
+            .collect()
+    }
+
     // --- messages -------------------------------------------------------------------------------
 
     /// Records a MessageId; `false` if it was seen before (a duplicate).
@@ -461,18 +500,41 @@ impl Profile {
 }
 
 fn migrate(conn: &Connection) -> Result<()> {
-    let version: i64 = conn.pragma_query_value(None, "user_version", |row| row.get(0))?;
-    match version {
-        0 => {
-            conn.execute_batch(&format!(
-                "BEGIN; {SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
-            ))?;
+    let version =
+        || -> Result<i64> { Ok(conn.pragma_query_value(None, "user_version", |row| row.get(0))?) };
+    match version()? {
+        SCHEMA_VERSION => return Ok(()),
+        v if v > SCHEMA_VERSION => {
+            return Err(ClientError::Storage(format!(
+                "profile schema version {v} is newer than this program understands"
+            )))
+        }
+        _ => {}
+    }
+    // IMMEDIATE, and the version read again inside: another process may be migrating too.
+    conn.execute_batch("BEGIN IMMEDIATE")?;
+    let upgrade = || -> Result<()> {
+        let from = version()?;
+        if from < 1 {
+            conn.execute_batch(SCHEMA)?;
+        }
+        if from < 2 {
+            conn.execute_batch(SCHEMA_V2)?;
+        }
+        conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+        Ok(())
+    };
+    match upgrade() {
+        Ok(()) => {
+            conn.execute_batch("COMMIT")?;
             Ok(())
         }
-        SCHEMA_VERSION => Ok(()),
-        other => Err(ClientError::Storage(format!(
-            "profile schema version {other} is newer than this program understands"
-        ))),
+        Err(e) => {
+            if let Err(rollback) = conn.execute_batch("ROLLBACK") {
+                tracing::error!(%rollback, "rollback failed");
+            }
+            Err(e)
+        }
     }
 }
 
@@ -696,6 +758,47 @@ mod tests {
         let taken: Vec<String> = profile.take_events().unwrap();
         assert_eq!(taken, ["first", "second"]);
         assert!(profile.take_events::<String>().unwrap().is_empty());
+    }
+
+    #[test]
+    fn proposal_rooms_are_tracked() {
+        let dir = tempfile::tempdir().unwrap();
+        let profile = Profile::create_or_open(dir.path()).unwrap();
+        let room = RoomId::from_random([8; 16]);
+        profile.add_proposal_room(&room).unwrap();
+        profile.add_proposal_room(&room).unwrap();
+        assert_eq!(profile.proposal_rooms().unwrap(), vec![room.clone()]);
+        profile.remove_proposal_room(&room).unwrap();
+        assert!(profile.proposal_rooms().unwrap().is_empty());
+    }
+
+    #[test]
+    fn version_1_profiles_are_upgraded() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let conn = Connection::open(dir.path().join(DB_FILE)).unwrap();
+            conn.execute_batch(&format!("{SCHEMA} PRAGMA user_version = 1;"))
+                .unwrap();
+            conn.execute(
+                "INSERT INTO parley_state (key, value) VALUES ('processed_seq', 5)",
+                [],
+            )
+            .unwrap();
+        }
+        let profile = Profile::open_existing(dir.path()).unwrap();
+        assert_eq!(profile.processed_seq().unwrap(), 5);
+        let room = RoomId::from_random([9; 16]);
+        profile.add_proposal_room(&room).unwrap();
+        assert_eq!(profile.proposal_rooms().unwrap(), vec![room]);
+        drop(profile);
+        // Reopening an up-to-date profile changes nothing.
+        let profile = Profile::open_existing(dir.path()).unwrap();
+        assert_eq!(profile.proposal_rooms().unwrap().len(), 1);
+        let version: i64 = profile
+            .conn()
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, SCHEMA_VERSION);
     }
 
     #[test]

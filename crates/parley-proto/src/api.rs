@@ -219,6 +219,13 @@ pub struct CommitRequest {
     pub welcome: Option<Vec<u8>>,
 }
 
+/// `POST /v1/rooms/{id}/proposals`: a member's self-removal (leaving), as a PublicMessage.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ProposalRequest {
+    #[serde(with = "b64")]
+    pub proposal: Vec<u8>,
+}
+
 /// `POST /v1/rooms/{id}/messages`: an MLS PrivateMessage carrying MIMI content.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SendRequest {
@@ -247,6 +254,8 @@ pub enum EntryKind {
     Commit,
     /// An MLS PrivateMessage with MIMI content.
     Message,
+    /// An MLS proposal (PublicMessage) the next commit must include, e.g. a member leaving.
+    Proposal,
 }
 
 /// One entry of a device's delivery queue.

@@ -20,6 +20,7 @@ fn kind_code(kind: EntryKind) -> i64 {
         EntryKind::Welcome => 1,
         EntryKind::Commit => 2,
         EntryKind::Message => 3,
+        EntryKind::Proposal => 4,
     }
 }
 
@@ -27,6 +28,7 @@ fn kind_from_code(code: i64) -> EntryKind {
     match code {
         1 => EntryKind::Welcome,
         2 => EntryKind::Commit,
+        4 => EntryKind::Proposal,
         _ => EntryKind::Message,
     }
 }

@@ -14,8 +14,8 @@ use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use futures_util::{SinkExt, StreamExt};
 use parley_proto::api::{
-    AckRequest, CommitRequest, CreateRoomRequest, ErrorBody, LoginRequest, QueuePage,
-    RegisterRequest, SendRequest, SessionResponse, UploadKeyPackages, WsFrame,
+    AckRequest, CommitRequest, CreateRoomRequest, ErrorBody, LoginRequest, ProposalRequest,
+    QueuePage, RegisterRequest, SendRequest, SessionResponse, UploadKeyPackages, WsFrame,
 };
 use parley_proto::UserId;
 use serde::de::DeserializeOwned;
@@ -167,6 +167,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/rooms/{room}", get(room_info))
         .route("/v1/rooms/{room}/commits", post(commit))
         .route("/v1/rooms/{room}/messages", post(send))
+        .route("/v1/rooms/{room}/proposals", post(propose))
         .route("/v1/queue", get(queue))
         .route("/v1/queue/ack", post(ack))
         .route("/v1/ws", get(ws))
@@ -368,6 +369,16 @@ async fn send(
     ApiJson(req): ApiJson<SendRequest>,
 ) -> ApiResult<impl IntoResponse> {
     Ok(Json(app.hub.send(&me, &room, req.message).await?))
+}
+
+/// `POST /v1/rooms/{room}/proposals`
+async fn propose(
+    State(app): AppState,
+    Authed(me): Authed,
+    Path(room): Path<String>,
+    ApiJson(req): ApiJson<ProposalRequest>,
+) -> ApiResult<impl IntoResponse> {
+    Ok(Json(app.hub.leave(&me, &room, req.proposal).await?))
 }
 
 #[derive(Deserialize)]

@@ -307,6 +307,14 @@ impl Hub {
                 "the commit must be signed by the device sending it",
             ));
         }
+        if effect.misses_pending {
+            return Err(ServiceError::Conflict {
+                code: "pending_proposals",
+                message: "a member asked to leave: sync, then commit again including that proposal"
+                    .into(),
+                retryable: true,
+            });
+        }
         if effect.has_other_proposals {
             return Err(ServiceError::forbidden(
                 "policy",
@@ -336,21 +344,14 @@ impl Hub {
 
         let ts = now_ms();
         let event = state.next_event.fetch_add(1, Ordering::SeqCst);
-        let commit = Arc::new(commit);
-        let mut outgoing: Vec<Outgoing> = state
-            .members
-            .iter()
-            .filter(|m| m.device != caller.device.as_str())
-            .map(|m| Outgoing {
-                device: m.device.clone(),
-                room_id: state.id.to_string(),
-                kind: EntryKind::Commit,
-                event,
-                ts,
-                data: commit.clone(),
-                expires_at: self.expiry_for(&m.user, ts),
-            })
-            .collect();
+        let mut outgoing = self.fan_out(
+            &state,
+            caller,
+            EntryKind::Commit,
+            event,
+            ts,
+            Arc::new(commit),
+        );
         if let Some(welcome) = welcome {
             let welcome = Arc::new(welcome);
             outgoing.extend(effect.added.iter().map(|leaf| Outgoing {
@@ -401,6 +402,123 @@ impl Hub {
             ts,
             epoch: state.epoch,
         })
+    }
+
+    /// `POST /v1/rooms/{id}/proposals`: a member leaves. The hub verifies the self-removal,
+    /// keeps it in the room's public state (the next commit must include it) and queues it for
+    /// the other members, whose clients then commit it.
+    pub async fn leave(
+        &self,
+        caller: &AuthDevice,
+        room: &str,
+        proposal: Vec<u8>,
+    ) -> ServiceResult<Accepted> {
+        self.check_rate(caller)?;
+        let handle = self.member_room(caller, room).await?;
+        let state = handle.write().await;
+        if state.kind == RoomKind::Direct {
+            return Err(ServiceError::forbidden(
+                "policy",
+                "a direct room has fixed membership",
+            ));
+        }
+        if let Some(epoch) = message_epoch(&proposal) {
+            if epoch != state.epoch {
+                return Err(ServiceError::wrong_epoch(state.epoch, epoch));
+            }
+        }
+        let effect = state
+            .public
+            .apply_leave(&proposal)
+            .map_err(|e| ServiceError::forbidden("policy", e.to_string()))?;
+        if effect.leaver != caller.uri() {
+            return Err(ServiceError::forbidden(
+                "not_proposer",
+                "the proposal must be signed by the device sending it",
+            ));
+        }
+        if effect.remaining == 0 {
+            return Err(ServiceError::forbidden(
+                "policy",
+                "the last member cannot leave: nobody would remain to commit it",
+            ));
+        }
+        let ts = now_ms();
+        if effect.repeated {
+            // A resend after a lost answer: already queued for everyone, nothing to do.
+            return Ok(Accepted {
+                event: state.next_event.load(Ordering::SeqCst).saturating_sub(1),
+                ts,
+                epoch: state.epoch,
+            });
+        }
+        let event = state.next_event.fetch_add(1, Ordering::SeqCst);
+        let outgoing = self.fan_out(
+            &state,
+            caller,
+            EntryKind::Proposal,
+            event,
+            ts,
+            Arc::new(proposal),
+        );
+        let update = RoomUpdate {
+            room_id: state.id.to_string(),
+            epoch: state.epoch,
+            next_event: event + 1,
+            public_state: effect
+                .next
+                .encode()
+                .map_err(|e| ServiceError::Internal(e.to_string()))?,
+            members: state
+                .members
+                .iter()
+                .map(|m| (m.device.clone(), m.user.to_string()))
+                .collect(),
+        };
+        let push = self.delivery.push.clone();
+        self.store
+            .write_then(
+                move |c| {
+                    update.apply(c)?;
+                    enqueue(c, &outgoing)
+                },
+                move |stored: &Vec<Stored>| push.push(stored),
+            )
+            .await?;
+        let mut state = state;
+        state.public = effect.next;
+        tracing::info!(room = %state.id, leaver = %caller.uri(), "leave proposed");
+        Ok(Accepted {
+            event,
+            ts,
+            epoch: state.epoch,
+        })
+    }
+
+    /// One queue entry per member device except the sender's.
+    fn fan_out(
+        &self,
+        state: &RoomState,
+        sender: &AuthDevice,
+        kind: EntryKind,
+        event: u64,
+        ts: u64,
+        data: Arc<Vec<u8>>,
+    ) -> Vec<Outgoing> {
+        state
+            .members
+            .iter()
+            .filter(|m| m.device != sender.device.as_str())
+            .map(|m| Outgoing {
+                device: m.device.clone(),
+                room_id: state.id.to_string(),
+                kind,
+                event,
+                ts,
+                data: data.clone(),
+                expires_at: self.expiry_for(&m.user, ts),
+            })
+            .collect()
     }
 
     /// Every added KeyPackage must belong to a registered device with the key it registered.
@@ -488,21 +606,14 @@ impl Hub {
         }
         let ts = now_ms();
         let event = state.next_event.fetch_add(1, Ordering::SeqCst);
-        let data = Arc::new(message);
-        let outgoing: Vec<Outgoing> = state
-            .members
-            .iter()
-            .filter(|m| m.device != caller.device.as_str())
-            .map(|m| Outgoing {
-                device: m.device.clone(),
-                room_id: room.to_owned(),
-                kind: EntryKind::Message,
-                event,
-                ts,
-                data: data.clone(),
-                expires_at: self.expiry_for(&m.user, ts),
-            })
-            .collect();
+        let outgoing = self.fan_out(
+            &state,
+            caller,
+            EntryKind::Message,
+            event,
+            ts,
+            Arc::new(message),
+        );
         let room_id = room.to_owned();
         let push = self.delivery.push.clone();
         let queued = self

@@ -7,9 +7,9 @@
 
 use openmls::group::GroupId;
 use openmls::prelude::{
-    BasicCredential, Ciphersuite, ContentType, Credential, KeyPackageIn, MlsMessageBodyIn,
-    MlsMessageIn, ProcessedMessageContent, ProposalStore, ProtocolMessage, ProtocolVersion,
-    PublicGroup, RatchetTreeIn, Sender,
+    BasicCredential, Ciphersuite, ContentType, Credential, KeyPackageIn, LeafNodeIndex,
+    MlsMessageBodyIn, MlsMessageIn, ProcessedMessageContent, Proposal, ProposalStore,
+    ProtocolMessage, ProtocolVersion, PublicGroup, RatchetTreeIn, Sender,
 };
 use openmls_memory_storage::MemoryStorage;
 use openmls_rust_crypto::RustCrypto;
@@ -137,6 +137,19 @@ pub struct CommitEffect {
     pub removed: Vec<DeviceUri>,
     pub members: Vec<LeafDevice>,
     pub has_other_proposals: bool,
+    /// The commit leaves out a proposal the hub holds (a member's leave): refuse it, the
+    /// committer must sync and include it.
+    pub misses_pending: bool,
+}
+
+/// The effect of a verified self-removal proposal.
+pub struct LeaveEffect {
+    pub next: PublicState,
+    pub leaver: DeviceUri,
+    /// The leaver had already asked (a resend after a lost answer): nothing new to queue.
+    pub repeated: bool,
+    /// Members that would remain to commit the leave (not leaving themselves).
+    pub remaining: usize,
 }
 
 impl PublicState {
@@ -192,6 +205,7 @@ impl PublicState {
         let next = self.fork()?;
         let mut group = next.load()?;
         let before = members_of(&group)?;
+        let pending = self.pending_removals(&group)?;
         let processed = group
             .process_message(&RustCrypto::default(), pm)
             .map_err(|e| bad(format!("commit refused: {e}")))?;
@@ -228,6 +242,11 @@ impl PublicState {
         }
         let has_other_proposals = staged.queued_proposals().count()
             > added.len() + removed.len() + staged.update_proposals().count();
+        let covered: Vec<LeafNodeIndex> = staged
+            .remove_proposals()
+            .map(|rm| rm.remove_proposal().removed())
+            .collect();
+        let misses_pending = pending.iter().any(|leaf| !covered.contains(leaf));
         group
             .merge_commit(&next.storage, *staged)
             .map_err(|e| bad(format!("cannot apply commit: {e}")))?;
@@ -241,6 +260,77 @@ impl PublicState {
             removed,
             members,
             has_other_proposals,
+            misses_pending,
+        })
+    }
+
+    /// Leaves whose owners asked to leave and are not yet removed by a commit.
+    fn pending_removals(&self, group: &PublicGroup) -> Result<Vec<LeafNodeIndex>, MlsInputError> {
+        let queued = group
+            .queued_proposals(&self.storage)
+            .map_err(|e| bad(format!("stored proposals unreadable: {e}")))?;
+        Ok(queued
+            .iter()
+            .filter_map(|(_, q)| match q.proposal() {
+                Proposal::Remove(rm) => Some(rm.removed()),
+                _ => None,
+            })
+            .collect())
+    }
+
+    /// Verifies a member's proposal to remove itself (leaving) and queues it in the next state.
+    pub fn apply_leave(&self, proposal: &[u8]) -> Result<LeaveEffect, MlsInputError> {
+        let msg = MlsMessageIn::tls_deserialize_exact(proposal)
+            .map_err(|e| bad(format!("proposal is not an MLS message: {e}")))?;
+        let MlsMessageBodyIn::PublicMessage(pm) = msg.extract() else {
+            return Err(bad("a proposal must be an MLS PublicMessage"));
+        };
+        let pm = ProtocolMessage::from(pm);
+        if pm.content_type() != ContentType::Proposal {
+            return Err(bad("the PublicMessage is not a proposal"));
+        }
+        let next = self.fork()?;
+        let mut group = next.load()?;
+        let processed = group
+            .process_message(&RustCrypto::default(), pm)
+            .map_err(|e| bad(format!("proposal refused: {e}")))?;
+        let Sender::Member(sender_leaf) = *processed.sender() else {
+            return Err(bad("only members may propose"));
+        };
+        let ProcessedMessageContent::ProposalMessage(queued) = processed.into_content() else {
+            return Err(bad("the PublicMessage is not a proposal"));
+        };
+        let Proposal::Remove(rm) = queued.proposal() else {
+            return Err(bad(
+                "only a member's removal of itself (leaving) may be proposed",
+            ));
+        };
+        if rm.removed() != sender_leaf {
+            return Err(bad(
+                "a member may only propose its own removal; others are removed by commit",
+            ));
+        }
+        let leaver = group
+            .leaf(sender_leaf)
+            .and_then(|leaf| credential_device(leaf.credential()))
+            .ok_or_else(|| bad("the proposer is not a Parley device"))?;
+        let mut leaving = self.pending_removals(&group)?;
+        let repeated = leaving.contains(&sender_leaf);
+        if !repeated {
+            leaving.push(sender_leaf);
+            group
+                .add_proposal(&next.storage, *queued)
+                .map_err(|e| bad(format!("cannot queue proposal: {e}")))?;
+        }
+        let remaining = group
+            .members()
+            .filter(|m| !leaving.contains(&m.index))
+            .count();
+        Ok(LeaveEffect {
+            next,
+            leaver,
+            repeated,
+            remaining,
         })
     }
 
