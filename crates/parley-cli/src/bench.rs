@@ -78,6 +78,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             // The load tool sends far faster than a person; lift the per-device rate limit.
             config.limits.messages_per_second = 1e9;
             config.limits.message_burst = 1e9;
+            config.limits.requests_per_second = 1e9;
+            config.limits.request_burst = 1e9;
             let server = Server::start(config).await?;
             let url = server.url();
             (Some(server), url)

@@ -52,6 +52,7 @@ pub struct Accounts {
     tokens: RwLock<HashMap<[u8; 32], AuthDevice>>,
     login_failures: RateLimiter,
     registrations: RateLimiter,
+    requests: RateLimiter,
 }
 
 fn now_ms() -> u64 {
@@ -130,6 +131,7 @@ impl Accounts {
         Self {
             login_failures: RateLimiter::per_minute(limits.logins_per_minute),
             registrations: RateLimiter::per_minute(limits.registrations_per_minute),
+            requests: RateLimiter::new(limits.requests_per_second, limits.request_burst),
             store,
             config,
             tokens: RwLock::new(HashMap::new()),
@@ -313,8 +315,19 @@ impl Accounts {
         Ok(session)
     }
 
-    /// Resolves a bearer token to its device (cached in memory after the first lookup).
+    /// Resolves a bearer token to its device and charges the device's request rate.
     pub async fn authenticate(&self, token: &str) -> ServiceResult<AuthDevice> {
+        let device = self.lookup_token(token).await?;
+        if !self.requests.allow(device.device.as_str()) {
+            return Err(ServiceError::RateLimited(
+                "this device is making requests too fast; slow down and retry".into(),
+            ));
+        }
+        Ok(device)
+    }
+
+    /// Resolves a bearer token to its device (cached in memory after the first lookup).
+    async fn lookup_token(&self, token: &str) -> ServiceResult<AuthDevice> {
         let hash = token_hash(token);
         if let Some(found) = self.tokens.read().ok().and_then(|t| t.get(&hash).cloned()) {
             return Ok(found);

@@ -75,6 +75,9 @@ pub struct Limits {
     /// Sustained messages + commits per second per device, and the burst allowed above it.
     pub messages_per_second: f64,
     pub message_burst: f64,
+    /// Authenticated API requests per second per device (all endpoints), and the burst.
+    pub requests_per_second: f64,
+    pub request_burst: f64,
     /// Failed logins per user per minute before further attempts are refused.
     pub logins_per_minute: f64,
     /// Accounts per minute, per server (registration is unauthenticated).
@@ -92,6 +95,8 @@ impl Default for Limits {
             max_stored_key_packages: 500,
             messages_per_second: 50.0,
             message_burst: 200.0,
+            requests_per_second: 200.0,
+            request_burst: 1000.0,
             logins_per_minute: 10.0,
             registrations_per_minute: 600.0,
             max_connections: 10_000,

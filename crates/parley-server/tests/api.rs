@@ -378,3 +378,35 @@ async fn client_api_over_tls() {
     assert!(plain.is_err() || !plain.unwrap().status().is_success());
     server.shutdown().await;
 }
+
+#[tokio::test]
+async fn per_device_request_rate_is_limited() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = ServerConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        data: dir.path().to_owned(),
+        ..Default::default()
+    };
+    config.add_domain("chirp.test");
+    config.limits.requests_per_second = 0.01;
+    config.limits.request_burst = 5.0;
+    let server = Server::start(config).await.unwrap();
+    let api = Api::new(&server);
+    let token = api.register("alice@chirp.test", "password1").await.1["token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    for _ in 0..5 {
+        assert_eq!(api.get("/v1/devices", Some(&token)).await.0, StatusCode::OK);
+    }
+    let limited = api.get("/v1/devices", Some(&token)).await;
+    assert_error(&limited, StatusCode::TOO_MANY_REQUESTS, "rate_limited");
+    assert_eq!(limited.1["retryable"], true);
+    // Another device is not affected.
+    let other = api.register("bob@chirp.test", "password1").await.1["token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(api.get("/v1/devices", Some(&other)).await.0, StatusCode::OK);
+    server.shutdown().await;
+}
