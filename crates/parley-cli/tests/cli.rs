@@ -357,3 +357,70 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
     }
     out
 }
+
+/// `parley chat` is live both ways: lines typed are sent, pushed messages are printed.
+#[test]
+fn interactive_chat_sends_and_receives_live() {
+    use std::io::Write as _;
+    use std::sync::mpsc;
+    let data = tempfile::tempdir().unwrap();
+    let server = ServerProcess::start(data.path(), "127.0.0.1:0");
+    let u = register_users(&server);
+    let room = ok(
+        &u.alice,
+        &["room", "create", "--name", "chatroom", "bob@wave.test"],
+    )
+    .lines()
+    .last()
+    .unwrap()
+    .to_owned();
+    ok(&u.bob, &["sync"]); // join via the Welcome
+    let mut chat = Command::new(BIN)
+        .env("PARLEY_PROFILE", &u.bob)
+        .env("RUST_LOG", "warn")
+        .args(["chat", &room])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = mpsc::channel();
+    let stdout = chat.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let wait_for = |needle: &str| {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Ok(line) = rx.recv_timeout(Duration::from_millis(100)) {
+                if line.contains(needle) {
+                    return line;
+                }
+            }
+        }
+        panic!("chat never printed {needle:?}");
+    };
+    wait_for("chatting in");
+    ok(&u.alice, &["send", &room, "live from alice"]);
+    assert_eq!(
+        wait_for("live from alice"),
+        "alice@chirp.test: live from alice"
+    );
+    let mut stdin = chat.stdin.take().unwrap();
+    writeln!(stdin, "typed by bob").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut got = Vec::new();
+    while got.is_empty() && Instant::now() < deadline {
+        got = messages(&sync_json(&u.alice));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(got, vec![("bob@wave.test".into(), "typed by bob".into())]);
+    writeln!(stdin, "/quit").unwrap();
+    let status = chat.wait().unwrap();
+    assert!(status.success());
+    drop(server);
+}

@@ -208,3 +208,71 @@ impl Delivery {
             .await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn queues_order_ack_and_expire() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        store
+            .write(|c| {
+                c.execute("INSERT INTO users VALUES ('a.test', 'al', 'h', 0)", [])?;
+                c.execute(
+                    "INSERT INTO devices (device_id, domain, handle, name, signature_key, token_hash, created_at)
+                     VALUES ('d1', 'a.test', 'al', 'n', x'00', x'01', 0)",
+                    [],
+                )?;
+                Ok(())
+            })
+            .await
+            .unwrap();
+        let item = |event: u64, expires_at: u64| Outgoing {
+            device: "d1".into(),
+            room_id: "r".into(),
+            kind: EntryKind::Message,
+            event,
+            ts: 1,
+            data: Arc::new(vec![event as u8]),
+            expires_at,
+        };
+        let mut gone = item(9, 1);
+        gone.device = "no-such-device".into();
+        let items = vec![item(1, 100), item(2, 300), gone, item(3, 100)];
+        let stored = store.write(move |c| enqueue(c, &items)).await.unwrap();
+        let seqs: Vec<u64> = stored.iter().map(|(_, e)| e.seq).collect();
+        assert_eq!(
+            seqs,
+            vec![1, 2, 3],
+            "per-device seq, unknown devices skipped"
+        );
+
+        let delivery = Delivery::new(store.clone());
+        let page = delivery.page("d1", 0, 10).await.unwrap();
+        assert_eq!(
+            page.iter().map(|e| e.event).collect::<Vec<_>>(),
+            vec![1, 2, 3]
+        );
+        assert_eq!(
+            delivery.page("d1", 1, 10).await.unwrap().len(),
+            2,
+            "after= skips"
+        );
+        assert_eq!(delivery.ack("d1", 1).await.unwrap(), 1);
+        assert_eq!(
+            delivery.expire(200).await.unwrap(),
+            1,
+            "entry 3 expired, entry 2 not yet"
+        );
+        let left = delivery.page("d1", 0, 10).await.unwrap();
+        assert_eq!(left.iter().map(|e| e.event).collect::<Vec<_>>(), vec![2]);
+        // Sequence numbers keep growing after deletes.
+        let stored = store
+            .write(move |c| enqueue(c, &[item(4, 999)]))
+            .await
+            .unwrap();
+        assert_eq!(stored[0].1.seq, 4);
+    }
+}
