@@ -52,6 +52,19 @@ struct RoomState {
 }
 
 impl RoomState {
+    /// Refuses (retryably) an MLS message built for another epoch than the room's.
+    fn check_epoch(&self, message_epoch: Option<u64>) -> ServiceResult<()> {
+        match message_epoch {
+            Some(epoch) if epoch != self.epoch => Err(ServiceError::wrong_epoch(self.epoch, epoch)),
+            _ => Ok(()),
+        }
+    }
+
+    /// `(device, user)` rows for `room_members`.
+    fn member_rows(&self) -> Vec<(String, String)> {
+        member_rows(&self.members)
+    }
+
     fn is_member(&self, device: &str) -> bool {
         self.members.iter().any(|m| m.device == device)
     }
@@ -292,11 +305,7 @@ impl Hub {
         self.check_rate(caller)?;
         let handle = self.member_room(caller, room).await?;
         let mut state = handle.write().await;
-        if let Some(epoch) = message_epoch(&commit) {
-            if epoch != state.epoch {
-                return Err(ServiceError::wrong_epoch(state.epoch, epoch));
-            }
-        }
+        state.check_epoch(message_epoch(&commit))?;
         let effect = state
             .public
             .apply_commit(&commit)
@@ -373,29 +382,13 @@ impl Hub {
                 .next
                 .encode()
                 .map_err(|e| ServiceError::Internal(e.to_string()))?,
-            members: members
-                .iter()
-                .map(|m| (m.device.clone(), m.user.to_string()))
-                .collect(),
+            members: member_rows(&members),
         };
-        let push = self.delivery.push.clone();
-        let queued = self
-            .store
-            .write_then(
-                move |c| {
-                    update.apply(c)?;
-                    enqueue(c, &outgoing)
-                },
-                move |stored: &Vec<Stored>| push.push(stored),
-            )
-            .await?;
+        self.persist(RoomWrite::State(update), outgoing).await?;
         state.epoch = effect.epoch;
         state.members = members;
         state.public = effect.next;
         self.counters.commits.fetch_add(1, Ordering::Relaxed);
-        self.counters
-            .queued
-            .fetch_add(queued.len() as u64, Ordering::Relaxed);
         tracing::info!(room = %state.id, epoch = state.epoch, added = effect.added.len(), removed = effect.removed.len(), "commit accepted");
         Ok(Accepted {
             event,
@@ -422,11 +415,7 @@ impl Hub {
                 "a direct room has fixed membership",
             ));
         }
-        if let Some(epoch) = message_epoch(&proposal) {
-            if epoch != state.epoch {
-                return Err(ServiceError::wrong_epoch(state.epoch, epoch));
-            }
-        }
+        state.check_epoch(message_epoch(&proposal))?;
         let effect = state
             .public
             .apply_leave(&proposal)
@@ -469,22 +458,9 @@ impl Hub {
                 .next
                 .encode()
                 .map_err(|e| ServiceError::Internal(e.to_string()))?,
-            members: state
-                .members
-                .iter()
-                .map(|m| (m.device.clone(), m.user.to_string()))
-                .collect(),
+            members: state.member_rows(),
         };
-        let push = self.delivery.push.clone();
-        self.store
-            .write_then(
-                move |c| {
-                    update.apply(c)?;
-                    enqueue(c, &outgoing)
-                },
-                move |stored: &Vec<Stored>| push.push(stored),
-            )
-            .await?;
+        self.persist(RoomWrite::State(update), outgoing).await?;
         let mut state = state;
         state.public = effect.next;
         tracing::info!(room = %state.id, leaver = %caller.uri(), "leave proposed");
@@ -493,6 +469,25 @@ impl Hub {
             ts,
             epoch: state.epoch,
         })
+    }
+
+    /// Durably records a room change with its queue entries, then pushes them (in commit order).
+    async fn persist(&self, write: RoomWrite, outgoing: Vec<Outgoing>) -> ServiceResult<()> {
+        let push = self.delivery.push.clone();
+        let stored = self
+            .store
+            .write_then(
+                move |c| {
+                    write.apply(c)?;
+                    enqueue(c, &outgoing)
+                },
+                move |stored: &Vec<Stored>| push.push(stored),
+            )
+            .await?;
+        self.counters
+            .queued
+            .fetch_add(stored.len() as u64, Ordering::Relaxed);
+        Ok(())
     }
 
     /// One queue entry per member device except the sender's.
@@ -601,9 +596,7 @@ impl Hub {
         let handle = self.member_room(caller, room).await?;
         // Read lock: messages of one room proceed concurrently, but never across a commit.
         let state = handle.read().await;
-        if header.epoch != state.epoch {
-            return Err(ServiceError::wrong_epoch(state.epoch, header.epoch));
-        }
+        state.check_epoch(Some(header.epoch))?;
         let ts = now_ms();
         let event = state.next_event.fetch_add(1, Ordering::SeqCst);
         let outgoing = self.fan_out(
@@ -614,25 +607,12 @@ impl Hub {
             ts,
             Arc::new(message),
         );
-        let room_id = room.to_owned();
-        let push = self.delivery.push.clone();
-        let queued = self
-            .store
-            .write_then(
-                move |c| {
-                    c.prepare_cached(
-                        "UPDATE rooms SET next_event = MAX(next_event, ?2) WHERE room_id = ?1",
-                    )?
-                    .execute(params![room_id, (event + 1) as i64])?;
-                    enqueue(c, &outgoing)
-                },
-                move |stored: &Vec<Stored>| push.push(stored),
-            )
-            .await?;
+        let write = RoomWrite::Event {
+            room_id: room.to_owned(),
+            next_event: event + 1,
+        };
+        self.persist(write, outgoing).await?;
         self.counters.messages.fetch_add(1, Ordering::Relaxed);
-        self.counters
-            .queued
-            .fetch_add(queued.len() as u64, Ordering::Relaxed);
         Ok(Accepted {
             event,
             ts,
@@ -666,11 +646,7 @@ impl RoomRow {
                 .public
                 .encode()
                 .map_err(|e| ServiceError::Internal(e.to_string()))?,
-            members: s
-                .members
-                .iter()
-                .map(|m| (m.device.clone(), m.user.to_string()))
-                .collect(),
+            members: s.member_rows(),
         })
     }
 }
@@ -701,6 +677,39 @@ fn replace_members(
         st.execute(params![room, device, user])?;
     }
     Ok(())
+}
+
+/// What an accepted event changes in the `rooms` table besides queue entries.
+enum RoomWrite {
+    /// A commit or a leave: new public state (and for a commit, epoch and members).
+    State(RoomUpdate),
+    /// An application message: only the room's event counter moves.
+    Event { room_id: String, next_event: u64 },
+}
+
+impl RoomWrite {
+    fn apply(&self, c: &Connection) -> Result<(), StoreError> {
+        match self {
+            RoomWrite::State(update) => update.apply(c),
+            RoomWrite::Event {
+                room_id,
+                next_event,
+            } => {
+                c.prepare_cached(
+                    "UPDATE rooms SET next_event = MAX(next_event, ?2) WHERE room_id = ?1",
+                )?
+                .execute(params![room_id, *next_event as i64])?;
+                Ok(())
+            }
+        }
+    }
+}
+
+fn member_rows(members: &[MemberDevice]) -> Vec<(String, String)> {
+    members
+        .iter()
+        .map(|m| (m.device.clone(), m.user.to_string()))
+        .collect()
 }
 
 /// The durable effect of an accepted commit.
