@@ -42,6 +42,10 @@ pub struct BenchArgs {
     /// Payload text size in bytes before encryption.
     #[arg(long, default_value_t = 200)]
     pub payload: usize,
+    /// Instead of relaying messages, hold this many idle push connections open against a
+    /// `parley serve` child process and report the server's memory per connection.
+    #[arg(long)]
+    pub idle_connections: Option<usize>,
 }
 
 /// One room under load: the sender's authenticated API client and its pre-encrypted message.
@@ -59,6 +63,9 @@ struct Timings {
 }
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    if let Some(n) = args.idle_connections {
+        return idle_memory(n).await;
+    }
     if args.pairs == 0 || args.messages == 0 || args.concurrency == 0 {
         bail!("--pairs, --messages and --concurrency must be at least 1");
     }
@@ -288,5 +295,106 @@ fn report(
             args.messages
         );
     }
+    Ok(())
+}
+
+/// A `parley serve` child process of the load tool, killed on drop.
+struct ChildServer {
+    child: std::process::Child,
+    url: String,
+}
+
+impl ChildServer {
+    fn spawn(data: &std::path::Path) -> anyhow::Result<Self> {
+        use std::io::BufRead as _;
+        // The load tool connects far faster than a person: lift the per-device limits.
+        std::fs::create_dir_all(data)?;
+        let config = data.join("bench.toml");
+        std::fs::write(
+            &config,
+            "[limits]\nrequests_per_second = 1e9\nrequest_burst = 1e9\n\
+             messages_per_second = 1e9\nmessage_burst = 1e9\nmax_connections = 20000\n",
+        )?;
+        let mut child = std::process::Command::new(std::env::current_exe()?)
+            .args([
+                "serve",
+                "--domain",
+                "bench.test",
+                "--listen",
+                "127.0.0.1:0",
+                "--data",
+            ])
+            .arg(data)
+            .arg("--config")
+            .arg(&config)
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .context("cannot start a parley serve child process")?;
+        let stdout = child.stdout.take().context("no stdout")?;
+        let mut line = String::new();
+        std::io::BufReader::new(stdout).read_line(&mut line)?;
+        let url = line
+            .trim()
+            .strip_prefix("parley serving on ")
+            .with_context(|| format!("unexpected server output {line:?}"))?
+            .to_owned();
+        Ok(Self { child, url })
+    }
+
+    /// Resident memory of the server process, in KiB.
+    fn rss_kib(&self) -> anyhow::Result<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .context("cannot read the server's /proc status (Linux only)")?;
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .context("no VmRSS in /proc status")
+    }
+}
+
+impl Drop for ChildServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Server memory per idle push connection (authenticated WebSocket, subscribed, nothing queued).
+async fn idle_memory(connections: usize) -> anyhow::Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let server = ChildServer::spawn(&tmp.path().join("server"))?;
+    let user = UserId::parse("idle@bench.test")?;
+    let device = Device::register(
+        &tmp.path().join("idle"),
+        &server.url,
+        &user,
+        Some("bench-password"),
+        None,
+        None,
+    )
+    .await?;
+    // Warm up allocator and runtime with a first batch, then measure from there.
+    let warmup = 100.min(connections);
+    let mut open = Vec::with_capacity(connections);
+    for _ in 0..warmup {
+        open.push(device.api().connect_push().await?);
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let before = server.rss_kib()?;
+    for _ in warmup..connections {
+        open.push(device.api().connect_push().await?);
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after = server.rss_kib()?;
+    let measured = (connections - warmup).max(1);
+    println!("idle push connections  {connections}");
+    println!("server RSS             {before} KiB after {warmup} connections, {after} KiB after {connections}");
+    println!(
+        "per idle connection    {:.1} KiB",
+        after.saturating_sub(before) as f64 / measured as f64
+    );
+    drop(open);
     Ok(())
 }
