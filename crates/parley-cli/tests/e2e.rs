@@ -270,3 +270,74 @@ async fn a_member_leaves_and_the_others_commit_it() {
     );
     server.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_commits_both_land_and_stale_commits_are_refused() {
+    use parley_proto::api::{CommitRequest, EntryKind};
+    let dir = tempfile::tempdir().unwrap();
+    let server = server(dir.path()).await;
+    let mut alice = register(dir.path(), &server, "alice@chirp.test").await;
+    let mut bob = register(dir.path(), &server, "bob@wave.test").await;
+    let carol = register(dir.path(), &server, "carol@chirp.test").await;
+    let dave = register(dir.path(), &server, "dave@wave.test").await;
+    let room = alice
+        .create_room(Some("race"), &[bob.user().clone()])
+        .await
+        .unwrap();
+    read(&mut bob, &room).await;
+
+    // Two members commit at the same time: the hub takes one, the other gets wrong_epoch,
+    // catches up and retries on top of it.
+    let (ra, rb) = (room.clone(), room.clone());
+    let (carol_id, dave_id) = (carol.user().clone(), dave.user().clone());
+    let a = tokio::spawn(async move { alice.add_member(&ra, &carol_id).await.map(|_| alice) });
+    let b = tokio::spawn(async move { bob.add_member(&rb, &dave_id).await.map(|_| bob) });
+    let mut alice = a.await.unwrap().unwrap();
+    let mut bob = b.await.unwrap().unwrap();
+    read(&mut alice, &room).await;
+    read(&mut bob, &room).await;
+    let info = bob
+        .rooms()
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|r| r.room == room)
+        .unwrap();
+    assert_eq!(info.members.len(), 4, "{info:?}");
+
+    // A commit replayed after the room moved on is refused as stale, retryably.
+    let mut carol = carol;
+    read(&mut carol, &room).await;
+    bob.remove_member(&room, dave.user()).await.unwrap();
+    let queued = carol.api().queue(None).await.unwrap().entries;
+    let old_commit = queued
+        .iter()
+        .find(|e| e.kind == EntryKind::Commit)
+        .expect("a queued commit")
+        .data
+        .clone();
+    read(&mut carol, &room).await;
+    alice.send_text(&room, "still working").await.unwrap();
+    let err = carol
+        .api()
+        .post_commit(
+            &room,
+            &CommitRequest {
+                commit: old_commit.clone(),
+                welcome: None,
+            },
+        )
+        .await
+        .unwrap_err();
+    // The replayed commit is for the epoch it was built for, which the room has left.
+    assert!(
+        err.code() == Some("wrong_epoch") && err.is_retryable(),
+        "{err}"
+    );
+    // The room still works for everyone.
+    assert_eq!(
+        read(&mut carol, &room).await,
+        from("alice@chirp.test", &["still working"])
+    );
+    server.shutdown().await;
+}
