@@ -3,6 +3,7 @@
 mod bench;
 mod client;
 mod demo;
+mod dev_ca;
 mod serve;
 
 use clap::{Parser, Subcommand};
@@ -58,6 +59,9 @@ enum Command {
     Demo,
     /// Load tool: messages/s and send→deliver latency through one server.
     Bench(bench::BenchArgs),
+    /// A development certificate authority for provider certificates (mutual TLS).
+    #[command(subcommand)]
+    DevCa(dev_ca::DevCaCommand),
 }
 
 fn init_logs(default: &str) {
@@ -84,6 +88,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             init_logs("warn");
             bench::run(args).await
         }
+        Command::DevCa(cmd) => dev_ca::run(cmd),
         Command::Account(cmd) => {
             init_logs("warn");
             client()?.account(cmd).await
