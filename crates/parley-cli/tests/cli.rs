@@ -17,6 +17,10 @@ struct ServerProcess {
 
 impl ServerProcess {
     fn start(data: &Path, listen: &str) -> Self {
+        Self::start_with(data, listen, &[])
+    }
+
+    fn start_with(data: &Path, listen: &str, extra: &[&str]) -> Self {
         let mut child = Command::new(BIN)
             .args([
                 "serve",
@@ -29,6 +33,7 @@ impl ServerProcess {
             ])
             .arg("--data")
             .arg(data)
+            .args(extra)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -422,5 +427,79 @@ fn interactive_chat_sends_and_receives_live() {
     writeln!(stdin, "/quit").unwrap();
     let status = chat.wait().unwrap();
     assert!(status.success());
+    drop(server);
+}
+
+/// TLS on the client API with certificates from `parley dev-ca`, clients trusting the CA.
+#[test]
+fn cli_over_tls_with_a_dev_ca() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca");
+    let ca_str = ca.to_str().unwrap();
+    ok(dir.path(), &["dev-ca", "init", ca_str]);
+    fails(dir.path(), &["dev-ca", "init", ca_str]); // never overwrites a CA
+    ok(dir.path(), &["dev-ca", "issue", ca_str, "localhost"]);
+    let (cert, key) = (ca.join("localhost.crt"), ca.join("localhost.key"));
+    let server = ServerProcess::start_with(
+        &dir.path().join("data"),
+        "127.0.0.1:0",
+        &[
+            "--tls-cert",
+            cert.to_str().unwrap(),
+            "--tls-key",
+            key.to_str().unwrap(),
+        ],
+    );
+    assert!(server.url.starts_with("https://"), "{}", server.url);
+    let url = format!("https://localhost:{}", server.port());
+    let ca_cert = ca.join("ca.crt");
+    let ca_arg = ca_cert.to_str().unwrap();
+    let (alice, bob) = (dir.path().join("alice"), dir.path().join("bob"));
+    // Without trusting the CA the client refuses the server's certificate.
+    let line = fails(
+        &alice,
+        &[
+            "account",
+            "register",
+            "alice@chirp.test",
+            "--server",
+            &url,
+            "--password",
+            "alice-secret",
+        ],
+    );
+    assert!(
+        line.contains("cannot reach") || line.contains("certificate"),
+        "{line}"
+    );
+    for (profile, user) in [(&alice, "alice@chirp.test"), (&bob, "bob@wave.test")] {
+        ok(
+            profile,
+            &[
+                "--ca-cert",
+                ca_arg,
+                "account",
+                "register",
+                user,
+                "--server",
+                &url,
+                "--password",
+                "secret-123",
+            ],
+        );
+    }
+    ok(
+        &alice,
+        &["--ca-cert", ca_arg, "send", "bob@wave.test", "over TLS"],
+    );
+    let out = ok(&bob, &["--ca-cert", ca_arg, "sync", "--json"]);
+    let events: Vec<Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(
+        messages(&events),
+        vec![("alice@chirp.test".into(), "over TLS".into())]
+    );
     drop(server);
 }
