@@ -30,6 +30,28 @@ pub struct ServeArgs {
     /// Allow plain HTTP on a non-loopback address (never in production).
     #[arg(long)]
     pub insecure_http: bool,
+    /// Address of the provider-to-provider (MIMI) listener; always mutual TLS.
+    #[arg(long, env = "PARLEY_FEDERATION_LISTEN")]
+    pub federation_listen: Option<SocketAddr>,
+    /// This provider's certificate (PEM) for federation; repeat per domain, paired with --federation-key.
+    #[arg(long)]
+    pub federation_cert: Vec<PathBuf>,
+    /// Private key (PEM) of the --federation-cert at the same position.
+    #[arg(long)]
+    pub federation_key: Vec<PathBuf>,
+    /// CA certificate (PEM) that peer providers' certificates must chain to.
+    #[arg(long)]
+    pub peer_ca: Option<PathBuf>,
+    /// A peer provider's base URL, DOMAIN=URL (repeatable); other peers are https://DOMAIN.
+    #[arg(long = "peer", value_parser = parse_peer)]
+    pub peers: Vec<(String, String)>,
+}
+
+fn parse_peer(s: &str) -> Result<(String, String), String> {
+    let (domain, url) = s
+        .split_once('=')
+        .ok_or_else(|| format!("expected DOMAIN=URL, got {s:?}"))?;
+    Ok((domain.to_owned(), url.to_owned()))
 }
 
 impl ServeArgs {
@@ -58,6 +80,17 @@ impl ServeArgs {
             config.tls_key = self.tls_key;
         }
         config.insecure_http |= self.insecure_http;
+        if self.federation_listen.is_some() {
+            config.federation_listen = self.federation_listen;
+        }
+        if !self.federation_cert.is_empty() {
+            config.federation_cert = self.federation_cert;
+            config.federation_key = self.federation_key;
+        }
+        if self.peer_ca.is_some() {
+            config.peer_ca = self.peer_ca;
+        }
+        config.peers.extend(self.peers);
         config.validate()?;
         Ok(config)
     }
@@ -69,6 +102,9 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         .await
         .context("cannot start the server")?;
     println!("parley serving on {}", server.url());
+    if let Some(fed) = server.federation_addr() {
+        println!("MIMI federation (mutual TLS) on https://{fed}");
+    }
     shutdown_signal().await;
     tracing::info!("shutting down");
     server.shutdown().await;

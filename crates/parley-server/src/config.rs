@@ -141,6 +141,21 @@ pub struct ServerConfig {
     pub insecure_http: bool,
     #[serde(default)]
     pub limits: Limits,
+    /// Address of the provider-to-provider (MIMI) listener; always mutual TLS.
+    #[serde(default)]
+    pub federation_listen: Option<SocketAddr>,
+    /// This provider's certificate chains (PEM), one per hosted domain or one naming them all.
+    #[serde(default)]
+    pub federation_cert: Vec<PathBuf>,
+    /// The private keys of `federation_cert`, in the same order.
+    #[serde(default)]
+    pub federation_key: Vec<PathBuf>,
+    /// CA certificate(s) (PEM) that peer providers' certificates must chain to.
+    #[serde(default)]
+    pub peer_ca: Option<PathBuf>,
+    /// Base URLs of peer providers by domain; others are reached at `https://DOMAIN`.
+    #[serde(default)]
+    pub peers: std::collections::BTreeMap<String, String>,
 }
 
 impl Default for ServerConfig {
@@ -153,6 +168,11 @@ impl Default for ServerConfig {
             tls_key: None,
             insecure_http: false,
             limits: Limits::default(),
+            federation_listen: None,
+            federation_cert: Vec::new(),
+            federation_key: Vec::new(),
+            peer_ca: None,
+            peers: Default::default(),
         }
     }
 }
@@ -203,6 +223,35 @@ impl ServerConfig {
                 )))
             }
             _ => {}
+        }
+        self.validate_federation()
+    }
+
+    fn validate_federation(&self) -> Result<(), ConfigError> {
+        for (domain, url) in &self.peers {
+            Domain::parse(domain)
+                .map_err(|e| ConfigError::Invalid(format!("peer {domain}: {e}")))?;
+            if !url.starts_with("https://") {
+                return Err(ConfigError::Invalid(format!(
+                    "peer {domain}: {url} must be an https:// URL"
+                )));
+            }
+        }
+        if self.federation_listen.is_none() {
+            return Ok(());
+        }
+        if self.federation_cert.is_empty()
+            || self.federation_cert.len() != self.federation_key.len()
+        {
+            return Err(ConfigError::Invalid(
+                "--federation-listen needs --federation-cert and --federation-key, given in pairs"
+                    .into(),
+            ));
+        }
+        if self.peer_ca.is_none() {
+            return Err(ConfigError::Invalid(
+                "--federation-listen needs --peer-ca: peers are always authenticated with mutual TLS".into(),
+            ));
         }
         Ok(())
     }

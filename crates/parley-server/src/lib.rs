@@ -11,6 +11,7 @@ pub mod accounts;
 pub mod config;
 pub mod delivery;
 pub mod error;
+pub mod federation;
 pub mod http;
 pub mod hub;
 pub mod limits;
@@ -65,9 +66,10 @@ pub enum ServerError {
 /// A running server. Tests bind port 0 and read [`Server::local_addr`].
 pub struct Server {
     addr: SocketAddr,
+    federation_addr: Option<SocketAddr>,
     tls: bool,
     stop: watch::Sender<bool>,
-    task: JoinHandle<()>,
+    tasks: Vec<JoinHandle<()>>,
 }
 
 impl Server {
@@ -103,27 +105,55 @@ impl Server {
             shutdown: shutdown.clone(),
         });
         tokio::spawn(expiry_loop(delivery, shutdown.clone()));
+        let mut tasks = Vec::new();
+        let federation_addr = match config.federation_listen {
+            Some(fed) => {
+                let acceptor = federation::tls_acceptor(&config)?;
+                let listener = TcpListener::bind(fed)
+                    .await
+                    .map_err(|e| ServerError::Bind(fed, e))?;
+                let bound = listener
+                    .local_addr()
+                    .map_err(|e| ServerError::Bind(fed, e))?;
+                tracing::info!(addr = %bound, "MIMI federation listener (mutual TLS)");
+                tasks.push(tokio::spawn(net::serve(
+                    listener,
+                    federation::router(app.clone()),
+                    Some(acceptor),
+                    config.limits.max_connections,
+                    shutdown.clone(),
+                )));
+                Some(bound)
+            }
+            None => None,
+        };
         let router = http::router(app);
         let domains: Vec<&str> = config.domains.iter().map(|d| d.name.as_str()).collect();
         tracing::info!(%addr, tls = tls.is_some(), domains = ?domains, data = %config.data.display(), "parley server listening");
         let tls_on = tls.is_some();
-        let task = tokio::spawn(net::serve(
+        tasks.push(tokio::spawn(net::serve(
             listener,
             router,
             tls,
             config.limits.max_connections,
             shutdown,
-        ));
+        )));
         Ok(Self {
             addr,
+            federation_addr,
             tls: tls_on,
             stop,
-            task,
+            tasks,
         })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The bound address of the federation (MIMI, mutual TLS) listener, if configured.
+    pub fn federation_addr(&self) -> Option<SocketAddr> {
+        self.federation_addr
     }
 
     /// The base URL clients use, e.g. `http://127.0.0.1:8420`.
@@ -135,7 +165,9 @@ impl Server {
     /// Stops accepting, closes push connections, drains requests and returns.
     pub async fn shutdown(self) {
         let _ = self.stop.send(true);
-        let _ = self.task.await;
+        for task in self.tasks {
+            let _ = task.await;
+        }
         tracing::info!("parley server stopped");
     }
 }

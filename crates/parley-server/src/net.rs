@@ -1,7 +1,8 @@
 //! Accepting connections: optional TLS (rustls), HTTP/1.1 with WebSocket upgrades, a cap on
 //! concurrent connections, and graceful shutdown.
 
-use axum::Router;
+use crate::federation::PeerCertificate;
+use axum::{Extension, Router};
 use hyper_util::rt::TokioIo;
 use hyper_util::service::TowerToHyperService;
 use std::path::Path;
@@ -24,6 +25,8 @@ pub enum TlsError {
     NoKey(String),
     #[error("bad TLS setup: {0}")]
     Rustls(#[from] rustls::Error),
+    #[error("bad peer CA: {0}")]
+    Verifier(String),
 }
 
 /// Builds a TLS acceptor from PEM files (certificate chain, private key).
@@ -76,7 +79,7 @@ pub async fn serve(
             continue;
         };
         let _ = tcp.set_nodelay(true);
-        let service = TowerToHyperService::new(router.clone());
+        let router = router.clone();
         let stop = shutdown.clone();
         let tls = tls.clone();
         tokio::spawn(async move {
@@ -85,12 +88,26 @@ pub async fn serve(
                 Some(acceptor) => {
                     match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                         Ok(Ok(stream)) => {
+                            // Handlers that authenticate peers (federation) read the client certificate.
+                            let peer = stream
+                                .get_ref()
+                                .1
+                                .peer_certificates()
+                                .and_then(|c| c.first());
+                            let peer =
+                                PeerCertificate(peer.map(|c| Arc::new(c.clone().into_owned())));
+                            let service = TowerToHyperService::new(router.layer(Extension(peer)));
                             serve_connection(TokioIo::new(stream), service, stop).await
                         }
                         _ => tracing::debug!("TLS handshake failed or timed out"),
                     }
                 }
-                None => serve_connection(TokioIo::new(tcp), service, stop).await,
+                None => {
+                    let service = TowerToHyperService::new(
+                        router.layer(Extension(PeerCertificate::default())),
+                    );
+                    serve_connection(TokioIo::new(tcp), service, stop).await
+                }
             }
         });
     }
