@@ -65,6 +65,14 @@ impl RoomState {
         member_rows(&self.members)
     }
 
+    fn require_member(&self, caller: &AuthDevice) -> ServiceResult<()> {
+        if self.is_member(caller.device.as_str()) {
+            Ok(())
+        } else {
+            Err(unknown_room(&self.id))
+        }
+    }
+
     fn is_member(&self, device: &str) -> bool {
         self.members.iter().any(|m| m.device == device)
     }
@@ -305,6 +313,7 @@ impl Hub {
         self.check_rate(caller)?;
         let handle = self.member_room(caller, room).await?;
         let mut state = handle.write().await;
+        state.require_member(caller)?;
         state.check_epoch(message_epoch(&commit))?;
         let effect = state
             .public
@@ -409,6 +418,7 @@ impl Hub {
         self.check_rate(caller)?;
         let handle = self.member_room(caller, room).await?;
         let state = handle.write().await;
+        state.require_member(caller)?;
         if state.kind == RoomKind::Direct {
             return Err(ServiceError::forbidden(
                 "policy",
@@ -596,6 +606,7 @@ impl Hub {
         let handle = self.member_room(caller, room).await?;
         // Read lock: messages of one room proceed concurrently, but never across a commit.
         let state = handle.read().await;
+        state.require_member(caller)?; // again under the lock: a commit may have removed it
         state.check_epoch(Some(header.epoch))?;
         let ts = now_ms();
         let event = state.next_event.fetch_add(1, Ordering::SeqCst);

@@ -34,7 +34,9 @@ pub enum StoreError {
 }
 
 type Finisher = Box<dyn FnOnce(Result<(), String>) + Send>;
-type Job = Box<dyn FnOnce(&Connection) -> Finisher + Send>;
+/// A write job: given the open transaction (or why none could be opened), it runs its
+/// statements and returns what to do once the outcome of the commit is known.
+type Job = Box<dyn FnOnce(Result<&Connection, String>) -> Finisher + Send>;
 
 /// Handle to the database; cheap to clone.
 #[derive(Clone)]
@@ -80,7 +82,10 @@ impl Store {
     {
         let (tx, rx) = oneshot::channel();
         let job: Job = Box::new(move |conn| {
-            let result = in_savepoint(conn, f);
+            let result = match conn {
+                Ok(conn) => in_savepoint(conn, f),
+                Err(e) => Err(StoreError::Task(format!("no write transaction: {e}"))),
+            };
             Box::new(move |committed| {
                 let outcome = match (committed, result) {
                     (Ok(()), Ok(value)) => {
@@ -177,19 +182,16 @@ fn writer_loop(conn: Connection, mut rx: mpsc::Receiver<Job>) {
                 Err(_) => break,
             }
         }
-        let began = conn.execute_batch("BEGIN IMMEDIATE");
-        if let Err(e) = began {
+        if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
             tracing::error!(error = %e, "cannot begin a write transaction");
+            // Fail every job without running any of its statements.
             let msg = e.to_string();
-            // Dropping the jobs without running them makes each caller see WriterGone; run
-            // nothing half-way. Report the error instead.
             for job in batch {
-                let finish = job(&conn);
-                finish(Err(msg.clone()));
+                job(Err(msg.clone()))(Err(msg.clone()));
             }
             continue;
         }
-        let finishers: Vec<Finisher> = batch.into_iter().map(|job| job(&conn)).collect();
+        let finishers: Vec<Finisher> = batch.into_iter().map(|job| job(Ok(&conn))).collect();
         let committed = conn.execute_batch("COMMIT").map_err(|e| {
             tracing::error!(error = %e, "group commit failed");
             let _ = conn.execute_batch("ROLLBACK");
