@@ -17,6 +17,7 @@ pub mod hub;
 pub mod limits;
 pub mod mls;
 pub mod net;
+pub mod peers;
 pub mod store;
 
 use accounts::Accounts;

@@ -182,3 +182,75 @@ fn federation_settings_must_be_complete() {
         .to_string()
         .contains("https://"));
 }
+
+/// A provider finds a peer's endpoints through its directory, over mutual TLS, and checks the
+/// peer's certificate against the peer's domain even when the configured URL is an address.
+#[tokio::test]
+async fn peers_are_discovered_through_the_directory() {
+    use parley_proto::Domain;
+    use parley_server::peers::PeerClient;
+    let dir = tempfile::tempdir().unwrap();
+    let ca = TestCa::new("federation test CA");
+    let ca_path = dir.path().join("ca.crt");
+    std::fs::write(&ca_path, &ca.pem).unwrap();
+    let start = |domain: &'static str| {
+        let (cert, key, _) = ca.leaf(dir.path(), &[domain]);
+        let mut config = ServerConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            data: dir.path().join(domain),
+            federation_listen: Some("127.0.0.1:0".parse().unwrap()),
+            federation_cert: vec![cert],
+            federation_key: vec![key],
+            peer_ca: Some(ca_path.clone()),
+            ..Default::default()
+        };
+        config.add_domain(domain);
+        config
+    };
+    let wave = Server::start(start("wave.test")).await.unwrap();
+    let evil = Server::start(start("evil.test")).await.unwrap();
+    let mut chirp_config = start("chirp.test");
+    let at = |s: &Server| format!("https://{}", s.federation_addr().unwrap());
+    chirp_config.peers.insert("wave.test".into(), at(&wave));
+    // A URL that leads to a provider whose certificate does not name the peer's domain.
+    chirp_config.peers.insert("impostor.test".into(), at(&evil));
+    chirp_config.validate().unwrap();
+    let peers = PeerClient::new(&chirp_config)
+        .unwrap()
+        .expect("federation is configured");
+    let chirp = Domain::parse("chirp.test").unwrap();
+
+    let directory = peers
+        .directory(&chirp, &Domain::parse("wave.test").unwrap())
+        .await
+        .unwrap();
+    let port = wave.federation_addr().unwrap().port();
+    assert_eq!(
+        directory.url("keyMaterial", "bob").as_deref(),
+        Some(format!("https://wave.test:{port}/v1/keyMaterial/bob").as_str())
+    );
+    let err = peers
+        .directory(&chirp, &Domain::parse("impostor.test").unwrap())
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("cannot reach peer impostor.test"),
+        "{err}"
+    );
+    // This provider cannot speak for a domain it holds no certificate for.
+    let fresh = PeerClient::new(&chirp_config).unwrap().unwrap();
+    let err = fresh
+        .directory(
+            &Domain::parse("other.test").unwrap(),
+            &Domain::parse("wave.test").unwrap(),
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("no federation certificate for other.test"),
+        "{err}"
+    );
+    wave.shutdown().await;
+    evil.shutdown().await;
+}

@@ -1,0 +1,276 @@
+//! Outbound calls to peer providers: mutual TLS with this provider's certificate for the domain it
+//! speaks as, `From: mimi@<domain>`, and peer discovery through the MIMI endpoint directory.
+//!
+//! A peer is reached at its `[peers]` URL, else `https://DOMAIN`. Its certificate is always checked
+//! against the peer's *domain*, whatever host or address the URL names, so `--peer
+//! wave.test=https://127.0.0.1:8421` still requires a certificate for `wave.test`.
+
+use crate::config::ServerConfig;
+use crate::federation::certificate_names;
+use parley_proto::Domain;
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+const PEER_TIMEOUT: Duration = Duration::from_secs(30);
+/// Largest directory document accepted from a peer.
+const MAX_DIRECTORY_BYTES: usize = 64 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PeerError {
+    #[error("this provider has no federation certificate for {0}")]
+    NoIdentity(Domain),
+    #[error("bad peer URL for {0}: {1}")]
+    BadUrl(Domain, String),
+    #[error("cannot reach peer {0}: {1}")]
+    Unreachable(Domain, String),
+    #[error("peer {0} answered {1}")]
+    Refused(Domain, String),
+    #[error("peer {0} sent an invalid directory: {1}")]
+    BadDirectory(Domain, String),
+    #[error("cannot read federation credentials: {0}")]
+    Credentials(String),
+}
+
+/// A peer's endpoint directory: endpoint name → URL template.
+#[derive(Debug, Clone)]
+pub struct Directory {
+    endpoints: HashMap<String, String>,
+}
+
+impl Directory {
+    /// The URL of `endpoint` with its one `{…}` parameter filled in.
+    pub fn url(&self, endpoint: &str, param: &str) -> Option<String> {
+        let template = self.endpoints.get(endpoint)?;
+        let (head, rest) = template.split_once('{')?;
+        let (_, tail) = rest.split_once('}')?;
+        Some(format!("{head}{param}{tail}"))
+    }
+}
+
+/// Where and how to reach one peer: a URL naming the peer's domain, and the address to dial.
+struct Route {
+    base: String,
+    addr: Option<SocketAddr>,
+}
+
+pub struct PeerClient {
+    /// PEM identity (certificate + key) per local domain.
+    identities: HashMap<String, Vec<u8>>,
+    peer_ca: Vec<u8>,
+    peers: BTreeMap<String, String>,
+    clients: Mutex<HashMap<(String, String), reqwest::Client>>,
+    directories: Mutex<HashMap<String, Arc<Directory>>>,
+}
+
+impl PeerClient {
+    /// Builds the client from the federation settings; `None` when federation is not configured.
+    pub fn new(config: &ServerConfig) -> Result<Option<Self>, PeerError> {
+        let Some(ca_path) = &config.peer_ca else {
+            return Ok(None);
+        };
+        let read = |p: &std::path::Path| {
+            std::fs::read(p).map_err(|e| PeerError::Credentials(format!("{}: {e}", p.display())))
+        };
+        let mut identities = HashMap::new();
+        for (cert, key) in config.federation_cert.iter().zip(&config.federation_key) {
+            let cert_pem = read(cert)?;
+            let first = rustls_pemfile::certs(&mut cert_pem.as_slice())
+                .next()
+                .and_then(Result::ok)
+                .ok_or_else(|| {
+                    PeerError::Credentials(format!("no certificate in {}", cert.display()))
+                })?;
+            let mut pem = cert_pem.clone();
+            pem.extend(read(key)?);
+            for d in &config.domains {
+                if certificate_names(&first, &d.name) {
+                    identities
+                        .entry(d.name.clone())
+                        .or_insert_with(|| pem.clone());
+                }
+            }
+        }
+        Ok(Some(Self {
+            identities,
+            peer_ca: read(ca_path)?,
+            peers: config.peers.clone(),
+            clients: Mutex::new(HashMap::new()),
+            directories: Mutex::new(HashMap::new()),
+        }))
+    }
+
+    async fn route(&self, peer: &Domain) -> Result<Route, PeerError> {
+        let Some(configured) = self.peers.get(peer.as_str()) else {
+            return Ok(Route {
+                base: format!("https://{peer}"),
+                addr: None,
+            });
+        };
+        let url = url_parts(configured)
+            .ok_or_else(|| PeerError::BadUrl(peer.clone(), configured.clone()))?;
+        let addr = tokio::net::lookup_host((url.0.as_str(), url.1))
+            .await
+            .map_err(|e| PeerError::Unreachable(peer.clone(), e.to_string()))?
+            .next()
+            .ok_or_else(|| {
+                PeerError::Unreachable(peer.clone(), format!("{} has no address", url.0))
+            })?;
+        Ok(Route {
+            base: format!("https://{peer}:{}{}", url.1, url.2),
+            addr: Some(addr),
+        })
+    }
+
+    fn client(
+        &self,
+        as_domain: &Domain,
+        peer: &Domain,
+        route: &Route,
+    ) -> Result<reqwest::Client, PeerError> {
+        let key = (as_domain.to_string(), peer.to_string());
+        if let Some(c) = self.clients.lock().ok().and_then(|m| m.get(&key).cloned()) {
+            return Ok(c);
+        }
+        let identity = self
+            .identities
+            .get(as_domain.as_str())
+            .ok_or_else(|| PeerError::NoIdentity(as_domain.clone()))?;
+        let bad = |e: reqwest::Error| PeerError::Credentials(e.to_string());
+        let mut builder = reqwest::Client::builder()
+            .use_rustls_tls()
+            .tls_built_in_root_certs(false)
+            .add_root_certificate(reqwest::Certificate::from_pem(&self.peer_ca).map_err(bad)?)
+            .identity(reqwest::Identity::from_pem(identity).map_err(bad)?)
+            .timeout(PEER_TIMEOUT);
+        if let Some(addr) = route.addr {
+            builder = builder.resolve(peer.as_str(), addr);
+        }
+        let client = builder.build().map_err(bad)?;
+        if let Ok(mut m) = self.clients.lock() {
+            m.insert(key, client.clone());
+        }
+        Ok(client)
+    }
+
+    /// The peer's endpoint directory (`GET /.well-known/mimi-protocol-directory`), cached.
+    pub async fn directory(
+        &self,
+        as_domain: &Domain,
+        peer: &Domain,
+    ) -> Result<Arc<Directory>, PeerError> {
+        if let Some(d) = self
+            .directories
+            .lock()
+            .ok()
+            .and_then(|m| m.get(peer.as_str()).cloned())
+        {
+            return Ok(d);
+        }
+        let route = self.route(peer).await?;
+        let client = self.client(as_domain, peer, &route)?;
+        let resp = client
+            .get(format!(
+                "{}/.well-known/mimi-protocol-directory",
+                route.base
+            ))
+            .header(reqwest::header::FROM, format!("mimi@{as_domain}"))
+            .send()
+            .await
+            .map_err(|e| PeerError::Unreachable(peer.clone(), error_chain(&e)))?;
+        if !resp.status().is_success() {
+            let status = resp.status();
+            let body = resp.text().await.unwrap_or_default();
+            return Err(PeerError::Refused(
+                peer.clone(),
+                format!("{status}: {}", truncate(&body)),
+            ));
+        }
+        let bytes = resp
+            .bytes()
+            .await
+            .map_err(|e| PeerError::Unreachable(peer.clone(), e.to_string()))?;
+        if bytes.len() > MAX_DIRECTORY_BYTES {
+            return Err(PeerError::BadDirectory(peer.clone(), "too large".into()));
+        }
+        let endpoints: HashMap<String, String> = serde_json::from_slice(&bytes)
+            .map_err(|e| PeerError::BadDirectory(peer.clone(), e.to_string()))?;
+        let directory = Arc::new(Directory { endpoints });
+        if let Ok(mut m) = self.directories.lock() {
+            m.insert(peer.to_string(), directory.clone());
+        }
+        Ok(directory)
+    }
+}
+
+/// `https://host:port/path` → (host, port, path without trailing slash).
+fn url_parts(url: &str) -> Option<(String, u16, String)> {
+    let rest = url.strip_prefix("https://")?;
+    let (authority, path) = match rest.split_once('/') {
+        Some((a, p)) => (a, format!("/{}", p.trim_end_matches('/'))),
+        None => (rest, String::new()),
+    };
+    let path = if path == "/" { String::new() } else { path };
+    let (host, port) = match authority.rsplit_once(':') {
+        Some((h, p)) => (
+            h.trim_start_matches('[').trim_end_matches(']').to_owned(),
+            p.parse().ok()?,
+        ),
+        None => (authority.to_owned(), 443),
+    };
+    Some((host, port, path))
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}
+
+fn truncate(s: &str) -> &str {
+    match s.char_indices().nth(200) {
+        Some((i, _)) => &s[..i],
+        None => s,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peer_urls_and_directory_templates() {
+        assert_eq!(
+            url_parts("https://127.0.0.1:8421"),
+            Some(("127.0.0.1".into(), 8421, String::new()))
+        );
+        assert_eq!(
+            url_parts("https://wave.example/mimi/"),
+            Some(("wave.example".into(), 443, "/mimi".into()))
+        );
+        assert_eq!(
+            url_parts("https://[::1]:9/"),
+            Some(("::1".into(), 9, String::new()))
+        );
+        assert_eq!(url_parts("http://x"), None);
+        assert_eq!(url_parts("https://x:notaport"), None);
+        let d = Directory {
+            endpoints: [(
+                "keyMaterial".to_string(),
+                "https://w.test/v1/keyMaterial/{targetUser}".to_string(),
+            )]
+            .into(),
+        };
+        assert_eq!(
+            d.url("keyMaterial", "bob").as_deref(),
+            Some("https://w.test/v1/keyMaterial/bob")
+        );
+        assert_eq!(d.url("notify", "r"), None);
+    }
+}
