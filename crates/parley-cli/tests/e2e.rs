@@ -341,3 +341,58 @@ async fn racing_commits_both_land_and_stale_commits_are_refused() {
     );
     server.shutdown().await;
 }
+
+/// With room for one room in memory, rooms are evicted and reloaded from the database between
+/// requests, and nothing changes for the users.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rooms_reload_from_the_database_when_evicted() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = ServerConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        data: dir.path().join("server"),
+        ..Default::default()
+    };
+    config.add_domain("chirp.test");
+    config.limits.max_cached_rooms = 1;
+    let server = Server::start(config).await.unwrap();
+    let mut alice = register(dir.path(), &server, "alice@chirp.test").await;
+    let mut bob = register(dir.path(), &server, "bob@chirp.test").await;
+    let carol = register(dir.path(), &server, "carol@chirp.test").await;
+    let mut rooms = Vec::new();
+    for name in ["one", "two", "three"] {
+        rooms.push(
+            alice
+                .create_room(Some(name), &[bob.user().clone()])
+                .await
+                .unwrap(),
+        );
+    }
+    for round in 0..2 {
+        for room in &rooms {
+            alice
+                .send_text(room, &format!("round {round}"))
+                .await
+                .unwrap();
+        }
+    }
+    // A commit on an evicted room is verified against the reloaded public state.
+    alice.add_member(&rooms[0], carol.user()).await.unwrap();
+    alice.send_text(&rooms[0], "with carol").await.unwrap();
+    let events = bob.sync(None).await.unwrap();
+    for (i, room) in rooms.iter().enumerate() {
+        let got: Vec<&str> = events
+            .iter()
+            .filter_map(|e| match e {
+                Event::Message { room: r, text, .. } if r == room => Some(text.as_str()),
+                Event::Error { detail, .. } => panic!("bob failed to process an entry: {detail}"),
+                _ => None,
+            })
+            .collect();
+        let mut want = vec!["round 0", "round 1"];
+        if i == 0 {
+            want.push("with carol");
+        }
+        assert_eq!(got, want, "room {i}");
+    }
+    server.shutdown().await;
+}

@@ -85,6 +85,8 @@ pub struct Limits {
     pub max_connections: usize,
     pub max_queue_page: usize,
     pub max_devices_per_user: usize,
+    /// Rooms whose public state is kept in memory; idle ones beyond this are reloaded on use.
+    pub max_cached_rooms: usize,
 }
 
 impl Default for Limits {
@@ -102,6 +104,7 @@ impl Default for Limits {
             max_connections: 10_000,
             max_queue_page: 1000,
             max_devices_per_user: 16,
+            max_cached_rooms: 10_000,
         }
     }
 }

@@ -171,17 +171,33 @@ impl Hub {
         let Some(state) = loaded else {
             return Ok(None);
         };
+        Ok(Some(self.cache_room(id, state)?))
+    }
+
+    /// Puts a room into the in-memory cache (another request's copy wins if it got there first),
+    /// first evicting idle rooms when the cache is full. Evicting is safe: every change is in the
+    /// database before it is in memory, and a room in use (its handle held elsewhere) is kept.
+    fn cache_room(&self, id: &RoomId, state: RoomState) -> ServiceResult<RoomHandle> {
         let mut rooms = self
             .rooms
             .lock()
             .map_err(|_| ServiceError::Internal("room map poisoned".into()))?;
-        // Another request may have loaded it meanwhile: the map's copy wins.
-        Ok(Some(
-            rooms
-                .entry(id.clone())
-                .or_insert_with(|| Arc::new(RwLock::new(state)))
-                .clone(),
-        ))
+        let limit = self.config.limits.max_cached_rooms.max(1);
+        if rooms.len() >= limit && !rooms.contains_key(id) {
+            let idle: Vec<RoomId> = rooms
+                .iter()
+                .filter(|(_, handle)| Arc::strong_count(handle) == 1)
+                .map(|(k, _)| k.clone())
+                .take(rooms.len() + 1 - limit)
+                .collect();
+            for k in idle {
+                rooms.remove(&k);
+            }
+        }
+        Ok(rooms
+            .entry(id.clone())
+            .or_insert_with(|| Arc::new(RwLock::new(state)))
+            .clone())
     }
 
     async fn member_room(&self, caller: &AuthDevice, room: &str) -> ServiceResult<RoomHandle> {
@@ -268,9 +284,7 @@ impl Hub {
             ));
         }
         let info = state.info();
-        if let Ok(mut rooms) = self.rooms.lock() {
-            rooms.insert(id, Arc::new(RwLock::new(state)));
-        }
+        self.cache_room(&id, state)?;
         tracing::info!(room = %info.room_id, kind = info.kind.as_str(), creator = %caller.user, "room created");
         Ok(info)
     }
