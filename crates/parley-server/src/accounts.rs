@@ -151,6 +151,19 @@ impl Accounts {
         Ok(user)
     }
 
+    /// What registering and logging in a device both check: the user, the device name, the key.
+    fn check_enrolment(
+        &self,
+        user: &str,
+        device_name: Option<&str>,
+        signature_key: &[u8],
+    ) -> ServiceResult<(UserId, String)> {
+        let user = self.local_user(user)?;
+        let name = check_device_name(device_name)?;
+        check_signature_key(signature_key)?;
+        Ok((user, name))
+    }
+
     /// `POST /v1/accounts`.
     pub async fn register(
         &self,
@@ -160,9 +173,7 @@ impl Accounts {
         device_name: Option<&str>,
         signature_key: Vec<u8>,
     ) -> ServiceResult<NewSession> {
-        let user = self.local_user(user)?;
-        let name = check_device_name(device_name)?;
-        check_signature_key(&signature_key)?;
+        let (user, name) = self.check_enrolment(user, device_name, &signature_key)?;
         if !self.registrations.allow("register") {
             return Err(ServiceError::RateLimited(
                 "too many registrations, try again later".into(),
@@ -265,9 +276,7 @@ impl Accounts {
         device_name: Option<&str>,
         signature_key: Vec<u8>,
     ) -> ServiceResult<NewSession> {
-        let user = self.local_user(user)?;
-        let name = check_device_name(device_name)?;
-        check_signature_key(&signature_key)?;
+        let (user, name) = self.check_enrolment(user, device_name, &signature_key)?;
         let denied = || ServiceError::Unauthorized("wrong user or password".into());
         let (domain, handle) = (
             user.domain().as_str().to_owned(),

@@ -193,15 +193,7 @@ impl PublicState {
     /// Verifies a commit (a PublicMessage) against the current state and computes the next state,
     /// leaving `self` untouched so nothing changes unless the result is stored.
     pub fn apply_commit(&self, commit: &[u8]) -> Result<CommitEffect, MlsInputError> {
-        let msg = MlsMessageIn::tls_deserialize_exact(commit)
-            .map_err(|e| bad(format!("commit is not an MLS message: {e}")))?;
-        let MlsMessageBodyIn::PublicMessage(pm) = msg.extract() else {
-            return Err(bad("a commit must be an MLS PublicMessage"));
-        };
-        let pm = ProtocolMessage::from(pm);
-        if pm.content_type() != ContentType::Commit {
-            return Err(bad("the PublicMessage is not a commit"));
-        }
+        let pm = handshake_message(commit, ContentType::Commit, "commit")?;
         let next = self.fork()?;
         let mut group = next.load()?;
         let before = members_of(&group)?;
@@ -280,15 +272,7 @@ impl PublicState {
 
     /// Verifies a member's proposal to remove itself (leaving) and queues it in the next state.
     pub fn apply_leave(&self, proposal: &[u8]) -> Result<LeaveEffect, MlsInputError> {
-        let msg = MlsMessageIn::tls_deserialize_exact(proposal)
-            .map_err(|e| bad(format!("proposal is not an MLS message: {e}")))?;
-        let MlsMessageBodyIn::PublicMessage(pm) = msg.extract() else {
-            return Err(bad("a proposal must be an MLS PublicMessage"));
-        };
-        let pm = ProtocolMessage::from(pm);
-        if pm.content_type() != ContentType::Proposal {
-            return Err(bad("the PublicMessage is not a proposal"));
-        }
+        let pm = handshake_message(proposal, ContentType::Proposal, "proposal")?;
         let next = self.fork()?;
         let mut group = next.load()?;
         let processed = group
@@ -394,6 +378,24 @@ impl PublicState {
             group_id: GroupId::from_slice(group_id.as_slice()),
         })
     }
+}
+
+/// Parses a handshake message the hub must be able to read: a PublicMessage of `expected` type.
+fn handshake_message(
+    bytes: &[u8],
+    expected: ContentType,
+    what: &str,
+) -> Result<ProtocolMessage, MlsInputError> {
+    let msg = MlsMessageIn::tls_deserialize_exact(bytes)
+        .map_err(|e| bad(format!("{what} is not an MLS message: {e}")))?;
+    let MlsMessageBodyIn::PublicMessage(pm) = msg.extract() else {
+        return Err(bad(format!("a {what} must be an MLS PublicMessage")));
+    };
+    let pm = ProtocolMessage::from(pm);
+    if pm.content_type() != expected {
+        return Err(bad(format!("the PublicMessage is not a {what}")));
+    }
+    Ok(pm)
 }
 
 fn members_of(group: &PublicGroup) -> Result<Vec<LeafDevice>, MlsInputError> {
