@@ -1,8 +1,9 @@
-//! The client commands: `account`, `room`, `send`, `sync`, `chat`.
+//! The client commands: `account`, `room`, `contact`, `send`, `sync`, `chat`.
 
 use anyhow::{anyhow, bail, Context};
 use clap::{Args, Subcommand};
-use parley_client::{Device, Event};
+use parley_client::{ClientError, Device, Event};
+use parley_proto::api::{ContactDirection, ContactInfo, ContactState};
 use parley_proto::{RoomId, UserId};
 use std::io::Write as _;
 use std::path::PathBuf;
@@ -63,6 +64,60 @@ pub enum RoomCommand {
     /// List the rooms this device is in.
     List,
 }
+
+#[derive(Debug, Subcommand)]
+pub enum ContactCommand {
+    /// Ask a user for consent to contact them.
+    ///
+    /// A user of another provider must accept your contact request before you can add them to a
+    /// room or message them (`parley send USER@DOMAIN` sends this request by itself when needed).
+    /// Asking again while the request is pending changes nothing. Users of your own provider
+    /// need no consent: the answer is `granted` at once.
+    Request {
+        /// The user to ask, `handle@domain`.
+        user: String,
+    },
+    /// List the contact requests waiting for your answer.
+    ///
+    /// One line per request, e.g. `alice@chirp.test wants to contact you`; answer each with
+    /// `parley contact accept` or `parley contact block`.
+    Requests {
+        /// One JSON object per line: `{"user":…,"direction":"incoming","state":"pending"}`.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Accept a user's contact request: they may then add you to rooms and message you.
+    Accept {
+        /// The user whose request to accept, `handle@domain`.
+        user: String,
+    },
+    /// Block a user: refuse their contact request, or revoke a consent you gave.
+    ///
+    /// A blocked user can no longer add you to rooms or start a conversation with you.
+    Block {
+        /// The user to block, `handle@domain`.
+        user: String,
+    },
+}
+
+/// `parley send USER@DOMAIN` could not send because the user has not consented yet; a contact
+/// request went out instead. `main` prints it (without `error:`) and exits with code 3.
+#[derive(Debug)]
+pub struct AwaitingConsent {
+    pub user: UserId,
+}
+
+impl std::fmt::Display for AwaitingConsent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "waiting for {} to accept your contact request; the message was not sent",
+            self.user
+        )
+    }
+}
+
+impl std::error::Error for AwaitingConsent {}
 
 /// The platform's data directory for the default profile.
 fn default_profile() -> anyhow::Result<PathBuf> {
@@ -171,12 +226,19 @@ impl Client {
                     .iter()
                     .map(|m| parse_user(m))
                     .collect::<Result<Vec<_>, _>>()?;
-                let room = device.create_room(name.as_deref(), &members).await?;
+                let room = device
+                    .create_room(name.as_deref(), &members)
+                    .await
+                    .map_err(|e| consent_hint(e, "USER@DOMAIN"))?;
                 println!("{room}");
             }
             RoomCommand::Add { room, user } => {
                 let room = resolve_room(&mut device, &room).await?;
-                device.add_member(&room, &parse_user(&user)?).await?;
+                let user = parse_user(&user)?;
+                device
+                    .add_member(&room, &user)
+                    .await
+                    .map_err(|e| consent_hint(e, &user.to_string()))?;
                 println!("added {user} to {room}");
             }
             RoomCommand::Remove { room, user } => {
@@ -205,13 +267,56 @@ impl Client {
         Ok(())
     }
 
+    pub async fn contact(&self, cmd: ContactCommand) -> anyhow::Result<()> {
+        let device = self.open()?;
+        match cmd {
+            ContactCommand::Request { user } => {
+                let user = parse_user(&user)?;
+                let answer = device.contact_request(&user).await?;
+                println!("{}", describe_request(&user, &answer));
+            }
+            ContactCommand::Requests { json } => {
+                let requests = device.contact_requests().await?;
+                let mut out = std::io::stdout().lock();
+                for request in &requests {
+                    if json {
+                        writeln!(out, "{}", serde_json::to_string(request)?)?;
+                    } else {
+                        writeln!(out, "{}", describe_contact(request))?;
+                    }
+                }
+                if requests.is_empty() && !json {
+                    eprintln!("no pending contact requests");
+                }
+            }
+            ContactCommand::Accept { user } => {
+                let user = parse_user(&user)?;
+                let answer = device.contact_accept(&user).await?;
+                if answer.state == ContactState::Granted {
+                    println!("accepted {user}: they can now add you to rooms and message you");
+                } else {
+                    println!("{}", describe_contact(&answer));
+                }
+            }
+            ContactCommand::Block { user } => {
+                let user = parse_user(&user)?;
+                let answer = device.contact_block(&user).await?;
+                if answer.state == ContactState::Blocked {
+                    println!("blocked {user}: they can no longer add you to rooms or message you");
+                } else {
+                    println!("{}", describe_contact(&answer));
+                }
+            }
+        }
+        Ok(())
+    }
+
     pub async fn send(&self, target: &str, text: &str) -> anyhow::Result<()> {
         let mut device = self.open()?;
-        let room = if target.contains('@') {
-            device.direct_room(&parse_user(target)?).await?
-        } else {
-            resolve_room(&mut device, target).await?
-        };
+        if target.contains('@') {
+            return send_direct_or_ask(&mut device, &parse_user(target)?, text).await;
+        }
+        let room = resolve_room(&mut device, target).await?;
         let sent = device.send_text(&room, text).await?;
         println!("sent {} to {room}", sent.id);
         Ok(())
@@ -267,6 +372,84 @@ impl Client {
         }
         live.close().await;
         Ok(())
+    }
+}
+
+/// Sends `text` in the direct room with `peer`, finding or creating it. Without `peer`'s consent
+/// (no room can be created, or they blocked us in the existing one), asks for it (the request is
+/// idempotent) and fails with [`AwaitingConsent`]; should consent turn out to be there by now,
+/// tries once more.
+async fn send_direct_or_ask(device: &mut Device, peer: &UserId, text: &str) -> anyhow::Result<()> {
+    match send_direct(device, peer, text).await {
+        Ok(()) => return Ok(()),
+        Err(ClientError::NoConsent(detail)) => {
+            tracing::debug!(%peer, "no consent: {detail}");
+        }
+        Err(e) => return Err(e.into()),
+    }
+    let answer = device
+        .contact_request(peer)
+        .await
+        .with_context(|| format!("{peer} has not consented, and asking them failed"))?;
+    match answer.state {
+        ContactState::Pending => Err(AwaitingConsent { user: peer.clone() }.into()),
+        ContactState::Granted => send_direct(device, peer, text)
+            .await
+            .map_err(|e| consent_hint(e, &peer.to_string())),
+        ContactState::Blocked => {
+            bail!("{peer} does not accept contact requests from you; the message was not sent")
+        }
+    }
+}
+
+async fn send_direct(device: &mut Device, peer: &UserId, text: &str) -> Result<(), ClientError> {
+    let room = device.direct_room(peer).await?;
+    let sent = device.send_text(&room, text).await?;
+    println!("sent {} to {room}", sent.id);
+    Ok(())
+}
+
+/// Explains a missing consent in the one error line, with the command that asks for it.
+fn consent_hint(e: ClientError, user: &str) -> anyhow::Error {
+    match e {
+        ClientError::NoConsent(_) => anyhow!(
+            "{e}; ask for consent with `parley contact request {user}` and try again once accepted"
+        ),
+        other => other.into(),
+    }
+}
+
+/// One line for a relation seen from our side.
+fn describe_contact(contact: &ContactInfo) -> String {
+    let user = &contact.user;
+    match (contact.direction, contact.state) {
+        (ContactDirection::Incoming, ContactState::Pending) => {
+            format!("{user} wants to contact you")
+        }
+        (ContactDirection::Incoming, ContactState::Granted) => {
+            format!("{user} may add you to rooms and message you")
+        }
+        (ContactDirection::Incoming, ContactState::Blocked) => format!("{user} is blocked"),
+        (ContactDirection::Outgoing, ContactState::Pending) => {
+            format!("waiting for {user} to accept your contact request")
+        }
+        (ContactDirection::Outgoing, ContactState::Granted) => {
+            format!("{user} accepted your contact request: you can message them")
+        }
+        (ContactDirection::Outgoing, ContactState::Blocked) => {
+            format!("{user} does not accept contact requests from you")
+        }
+    }
+}
+
+/// The confirmation of `parley contact request`.
+fn describe_request(user: &UserId, answer: &ContactInfo) -> String {
+    match answer.state {
+        ContactState::Pending => {
+            format!("asked {user} for consent; waiting for them to accept your contact request")
+        }
+        ContactState::Granted => format!("{user} has consented: you can message them"),
+        ContactState::Blocked => format!("{user} does not accept contact requests from you"),
     }
 }
 
@@ -343,4 +526,52 @@ fn show_in_chat(room: &RoomId, event: &Event) {
 
 fn short(room: &RoomId) -> &str {
     &room.as_str()[..8]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn contact(direction: ContactDirection, state: ContactState) -> ContactInfo {
+        ContactInfo {
+            user: "alice@chirp.test".into(),
+            direction,
+            state,
+        }
+    }
+
+    #[test]
+    fn contacts_read_as_sentences() {
+        let pending = contact(ContactDirection::Incoming, ContactState::Pending);
+        assert_eq!(
+            describe_contact(&pending),
+            "alice@chirp.test wants to contact you"
+        );
+        let asked = contact(ContactDirection::Outgoing, ContactState::Pending);
+        assert_eq!(
+            describe_contact(&asked),
+            "waiting for alice@chirp.test to accept your contact request"
+        );
+        let bob = parse_user("bob@wave.test").unwrap();
+        assert_eq!(
+            AwaitingConsent { user: bob }.to_string(),
+            "waiting for bob@wave.test to accept your contact request; the message was not sent"
+        );
+    }
+
+    #[test]
+    fn missing_consent_errors_say_how_to_ask() {
+        let e = consent_hint(
+            ClientError::NoConsent("bob@wave.test has not consented".into()),
+            "bob@wave.test",
+        );
+        let line = format!("{e:#}");
+        assert!(
+            line.contains("parley contact request bob@wave.test")
+                && line.contains("bob@wave.test has not consented"),
+            "{line}"
+        );
+        let other = consent_hint(ClientError::NotRegistered, "bob@wave.test");
+        assert!(!format!("{other:#}").contains("contact request"));
+    }
 }

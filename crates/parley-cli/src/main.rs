@@ -7,16 +7,23 @@ mod dev_ca;
 mod serve;
 
 use clap::{Parser, Subcommand};
-use client::{AccountCommand, Client, ClientOpts, RoomCommand};
+use client::{AccountCommand, AwaitingConsent, Client, ClientOpts, ContactCommand, RoomCommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
+
+/// Exit code of a command stopped because another user has yet to consent (the contact request
+/// was sent; nothing else was done). 1 is any other error, 2 a bad command line (clap).
+const EXIT_AWAITING_CONSENT: u8 = 3;
 
 #[derive(Debug, Parser)]
 #[command(
     name = "parley",
     version,
     about = "Parley: end-to-end encrypted messaging that interconnects (MLS + MIMI)",
-    after_help = "Start with `parley demo`, or `parley serve` and `parley account register`."
+    after_help = "Start with `parley demo`, or `parley serve` and `parley account register`.\n\n\
+                  Exit codes: 0 done; 1 error (one line on stderr); 2 bad command line; \
+                  3 waiting for another user's consent (`parley send USER@DOMAIN` sent them a \
+                  contact request instead of the message)."
 )]
 struct Cli {
     /// Client profile directory (device keys, MLS state). Default: $PARLEY_PROFILE, else the platform data dir.
@@ -38,7 +45,17 @@ enum Command {
     /// Create rooms, add and remove members, leave and list rooms.
     #[command(subcommand)]
     Room(RoomCommand),
+    /// Ask other users for consent, list and answer their contact requests.
+    #[command(subcommand)]
+    Contact(ContactCommand),
     /// Send a text message to a room, or to a user's 1:1 room (USER@DOMAIN).
+    ///
+    /// Messaging a user of another provider needs their consent. Without it nothing is sent:
+    /// parley sends them a contact request (see `parley contact`), says on stderr that it is
+    /// waiting for them, and exits with code 3. Send again once they have accepted.
+    #[command(after_help = "Exit codes: 0 sent; 1 error; 2 bad command line; \
+                            3 waiting for USER@DOMAIN to accept your contact request \
+                            (the message was not sent).")]
     Send {
         /// A room id or name, or USER@DOMAIN for the 1:1 room with that user.
         target: String,
@@ -97,6 +114,10 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             init_logs("warn");
             client()?.room(cmd).await
         }
+        Command::Contact(cmd) => {
+            init_logs("warn");
+            client()?.contact(cmd).await
+        }
         Command::Send {
             ref target,
             ref text,
@@ -120,6 +141,10 @@ async fn main() -> ExitCode {
     match dispatch(Cli::parse()).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
+            if let Some(waiting) = e.downcast_ref::<AwaitingConsent>() {
+                eprintln!("{waiting}");
+                return ExitCode::from(EXIT_AWAITING_CONSENT);
+            }
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }

@@ -4,6 +4,7 @@ use anyhow::Context;
 use clap::Args;
 use parley_server::config::ServerConfig;
 use parley_server::Server;
+use std::io::Write as _;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
@@ -45,6 +46,9 @@ pub struct ServeArgs {
     /// A peer provider's base URL, DOMAIN=URL (repeatable); other peers are https://DOMAIN.
     #[arg(long = "peer", value_parser = parse_peer)]
     pub peers: Vec<(String, String)>,
+    /// Longest wait between retries of deliveries to a peer that is down, in seconds (default 60).
+    #[arg(long, value_name = "SECONDS")]
+    pub peer_retry_cap: Option<u64>,
 }
 
 fn parse_peer(s: &str) -> Result<(String, String), String> {
@@ -91,6 +95,9 @@ impl ServeArgs {
             config.peer_ca = self.peer_ca;
         }
         config.peers.extend(self.peers);
+        if let Some(cap) = self.peer_retry_cap {
+            config.peer_retry_cap_secs = cap;
+        }
         config.validate()?;
         Ok(config)
     }
@@ -101,10 +108,14 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let server = Server::start(config)
         .await
         .context("cannot start the server")?;
-    println!("parley serving on {}", server.url());
+    // Announce where we serve; a closed stdout (a supervisor that stopped reading) must not
+    // take the server down, so write errors are ignored.
+    let mut out = std::io::stdout();
+    let _ = writeln!(out, "parley serving on {}", server.url());
     if let Some(fed) = server.federation_addr() {
-        println!("MIMI federation (mutual TLS) on https://{fed}");
+        let _ = writeln!(out, "MIMI federation (mutual TLS) on https://{fed}");
     }
+    let _ = out.flush();
     shutdown_signal().await;
     tracing::info!("shutting down");
     server.shutdown().await;

@@ -4,136 +4,11 @@
 use serde_json::Value;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-const BIN: &str = env!("CARGO_BIN_EXE_parley");
-
-/// A `parley serve` child process, killed on drop.
-struct ServerProcess {
-    child: Child,
-    url: String,
-}
-
-impl ServerProcess {
-    fn start(data: &Path, listen: &str) -> Self {
-        Self::start_with(data, listen, &[])
-    }
-
-    fn start_with(data: &Path, listen: &str, extra: &[&str]) -> Self {
-        let mut child = Command::new(BIN)
-            .args([
-                "serve",
-                "--domain",
-                "chirp.test",
-                "--domain",
-                "wave.test",
-                "--listen",
-                listen,
-            ])
-            .arg("--data")
-            .arg(data)
-            .args(extra)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn parley serve");
-        let stdout = child.stdout.take().unwrap();
-        let mut line = String::new();
-        BufReader::new(stdout).read_line(&mut line).unwrap();
-        let url = line
-            .trim()
-            .strip_prefix("parley serving on ")
-            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-            .to_owned();
-        Self { child, url }
-    }
-
-    fn port(&self) -> &str {
-        self.url.rsplit(':').next().unwrap()
-    }
-
-    fn kill_9(mut self) {
-        let _ = self.child.kill(); // SIGKILL
-        let _ = self.child.wait();
-    }
-
-    fn terminate(mut self) {
-        let pid = self.child.id().to_string();
-        let status = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
-        assert!(status.success());
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while Instant::now() < deadline {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                assert!(status.success(), "graceful shutdown exits 0, got {status}");
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        panic!("server did not stop on SIGTERM");
-    }
-}
-
-impl Drop for ServerProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn parley(profile: &Path, args: &[&str]) -> Output {
-    Command::new(BIN)
-        .env("PARLEY_PROFILE", profile)
-        .env("RUST_LOG", "warn")
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .expect("run parley")
-}
-
-/// Runs a command that must succeed; returns stdout.
-fn ok(profile: &Path, args: &[&str]) -> String {
-    let out = parley(profile, args);
-    assert!(
-        out.status.success(),
-        "parley {args:?} failed: {}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        String::from_utf8_lossy(&out.stdout)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
-/// Runs a command that must fail with one clear line on stderr; returns that line.
-fn fails(profile: &Path, args: &[&str]) -> String {
-    let out = parley(profile, args);
-    assert!(!out.status.success(), "parley {args:?} should have failed");
-    let stderr = String::from_utf8(out.stderr).unwrap();
-    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
-    assert_eq!(lines.len(), 1, "one line on stderr, got {stderr:?}");
-    assert!(lines[0].starts_with("error: "), "{stderr:?}");
-    lines[0].to_owned()
-}
-
-fn sync_json(profile: &Path) -> Vec<Value> {
-    ok(profile, &["sync", "--json"])
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad JSON line {l:?}: {e}")))
-        .collect()
-}
-
-fn messages(events: &[Value]) -> Vec<(String, String)> {
-    events
-        .iter()
-        .filter(|e| e["type"] == "message")
-        .map(|e| {
-            (
-                e["sender"].as_str().unwrap().to_owned(),
-                e["text"].as_str().unwrap().to_owned(),
-            )
-        })
-        .collect()
-}
+mod common;
+use common::*;
 
 struct Users {
     _dir: tempfile::TempDir,
@@ -502,4 +377,29 @@ fn cli_over_tls_with_a_dev_ca() {
         vec![("alice@chirp.test".into(), "over TLS".into())]
     );
     drop(server);
+}
+
+#[test]
+fn demo_shows_three_providers_and_checks_itself() {
+    let out = Command::new(BIN)
+        .arg("demo")
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "demo failed: {}\n{stdout}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for line in [
+        "refused by wave.test: bob has not consented (MIMI noConsent)",
+        "carol  sees  nothing: she is no longer in the group",
+        "dave   sees  alice@chirp.test: Carol has left; she cannot read this.",
+        "Delivery summary",
+        "demo finished in",
+    ] {
+        assert!(stdout.contains(line), "missing {line:?} in:\n{stdout}");
+    }
 }

@@ -7,9 +7,9 @@ use std::time::Duration;
 
 use futures_util::{SinkExt as _, StreamExt as _};
 use parley_proto::api::{
-    Accepted, AckRequest, ClaimResponse, CommitRequest, CreateRoomRequest, DeviceInfo, ErrorBody,
-    KeyPackageCount, LoginRequest, ProposalRequest, QueueEntry, QueuePage, RegisterRequest,
-    RoomInfo, SendRequest, SessionResponse, UploadKeyPackages, WsFrame,
+    Accepted, AckRequest, ClaimResponse, CommitRequest, ContactInfo, CreateRoomRequest, DeviceInfo,
+    ErrorBody, KeyPackageCount, LoginRequest, ProposalRequest, QueueEntry, QueuePage,
+    RegisterRequest, RoomInfo, SendRequest, SessionResponse, UploadKeyPackages, WsFrame,
 };
 use parley_proto::{DeviceId, RoomId, UserId};
 use reqwest::{Method, StatusCode};
@@ -107,6 +107,15 @@ impl ApiClient {
             .map(drop)
     }
 
+    /// `GET /metrics`: the server's counters in Prometheus text format.
+    pub async fn metrics(&self) -> Result<String> {
+        let url = self.endpoint(&["metrics"])?;
+        let resp = self.send::<()>(Method::GET, url, None).await?;
+        resp.text()
+            .await
+            .map_err(|e| ClientError::Protocol(format!("unreadable metrics: {e}")))
+    }
+
     /// `POST /v1/accounts`: register a user and its first device.
     pub async fn register(&self, req: &RegisterRequest) -> Result<SessionResponse> {
         self.call(Method::POST, &["v1", "accounts"], Some(req))
@@ -150,11 +159,35 @@ impl ApiClient {
             .await
     }
 
-    /// `POST /v1/users/{user}/key-packages/claim`: one KeyPackage per device of `user`.
-    pub async fn claim_key_packages(&self, user: &UserId) -> Result<ClaimResponse> {
-        let user = user.to_string();
-        let path = ["v1", "users", &user, "key-packages", "claim"];
-        self.call::<(), _>(Method::POST, &path, None).await
+    /// `POST /v1/users/{user}/key-packages/claim?room=ROOM`: one KeyPackage per device of `user`,
+    /// to add them to `room`. A user of another provider who has not consented (or who blocked
+    /// us) is [`ClientError::NoConsent`].
+    pub async fn claim_key_packages(&self, user: &UserId, room: &RoomId) -> Result<ClaimResponse> {
+        let url = self.claim_url(user, room)?;
+        let resp = self.send::<()>(Method::POST, url, None).await?;
+        decode_json(resp).await
+    }
+
+    /// `POST /v1/contacts/{user}/request`: asks `user` for consent to contact them. Idempotent;
+    /// answers the outgoing relation (`granted` at once for a user of our own provider).
+    pub async fn contact_request(&self, user: &UserId) -> Result<ContactInfo> {
+        self.contact_call(user, "request").await
+    }
+
+    /// `GET /v1/contacts/requests`: the pending contact requests other users sent us.
+    pub async fn contact_requests(&self) -> Result<Vec<ContactInfo>> {
+        self.call::<(), _>(Method::GET, &["v1", "contacts", "requests"], None)
+            .await
+    }
+
+    /// `POST /v1/contacts/{user}/accept`: consents to `user`'s contact request.
+    pub async fn contact_accept(&self, user: &UserId) -> Result<ContactInfo> {
+        self.contact_call(user, "accept").await
+    }
+
+    /// `POST /v1/contacts/{user}/block`: refuses (or revokes) consent for `user`.
+    pub async fn contact_block(&self, user: &UserId) -> Result<ContactInfo> {
+        self.contact_call(user, "block").await
     }
 
     /// `POST /v1/rooms`: register a freshly created group with its hub.
@@ -257,6 +290,19 @@ impl ApiClient {
             .pop_if_empty()
             .extend(segments);
         Ok(url)
+    }
+
+    fn claim_url(&self, user: &UserId, room: &RoomId) -> Result<Url> {
+        let user = user.to_string();
+        let mut url = self.endpoint(&["v1", "users", &user, "key-packages", "claim"])?;
+        url.query_pairs_mut().append_pair("room", room.as_str());
+        Ok(url)
+    }
+
+    async fn contact_call(&self, user: &UserId, action: &str) -> Result<ContactInfo> {
+        let user = user.to_string();
+        self.call::<(), _>(Method::POST, &["v1", "contacts", &user, action], None)
+            .await
     }
 
     fn require_token(&self) -> Result<&str> {
@@ -542,6 +588,30 @@ mod tests {
         let e = api_error(StatusCode::BAD_GATEWAY, b"<html>oops</html>");
         assert_eq!(e.code(), Some("http_502"));
         assert!(e.is_retryable());
+    }
+
+    #[test]
+    fn claims_name_the_room() {
+        let api = ApiClient::new("https://chirp.test", None).unwrap();
+        let user = UserId::parse("bob@wave.test").unwrap();
+        let room = RoomId::parse("00112233445566778899aabbccddeeff").unwrap();
+        assert_eq!(
+            api.claim_url(&user, &room).unwrap().as_str(),
+            "https://chirp.test/v1/users/bob@wave.test/key-packages/claim\
+             ?room=00112233445566778899aabbccddeeff"
+        );
+    }
+
+    #[test]
+    fn no_consent_answers_become_typed_errors() {
+        let body = br#"{"error":"no_consent","message":"bob@wave.test has not consented","retryable":false}"#;
+        let e = api_error(StatusCode::FORBIDDEN, body);
+        assert!(
+            matches!(&e, ClientError::NoConsent(m) if m == "bob@wave.test has not consented"),
+            "{e:?}"
+        );
+        let e = api_error(StatusCode::FORBIDDEN, b"forbidden");
+        assert_eq!(e.code(), Some("http_403"));
     }
 
     #[test]

@@ -14,8 +14,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use parley_proto::api::{
-    Accepted, CommitRequest, CreateRoomRequest, EntryKind, LoginRequest, ProposalRequest,
-    QueueEntry, RegisterRequest, RoomInfo, RoomKind, SendRequest, SessionResponse,
+    Accepted, CommitRequest, ContactInfo, CreateRoomRequest, EntryKind, LoginRequest,
+    ProposalRequest, QueueEntry, RegisterRequest, RoomInfo, RoomKind, SendRequest, SessionResponse,
     UploadKeyPackages,
 };
 use parley_proto::ids::DeviceUri;
@@ -301,15 +301,54 @@ impl Device {
         &self.api
     }
 
+    // --- contacts (consent) ---------------------------------------------------------------------
+
+    /// Asks `user` for consent to contact them: needed before rooms with a user of another
+    /// provider (claiming their KeyPackages is [`ClientError::NoConsent`] until they accept).
+    /// Idempotent; answers our outgoing relation, `granted` at once for a user of our provider.
+    pub async fn contact_request(&self, user: &UserId) -> Result<ContactInfo> {
+        self.require_other_user(user)?;
+        self.api.contact_request(user).await
+    }
+
+    /// The contact requests other users sent us that we have not answered yet.
+    pub async fn contact_requests(&self) -> Result<Vec<ContactInfo>> {
+        self.api.contact_requests().await
+    }
+
+    /// Consents to `user`'s contact request: they may then add us to rooms and message us.
+    pub async fn contact_accept(&self, user: &UserId) -> Result<ContactInfo> {
+        self.require_other_user(user)?;
+        self.api.contact_accept(user).await
+    }
+
+    /// Refuses `user`'s contact request, or revokes a consent given earlier.
+    pub async fn contact_block(&self, user: &UserId) -> Result<ContactInfo> {
+        self.require_other_user(user)?;
+        self.api.contact_block(user).await
+    }
+
+    fn require_other_user(&self, user: &UserId) -> Result<()> {
+        if user == self.user() {
+            return Err(ClientError::InvalidInput(
+                "contact requests are between two users; this is yourself".into(),
+            ));
+        }
+        Ok(())
+    }
+
     // --- rooms ----------------------------------------------------------------------------------
 
     /// Creates a group room with `members` (and this user's other devices) in one commit.
+    /// [`ClientError::NoConsent`] if a member of another provider has not accepted our contact
+    /// request; nothing is created then.
     pub async fn create_room(&mut self, name: Option<&str>, members: &[UserId]) -> Result<RoomId> {
         self.create_room_of_kind(RoomKind::Group, name, None, members)
             .await
     }
 
-    /// The direct room with `peer`: an existing one if there is one, else a new one.
+    /// The direct room with `peer`: an existing one if there is one, else a new one
+    /// ([`ClientError::NoConsent`] if `peer` is on another provider and has not consented).
     pub async fn direct_room(&mut self, peer: &UserId) -> Result<RoomId> {
         if peer == self.user() {
             return Err(ClientError::InvalidInput(
@@ -332,7 +371,8 @@ impl Device {
             .await
     }
 
-    /// Adds every device of `user` to the room.
+    /// Adds every device of `user` to the room ([`ClientError::NoConsent`] if `user` is on
+    /// another provider and has not consented).
     pub async fn add_member(&mut self, room: &RoomId, user: &UserId) -> Result<()> {
         self.require_member(room)?;
         if self
@@ -344,7 +384,7 @@ impl Device {
                 "{user} is already a member of room {room}"
             )));
         }
-        let key_packages = self.claim(user).await?;
+        let key_packages = self.claim(user, room).await?;
         self.commit(room, &CommitPlan::Add(key_packages)).await?;
         Ok(())
     }
@@ -458,13 +498,17 @@ impl Device {
         peer: Option<&UserId>,
         members: &[UserId],
     ) -> Result<RoomId> {
-        // Claim first: an unknown user then fails before a room exists.
-        let mut key_packages = self.own_other_devices_key_packages().await?;
+        // The id comes first, since claims name the room their KeyPackages are for; then claim
+        // before the group exists, so an unknown user or a missing consent fails with nothing to
+        // undo. Other users first: they can refuse, and then none of our own devices' one-time
+        // KeyPackages is spent.
+        let room = RoomId::from_random(rand::random());
+        let mut key_packages = Vec::new();
         let others: BTreeSet<&UserId> = members.iter().filter(|u| *u != self.user()).collect();
         for user in others {
-            key_packages.extend(self.claim(user).await?);
+            key_packages.extend(self.claim(user, &room).await?);
         }
-        let room = RoomId::from_random(rand::random());
+        key_packages.extend(self.own_other_devices_key_packages(&room).await?);
         let group = self
             .profile
             .transaction(|| self.mls.create_group(self.profile.conn(), &room))?;
@@ -519,9 +563,9 @@ impl Device {
         Ok((candidates.into_iter().next(), unjoined))
     }
 
-    /// Claims one KeyPackage per device of `user` and validates them.
-    async fn claim(&mut self, user: &UserId) -> Result<Vec<ValidatedKeyPackage>> {
-        let claimed = self.api.claim_key_packages(user).await?;
+    /// Claims one KeyPackage per device of `user` for `room` and validates them.
+    async fn claim(&mut self, user: &UserId, room: &RoomId) -> Result<Vec<ValidatedKeyPackage>> {
+        let claimed = self.api.claim_key_packages(user, room).await?;
         let valid = self.validate_claimed(user, &claimed.key_packages, None);
         if valid.is_empty() {
             return Err(ClientError::Protocol(format!(
@@ -531,8 +575,12 @@ impl Device {
         Ok(valid)
     }
 
-    /// KeyPackages of this user's other devices, so they share the rooms this device creates.
-    async fn own_other_devices_key_packages(&mut self) -> Result<Vec<ValidatedKeyPackage>> {
+    /// KeyPackages of this user's other devices for `room`, so they share the rooms this device
+    /// creates.
+    async fn own_other_devices_key_packages(
+        &mut self,
+        room: &RoomId,
+    ) -> Result<Vec<ValidatedKeyPackage>> {
         let devices = self.api.devices().await?;
         if devices
             .iter()
@@ -541,7 +589,7 @@ impl Device {
             return Ok(Vec::new()); // Do not burn one of our own KeyPackages for nothing.
         }
         let user = self.user().clone();
-        let claimed = self.api.claim_key_packages(&user).await?;
+        let claimed = self.api.claim_key_packages(&user, room).await?;
         Ok(self.validate_claimed(&user, &claimed.key_packages, Some(self.device_id())))
     }
 
@@ -811,6 +859,7 @@ impl Device {
     // --- messages -------------------------------------------------------------------------------
 
     /// Sends a text message to a room (MIMI content in an MLS PrivateMessage).
+    /// [`ClientError::NoConsent`] in a direct room whose other user blocked us.
     pub async fn send_text(&mut self, room: &RoomId, text: &str) -> Result<SentMessage> {
         self.require_member(room)?;
         // A commit of unknown fate would make the message's epoch a guess.

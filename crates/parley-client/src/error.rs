@@ -3,6 +3,9 @@
 use parley_proto::api::ErrorBody;
 use parley_proto::RoomId;
 
+/// The server's error code for a request refused for lack of another user's consent.
+const NO_CONSENT: &str = "no_consent";
+
 /// Shorthand for results in this crate.
 pub type Result<T, E = ClientError> = std::result::Result<T, E>;
 
@@ -18,6 +21,12 @@ pub enum ClientError {
         message: String,
         retryable: bool,
     },
+    /// The server refused for lack of another user's consent (`403 no_consent`): a claim of the
+    /// KeyPackages of a user of another provider who has not accepted our contact request (or
+    /// blocked us), or a message to a direct room whose other user blocked us. Carries the
+    /// server's message. `Device::contact_request` asks for consent.
+    #[error("server refused the request (403 no_consent): {0}")]
+    NoConsent(String),
     /// The server could not be reached, or the connection broke mid-request.
     #[error("{0}")]
     Unreachable(String),
@@ -48,8 +57,12 @@ pub enum ClientError {
 }
 
 impl ClientError {
-    /// Builds an [`ClientError::Api`] from the server's error body.
+    /// Builds a [`ClientError::Api`] from the server's error body, or the typed variant of the
+    /// few errors callers act on ([`ClientError::NoConsent`] for `403 no_consent`).
     pub fn from_body(status: u16, body: ErrorBody) -> Self {
+        if status == 403 && body.error == NO_CONSENT {
+            return Self::NoConsent(body.message);
+        }
         Self::Api {
             status,
             code: body.error,
@@ -58,10 +71,12 @@ impl ClientError {
         }
     }
 
-    /// The server's error code (`wrong_epoch`, `not_member`, ...), if this is an API error.
+    /// The server's error code (`wrong_epoch`, `not_member`, `no_consent`, ...), if the server
+    /// refused the request.
     pub fn code(&self) -> Option<&str> {
         match self {
             Self::Api { code, .. } => Some(code),
+            Self::NoConsent(_) => Some(NO_CONSENT),
             _ => None,
         }
     }
@@ -133,5 +148,39 @@ mod tests {
             "server refused the request (409 wrong_epoch): the room is at epoch 3"
         );
         assert!(!ClientError::NotRegistered.is_retryable());
+    }
+
+    fn body(error: &str, message: &str) -> ErrorBody {
+        ErrorBody {
+            error: error.into(),
+            message: message.into(),
+            retryable: false,
+        }
+    }
+
+    #[test]
+    fn no_consent_is_a_typed_error() {
+        let e = ClientError::from_body(403, body("no_consent", "bob@wave.test has not consented"));
+        assert!(
+            matches!(&e, ClientError::NoConsent(m) if m == "bob@wave.test has not consented"),
+            "{e:?}"
+        );
+        assert_eq!(e.code(), Some("no_consent"));
+        assert!(!e.is_retryable() && !e.needs_sync());
+        assert_eq!(
+            e.to_string(),
+            "server refused the request (403 no_consent): bob@wave.test has not consented"
+        );
+        // Only the 403 with that code: other refusals stay generic.
+        let other = ClientError::from_body(403, body("not_member", "not in the room"));
+        assert!(
+            matches!(other, ClientError::Api { status: 403, .. }),
+            "{other:?}"
+        );
+        let odd = ClientError::from_body(409, body("no_consent", "?"));
+        assert!(
+            matches!(odd, ClientError::Api { status: 409, .. }),
+            "{odd:?}"
+        );
     }
 }

@@ -425,12 +425,14 @@ impl Profile {
         Ok(())
     }
 
-    /// The last `limit` messages of a room, oldest first.
+    /// The last `limit` messages of a room, oldest first: by the hub's acceptance time, which
+    /// every provider and device sees alike (a message relayed through a follower is answered
+    /// with that time but no hub event number).
     pub fn history(&self, room: &RoomId, limit: usize) -> Result<Vec<HistoryEntry>> {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let mut stmt = self.conn.prepare(
             "SELECT room_id, event, sender, message_id, text, ts FROM parley_history
-             WHERE room_id = ?1 ORDER BY event DESC, id DESC LIMIT ?2",
+             WHERE room_id = ?1 ORDER BY ts DESC, event DESC, id DESC LIMIT ?2",
         )?;
         let raws = stmt
             .query_map(params![room.as_str(), limit], |row| {

@@ -325,3 +325,34 @@ mod tests {
         assert!(serde_json::from_str::<SendRequest>(r#"{"message":"%%%"}"#).is_err());
     }
 }
+
+/// Where a contact (consent) relation stands, seen by the calling user.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ContactState {
+    /// Asked, not answered yet.
+    Pending,
+    /// Consent given: key material may be fetched, rooms and messages flow.
+    Granted,
+    /// Refused or revoked: nothing flows.
+    Blocked,
+}
+
+/// Which way a contact relation points, from the calling user.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ContactDirection {
+    /// The other user asked the caller (the caller's answer decides).
+    Incoming,
+    /// The caller asked the other user (their answer decides).
+    Outgoing,
+}
+
+/// Answer of `POST /v1/contacts/{user}/request|accept|block`, and one item of
+/// `GET /v1/contacts/requests`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ContactInfo {
+    pub user: String,
+    pub direction: ContactDirection,
+    pub state: ContactState,
+}

@@ -252,6 +252,15 @@ impl RoomId {
         format!("mimi://{hub}/r/{}", self.0)
     }
 
+    /// Parses `mimi://hub/r/id` into the hub domain and the room id.
+    pub fn parse_uri(s: &str) -> Result<(Domain, Self), IdError> {
+        let err = || IdError::Room(s.to_owned());
+        let rest = s.strip_prefix("mimi://").ok_or_else(err)?;
+        let (domain, path) = rest.split_once('/').ok_or_else(err)?;
+        let id = path.strip_prefix("r/").ok_or_else(err)?;
+        Ok((Domain::parse(domain)?, Self::parse(id)?))
+    }
+
     pub fn as_str(&self) -> &str {
         &self.0
     }
@@ -274,6 +283,22 @@ mod tests {
         assert_eq!(u.to_uri(), "mimi://chirp.test/u/alice");
         assert_eq!(UserId::parse(&u.to_uri()).unwrap(), u);
         assert_eq!(u.to_string(), "alice@chirp.test");
+    }
+
+    #[test]
+    fn room_uris_round_trip() {
+        let hub = Domain::parse("chirp.test").unwrap();
+        let room = RoomId::from_random([7; 16]);
+        let uri = room.to_uri(&hub);
+        assert_eq!(RoomId::parse_uri(&uri).unwrap(), (hub, room));
+        for bad in [
+            "",
+            "mimi://chirp.test/u/x",
+            "mimi://chirp.test/r/XY",
+            "https://a/r/00",
+        ] {
+            assert!(RoomId::parse_uri(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

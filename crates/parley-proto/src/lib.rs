@@ -6,6 +6,7 @@
 pub mod api;
 pub mod content;
 pub mod ids;
+pub mod mimi;
 
 pub use content::{ContentError, MessageId, MimiContent};
 pub use ids::{DeviceId, Domain, Handle, IdError, RoomId, UserId};

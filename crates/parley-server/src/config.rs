@@ -87,6 +87,11 @@ pub struct Limits {
     pub max_devices_per_user: usize,
     /// Rooms whose public state is kept in memory; idle ones beyond this are reloaded on use.
     pub max_cached_rooms: usize,
+    /// MIMI requests per second each peer provider may make, and the burst above it.
+    pub peer_requests_per_second: f64,
+    pub peer_request_burst: f64,
+    /// Contact (consent) requests a user may send per minute, to any provider.
+    pub contact_requests_per_minute: f64,
 }
 
 impl Default for Limits {
@@ -105,6 +110,9 @@ impl Default for Limits {
             max_queue_page: 1000,
             max_devices_per_user: 16,
             max_cached_rooms: 10_000,
+            peer_requests_per_second: 2000.0,
+            peer_request_burst: 10_000.0,
+            contact_requests_per_minute: 20.0,
         }
     }
 }
@@ -159,6 +167,13 @@ pub struct ServerConfig {
     /// Base URLs of peer providers by domain; others are reached at `https://DOMAIN`.
     #[serde(default)]
     pub peers: std::collections::BTreeMap<String, String>,
+    /// Longest wait, in seconds, between retries of deliveries to a peer that is down.
+    #[serde(default = "default_peer_retry_cap")]
+    pub peer_retry_cap_secs: u64,
+}
+
+fn default_peer_retry_cap() -> u64 {
+    60
 }
 
 impl Default for ServerConfig {
@@ -176,6 +191,7 @@ impl Default for ServerConfig {
             federation_key: Vec::new(),
             peer_ca: None,
             peers: Default::default(),
+            peer_retry_cap_secs: default_peer_retry_cap(),
         }
     }
 }
@@ -240,6 +256,11 @@ impl ServerConfig {
                 )));
             }
         }
+        if self.peer_retry_cap_secs == 0 {
+            return Err(ConfigError::Invalid(
+                "peer_retry_cap_secs must be at least 1".into(),
+            ));
+        }
         if self.federation_listen.is_none() {
             return Ok(());
         }
@@ -261,6 +282,11 @@ impl ServerConfig {
 
     pub fn domain(&self, name: &str) -> Option<&DomainConfig> {
         self.domains.iter().find(|d| d.name == name)
+    }
+
+    /// Whether this deployment hosts `name` (its domains count as one provider).
+    pub fn hosts(&self, name: &str) -> bool {
+        self.domain(name).is_some()
     }
 }
 

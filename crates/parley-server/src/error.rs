@@ -33,6 +33,10 @@ pub enum ServiceError {
     /// Over a rate limit (429).
     #[error("{0}")]
     RateLimited(String),
+    /// Another provider this request depends on (a room's hub, a user's provider) cannot be
+    /// reached or failed (503); retrying later can succeed.
+    #[error("{message}")]
+    Unavailable { code: &'static str, message: String },
     /// A fault on our side (500); the detail goes to the log only.
     #[error("internal error: {0}")]
     Internal(String),
@@ -70,6 +74,13 @@ impl ServiceError {
 
     pub fn too_large(code: &'static str, message: impl Into<String>) -> Self {
         Self::TooLarge {
+            code,
+            message: message.into(),
+        }
+    }
+
+    pub fn unavailable(code: &'static str, message: impl Into<String>) -> Self {
+        Self::Unavailable {
             code,
             message: message.into(),
         }

@@ -2,20 +2,34 @@
 //! the configured peer CA, and every request names its source provider in `From: mimi@<domain>`,
 //! which the certificate must prove; a request may only speak for what that domain may.
 //!
-//! This is the first step of the interconnect: transport, peer authentication and the endpoint
-//! directory. The MIMI endpoints themselves (keyMaterial, update, notify, …) come next.
+//! Handlers only translate between MIMI bodies (TLS presentation language) and the services:
+//! `hub` (update, submitMessage, reportAbuse for rooms hubbed here), `remote` (notify for rooms
+//! followed here, keyMaterial), `consent` (requestConsent, updateConsent), `accounts`
+//! (identifierQuery). Protocol outcomes are MIMI bodies; malformed or unauthorized requests get
+//! an HTTP error status with a JSON error body.
 
 use crate::config::ServerConfig;
+use crate::error::ServiceError;
 use crate::http::ApiError;
+use crate::hub::{device_of, Origin};
 use crate::net::TlsError;
+use crate::peers::MIMI_CONTENT_TYPE;
 use crate::App;
+use axum::body::Bytes;
+use axum::extract::Path as Param;
 use axum::extract::{Request, State};
+use axum::http::StatusCode;
 use axum::http::{header, HeaderMap};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
-use parley_proto::Domain;
+use parley_proto::mimi::{
+    AbuseReport, Body, ConsentEntry, HandshakeBundle, IdentifierRequest, IdentifierResponse,
+    IdentifierUri, KeyMaterialRequest, QueryCode, SubmitMessageRequest, SubmitResponse,
+    UpdateRequest, UpdateResponse, SEARCH_HANDLE,
+};
+use parley_proto::{Domain, RoomId, UserId};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
 use rustls::sign::CertifiedKey;
@@ -144,12 +158,26 @@ pub fn tls_acceptor(config: &ServerConfig) -> Result<TlsAcceptor, TlsError> {
 pub fn router(app: Arc<App>) -> Router {
     Router::new()
         .route("/.well-known/mimi-protocol-directory", get(directory))
+        .route("/v1/keyMaterial/{target}", post(key_material))
+        .route("/v1/update/{room}", post(update))
+        .route("/v1/submitMessage/{room}", post(submit_message))
+        .route("/v1/notify/{room}", post(notify))
+        .route("/v1/requestConsent/{domain}", post(request_consent))
+        .route("/v1/updateConsent/{domain}", post(update_consent))
+        .route("/v1/identifierQuery/{domain}", post(identifier_query))
+        .route("/v1/reportAbuse/{room}", post(report_abuse))
+        .route("/v1/groupInfo/{room}", post(not_implemented))
+        .route("/v1/proxyDownload/{url}", get(not_implemented))
         .fallback(|| async {
             ApiError(crate::error::ServiceError::not_found(
                 "not_found",
                 "no such MIMI endpoint",
             ))
         })
+        .layer(axum::middleware::from_fn_with_state(
+            app.clone(),
+            limit_peer,
+        ))
         .layer(axum::middleware::from_fn(authenticate_peer))
         .layer(axum::extract::DefaultBodyLimit::max(
             app.config.limits.max_body_bytes,
@@ -169,6 +197,23 @@ async fn authenticate_peer(
             next.run(request).await
         }
         Err(e) => e.into_response(),
+    }
+}
+
+/// Per-peer request rate (after authentication, so a peer cannot spend another's budget).
+async fn limit_peer(
+    State(app): State<Arc<App>>,
+    Extension(PeerDomain(peer)): Extension<PeerDomain>,
+    request: Request,
+    next: Next,
+) -> Response {
+    if app.peer_requests.allow(peer.as_str()) {
+        next.run(request).await
+    } else {
+        ApiError(ServiceError::RateLimited(format!(
+            "{peer} is over its request rate; slow down"
+        )))
+        .into_response()
     }
 }
 
@@ -219,4 +264,278 @@ async fn directory(State(_app): State<Arc<App>>, headers: HeaderMap) -> impl Int
         })
         .collect();
     Json(serde_json::Value::Object(map))
+}
+
+type FedResult = Result<Response, ApiError>;
+
+/// A MIMI body answer.
+fn mimi(status: StatusCode, body: impl Body) -> Response {
+    (
+        status,
+        [(header::CONTENT_TYPE, MIMI_CONTENT_TYPE)],
+        body.encode(),
+    )
+        .into_response()
+}
+
+fn decode<T: Body>(bytes: &[u8]) -> Result<T, ApiError> {
+    T::decode(bytes).map_err(|e| ServiceError::bad("invalid_body", e.to_string()).into())
+}
+
+/// `POST /v1/keyMaterial/{targetUser}`
+async fn key_material(
+    State(app): State<Arc<App>>,
+    Extension(PeerDomain(peer)): Extension<PeerDomain>,
+    Param(target): Param<String>,
+    body: Bytes,
+) -> FedResult {
+    let request: KeyMaterialRequest = decode(&body)?;
+    let answer = app.remote.key_material(&peer, &target, request).await?;
+    Ok(mimi(StatusCode::OK, answer))
+}
+
+/// `"code: message"`, how refusals travel in `errorDescription`.
+fn describe(code: &str, e: &ServiceError) -> parley_proto::mimi::VlBytes {
+    format!("{code}: {e}").into_bytes().into()
+}
+
+/// `POST /v1/update/{roomId}`: a follower relays a commit or proposal to this hub.
+async fn update(
+    State(app): State<Arc<App>>,
+    Extension(PeerDomain(peer)): Extension<PeerDomain>,
+    Param(room): Param<String>,
+    body: Bytes,
+) -> FedResult {
+    let request: UpdateRequest = decode(&body)?;
+    request
+        .check()
+        .map_err(|e| ServiceError::bad("invalid_body", e.to_string()))?;
+    let origin = Origin::Peer(peer);
+    let outcome = match request.bundle {
+        HandshakeBundle::Commit {
+            commit, welcome, ..
+        } => {
+            app.hub
+                .commit(
+                    &origin,
+                    &room,
+                    commit.as_slice().to_vec(),
+                    welcome.map(|w| w.as_slice().to_vec()),
+                )
+                .await
+        }
+        HandshakeBundle::Proposal { proposal, .. } => {
+            app.hub
+                .leave(&origin, &room, proposal.as_slice().to_vec())
+                .await
+        }
+    };
+    let answer = match outcome {
+        Ok(accepted) => UpdateResponse::Success {
+            error_description: Vec::new().into(),
+            accepted_timestamp: accepted.ts,
+        },
+        Err(ServiceError::Conflict {
+            code: "wrong_epoch",
+            ..
+        }) => UpdateResponse::WrongEpoch {
+            error_description: b"wrong_epoch".to_vec().into(),
+            current_epoch: current_epoch(&app, &room).await?,
+        },
+        Err(e @ ServiceError::Conflict { code, .. }) => UpdateResponse::InvalidProposal {
+            error_description: describe(code, &e),
+            invalid_proposals: Vec::new(),
+        },
+        Err(e @ ServiceError::Forbidden { code, .. }) => UpdateResponse::NotAllowed {
+            error_description: describe(code, &e),
+        },
+        Err(e) => return Err(e.into()),
+    };
+    Ok(mimi(StatusCode::OK, answer))
+}
+
+async fn current_epoch(app: &App, room: &str) -> Result<u64, ApiError> {
+    let id = RoomId::parse(room).map_err(|e| ServiceError::bad("invalid_room", e.to_string()))?;
+    Ok(app.hub.epoch_of(&id).await?.unwrap_or(0))
+}
+
+/// `POST /v1/submitMessage/{roomId}`: a follower relays an application message to this hub.
+async fn submit_message(
+    State(app): State<Arc<App>>,
+    Extension(PeerDomain(peer)): Extension<PeerDomain>,
+    Param(room): Param<String>,
+    body: Bytes,
+) -> FedResult {
+    let request: SubmitMessageRequest = decode(&body)?;
+    request
+        .check()
+        .map_err(|e| ServiceError::bad("invalid_body", e.to_string()))?;
+    let sender = device_of(
+        request
+            .sending_uri
+            .as_str()
+            .map_err(|e| ServiceError::bad("invalid_body", e.to_string()))?,
+    )?;
+    if sender.user.domain() != &peer {
+        return Err(ServiceError::forbidden(
+            "peer_domain_mismatch",
+            format!("{peer} may not send as {}", sender.user),
+        )
+        .into());
+    }
+    let answer = match app
+        .hub
+        .send(&sender, &room, request.app_message.as_slice().to_vec())
+        .await
+    {
+        Ok(accepted) => SubmitResponse::Accepted {
+            accepted_timestamp: accepted.ts,
+            frank: None,
+        },
+        Err(ServiceError::Conflict {
+            code: "wrong_epoch",
+            ..
+        }) => SubmitResponse::EpochTooOld {
+            current_epoch: current_epoch(&app, &room).await?,
+        },
+        Err(ServiceError::Forbidden { .. }) => SubmitResponse::NotAllowed,
+        Err(e) => return Err(e.into()),
+    };
+    Ok(mimi(StatusCode::OK, answer))
+}
+
+/// `POST /v1/notify/{roomId}`: this provider follows the room; the peer must be its hub.
+async fn notify(
+    State(app): State<Arc<App>>,
+    Extension(PeerDomain(peer)): Extension<PeerDomain>,
+    Param(room): Param<String>,
+    body: Bytes,
+) -> FedResult {
+    app.remote.notify(&peer, &room, &body).await?;
+    Ok(StatusCode::CREATED.into_response())
+}
+
+fn check_domain_param(app: &App, domain: &str) -> Result<(), ApiError> {
+    if app.config.hosts(domain) {
+        Ok(())
+    } else {
+        Err(ServiceError::not_found(
+            "unknown_domain",
+            format!("this provider does not host {domain}"),
+        )
+        .into())
+    }
+}
+
+/// `POST /v1/requestConsent/{targetDomain}`
+async fn request_consent(
+    State(app): State<Arc<App>>,
+    Extension(PeerDomain(peer)): Extension<PeerDomain>,
+    Param(domain): Param<String>,
+    body: Bytes,
+) -> FedResult {
+    check_domain_param(&app, &domain)?;
+    let entry: ConsentEntry = decode(&body)?;
+    app.consent.on_request(&peer, entry).await?;
+    Ok(StatusCode::CREATED.into_response())
+}
+
+/// `POST /v1/updateConsent/{requesterDomain}`
+async fn update_consent(
+    State(app): State<Arc<App>>,
+    Extension(PeerDomain(peer)): Extension<PeerDomain>,
+    Param(domain): Param<String>,
+    body: Bytes,
+) -> FedResult {
+    check_domain_param(&app, &domain)?;
+    let entry: ConsentEntry = decode(&body)?;
+    app.consent.on_update(&peer, entry).await?;
+    Ok(StatusCode::CREATED.into_response())
+}
+
+/// `POST /v1/identifierQuery/{domain}`: exact handle lookups only.
+async fn identifier_query(
+    State(app): State<Arc<App>>,
+    Param(domain): Param<String>,
+    body: Bytes,
+) -> FedResult {
+    check_domain_param(&app, &domain)?;
+    let request: IdentifierRequest = decode(&body)?;
+    let [element] = request.query_elements.as_slice() else {
+        return Ok(mimi(
+            StatusCode::OK,
+            IdentifierResponse::new(QueryCode::UnsupportedField, Vec::new()),
+        ));
+    };
+    if element.search_type != SEARCH_HANDLE {
+        return Ok(mimi(
+            StatusCode::OK,
+            IdentifierResponse::new(QueryCode::UnsupportedField, Vec::new()),
+        ));
+    }
+    let value = String::from_utf8_lossy(element.search_value.as_slice()).into_owned();
+    let handle = value.strip_prefix("im:").unwrap_or(&value);
+    let found = match UserId::parse(handle) {
+        Ok(user) if user.domain().as_str() == domain => {
+            app.accounts.devices(&user).await.is_ok().then_some(user)
+        }
+        _ => None,
+    };
+    let answer = match found {
+        Some(user) => {
+            IdentifierResponse::new(QueryCode::Success, vec![IdentifierUri::new(&user.to_uri())])
+        }
+        None => IdentifierResponse::new(QueryCode::NotFound, Vec::new()),
+    };
+    Ok(mimi(StatusCode::OK, answer))
+}
+
+/// `POST /v1/reportAbuse/{roomId}`: logged and counted for the operator (no franking yet).
+async fn report_abuse(
+    State(app): State<Arc<App>>,
+    Extension(PeerDomain(peer)): Extension<PeerDomain>,
+    Param(room): Param<String>,
+    body: Bytes,
+) -> FedResult {
+    let report: AbuseReport = decode(&body)?;
+    let id = RoomId::parse(&room).map_err(|e| ServiceError::bad("invalid_room", e.to_string()))?;
+    if !app.hub.hosts_room(&id).await? {
+        return Err(ServiceError::not_found(
+            "unknown_room",
+            format!("no room {room} is hubbed here"),
+        )
+        .into());
+    }
+    let text = |u: &IdentifierUri| u.as_str().unwrap_or("?").to_owned();
+    let reporter = text(&report.reporting_user);
+    if !reporter.is_empty()
+        && UserId::parse(&reporter)
+            .map(|u| u.domain() != &peer)
+            .unwrap_or(true)
+    {
+        return Err(ServiceError::forbidden(
+            "peer_domain_mismatch",
+            format!("{peer} may not report on behalf of {reporter}"),
+        )
+        .into());
+    }
+    app.hub
+        .counters
+        .abuse_reports
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    tracing::warn!(%room, %peer, reporter = %reporter, alleged = %text(&report.alleged_abuser_uri), messages = report.messages.len(), "abuse report");
+    Ok(StatusCode::CREATED.into_response())
+}
+
+/// Endpoints Parley does not offer yet (see docs/mimi-conformance.md).
+async fn not_implemented() -> Response {
+    (
+        StatusCode::NOT_IMPLEMENTED,
+        Json(parley_proto::api::ErrorBody {
+            error: "not_implemented".into(),
+            message: "this MIMI endpoint is not implemented by this provider yet".into(),
+            retryable: false,
+        }),
+    )
+        .into_response()
 }

@@ -3,6 +3,7 @@
 
 use crate::accounts::AuthDevice;
 use crate::error::ServiceError;
+use crate::hub::Origin;
 use crate::App;
 use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
@@ -13,11 +14,13 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use futures_util::{SinkExt, StreamExt};
+use parley_proto::api::ContactState;
 use parley_proto::api::{
     AckRequest, CommitRequest, CreateRoomRequest, ErrorBody, LoginRequest, ProposalRequest,
     QueuePage, RegisterRequest, SendRequest, SessionResponse, UploadKeyPackages, WsFrame,
 };
-use parley_proto::UserId;
+use parley_proto::mimi::UpdateRequest;
+use parley_proto::{Domain, RoomId, UserId};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use std::sync::atomic::Ordering;
@@ -69,6 +72,7 @@ impl IntoResponse for ApiError {
             } => (StatusCode::CONFLICT, code, retryable),
             ServiceError::TooLarge { code, .. } => (StatusCode::PAYLOAD_TOO_LARGE, code, false),
             ServiceError::RateLimited(_) => (StatusCode::TOO_MANY_REQUESTS, "rate_limited", true),
+            ServiceError::Unavailable { code, .. } => (StatusCode::SERVICE_UNAVAILABLE, code, true),
             ServiceError::Internal(detail) => {
                 tracing::error!(%detail, "internal error");
                 return error_response(
@@ -163,6 +167,10 @@ pub fn router(app: Arc<App>) -> Router {
             "/v1/users/{user}/key-packages/claim",
             post(claim_key_packages),
         )
+        .route("/v1/contacts/requests", get(contact_requests))
+        .route("/v1/contacts/{user}/request", post(contact_request))
+        .route("/v1/contacts/{user}/accept", post(contact_accept))
+        .route("/v1/contacts/{user}/block", post(contact_block))
         .route("/v1/rooms", post(create_room).get(list_rooms))
         .route("/v1/rooms/{room}", get(room_info))
         .route("/v1/rooms/{room}/commits", post(commit))
@@ -203,7 +211,7 @@ async fn health() -> Json<serde_json::Value> {
 /// `GET /metrics`: Prometheus text format.
 async fn metrics(State(app): AppState) -> impl IntoResponse {
     let c = &app.hub.counters;
-    let body = format!(
+    let mut body = format!(
         "# TYPE parley_messages_accepted_total counter\nparley_messages_accepted_total {}\n\
          # TYPE parley_commits_accepted_total counter\nparley_commits_accepted_total {}\n\
          # TYPE parley_queue_entries_total counter\nparley_queue_entries_total {}\n\
@@ -213,6 +221,13 @@ async fn metrics(State(app): AppState) -> impl IntoResponse {
         c.queued.load(Ordering::Relaxed),
         app.delivery.push.connected(),
     );
+    body.push_str(&format!(
+        "# TYPE parley_abuse_reports_total counter\nparley_abuse_reports_total {}\n\
+         # TYPE parley_peer_queue_depth gauge\n# TYPE parley_peer_delivered_total counter\n\
+         # TYPE parley_peer_rejected_total counter\n# TYPE parley_peer_delivery_failures_total counter\n",
+        c.abuse_reports.load(Ordering::Relaxed)
+    ));
+    body.push_str(&app.outbox.metrics().await);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body)
 }
 
@@ -313,14 +328,87 @@ async fn user_devices(
     Ok(Json(app.accounts.devices(&user).await?))
 }
 
-/// `POST /v1/users/{user}/key-packages/claim`
+#[derive(Deserialize)]
+struct ClaimQuery {
+    room: Option<String>,
+}
+
+/// `POST /v1/users/{user}/key-packages/claim?room=ROOM`
 async fn claim_key_packages(
     State(app): AppState,
-    Authed(_): Authed,
+    Authed(me): Authed,
+    Path(user): Path<String>,
+    query: Result<Query<ClaimQuery>, QueryRejection>,
+) -> ApiResult<impl IntoResponse> {
+    let Query(q) = query.map_err(|e| ServiceError::bad("invalid_query", e.body_text()))?;
+    let user =
+        UserId::parse(&user).map_err(|e| ServiceError::bad("invalid_user", e.to_string()))?;
+    let room = q.room.as_deref().map(parse_room).transpose()?;
+    Ok(Json(app.remote.claim(&me, &user, room).await?))
+}
+
+fn parse_room(room: &str) -> Result<RoomId, ServiceError> {
+    RoomId::parse(room).map_err(|e| ServiceError::bad("invalid_room", e.to_string()))
+}
+
+/// Where a room's handshake messages and messages go: this provider's hub, or a remote hub.
+enum RoomHome {
+    Here,
+    Remote(RoomId, Domain),
+}
+
+async fn room_home(app: &App, room: &str) -> Result<RoomHome, ApiError> {
+    let id = parse_room(room)?;
+    if app.hub.hosts_room(&id).await? {
+        return Ok(RoomHome::Here);
+    }
+    match app.remote.hub_of(&id).await? {
+        Some(hub) => Ok(RoomHome::Remote(id, hub)),
+        None => Ok(RoomHome::Here), // the hub answers unknown_room
+    }
+}
+
+/// `GET /v1/contacts/requests`
+async fn contact_requests(
+    State(app): AppState,
+    Authed(me): Authed,
+) -> ApiResult<impl IntoResponse> {
+    Ok(Json(app.consent.pending_for(&me).await?))
+}
+
+/// `POST /v1/contacts/{user}/request`
+async fn contact_request(
+    State(app): AppState,
+    Authed(me): Authed,
     Path(user): Path<String>,
 ) -> ApiResult<impl IntoResponse> {
-    let user = app.accounts.local_user(&user)?;
-    Ok(Json(app.accounts.claim_key_packages(&user).await?))
+    Ok(Json(app.consent.request(&me, &user).await?))
+}
+
+/// `POST /v1/contacts/{user}/accept`
+async fn contact_accept(
+    State(app): AppState,
+    Authed(me): Authed,
+    Path(user): Path<String>,
+) -> ApiResult<impl IntoResponse> {
+    Ok(Json(
+        app.consent
+            .answer(&me, &user, ContactState::Granted)
+            .await?,
+    ))
+}
+
+/// `POST /v1/contacts/{user}/block`
+async fn contact_block(
+    State(app): AppState,
+    Authed(me): Authed,
+    Path(user): Path<String>,
+) -> ApiResult<impl IntoResponse> {
+    Ok(Json(
+        app.consent
+            .answer(&me, &user, ContactState::Blocked)
+            .await?,
+    ))
 }
 
 /// `POST /v1/rooms`
@@ -329,6 +417,18 @@ async fn create_room(
     Authed(me): Authed,
     ApiJson(req): ApiJson<CreateRoomRequest>,
 ) -> ApiResult<impl IntoResponse> {
+    if app
+        .remote
+        .hub_of(&parse_room(&req.room_id)?)
+        .await?
+        .is_some()
+    {
+        return Err(ServiceError::conflict(
+            "room_exists",
+            format!("room {} already exists", req.room_id),
+        )
+        .into());
+    }
     Ok((
         StatusCode::CREATED,
         Json(app.hub.create_room(&me, req).await?),
@@ -337,7 +437,10 @@ async fn create_room(
 
 /// `GET /v1/rooms`
 async fn list_rooms(State(app): AppState, Authed(me): Authed) -> ApiResult<impl IntoResponse> {
-    Ok(Json(app.hub.rooms_of(&me).await?))
+    let mut rooms = app.hub.rooms_of(&me).await?;
+    rooms.extend(app.remote.rooms_of(&me).await?);
+    rooms.sort_by(|a, b| a.room_id.cmp(&b.room_id));
+    Ok(Json(rooms))
 }
 
 /// `GET /v1/rooms/{room}`
@@ -346,7 +449,10 @@ async fn room_info(
     Authed(me): Authed,
     Path(room): Path<String>,
 ) -> ApiResult<impl IntoResponse> {
-    Ok(Json(app.hub.room_info(&me, &room).await?))
+    Ok(Json(match room_home(&app, &room).await? {
+        RoomHome::Here => app.hub.room_info(&me, &room).await?,
+        RoomHome::Remote(id, _) => app.remote.room_info(&me, &id).await?,
+    }))
 }
 
 /// `POST /v1/rooms/{room}/commits`
@@ -356,9 +462,17 @@ async fn commit(
     Path(room): Path<String>,
     ApiJson(req): ApiJson<CommitRequest>,
 ) -> ApiResult<impl IntoResponse> {
-    Ok(Json(
-        app.hub.commit(&me, &room, req.commit, req.welcome).await?,
-    ))
+    Ok(Json(match room_home(&app, &room).await? {
+        RoomHome::Here => {
+            app.hub
+                .commit(&Origin::Client(me), &room, req.commit, req.welcome)
+                .await?
+        }
+        RoomHome::Remote(id, hub) => {
+            let update = UpdateRequest::commit(req.commit, req.welcome);
+            app.remote.relay_update(&me, &id, &hub, update).await?
+        }
+    }))
 }
 
 /// `POST /v1/rooms/{room}/messages`
@@ -368,7 +482,10 @@ async fn send(
     Path(room): Path<String>,
     ApiJson(req): ApiJson<SendRequest>,
 ) -> ApiResult<impl IntoResponse> {
-    Ok(Json(app.hub.send(&me, &room, req.message).await?))
+    Ok(Json(match room_home(&app, &room).await? {
+        RoomHome::Here => app.hub.send(&me, &room, req.message).await?,
+        RoomHome::Remote(id, hub) => app.remote.relay_send(&me, &id, &hub, req.message).await?,
+    }))
 }
 
 /// `POST /v1/rooms/{room}/proposals`
@@ -378,7 +495,17 @@ async fn propose(
     Path(room): Path<String>,
     ApiJson(req): ApiJson<ProposalRequest>,
 ) -> ApiResult<impl IntoResponse> {
-    Ok(Json(app.hub.leave(&me, &room, req.proposal).await?))
+    Ok(Json(match room_home(&app, &room).await? {
+        RoomHome::Here => {
+            app.hub
+                .leave(&Origin::Client(me), &room, req.proposal)
+                .await?
+        }
+        RoomHome::Remote(id, hub) => {
+            let update = UpdateRequest::proposal(req.proposal);
+            app.remote.relay_update(&me, &id, &hub, update).await?
+        }
+    }))
 }
 
 #[derive(Deserialize)]

@@ -4,16 +4,22 @@
 
 use crate::accounts::{Accounts, AuthDevice};
 use crate::config::ServerConfig;
+use crate::consent::Consent;
 use crate::delivery::{enqueue, Delivery, Outgoing, Stored};
 use crate::error::{ServiceError, ServiceResult};
 use crate::limits::RateLimiter;
 use crate::mls::{application_header, check_welcome, message_epoch, LeafDevice, PublicState};
 use crate::now_ms;
+use crate::outbox::{self, Outbox, OutboxItem};
 use crate::store::{Store, StoreError};
 use parley_proto::api::{Accepted, CreateRoomRequest, EntryKind, RoomInfo, RoomKind};
-use parley_proto::{RoomId, UserId};
+use parley_proto::ids::DeviceUri;
+use parley_proto::mimi::{
+    Body, FanoutKind, FanoutMessage, IdentifierUri, NotifyEntry, RoomSnapshot,
+};
+use parley_proto::{Domain, RoomId, UserId};
 use rusqlite::{params, Connection, OptionalExtension};
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use tokio::sync::RwLock;
@@ -26,6 +32,21 @@ const DAY_MS: u64 = 86_400_000;
 struct MemberDevice {
     device: String,
     user: UserId,
+}
+
+impl MemberDevice {
+    fn is(&self, device: &DeviceUri) -> bool {
+        self.device == device.device.as_str() && self.user == device.user
+    }
+
+    fn uri(&self) -> String {
+        format!(
+            "mimi://{}/d/{}/{}",
+            self.user.domain(),
+            self.user.handle().as_str(),
+            self.device
+        )
+    }
 }
 
 impl From<&LeafDevice> for MemberDevice {
@@ -66,15 +87,44 @@ impl RoomState {
     }
 
     fn require_member(&self, caller: &AuthDevice) -> ServiceResult<()> {
-        if self.is_member(caller.device.as_str()) {
+        if self.is_member(&caller.uri()) {
             Ok(())
         } else {
             Err(unknown_room(&self.id))
         }
     }
 
-    fn is_member(&self, device: &str) -> bool {
-        self.members.iter().any(|m| m.device == device)
+    fn is_member(&self, device: &DeviceUri) -> bool {
+        self.members.iter().any(|m| m.is(device))
+    }
+
+    /// The other user of a direct room, seen from `user`.
+    fn direct_other(&self, user: &UserId) -> Option<&UserId> {
+        if self.kind != RoomKind::Direct {
+            return None;
+        }
+        if *user == self.creator {
+            self.direct_peer.as_ref()
+        } else {
+            Some(&self.creator)
+        }
+    }
+
+    /// What followers at `domain` are told about the room (with `members` as its devices).
+    fn snapshot(&self, members: &[MemberDevice], domain: &str) -> RoomSnapshot {
+        let users: BTreeSet<String> = members.iter().map(|m| m.user.to_uri()).collect();
+        RoomSnapshot {
+            kind: u8::from(self.kind == RoomKind::Direct),
+            name: self.name.as_ref().map(|n| n.as_bytes().to_vec().into()),
+            creator: IdentifierUri::new(&self.creator.to_uri()),
+            epoch: self.epoch,
+            users: users.iter().map(|u| IdentifierUri::new(u)).collect(),
+            local_clients: members
+                .iter()
+                .filter(|m| m.user.domain().as_str() == domain)
+                .map(|m| IdentifierUri::new(&m.uri()))
+                .collect(),
+        }
     }
 
     fn info(&self) -> RoomInfo {
@@ -95,11 +145,37 @@ impl RoomState {
 
 type RoomHandle = Arc<RwLock<RoomState>>;
 
+/// Who hands the hub a handshake message: a local client, or a peer provider relaying one of
+/// its users' (the signer must then belong to that peer's domain).
+pub enum Origin {
+    Client(AuthDevice),
+    Peer(Domain),
+}
+
+impl Origin {
+    /// Whether this origin may submit something signed by `signer`.
+    fn may_speak_for(&self, signer: &DeviceUri) -> bool {
+        match self {
+            Origin::Client(caller) => *signer == caller.uri(),
+            Origin::Peer(domain) => signer.user.domain() == domain,
+        }
+    }
+}
+
+/// Everything one accepted event sends: local queue entries and notify rows for peers.
+#[derive(Default)]
+struct Fanout {
+    local: Vec<Outgoing>,
+    remote: Vec<OutboxItem>,
+}
+
 pub struct Hub {
     store: Store,
     accounts: Arc<Accounts>,
     delivery: Arc<Delivery>,
     config: Arc<ServerConfig>,
+    outbox: Arc<Outbox>,
+    consent: Arc<Consent>,
     rooms: Mutex<HashMap<RoomId, RoomHandle>>,
     sends: RateLimiter,
     pub counters: HubCounters,
@@ -111,6 +187,7 @@ pub struct HubCounters {
     pub messages: AtomicU64,
     pub commits: AtomicU64,
     pub queued: AtomicU64,
+    pub abuse_reports: AtomicU64,
 }
 
 fn parse_room(room: &str) -> ServiceResult<RoomId> {
@@ -130,6 +207,8 @@ impl Hub {
         accounts: Arc<Accounts>,
         delivery: Arc<Delivery>,
         config: Arc<ServerConfig>,
+        outbox: Arc<Outbox>,
+        consent: Arc<Consent>,
     ) -> Self {
         let limits = &config.limits;
         Self {
@@ -138,6 +217,8 @@ impl Hub {
             accounts,
             delivery,
             config,
+            outbox,
+            consent,
             rooms: Mutex::new(HashMap::new()),
             counters: HubCounters::default(),
         }
@@ -151,8 +232,8 @@ impl Hub {
         now.saturating_add(days.saturating_mul(DAY_MS))
     }
 
-    fn check_rate(&self, caller: &AuthDevice) -> ServiceResult<()> {
-        if self.sends.allow(caller.device.as_str()) {
+    fn check_rate(&self, sender: &DeviceUri) -> ServiceResult<()> {
+        if self.sends.allow(&sender.to_string()) {
             Ok(())
         } else {
             Err(ServiceError::RateLimited(
@@ -203,10 +284,52 @@ impl Hub {
     async fn member_room(&self, caller: &AuthDevice, room: &str) -> ServiceResult<RoomHandle> {
         let id = parse_room(room)?;
         let handle = self.room(&id).await?.ok_or_else(|| unknown_room(&id))?;
-        if !handle.read().await.is_member(caller.device.as_str()) {
+        if !handle.read().await.is_member(&caller.uri()) {
             return Err(unknown_room(&id));
         }
         Ok(handle)
+    }
+
+    /// The room as the target of a handshake message from `origin`.
+    async fn origin_room(&self, origin: &Origin, room: &str) -> ServiceResult<RoomHandle> {
+        match origin {
+            Origin::Client(caller) => self.member_room(caller, room).await,
+            Origin::Peer(_) => {
+                let id = parse_room(room)?;
+                self.room(&id).await?.ok_or_else(|| unknown_room(&id))
+            }
+        }
+    }
+
+    /// Whether this provider is the hub of `room`.
+    pub async fn hosts_room(&self, room: &RoomId) -> ServiceResult<bool> {
+        Ok(self.room(room).await?.is_some())
+    }
+
+    /// The hub domain of a room hubbed here, if `room` is one.
+    pub async fn hub_domain_of(&self, room: &RoomId) -> ServiceResult<Option<Domain>> {
+        let Some(handle) = self.room(room).await? else {
+            return Ok(None);
+        };
+        let domain = handle.read().await.hub_domain.clone();
+        Ok(Domain::parse(&domain).ok())
+    }
+
+    /// The current epoch of a room hubbed here.
+    pub async fn epoch_of(&self, room: &RoomId) -> ServiceResult<Option<u64>> {
+        Ok(match self.room(room).await? {
+            Some(h) => Some(h.read().await.epoch),
+            None => None,
+        })
+    }
+
+    /// Whether `user` has a device in a room hubbed here.
+    pub async fn has_member_user(&self, room: &RoomId, user: &UserId) -> ServiceResult<bool> {
+        let Some(handle) = self.room(room).await? else {
+            return Ok(false);
+        };
+        let state = handle.read().await;
+        Ok(state.members.iter().any(|m| m.user == *user))
     }
 
     /// `POST /v1/rooms`.
@@ -234,7 +357,9 @@ impl Hub {
                         "a direct room needs another user",
                     ));
                 }
-                self.accounts.devices(&peer).await?; // 404 if unknown
+                if self.config.hosts(peer.domain().as_str()) {
+                    self.accounts.devices(&peer).await?; // 404 if unknown
+                } // A remote peer is checked by its provider when its key material is claimed.
                 Some(peer)
             }
             (RoomKind::Direct, None) => {
@@ -316,28 +441,35 @@ impl Hub {
         Ok(self.member_room(caller, room).await?.read().await.info())
     }
 
-    /// `POST /v1/rooms/{id}/commits`.
+    /// `POST /v1/rooms/{id}/commits`, and MIMI `update` with a commit from a follower.
     pub async fn commit(
         &self,
-        caller: &AuthDevice,
+        origin: &Origin,
         room: &str,
         commit: Vec<u8>,
         welcome: Option<Vec<u8>>,
     ) -> ServiceResult<Accepted> {
-        self.check_rate(caller)?;
-        let handle = self.member_room(caller, room).await?;
+        if let Origin::Client(caller) = origin {
+            self.check_rate(&caller.uri())?;
+        }
+        let handle = self.origin_room(origin, room).await?;
         let mut state = handle.write().await;
-        state.require_member(caller)?;
+        if let Origin::Client(caller) = origin {
+            state.require_member(caller)?;
+        }
         state.check_epoch(message_epoch(&commit))?;
         let effect = state
             .public
             .apply_commit(&commit)
             .map_err(|e| ServiceError::bad("invalid_commit", e.to_string()))?;
-        if effect.committer != caller.uri() {
+        if !origin.may_speak_for(&effect.committer) {
             return Err(ServiceError::forbidden(
                 "not_committer",
                 "the commit must be signed by the device sending it",
             ));
+        }
+        if let Origin::Peer(_) = origin {
+            self.check_rate(&effect.committer)?;
         }
         if effect.misses_pending {
             return Err(ServiceError::Conflict {
@@ -353,50 +485,36 @@ impl Hub {
                 "only add, remove and update proposals are allowed",
             ));
         }
-        self.check_added_devices(&effect.added).await?;
+        self.check_added_devices(&state.id, &effect.added).await?;
         self.check_policy(&state, &effect.members, !effect.removed.is_empty())?;
-        match (&welcome, effect.added.is_empty()) {
-            (None, false) => {
-                return Err(ServiceError::bad(
-                    "missing_welcome",
-                    "a commit that adds devices needs a Welcome",
-                ))
-            }
-            (Some(w), false) => {
-                check_welcome(w).map_err(|e| ServiceError::bad("invalid_welcome", e.to_string()))?
-            }
-            (Some(_), true) => {
-                return Err(ServiceError::bad(
-                    "invalid_welcome",
-                    "a Welcome without added devices",
-                ))
-            }
-            (None, true) => {}
-        }
+        check_welcome_matches(welcome.as_deref(), !effect.added.is_empty())?;
 
         let ts = now_ms();
         let event = state.next_event.fetch_add(1, Ordering::SeqCst);
-        let mut outgoing = self.fan_out(
+        let members: Vec<MemberDevice> = effect.members.iter().map(MemberDevice::from).collect();
+        let next_epoch = effect.epoch;
+        let mut fanout = self.fan_out(
             &state,
-            caller,
-            EntryKind::Commit,
+            &effect.committer,
+            FanoutKind::Commit,
             event,
             ts,
             Arc::new(commit),
+            Some((&members, next_epoch)),
         );
         if let Some(welcome) = welcome {
-            let welcome = Arc::new(welcome);
-            outgoing.extend(effect.added.iter().map(|leaf| Outgoing {
-                device: leaf.device.device.as_str().to_owned(),
-                room_id: state.id.to_string(),
-                kind: EntryKind::Welcome,
+            let added: Vec<MemberDevice> = effect.added.iter().map(MemberDevice::from).collect();
+            self.route_welcome(
+                &state,
+                &effect.committer,
+                &added,
+                (&members, next_epoch),
                 event,
                 ts,
-                data: welcome.clone(),
-                expires_at: self.expiry_for(&leaf.device.user, ts),
-            }));
+                Arc::new(welcome),
+                &mut fanout,
+            );
         }
-        let members: Vec<MemberDevice> = effect.members.iter().map(MemberDevice::from).collect();
         let update = RoomUpdate {
             room_id: state.id.to_string(),
             epoch: effect.epoch,
@@ -407,7 +525,7 @@ impl Hub {
                 .map_err(|e| ServiceError::Internal(e.to_string()))?,
             members: member_rows(&members),
         };
-        self.persist(RoomWrite::State(update), outgoing).await?;
+        self.persist(RoomWrite::State(update), fanout).await?;
         state.epoch = effect.epoch;
         state.members = members;
         state.public = effect.next;
@@ -420,19 +538,73 @@ impl Hub {
         })
     }
 
-    /// `POST /v1/rooms/{id}/proposals`: a member leaves. The hub verifies the self-removal,
-    /// keeps it in the room's public state (the next commit must include it) and queues it for
-    /// the other members, whose clients then commit it.
+    /// Queues the Welcome for the added devices: local ones directly, remote ones by notify to
+    /// their providers (with the room as it is after the commit).
+    #[allow(clippy::too_many_arguments)]
+    fn route_welcome(
+        &self,
+        state: &RoomState,
+        committer: &DeviceUri,
+        added: &[MemberDevice],
+        after: (&[MemberDevice], u64),
+        event: u64,
+        ts: u64,
+        welcome: Arc<Vec<u8>>,
+        fanout: &mut Fanout,
+    ) {
+        let mut remote: BTreeMap<String, Vec<&MemberDevice>> = BTreeMap::new();
+        for m in added {
+            if self.config.hosts(m.user.domain().as_str()) {
+                fanout.local.push(Outgoing {
+                    device: m.device.clone(),
+                    room_id: state.id.to_string(),
+                    kind: EntryKind::Welcome,
+                    event,
+                    ts,
+                    data: welcome.clone(),
+                    expires_at: self.expiry_for(&m.user, ts),
+                });
+            } else {
+                remote
+                    .entry(m.user.domain().to_string())
+                    .or_default()
+                    .push(m);
+            }
+        }
+        for (domain, devices) in remote {
+            let mut snapshot = state.snapshot(after.0, &domain);
+            snapshot.epoch = after.1;
+            fanout.remote.push(self.notify_item(
+                state,
+                &domain,
+                committer,
+                devices.iter().map(|m| m.uri()).collect(),
+                Some(snapshot),
+                FanoutKind::Welcome,
+                event,
+                ts,
+                &welcome,
+            ));
+        }
+    }
+
+    /// `POST /v1/rooms/{id}/proposals`, and MIMI `update` with a proposal: a member leaves. The
+    /// hub verifies the self-removal, keeps it in the room's public state (the next commit must
+    /// include it) and queues it for the other members, whose clients then commit it.
     pub async fn leave(
         &self,
-        caller: &AuthDevice,
+        origin: &Origin,
         room: &str,
         proposal: Vec<u8>,
     ) -> ServiceResult<Accepted> {
-        self.check_rate(caller)?;
-        let handle = self.member_room(caller, room).await?;
+        if let Origin::Client(caller) = origin {
+            self.check_rate(&caller.uri())?;
+        }
+        let handle = self.origin_room(origin, room).await?;
         let state = handle.write().await;
-        state.require_member(caller)?;
+        if let Origin::Client(caller) = origin {
+            state.require_member(caller)?;
+        }
         if state.kind == RoomKind::Direct {
             return Err(ServiceError::forbidden(
                 "policy",
@@ -444,7 +616,7 @@ impl Hub {
             .public
             .apply_leave(&proposal)
             .map_err(|e| ServiceError::forbidden("policy", e.to_string()))?;
-        if effect.leaver != caller.uri() {
+        if !origin.may_speak_for(&effect.leaver) {
             return Err(ServiceError::forbidden(
                 "not_proposer",
                 "the proposal must be signed by the device sending it",
@@ -466,13 +638,14 @@ impl Hub {
             });
         }
         let event = state.next_event.fetch_add(1, Ordering::SeqCst);
-        let outgoing = self.fan_out(
+        let fanout = self.fan_out(
             &state,
-            caller,
-            EntryKind::Proposal,
+            &effect.leaver,
+            FanoutKind::Proposal,
             event,
             ts,
             Arc::new(proposal),
+            None,
         );
         let update = RoomUpdate {
             room_id: state.id.to_string(),
@@ -484,10 +657,10 @@ impl Hub {
                 .map_err(|e| ServiceError::Internal(e.to_string()))?,
             members: state.member_rows(),
         };
-        self.persist(RoomWrite::State(update), outgoing).await?;
+        self.persist(RoomWrite::State(update), fanout).await?;
         let mut state = state;
         state.public = effect.next;
-        tracing::info!(room = %state.id, leaver = %caller.uri(), "leave proposed");
+        tracing::info!(room = %state.id, leaver = %effect.leaver, "leave proposed");
         Ok(Accepted {
             event,
             ts,
@@ -495,17 +668,27 @@ impl Hub {
         })
     }
 
-    /// Durably records a room change with its queue entries, then pushes them (in commit order).
-    async fn persist(&self, write: RoomWrite, outgoing: Vec<Outgoing>) -> ServiceResult<()> {
+    /// Durably records a room change with its queue entries and peer notifications, then
+    /// pushes the entries (in commit order) and wakes the peers' delivery workers.
+    async fn persist(&self, write: RoomWrite, fanout: Fanout) -> ServiceResult<()> {
         let push = self.delivery.push.clone();
+        let outbox = self.outbox.clone();
+        let Fanout { local, remote } = fanout;
+        let peers: BTreeSet<String> = remote.iter().map(|r| r.peer.clone()).collect();
         let stored = self
             .store
             .write_then(
                 move |c| {
                     write.apply(c)?;
-                    enqueue(c, &outgoing)
+                    outbox::insert(c, &remote)?;
+                    enqueue(c, &local)
                 },
-                move |stored: &Vec<Stored>| push.push(stored),
+                move |stored: &Vec<Stored>| {
+                    push.push(stored);
+                    for peer in &peers {
+                        outbox.wake(peer);
+                    }
+                },
             )
             .await?;
         self.counters
@@ -514,43 +697,156 @@ impl Hub {
         Ok(())
     }
 
-    /// One queue entry per member device except the sender's.
+    /// One queue entry per local member device except the sender's (and except users who
+    /// blocked the sender), and one notify per other provider with members, listing its devices.
+    /// `after` (members and epoch after a commit) adds a room snapshot to the notifications.
+    #[allow(clippy::too_many_arguments)]
     fn fan_out(
         &self,
         state: &RoomState,
-        sender: &AuthDevice,
-        kind: EntryKind,
+        sender: &DeviceUri,
+        kind: FanoutKind,
         event: u64,
         ts: u64,
         data: Arc<Vec<u8>>,
-    ) -> Vec<Outgoing> {
-        state
-            .members
-            .iter()
-            .filter(|m| m.device != sender.device.as_str())
-            .map(|m| Outgoing {
+        after: Option<(&Vec<MemberDevice>, u64)>,
+    ) -> Fanout {
+        let mut fanout = Fanout::default();
+        let mut remote: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for m in state.members.iter().filter(|m| !m.is(sender)) {
+            if !self.config.hosts(m.user.domain().as_str()) {
+                remote
+                    .entry(m.user.domain().to_string())
+                    .or_default()
+                    .push(m.uri());
+                continue;
+            }
+            if self.consent.blocked(&sender.user, &m.user) {
+                continue;
+            }
+            fanout.local.push(Outgoing {
                 device: m.device.clone(),
                 room_id: state.id.to_string(),
-                kind,
+                kind: entry_kind(kind),
                 event,
                 ts,
                 data: data.clone(),
                 expires_at: self.expiry_for(&m.user, ts),
-            })
-            .collect()
+            });
+        }
+        for (domain, recipients) in remote {
+            let snapshot = after.map(|(members, epoch)| {
+                let mut s = state.snapshot(members, &domain);
+                s.epoch = epoch;
+                s
+            });
+            fanout.remote.push(self.notify_item(
+                state, &domain, sender, recipients, snapshot, kind, event, ts, &data,
+            ));
+        }
+        fanout
     }
 
-    /// Every added KeyPackage must belong to a registered device with the key it registered.
-    async fn check_added_devices(&self, added: &[LeafDevice]) -> ServiceResult<()> {
+    #[allow(clippy::too_many_arguments)]
+    fn notify_item(
+        &self,
+        state: &RoomState,
+        domain: &str,
+        sender: &DeviceUri,
+        recipients: Vec<String>,
+        room: Option<RoomSnapshot>,
+        kind: FanoutKind,
+        event: u64,
+        ts: u64,
+        data: &[u8],
+    ) -> OutboxItem {
+        let entry = NotifyEntry {
+            sequence: 0, // the outbox row id, filled in when sent
+            event,
+            sender: IdentifierUri::new(&sender.user.to_uri()),
+            recipients: recipients.iter().map(|r| IdentifierUri::new(r)).collect(),
+            room,
+            fanout: FanoutMessage {
+                timestamp: ts,
+                kind,
+                message: data.to_vec().into(),
+                extras: Vec::new(),
+            },
+        };
+        OutboxItem {
+            peer: domain.to_owned(),
+            as_domain: state.hub_domain.clone(),
+            endpoint: outbox::NOTIFY,
+            param: state.id.to_string(),
+            body: entry.encode(),
+        }
+    }
+
+    /// Every added KeyPackage must belong to a device with the key its provider knows: a local
+    /// device's registered key, or for a remote device the key its provider handed this hub
+    /// for this room (MIMI `keyMaterial`), so nobody can slip in a key for someone else.
+    async fn check_added_devices(&self, room: &RoomId, added: &[LeafDevice]) -> ServiceResult<()> {
         for leaf in added {
-            let key = self.accounts.device_key(&leaf.device).await?;
-            if key.as_deref() != Some(leaf.signature_key.as_slice()) {
+            let known = if self.config.hosts(leaf.device.user.domain().as_str()) {
+                let key = self.accounts.device_key(&leaf.device).await?;
+                key.as_deref() == Some(leaf.signature_key.as_slice())
+            } else {
+                self.remote_claim_exists(room, &leaf.device, &leaf.signature_key)
+                    .await?
+            };
+            if !known {
                 return Err(ServiceError::forbidden(
                     "unknown_device",
-                    format!("{} is not a registered device with that key", leaf.device),
+                    format!(
+                        "{} is not a device with that key (KeyPackages of other providers' users must be claimed through this hub)",
+                        leaf.device
+                    ),
                 ));
             }
         }
+        Ok(())
+    }
+
+    async fn remote_claim_exists(
+        &self,
+        room: &RoomId,
+        device: &DeviceUri,
+        key: &[u8],
+    ) -> ServiceResult<bool> {
+        let (room, device, key) = (room.to_string(), device.to_string(), key.to_vec());
+        Ok(self
+            .store
+            .read(move |c| {
+                Ok(c.query_row(
+                    "SELECT 1 FROM remote_claims WHERE room_id = ?1 AND device_uri = ?2 AND signature_key = ?3",
+                    params![room, device, key],
+                    |_| Ok(()),
+                )
+                .optional()?
+                .is_some())
+            })
+            .await?)
+    }
+
+    /// Records KeyPackages fetched from another provider for a room hubbed here.
+    pub async fn record_remote_claims(
+        &self,
+        room: &RoomId,
+        claims: Vec<(DeviceUri, Vec<u8>)>,
+    ) -> ServiceResult<()> {
+        let room = room.to_string();
+        self.store
+            .write(move |c| {
+                let mut st = c.prepare_cached(
+                    "INSERT OR IGNORE INTO remote_claims (room_id, device_uri, signature_key, claimed_at)
+                     VALUES (?1, ?2, ?3, ?4)",
+                )?;
+                for (device, key) in claims {
+                    st.execute(params![room, device.to_string(), key, now_ms() as i64])?;
+                }
+                Ok(())
+            })
+            .await?;
         Ok(())
     }
 
@@ -591,16 +887,17 @@ impl Hub {
         Ok(())
     }
 
-    /// `POST /v1/rooms/{id}/messages`.
+    /// `POST /v1/rooms/{id}/messages`, and MIMI `submitMessage` (the peer has checked that the
+    /// sender belongs to its domain).
     pub async fn send(
         &self,
-        caller: &AuthDevice,
+        sender: &AuthDevice,
         room: &str,
         message: Vec<u8>,
     ) -> ServiceResult<Accepted> {
         let max = self
             .config
-            .domain(caller.user.domain().as_str())
+            .domain(sender.user.domain().as_str())
             .map_or(64 * 1024, |d| d.max_message_bytes);
         if message.len() > max {
             return Err(ServiceError::too_large(
@@ -608,7 +905,8 @@ impl Hub {
                 format!("messages are limited to {max} bytes"),
             ));
         }
-        self.check_rate(caller)?;
+        let sender_uri = sender.uri();
+        self.check_rate(&sender_uri)?;
         let header = application_header(&message)
             .map_err(|e| ServiceError::bad("invalid_message", e.to_string()))?;
         if header.room.as_str() != room {
@@ -617,26 +915,32 @@ impl Hub {
                 "the message is for another room",
             ));
         }
-        let handle = self.member_room(caller, room).await?;
+        let handle = self.member_room(sender, room).await?;
         // Read lock: messages of one room proceed concurrently, but never across a commit.
         let state = handle.read().await;
-        state.require_member(caller)?; // again under the lock: a commit may have removed it
+        state.require_member(sender)?; // again under the lock: a commit may have removed it
         state.check_epoch(Some(header.epoch))?;
+        if let Some(other) = state.direct_other(&sender.user) {
+            if self.consent.blocked(&sender.user, other) {
+                return Err(no_consent(other));
+            }
+        }
         let ts = now_ms();
         let event = state.next_event.fetch_add(1, Ordering::SeqCst);
-        let outgoing = self.fan_out(
+        let fanout = self.fan_out(
             &state,
-            caller,
-            EntryKind::Message,
+            &sender_uri,
+            FanoutKind::Application,
             event,
             ts,
             Arc::new(message),
+            None,
         );
         let write = RoomWrite::Event {
             room_id: room.to_owned(),
             next_event: event + 1,
         };
-        self.persist(write, outgoing).await?;
+        self.persist(write, fanout).await?;
         self.counters.messages.fetch_add(1, Ordering::Relaxed);
         Ok(Accepted {
             event,
@@ -644,6 +948,50 @@ impl Hub {
             epoch: state.epoch,
         })
     }
+}
+
+/// The refusal for a user who has not consented (or blocked the sender).
+pub fn no_consent(user: &UserId) -> ServiceError {
+    ServiceError::forbidden(
+        "no_consent",
+        format!("{user} has not accepted contact from you"),
+    )
+}
+
+fn entry_kind(kind: FanoutKind) -> EntryKind {
+    match kind {
+        FanoutKind::Application => EntryKind::Message,
+        FanoutKind::Welcome => EntryKind::Welcome,
+        FanoutKind::Proposal => EntryKind::Proposal,
+        FanoutKind::Commit => EntryKind::Commit,
+    }
+}
+
+/// A commit that adds devices needs a Welcome, and only such a commit may carry one.
+fn check_welcome_matches(welcome: Option<&[u8]>, adds: bool) -> ServiceResult<()> {
+    match (welcome, adds) {
+        (None, true) => Err(ServiceError::bad(
+            "missing_welcome",
+            "a commit that adds devices needs a Welcome",
+        )),
+        (Some(w), true) => {
+            check_welcome(w).map_err(|e| ServiceError::bad("invalid_welcome", e.to_string()))
+        }
+        (Some(_), false) => Err(ServiceError::bad(
+            "invalid_welcome",
+            "a Welcome without added devices",
+        )),
+        (None, false) => Ok(()),
+    }
+}
+
+/// Parses a device URI that a peer names, into the sender form the hub uses.
+pub fn device_of(uri: &str) -> ServiceResult<AuthDevice> {
+    let d = DeviceUri::parse(uri).map_err(|e| ServiceError::bad("invalid_uri", e.to_string()))?;
+    Ok(AuthDevice {
+        device: d.device,
+        user: d.user,
+    })
 }
 
 /// A room's database row, as written at creation.

@@ -9,6 +9,7 @@
 
 pub mod accounts;
 pub mod config;
+pub mod consent;
 pub mod delivery;
 pub mod error;
 pub mod federation;
@@ -17,13 +18,20 @@ pub mod hub;
 pub mod limits;
 pub mod mls;
 pub mod net;
+pub mod outbox;
 pub mod peers;
+pub mod remote;
 pub mod store;
 
 use accounts::Accounts;
 use config::{ConfigError, ServerConfig};
+use consent::Consent;
 use delivery::Delivery;
 use hub::Hub;
+use limits::RateLimiter;
+use outbox::Outbox;
+use peers::{PeerClient, PeerError};
+use remote::Remote;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -49,6 +57,11 @@ pub struct App {
     pub accounts: Arc<Accounts>,
     pub hub: Arc<Hub>,
     pub delivery: Arc<Delivery>,
+    pub consent: Arc<Consent>,
+    pub remote: Arc<Remote>,
+    pub outbox: Arc<Outbox>,
+    /// MIMI requests per peer provider.
+    pub peer_requests: RateLimiter,
     pub shutdown: watch::Receiver<bool>,
 }
 
@@ -62,6 +75,8 @@ pub enum ServerError {
     Bind(SocketAddr, std::io::Error),
     #[error(transparent)]
     Tls(#[from] net::TlsError),
+    #[error(transparent)]
+    Peers(#[from] PeerError),
 }
 
 /// A running server. Tests bind port 0 and read [`Server::local_addr`].
@@ -92,17 +107,44 @@ impl Server {
         let (stop, shutdown) = watch::channel(false);
         let accounts = Arc::new(Accounts::new(store.clone(), config.clone()));
         let delivery = Arc::new(Delivery::new(store.clone()));
+        let peers = PeerClient::new(&config)?.map(Arc::new);
+        let outbox = Outbox::new(
+            store.clone(),
+            peers.clone(),
+            Duration::from_secs(config.peer_retry_cap_secs),
+            shutdown.clone(),
+        );
+        let consent = Arc::new(Consent::new(store.clone(), config.clone(), outbox.clone()).await?);
         let hub = Arc::new(Hub::new(
-            store,
+            store.clone(),
             accounts.clone(),
             delivery.clone(),
             config.clone(),
+            outbox.clone(),
+            consent.clone(),
         ));
+        let remote = Arc::new(Remote::new(
+            store,
+            config.clone(),
+            accounts.clone(),
+            delivery.clone(),
+            hub.clone(),
+            consent.clone(),
+            peers,
+        ));
+        outbox.resume().await?;
         let app = Arc::new(App {
             config: config.clone(),
             accounts,
             hub,
             delivery: delivery.clone(),
+            consent,
+            remote,
+            outbox,
+            peer_requests: RateLimiter::new(
+                config.limits.peer_requests_per_second,
+                config.limits.peer_request_burst,
+            ),
             shutdown: shutdown.clone(),
         });
         tokio::spawn(expiry_loop(delivery, shutdown.clone()));

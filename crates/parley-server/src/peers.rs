@@ -41,11 +41,14 @@ pub struct Directory {
 
 impl Directory {
     /// The URL of `endpoint` with its one `{…}` parameter filled in.
+    /// The parameter is percent-encoded as one path segment (user URIs contain `/` and `:`).
     pub fn url(&self, endpoint: &str, param: &str) -> Option<String> {
         let template = self.endpoints.get(endpoint)?;
         let (head, rest) = template.split_once('{')?;
         let (_, tail) = rest.split_once('}')?;
-        Some(format!("{head}{param}{tail}"))
+        let mut url = reqwest::Url::parse(head).ok()?;
+        url.path_segments_mut().ok()?.pop_if_empty().push(param);
+        Some(format!("{url}{tail}"))
     }
 }
 
@@ -204,6 +207,55 @@ impl PeerClient {
     }
 }
 
+impl PeerClient {
+    /// POSTs a MIMI body to the peer's `endpoint` (from its directory) with `param` filled in.
+    /// Returns the peer's HTTP status and body (at most `MAX_ANSWER_BYTES`); network and TLS
+    /// failures are `Unreachable`.
+    pub async fn post(
+        &self,
+        as_domain: &Domain,
+        peer: &Domain,
+        endpoint: &str,
+        param: &str,
+        body: Vec<u8>,
+    ) -> Result<(reqwest::StatusCode, Vec<u8>), PeerError> {
+        let directory = self.directory(as_domain, peer).await?;
+        let url = directory.url(endpoint, param).ok_or_else(|| {
+            PeerError::BadDirectory(peer.clone(), format!("no {endpoint} endpoint"))
+        })?;
+        let route = self.route(peer).await?;
+        let client = self.client(as_domain, peer, &route)?;
+        let resp = client
+            .post(url)
+            .header(reqwest::header::FROM, format!("mimi@{as_domain}"))
+            .header(reqwest::header::CONTENT_TYPE, MIMI_CONTENT_TYPE)
+            .body(body)
+            .send()
+            .await
+            .map_err(|e| PeerError::Unreachable(peer.clone(), error_chain(&e)))?;
+        let status = resp.status();
+        if resp
+            .content_length()
+            .is_some_and(|n| n > MAX_ANSWER_BYTES as u64)
+        {
+            return Err(PeerError::Refused(peer.clone(), "answer too large".into()));
+        }
+        let bytes = resp
+            .bytes()
+            .await
+            .map_err(|e| PeerError::Unreachable(peer.clone(), e.to_string()))?;
+        if bytes.len() > MAX_ANSWER_BYTES {
+            return Err(PeerError::Refused(peer.clone(), "answer too large".into()));
+        }
+        Ok((status, bytes.to_vec()))
+    }
+}
+
+/// Media type of MIMI bodies (TLS presentation language).
+pub const MIMI_CONTENT_TYPE: &str = "application/mimi-protocol";
+/// Largest answer read from a peer.
+const MAX_ANSWER_BYTES: usize = parley_proto::mimi::MAX_BODY;
+
 /// `https://host:port/path` → (host, port, path without trailing slash).
 fn url_parts(url: &str) -> Option<(String, u16, String)> {
     let rest = url.strip_prefix("https://")?;
@@ -272,5 +324,9 @@ mod tests {
             Some("https://w.test/v1/keyMaterial/bob")
         );
         assert_eq!(d.url("notify", "r"), None);
+        assert_eq!(
+            d.url("keyMaterial", "mimi://b.test/u/bob").as_deref(),
+            Some("https://w.test/v1/keyMaterial/mimi:%2F%2Fb.test%2Fu%2Fbob")
+        );
     }
 }

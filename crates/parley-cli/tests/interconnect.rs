@@ -1,0 +1,589 @@
+//! Interconnect end to end: three independent providers (each its own server, database and
+//! federation listener with mutual TLS from a `parley dev-ca`), users on each, consent, 1:1 and
+//! group rooms across providers, store-and-forward while a follower is down, and peers that
+//! misbehave. Servers run in-process on loopback ports; certificates come from the real CLI.
+
+use parley_client::{ClientError, Device, Event};
+use parley_proto::mimi::{
+    Body, ConsentEntry, ConsentOperation, FanoutKind, FanoutMessage, IdentifierUri,
+    KeyMaterialRequest, KeyMaterialResponse, NotifyEntry, NotifyRequest, SubmitMessageRequest,
+    UpdateRequest, UserCode,
+};
+use parley_proto::{RoomId, UserId};
+use parley_server::config::ServerConfig;
+use parley_server::Server;
+use reqwest::StatusCode;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+const DOMAINS: [&str; 3] = ["chirp.test", "wave.test", "ping.test"];
+
+fn free_addr() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap()
+}
+
+/// `parley dev-ca init` + `issue` for every domain (and `evil.test`, for the malicious peer).
+fn dev_ca(dir: &Path) -> PathBuf {
+    let ca = dir.join("ca");
+    let parley = env!("CARGO_BIN_EXE_parley");
+    let ok = |args: &[&str]| {
+        let out = Command::new(parley).args(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "parley {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    ok(&["dev-ca", "init", ca.to_str().unwrap()]);
+    for d in DOMAINS.iter().chain(&["evil.test"]) {
+        ok(&["dev-ca", "issue", ca.to_str().unwrap(), d]);
+    }
+    ca
+}
+
+/// Three providers' settings: fixed loopback ports so they can be stopped and restarted.
+struct Net {
+    dir: PathBuf,
+    ca: PathBuf,
+    api: BTreeMap<&'static str, SocketAddr>,
+    fed: BTreeMap<&'static str, SocketAddr>,
+}
+
+impl Net {
+    fn new(dir: &Path) -> Self {
+        Self {
+            dir: dir.to_owned(),
+            ca: dev_ca(dir),
+            api: DOMAINS.iter().map(|d| (*d, free_addr())).collect(),
+            fed: DOMAINS.iter().map(|d| (*d, free_addr())).collect(),
+        }
+    }
+
+    fn config(&self, domain: &'static str) -> ServerConfig {
+        let mut config = ServerConfig {
+            listen: self.api[domain],
+            data: self.dir.join(format!("data-{domain}")),
+            federation_listen: Some(self.fed[domain]),
+            federation_cert: vec![self.ca.join(format!("{domain}.crt"))],
+            federation_key: vec![self.ca.join(format!("{domain}.key"))],
+            peer_ca: Some(self.ca.join("ca.crt")),
+            peers: self
+                .fed
+                .iter()
+                .filter(|(d, _)| **d != domain)
+                .map(|(d, a)| (d.to_string(), format!("https://{a}")))
+                .collect(),
+            peer_retry_cap_secs: 1,
+            ..Default::default()
+        };
+        config.add_domain(domain);
+        config
+    }
+
+    async fn start(&self, domain: &'static str) -> Server {
+        Server::start(self.config(domain)).await.unwrap()
+    }
+
+    async fn register(&self, user: &str) -> Device {
+        let user = UserId::parse(user).unwrap();
+        let url = format!("http://{}", self.api[user.domain().as_str()]);
+        Device::register(
+            &self.dir.join(format!("profile-{user}")),
+            &url,
+            &user,
+            Some("password-123"),
+            None,
+            None,
+        )
+        .await
+        .unwrap()
+    }
+
+    /// An HTTPS client for the federation listeners with the `as_domain` certificate.
+    fn peer_client(&self, as_domain: &str) -> reqwest::Client {
+        let mut pem = std::fs::read(self.ca.join(format!("{as_domain}.crt"))).unwrap();
+        pem.extend(std::fs::read(self.ca.join(format!("{as_domain}.key"))).unwrap());
+        let ca = std::fs::read(self.ca.join("ca.crt")).unwrap();
+        let mut b = reqwest::Client::builder()
+            .use_rustls_tls()
+            .tls_built_in_root_certs(false)
+            .add_root_certificate(reqwest::Certificate::from_pem(&ca).unwrap())
+            .identity(reqwest::Identity::from_pem(&pem).unwrap());
+        for (d, a) in &self.fed {
+            b = b.resolve(d, *a);
+        }
+        b.build().unwrap()
+    }
+}
+
+/// Syncs (waiting for pushes) until `want` messages of `room` arrived or 20 s passed.
+async fn read_n(device: &mut Device, room: &RoomId, want: usize) -> Vec<(String, String)> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut got = Vec::new();
+    while got.len() < want && Instant::now() < deadline {
+        for e in device.sync(Some(Duration::from_millis(500))).await.unwrap() {
+            match e {
+                Event::Message {
+                    room: r,
+                    sender,
+                    text,
+                    ..
+                } if &r == room => got.push((sender.to_string(), text)),
+                Event::Error { detail, .. } => {
+                    panic!("{} failed to process an entry: {detail}", device.user())
+                }
+                _ => {}
+            }
+        }
+    }
+    got
+}
+
+/// Syncs until the device has joined `room` (its Welcome arrived), or 20 s passed.
+async fn join(device: &mut Device, room: &RoomId) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        for e in device.sync(Some(Duration::from_millis(500))).await.unwrap() {
+            if matches!(&e, Event::Joined { room: r, .. } if r == room) {
+                return;
+            }
+        }
+    }
+    panic!("{} never joined {room}", device.user());
+}
+
+/// Drains what is queued for a device and returns its messages in `room` (no waiting).
+async fn read_now(device: &mut Device, room: &RoomId) -> Vec<(String, String)> {
+    let mut got = Vec::new();
+    for e in device.sync(None).await.unwrap() {
+        if let Event::Message {
+            room: r,
+            sender,
+            text,
+            ..
+        } = e
+        {
+            if &r == room {
+                got.push((sender.to_string(), text));
+            }
+        }
+    }
+    got
+}
+
+fn from(sender: &str, texts: &[&str]) -> Vec<(String, String)> {
+    texts
+        .iter()
+        .map(|t| (sender.to_owned(), t.to_string()))
+        .collect()
+}
+
+/// Waits until `target` sees a pending request from `requester`, then accepts it.
+async fn consent(target: &Device, requester: &Device) {
+    requester
+        .api()
+        .contact_request(target.user())
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let pending = target.api().contact_requests().await.unwrap();
+        if pending
+            .iter()
+            .any(|c| c.user == requester.user().to_string())
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "contact request never arrived");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    target.api().contact_accept(requester.user()).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_providers_consent_direct_and_group_rooms() {
+    let dir = tempfile::tempdir().unwrap();
+    let net = Net::new(dir.path());
+    let _chirp = net.start("chirp.test").await;
+    let _wave = net.start("wave.test").await;
+    let _ping = net.start("ping.test").await;
+    let mut alice = net.register("alice@chirp.test").await;
+    let mut bob = net.register("bob@wave.test").await;
+    let mut carol = net.register("carol@ping.test").await;
+    let mut dave = net.register("dave@ping.test").await;
+
+    // No consent yet: alice cannot open a direct room with bob.
+    let refused = alice.direct_room(bob.user()).await;
+    assert!(
+        matches!(refused, Err(ClientError::NoConsent(_))),
+        "{refused:?}"
+    );
+
+    // Bob consents; a 1:1 across providers, both ways.
+    consent(&bob, &alice).await;
+    let direct = alice.direct_room(bob.user()).await.unwrap();
+    alice.send_text(&direct, "hi bob").await.unwrap();
+    assert_eq!(
+        read_n(&mut bob, &direct, 1).await,
+        from("alice@chirp.test", &["hi bob"])
+    );
+    assert_eq!(bob.direct_room(alice.user()).await.unwrap(), direct);
+    bob.send_text(&direct, "hi alice").await.unwrap();
+    assert_eq!(
+        read_n(&mut alice, &direct, 1).await,
+        from("bob@wave.test", &["hi alice"])
+    );
+
+    // A group hubbed at chirp spanning all three providers.
+    consent(&carol, &alice).await;
+    let group = alice
+        .create_room(Some("three"), &[bob.user().clone(), carol.user().clone()])
+        .await
+        .unwrap();
+    alice.send_text(&group, "welcome").await.unwrap();
+    assert_eq!(
+        read_n(&mut bob, &group, 1).await,
+        from("alice@chirp.test", &["welcome"])
+    );
+    assert_eq!(
+        read_n(&mut carol, &group, 1).await,
+        from("alice@chirp.test", &["welcome"])
+    );
+
+    // A follower-side member sends; everyone else reads it.
+    carol.send_text(&group, "from ping").await.unwrap();
+    for d in [&mut alice, &mut bob] {
+        assert_eq!(
+            read_n(d, &group, 1).await,
+            from("carol@ping.test", &["from ping"])
+        );
+    }
+
+    // A follower-side member commits: bob (wave) adds dave (ping), through the hub at chirp.
+    consent(&dave, &bob).await;
+    bob.add_member(&group, dave.user()).await.unwrap();
+    join(&mut dave, &group).await;
+    dave.send_text(&group, "dave here").await.unwrap();
+    for d in [&mut alice, &mut bob, &mut carol] {
+        assert_eq!(
+            read_n(d, &group, 1).await,
+            from("dave@ping.test", &["dave here"])
+        );
+    }
+    let info = alice
+        .rooms()
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|r| r.room == group)
+        .unwrap();
+    assert_eq!(info.members.len(), 4);
+
+    // Remove carol: she reads nothing sent after the removal.
+    alice.remove_member(&group, carol.user()).await.unwrap();
+    alice.send_text(&group, "after carol").await.unwrap();
+    for d in [&mut bob, &mut dave] {
+        assert_eq!(
+            read_n(d, &group, 1).await,
+            from("alice@chirp.test", &["after carol"])
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(read_now(&mut carol, &group).await.is_empty());
+    assert!(carol.send_text(&group, "still here?").await.is_err());
+
+    // Blocking: bob blocks alice; her next direct message is refused with no_consent.
+    bob.api().contact_block(alice.user()).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match alice.send_text(&direct, "are you there?").await {
+            Err(ClientError::Api { code, .. }) if code == "no_consent" => break,
+            Err(e) if e.to_string().contains("no_consent") => break,
+            other => {
+                assert!(Instant::now() < deadline, "never refused: {other:?}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let seen: Vec<_> = read_now(&mut bob, &direct).await;
+    assert!(
+        seen.iter().all(|(s, _)| s != "alice@chirp.test"),
+        "bob saw a blocked sender: {seen:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_that_was_down_gets_everything_once_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let net = Net::new(dir.path());
+    let chirp = net.start("chirp.test").await;
+    let wave = net.start("wave.test").await;
+    let _ping = net.start("ping.test").await;
+    let mut alice = net.register("alice@chirp.test").await;
+    let mut bob = net.register("bob@wave.test").await;
+    consent(&bob, &alice).await;
+    let room = alice.direct_room(bob.user()).await.unwrap();
+    alice.send_text(&room, "before").await.unwrap();
+    assert_eq!(read_n(&mut bob, &room, 1).await.len(), 1);
+
+    wave.shutdown().await;
+    let texts: Vec<String> = (0..50).map(|i| format!("m{i:02}")).collect();
+    for t in &texts {
+        alice.send_text(&room, t).await.unwrap();
+    }
+    // The hub holds them durably while the follower is away.
+    let metrics = reqwest::get(format!("{}/metrics", chirp.url()))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("parley_peer_queue_depth{peer=\"wave.test\"} 50"),
+        "{metrics}"
+    );
+
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let _wave = net.start("wave.test").await;
+    let got = read_n(&mut bob, &room, 50).await;
+    let want: Vec<(String, String)> = texts
+        .iter()
+        .map(|t| ("alice@chirp.test".to_owned(), t.clone()))
+        .collect();
+    assert_eq!(got, want);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(read_now(&mut bob, &room).await.is_empty(), "nothing twice");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malicious_peer_requests_are_refused_and_change_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let net = Net::new(dir.path());
+    let chirp = net.start("chirp.test").await;
+    let _wave = net.start("wave.test").await;
+    let _ping = net.start("ping.test").await;
+    let mut alice = net.register("alice@chirp.test").await;
+    let mut bob = net.register("bob@wave.test").await;
+    consent(&bob, &alice).await;
+    let room = alice.direct_room(bob.user()).await.unwrap();
+    alice.send_text(&room, "one").await.unwrap();
+    assert_eq!(read_n(&mut bob, &room, 1).await.len(), 1);
+    let epoch_before = alice.rooms().await.unwrap()[0].epoch;
+
+    // evil.test has a valid certificate for evil.test only.
+    let evil = net.peer_client("evil.test");
+    let chirp_fed = |path: &str| {
+        format!(
+            "https://chirp.test:{}/v1/{path}",
+            net.fed["chirp.test"].port()
+        )
+    };
+    let post = |url: String, body: Vec<u8>| {
+        let evil = evil.clone();
+        async move {
+            evil.post(url)
+                .header("From", "mimi@evil.test")
+                .body(body)
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+    let error_code = |resp: reqwest::Response| async move {
+        let status = resp.status();
+        let v: serde_json::Value = resp.json().await.unwrap();
+        (status, v["error"].as_str().unwrap_or_default().to_owned())
+    };
+
+    // Claims to be a chirp.test user (From proves evil.test only).
+    let spoofed = evil
+        .post(chirp_fed(&format!("submitMessage/{room}")))
+        .header("From", "mimi@chirp.test")
+        .body(
+            SubmitMessageRequest::new(vec![1, 2, 3], "mimi://chirp.test/d/alice/0000000000000001")
+                .encode(),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        error_code(spoofed).await,
+        (StatusCode::FORBIDDEN, "peer_domain_mismatch".into())
+    );
+
+    // Speaks as evil.test but sends as a chirp.test client.
+    let as_alice = post(
+        chirp_fed(&format!("submitMessage/{room}")),
+        SubmitMessageRequest::new(vec![1, 2, 3], "mimi://chirp.test/d/alice/0000000000000001")
+            .encode(),
+    )
+    .await;
+    assert_eq!(
+        error_code(as_alice).await,
+        (StatusCode::FORBIDDEN, "peer_domain_mismatch".into())
+    );
+
+    // Posts a real-looking message to a room it takes no part in (bob's ciphertext replayed,
+    // with an evil sender): not a member → refused.
+    let ciphertext = alice.encrypt_text(&room, "forged").unwrap();
+    let not_member = post(
+        chirp_fed(&format!("submitMessage/{room}")),
+        SubmitMessageRequest::new(
+            ciphertext.clone(),
+            "mimi://evil.test/d/eve/0000000000000001",
+        )
+        .encode(),
+    )
+    .await;
+    assert_eq!(
+        error_code(not_member).await,
+        (StatusCode::NOT_FOUND, "unknown_room".into())
+    );
+
+    // URL room id different from the room inside the MLS message.
+    let other_room = RoomId::from_random([9; 16]);
+    let mismatch = post(
+        chirp_fed(&format!("submitMessage/{other_room}")),
+        SubmitMessageRequest::new(ciphertext, "mimi://evil.test/d/eve/0000000000000001").encode(),
+    )
+    .await;
+    assert_eq!(mismatch.status(), StatusCode::BAD_REQUEST);
+
+    // A notify for a room evil.test does not hub (bob's provider follows chirp for it).
+    let wave_fed = format!(
+        "https://wave.test:{}/v1/notify/{room}",
+        net.fed["wave.test"].port()
+    );
+    let fake = NotifyRequest {
+        entries: vec![NotifyEntry {
+            sequence: 1_000_000,
+            event: 1_000_000,
+            sender: IdentifierUri::new("mimi://chirp.test/u/alice"),
+            recipients: vec![],
+            room: None,
+            fanout: FanoutMessage {
+                timestamp: 1,
+                kind: FanoutKind::Application,
+                message: vec![0u8; 8].into(),
+                extras: vec![],
+            },
+        }],
+    };
+    let hijack = post(wave_fed.clone(), fake.encode()).await;
+    assert_eq!(
+        error_code(hijack).await,
+        (StatusCode::FORBIDDEN, "not_hub".into())
+    );
+
+    // A commit that is no MLS commit at all.
+    let garbage = post(
+        chirp_fed(&format!("update/{room}")),
+        UpdateRequest::commit(vec![0, 1, 0, 1], None).encode(),
+    )
+    .await;
+    assert_eq!(
+        error_code(garbage).await,
+        (StatusCode::BAD_REQUEST, "invalid_commit".into())
+    );
+
+    // A replayed notify from the real hub (sequence already seen) is accepted and ignored.
+    let as_chirp = net.peer_client("chirp.test");
+    let mut replay = fake.clone();
+    replay.entries[0].sequence = 1;
+    replay.entries[0].recipients = vec![IdentifierUri::new(&format!(
+        "mimi://wave.test/d/bob/{}",
+        bob.device_id()
+    ))];
+    let resp = as_chirp
+        .post(wave_fed.clone())
+        .header("From", "mimi@chirp.test")
+        .body(replay.encode())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::CREATED);
+
+    // Truncated and oversized bodies.
+    let mut body =
+        SubmitMessageRequest::new(vec![7; 100], "mimi://evil.test/d/eve/0000000000000001").encode();
+    body.truncate(body.len() - 10);
+    let truncated = post(chirp_fed(&format!("submitMessage/{room}")), body).await;
+    assert_eq!(
+        error_code(truncated).await,
+        (StatusCode::BAD_REQUEST, "invalid_body".into())
+    );
+    let oversized = post(
+        chirp_fed(&format!("submitMessage/{room}")),
+        vec![0; 3 << 20],
+    )
+    .await;
+    assert_eq!(oversized.status(), StatusCode::PAYLOAD_TOO_LARGE);
+
+    // Key material for bob on behalf of a chirp.test user: evil may not speak for chirp.test.
+    let km = KeyMaterialRequest::new(
+        "mimi://chirp.test/u/alice",
+        "mimi://wave.test/u/bob",
+        &room.to_uri(&parley_proto::Domain::parse("chirp.test").unwrap()),
+        1,
+    );
+    let wave_km = format!(
+        "https://wave.test:{}/v1/keyMaterial/{}",
+        net.fed["wave.test"].port(),
+        "mimi:%2F%2Fwave.test%2Fu%2Fbob"
+    );
+    let stolen = post(wave_km.clone(), km.encode()).await;
+    assert_eq!(
+        error_code(stolen).await,
+        (StatusCode::FORBIDDEN, "peer_domain_mismatch".into())
+    );
+    // As itself, without bob's consent: noConsent, and no KeyPackage handed out.
+    let own = KeyMaterialRequest::new(
+        "mimi://evil.test/u/eve",
+        "mimi://wave.test/u/bob",
+        "mimi://evil.test/r/0123456789abcdef0123456789abcdef",
+        1,
+    );
+    let resp = post(wave_km, own.encode()).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let answer = KeyMaterialResponse::decode(&resp.bytes().await.unwrap()).unwrap();
+    assert_eq!(answer.code(), Some(UserCode::NoConsent));
+    assert!(answer.clients.is_empty());
+
+    // A consent answer on behalf of a user evil.test does not host.
+    let forged = ConsentEntry::new(
+        ConsentOperation::Grant,
+        "mimi://chirp.test/u/alice",
+        "mimi://wave.test/u/bob",
+    );
+    let resp = post(
+        format!(
+            "https://chirp.test:{}/v1/updateConsent/chirp.test",
+            net.fed["chirp.test"].port()
+        ),
+        forged.encode(),
+    )
+    .await;
+    assert_eq!(
+        error_code(resp).await,
+        (StatusCode::FORBIDDEN, "peer_domain_mismatch".into())
+    );
+
+    // Nothing changed: same epoch, the room still works, bob got no forged message.
+    let rooms = alice.rooms().await.unwrap();
+    assert_eq!(rooms[0].epoch, epoch_before);
+    alice.send_text(&room, "two").await.unwrap();
+    assert_eq!(
+        read_n(&mut bob, &room, 1).await,
+        from("alice@chirp.test", &["two"])
+    );
+    assert!(
+        read_now(&mut bob, &room).await.is_empty(),
+        "the replay delivered nothing"
+    );
+    drop(chirp);
+}

@@ -1,0 +1,866 @@
+//! This provider's side of rooms hubbed elsewhere, and key material across providers.
+//! Owns `remote_rooms` and `remote_room_devices`.
+//!
+//! - **Follower:** `notify` from a room's hub lands here: each entry is delivered once (by
+//!   sequence) to the listed local devices' queues, in the same transaction that records the
+//!   sequence and the room snapshot. Local clients' messages, commits and proposals for such rooms
+//!   are relayed to the hub (`submitMessage`, `update`) and acknowledged only when the hub
+//!   accepted them (so they are durable there).
+//! - **Key material:** claims for another provider's user go to the room's hub when the room is
+//!   hubbed elsewhere, else straight to the user's provider (`keyMaterial`), and the hub records
+//!   which keys it was given for the room; the user's provider answers only with consent.
+
+use crate::accounts::{Accounts, AuthDevice};
+use crate::config::ServerConfig;
+use crate::consent::Consent;
+use crate::delivery::{enqueue, Delivery, Outgoing, Stored};
+use crate::error::{ServiceError, ServiceResult};
+use crate::hub::{no_consent, Hub};
+use crate::mls::validate_key_package;
+use crate::peers::{PeerClient, PeerError};
+use crate::store::{Store, StoreError};
+use parley_proto::api::{
+    Accepted, ClaimResponse, ClaimedKeyPackage, EntryKind, RoomInfo, RoomKind,
+};
+use parley_proto::ids::DeviceUri;
+use parley_proto::mimi::{
+    Body, ClientMaterial, FanoutKind, IdentifierUri, KeyMaterialRequest, KeyMaterialResponse,
+    NotifyRequest, SubmitMessageRequest, SubmitResponse, UpdateRequest, UpdateResponse, UserCode,
+};
+use parley_proto::{Domain, RoomId, UserId};
+use rusqlite::{params, Connection, OptionalExtension};
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
+/// MLS_128_DHKEMX25519_AES128GCM_SHA256_Ed25519.
+const CIPHERSUITE: u16 = 1;
+const DAY_MS: u64 = 86_400_000;
+
+/// A room hubbed elsewhere, as its hub last described it.
+#[derive(Debug, Clone)]
+struct RemoteRoom {
+    hub: Domain,
+    kind: RoomKind,
+    name: Option<String>,
+    epoch: u64,
+    users: Vec<String>,
+    last_sequence: u64,
+}
+
+impl RemoteRoom {
+    fn info(&self, id: &RoomId) -> RoomInfo {
+        RoomInfo {
+            room_id: id.to_string(),
+            room_uri: id.to_uri(&self.hub),
+            kind: self.kind,
+            name: self.name.clone(),
+            epoch: self.epoch,
+            members: self.users.clone(),
+        }
+    }
+}
+
+pub struct Remote {
+    store: Store,
+    config: Arc<ServerConfig>,
+    accounts: Arc<Accounts>,
+    delivery: Arc<Delivery>,
+    hub: Arc<Hub>,
+    consent: Arc<Consent>,
+    peers: Option<Arc<PeerClient>>,
+    /// Room → hub domain, for rooms this provider follows (filled on first lookup).
+    hubs: RwLock<HashMap<RoomId, Domain>>,
+}
+
+fn bad_body(e: impl std::fmt::Display) -> ServiceError {
+    ServiceError::bad("invalid_body", e.to_string())
+}
+
+fn uri_text(u: &IdentifierUri) -> ServiceResult<&str> {
+    u.as_str().map_err(bad_body)
+}
+
+fn parse_user(s: &str) -> ServiceResult<UserId> {
+    UserId::parse(s).map_err(|e| ServiceError::bad("invalid_user", e.to_string()))
+}
+
+/// Errors talking to another provider, as seen by our client.
+fn peer_failure(e: PeerError) -> ServiceError {
+    tracing::warn!(error = %e, "peer request failed");
+    ServiceError::unavailable("peer_unreachable", e.to_string())
+}
+
+impl Remote {
+    pub fn new(
+        store: Store,
+        config: Arc<ServerConfig>,
+        accounts: Arc<Accounts>,
+        delivery: Arc<Delivery>,
+        hub: Arc<Hub>,
+        consent: Arc<Consent>,
+        peers: Option<Arc<PeerClient>>,
+    ) -> Self {
+        Self {
+            store,
+            config,
+            accounts,
+            delivery,
+            hub,
+            consent,
+            peers,
+            hubs: RwLock::new(HashMap::new()),
+        }
+    }
+
+    fn peers(&self) -> ServiceResult<&PeerClient> {
+        self.peers.as_deref().ok_or_else(|| {
+            ServiceError::forbidden(
+                "federation_disabled",
+                "this provider is not configured to talk to other providers",
+            )
+        })
+    }
+
+    /// POSTs a MIMI body to a peer and returns the answer when it is a success.
+    async fn call(
+        &self,
+        as_domain: &Domain,
+        peer: &Domain,
+        endpoint: &str,
+        param: &str,
+        body: Vec<u8>,
+    ) -> ServiceResult<Vec<u8>> {
+        let (status, answer) = self
+            .peers()?
+            .post(as_domain, peer, endpoint, param, body)
+            .await
+            .map_err(peer_failure)?;
+        if status.is_success() {
+            return Ok(answer);
+        }
+        Err(relayed_error(status.as_u16(), &answer, peer))
+    }
+
+    /// The hub of a room this provider follows (`None` for rooms hubbed here or unknown).
+    pub async fn hub_of(&self, room: &RoomId) -> ServiceResult<Option<Domain>> {
+        if let Some(d) = self.hubs.read().ok().and_then(|m| m.get(room).cloned()) {
+            return Ok(Some(d));
+        }
+        let key = room.to_string();
+        let hub: Option<String> = self
+            .store
+            .read(move |c| {
+                Ok(c.query_row(
+                    "SELECT hub_domain FROM remote_rooms WHERE room_id = ?1",
+                    params![key],
+                    |r| r.get(0),
+                )
+                .optional()?)
+            })
+            .await?;
+        let hub = hub.and_then(|h| Domain::parse(&h).ok());
+        if let (Some(h), Ok(mut m)) = (&hub, self.hubs.write()) {
+            m.insert(room.clone(), h.clone());
+        }
+        Ok(hub)
+    }
+
+    async fn member_room(&self, caller: &AuthDevice, room: &RoomId) -> ServiceResult<RemoteRoom> {
+        let (key, device) = (room.to_string(), caller.device.as_str().to_owned());
+        let found = self
+            .store
+            .read(move |c| {
+                let member = c
+                    .query_row(
+                        "SELECT 1 FROM remote_room_devices WHERE room_id = ?1 AND device_id = ?2",
+                        params![key, device],
+                        |_| Ok(()),
+                    )
+                    .optional()?
+                    .is_some();
+                if !member {
+                    return Ok(None);
+                }
+                load_room(c, &key)
+            })
+            .await?;
+        found.ok_or_else(|| {
+            ServiceError::not_found(
+                "unknown_room",
+                format!("no room {room} that you are a member of"),
+            )
+        })
+    }
+
+    /// Rooms hubbed elsewhere that the calling device is in.
+    pub async fn rooms_of(&self, caller: &AuthDevice) -> ServiceResult<Vec<RoomInfo>> {
+        let device = caller.device.as_str().to_owned();
+        let rooms: Vec<(String, RemoteRoom)> = self
+            .store
+            .read(move |c| {
+                let mut st = c.prepare(
+                    "SELECT room_id FROM remote_room_devices WHERE device_id = ?1 ORDER BY room_id",
+                )?;
+                let ids: Vec<String> = st
+                    .query_map(params![device], |r| r.get(0))?
+                    .collect::<Result<_, _>>()?;
+                let mut out = Vec::new();
+                for id in ids {
+                    if let Some(room) = load_room(c, &id)? {
+                        out.push((id, room));
+                    }
+                }
+                Ok(out)
+            })
+            .await?;
+        Ok(rooms
+            .into_iter()
+            .filter_map(|(id, room)| RoomId::parse(&id).ok().map(|id| room.info(&id)))
+            .collect())
+    }
+
+    pub async fn room_info(&self, caller: &AuthDevice, room: &RoomId) -> ServiceResult<RoomInfo> {
+        Ok(self.member_room(caller, room).await?.info(room))
+    }
+
+    // --- relaying a local client's traffic to a remote hub -----------------------------------
+
+    /// `POST /v1/rooms/{id}/messages` for a room hubbed elsewhere: MIMI `submitMessage`.
+    pub async fn relay_send(
+        &self,
+        caller: &AuthDevice,
+        room: &RoomId,
+        hub: &Domain,
+        message: Vec<u8>,
+    ) -> ServiceResult<Accepted> {
+        let max = self
+            .config
+            .domain(caller.user.domain().as_str())
+            .map_or(64 * 1024, |d| d.max_message_bytes);
+        if message.len() > max {
+            return Err(ServiceError::too_large(
+                "message_too_large",
+                format!("messages are limited to {max} bytes"),
+            ));
+        }
+        let state = self.member_room(caller, room).await?;
+        if state.kind == RoomKind::Direct {
+            let me = caller.user.to_string();
+            for other in state.users.iter().filter(|u| **u != me) {
+                if let Ok(other) = UserId::parse(other) {
+                    if self.consent.blocked(&caller.user, &other) {
+                        return Err(no_consent(&other));
+                    }
+                }
+            }
+        }
+        let body = SubmitMessageRequest::new(message, &caller.uri().to_string()).encode();
+        let answer = self
+            .call(
+                caller.user.domain(),
+                hub,
+                "submitMessage",
+                room.as_str(),
+                body,
+            )
+            .await?;
+        match SubmitResponse::decode(&answer).map_err(|e| hub_garbled(hub, e))? {
+            SubmitResponse::Accepted {
+                accepted_timestamp, ..
+            } => Ok(Accepted {
+                event: 0,
+                ts: accepted_timestamp,
+                epoch: state.epoch,
+            }),
+            SubmitResponse::NotAllowed => Err(ServiceError::forbidden(
+                "not_allowed",
+                format!("the room's hub {hub} refused the message"),
+            )),
+            SubmitResponse::EpochTooOld { current_epoch } => Err(ServiceError::wrong_epoch(
+                current_epoch,
+                current_epoch.saturating_sub(1),
+            )),
+        }
+    }
+
+    /// Commits and proposals for a room hubbed elsewhere: MIMI `update`.
+    pub async fn relay_update(
+        &self,
+        caller: &AuthDevice,
+        room: &RoomId,
+        hub: &Domain,
+        request: UpdateRequest,
+    ) -> ServiceResult<Accepted> {
+        let state = self.member_room(caller, room).await?;
+        let answer = self
+            .call(
+                caller.user.domain(),
+                hub,
+                "update",
+                room.as_str(),
+                request.encode(),
+            )
+            .await?;
+        match UpdateResponse::decode(&answer).map_err(|e| hub_garbled(hub, e))? {
+            UpdateResponse::Success {
+                accepted_timestamp, ..
+            } => Ok(Accepted {
+                event: 0,
+                ts: accepted_timestamp,
+                epoch: state.epoch,
+            }),
+            UpdateResponse::WrongEpoch { current_epoch, .. } => Err(ServiceError::wrong_epoch(
+                current_epoch,
+                state.epoch.min(current_epoch.saturating_sub(1)),
+            )),
+            UpdateResponse::NotAllowed { error_description } => {
+                let (code, message) = split_description(error_description.as_slice());
+                Err(ServiceError::forbidden(code, message))
+            }
+            UpdateResponse::InvalidProposal {
+                error_description, ..
+            } => {
+                let (code, message) = split_description(error_description.as_slice());
+                Err(ServiceError::Conflict {
+                    code,
+                    message,
+                    retryable: code == "pending_proposals",
+                })
+            }
+        }
+    }
+
+    // --- key material ------------------------------------------------------------------------
+
+    /// `POST /v1/users/{user}/key-packages/claim?room=` from a local client.
+    pub async fn claim(
+        &self,
+        requester: &AuthDevice,
+        target: &UserId,
+        room: Option<RoomId>,
+    ) -> ServiceResult<ClaimResponse> {
+        let remote_hub = match &room {
+            Some(r) => self.hub_of(r).await?,
+            None => None,
+        };
+        if let (Some(hub), Some(room)) = (remote_hub, &room) {
+            // The room's hub must see (and remember) every key used in its room.
+            let request = KeyMaterialRequest::new(
+                &requester.user.to_uri(),
+                &target.to_uri(),
+                &room.to_uri(&hub),
+                CIPHERSUITE,
+            );
+            let answer = self
+                .call(
+                    requester.user.domain(),
+                    &hub,
+                    "keyMaterial",
+                    &target.to_uri(),
+                    request.encode(),
+                )
+                .await?;
+            let response =
+                KeyMaterialResponse::decode(&answer).map_err(|e| hub_garbled(&hub, e))?;
+            return Ok(claim_of(target, &response)?.0);
+        }
+        if self.config.hosts(target.domain().as_str()) {
+            return self.accounts.claim_key_packages(target).await;
+        }
+        let room = room.ok_or_else(|| {
+            ServiceError::bad(
+                "missing_room",
+                "claiming KeyPackages of another provider's user needs ?room=ROOM_ID",
+            )
+        })?;
+        let hub_domain = match self.hub.hub_domain_of(&room).await? {
+            Some(d) => d,
+            None => requester.user.domain().clone(), // a room about to be created here
+        };
+        self.fetch_for_hub(&requester.user, target, &room, &hub_domain)
+            .await
+    }
+
+    /// As the (future) hub of `room`: claims `target`'s KeyPackages from its provider and records
+    /// them, so the commit adding them can be checked.
+    async fn fetch_for_hub(
+        &self,
+        requester: &UserId,
+        target: &UserId,
+        room: &RoomId,
+        hub_domain: &Domain,
+    ) -> ServiceResult<ClaimResponse> {
+        let request = KeyMaterialRequest::new(
+            &requester.to_uri(),
+            &target.to_uri(),
+            &room.to_uri(hub_domain),
+            CIPHERSUITE,
+        );
+        let answer = self
+            .call(
+                hub_domain,
+                target.domain(),
+                "keyMaterial",
+                &target.to_uri(),
+                request.encode(),
+            )
+            .await?;
+        let response =
+            KeyMaterialResponse::decode(&answer).map_err(|e| hub_garbled(target.domain(), e))?;
+        let (claim, keys) = claim_of(target, &response)?;
+        self.hub.record_remote_claims(room, keys).await?;
+        Ok(claim)
+    }
+
+    /// MIMI `keyMaterial/{targetUser}` from `peer`.
+    pub async fn key_material(
+        &self,
+        peer: &Domain,
+        target_param: &str,
+        request: KeyMaterialRequest,
+    ) -> ServiceResult<KeyMaterialResponse> {
+        request.check().map_err(bad_body)?;
+        let target = parse_user(uri_text(&request.target_user)?)?;
+        if parse_user(target_param)? != target {
+            return Err(ServiceError::bad(
+                "target_mismatch",
+                "the path and the body name different users",
+            ));
+        }
+        let requester = parse_user(uri_text(&request.requesting_user)?)?;
+        let (room_hub, room) = RoomId::parse_uri(uri_text(&request.room_id)?)
+            .map_err(|e| ServiceError::bad("invalid_room", e.to_string()))?;
+        if requester.domain() != peer && room_hub != *peer {
+            return Err(ServiceError::forbidden(
+                "peer_domain_mismatch",
+                format!("{peer} may not ask on behalf of {requester}"),
+            ));
+        }
+        let target_uri = target.to_uri();
+        if self.config.hosts(target.domain().as_str()) {
+            if !self.consent.allows(&requester, &target).await? {
+                tracing::info!(%requester, %target, "keyMaterial refused: no consent");
+                return Ok(KeyMaterialResponse::refused(
+                    UserCode::NoConsent,
+                    &target_uri,
+                ));
+            }
+            return Ok(match self.accounts.claim_key_packages(&target).await {
+                Ok(claim) => material_of(&target, claim),
+                Err(ServiceError::NotFound { .. }) => {
+                    KeyMaterialResponse::refused(UserCode::UserUnknown, &target_uri)
+                }
+                Err(ServiceError::Conflict { .. }) => {
+                    KeyMaterialResponse::refused(UserCode::NoCompatibleMaterial, &target_uri)
+                }
+                Err(e) => return Err(e),
+            });
+        }
+        // Relaying as the room's hub for a follower's user.
+        let hubbed_here = self.config.hosts(room_hub.as_str())
+            && self.hub.hub_domain_of(&room).await? == Some(room_hub.clone());
+        if !hubbed_here || requester.domain() != peer {
+            return Ok(KeyMaterialResponse::refused(
+                UserCode::UserUnknown,
+                &target_uri,
+            ));
+        }
+        if !self.hub.has_member_user(&room, &requester).await? {
+            return Err(ServiceError::forbidden(
+                "not_member",
+                format!("{requester} is not in room {room}"),
+            ));
+        }
+        match self
+            .fetch_for_hub(&requester, &target, &room, &room_hub)
+            .await
+        {
+            Ok(claim) => Ok(material_of(&target, claim)),
+            Err(ServiceError::Forbidden {
+                code: "no_consent", ..
+            }) => Ok(KeyMaterialResponse::refused(
+                UserCode::NoConsent,
+                &target_uri,
+            )),
+            Err(ServiceError::NotFound { .. }) => Ok(KeyMaterialResponse::refused(
+                UserCode::UserUnknown,
+                &target_uri,
+            )),
+            Err(e) => Err(e),
+        }
+    }
+
+    // --- notify (follower) --------------------------------------------------------------------
+
+    /// MIMI `notify/{roomId}` from `peer`, the room's hub.
+    pub async fn notify(&self, peer: &Domain, room: &str, body: &[u8]) -> ServiceResult<()> {
+        let room =
+            RoomId::parse(room).map_err(|e| ServiceError::bad("invalid_room", e.to_string()))?;
+        let request = NotifyRequest::decode(body).map_err(bad_body)?;
+        if self.hub.hosts_room(&room).await? {
+            return Err(ServiceError::forbidden(
+                "not_hub",
+                format!("room {room} is hubbed here, not by {peer}"),
+            ));
+        }
+        let plan = self.plan_notify(peer, &room, request).await?;
+        if plan.entries.is_empty() && plan.snapshot.is_none() {
+            return Ok(()); // all duplicates
+        }
+        let push = self.delivery.push.clone();
+        let stored = self
+            .store
+            .write_then(
+                move |c| plan.apply(c),
+                move |stored: &Vec<Stored>| push.push(stored),
+            )
+            .await?;
+        if let Ok(mut m) = self.hubs.write() {
+            m.insert(room.clone(), peer.clone());
+        }
+        tracing::debug!(%room, hub = %peer, delivered = stored.len(), "notify accepted");
+        Ok(())
+    }
+
+    /// Checks a notify request and works out what to store, without writing anything.
+    async fn plan_notify(
+        &self,
+        peer: &Domain,
+        room: &RoomId,
+        request: NotifyRequest,
+    ) -> ServiceResult<NotifyPlan> {
+        let key = room.to_string();
+        let existing = self.store.read(move |c| load_room(c, &key)).await?;
+        if let Some(existing) = &existing {
+            if existing.hub != *peer {
+                return Err(ServiceError::forbidden(
+                    "not_hub",
+                    format!("room {room} is hubbed by {}, not {peer}", existing.hub),
+                ));
+            }
+        }
+        let mut last = existing.as_ref().map_or(0, |r| r.last_sequence);
+        let mut known = existing.is_some();
+        let mut plan = NotifyPlan {
+            room: room.to_string(),
+            hub: peer.to_string(),
+            entries: Vec::new(),
+            snapshot: None,
+            last_sequence: last,
+            added_devices: Vec::new(),
+        };
+        for entry in request.entries {
+            if entry.sequence <= last {
+                continue; // a repeat: accepted and ignored
+            }
+            let sender = parse_user(uri_text(&entry.sender)?)?;
+            if let Some(snapshot) = &entry.room {
+                plan.snapshot = Some(self.snapshot_of(snapshot)?);
+                known = true;
+            }
+            if !known {
+                return Err(ServiceError::not_found(
+                    "unknown_room",
+                    format!("no room {room} here; a first notify must carry the room"),
+                ));
+            }
+            let kind = match entry.fanout.kind {
+                FanoutKind::Application => EntryKind::Message,
+                FanoutKind::Welcome => EntryKind::Welcome,
+                FanoutKind::Proposal => EntryKind::Proposal,
+                FanoutKind::Commit => EntryKind::Commit,
+            };
+            let data = Arc::new(entry.fanout.message.as_slice().to_vec());
+            for recipient in &entry.recipients {
+                let device = DeviceUri::parse(uri_text(recipient)?)
+                    .map_err(|e| ServiceError::bad("invalid_uri", e.to_string()))?;
+                if !self.config.hosts(device.user.domain().as_str()) {
+                    return Err(ServiceError::forbidden(
+                        "not_local",
+                        format!("{device} is not a client of this provider"),
+                    ));
+                }
+                if self.consent.blocked(&sender, &device.user) {
+                    continue;
+                }
+                if kind == EntryKind::Welcome {
+                    plan.added_devices.push(device.device.as_str().to_owned());
+                }
+                plan.entries.push(Outgoing {
+                    device: device.device.as_str().to_owned(),
+                    room_id: room.to_string(),
+                    kind,
+                    event: entry.event,
+                    ts: entry.fanout.timestamp,
+                    data: data.clone(),
+                    expires_at: self.expiry_for(&device.user, entry.fanout.timestamp),
+                });
+            }
+            last = entry.sequence;
+            plan.last_sequence = last;
+        }
+        Ok(plan)
+    }
+
+    fn expiry_for(&self, user: &UserId, ts: u64) -> u64 {
+        let days = self
+            .config
+            .domain(user.domain().as_str())
+            .map_or(30, |d| d.retention_days);
+        ts.max(crate::now_ms())
+            .saturating_add(days.saturating_mul(DAY_MS))
+    }
+
+    fn snapshot_of(&self, s: &parley_proto::mimi::RoomSnapshot) -> ServiceResult<Snapshot> {
+        let users = s
+            .users
+            .iter()
+            .map(|u| uri_text(u).and_then(parse_user).map(|u| u.to_string()))
+            .collect::<ServiceResult<Vec<_>>>()?;
+        let mut devices = Vec::new();
+        for c in &s.local_clients {
+            let d = DeviceUri::parse(uri_text(c)?)
+                .map_err(|e| ServiceError::bad("invalid_uri", e.to_string()))?;
+            if !self.config.hosts(d.user.domain().as_str()) {
+                return Err(ServiceError::forbidden(
+                    "not_local",
+                    format!("{d} is not a client of this provider"),
+                ));
+            }
+            devices.push(d.device.as_str().to_owned());
+        }
+        let name = match &s.name {
+            Some(n) => Some(String::from_utf8(n.as_slice().to_vec()).map_err(bad_body)?),
+            None => None,
+        };
+        Ok(Snapshot {
+            kind: if s.kind == 1 { "direct" } else { "group" },
+            name,
+            creator: parse_user(uri_text(&s.creator)?)?.to_string(),
+            epoch: s.epoch,
+            users,
+            devices,
+        })
+    }
+}
+
+/// The room state a notify carries, checked.
+struct Snapshot {
+    kind: &'static str,
+    name: Option<String>,
+    creator: String,
+    epoch: u64,
+    users: Vec<String>,
+    devices: Vec<String>,
+}
+
+/// What one notify request stores, in one transaction.
+struct NotifyPlan {
+    room: String,
+    hub: String,
+    entries: Vec<Outgoing>,
+    snapshot: Option<Snapshot>,
+    last_sequence: u64,
+    added_devices: Vec<String>,
+}
+
+impl NotifyPlan {
+    fn apply(self, c: &Connection) -> Result<Vec<Stored>, StoreError> {
+        if let Some(s) = &self.snapshot {
+            let users =
+                serde_json::to_string(&s.users).map_err(|e| StoreError::Task(e.to_string()))?;
+            c.execute(
+                "INSERT INTO remote_rooms (room_id, hub_domain, kind, name, creator, epoch, users, last_sequence)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 0)
+                 ON CONFLICT (room_id) DO UPDATE SET kind = excluded.kind, name = excluded.name,
+                   creator = excluded.creator, epoch = excluded.epoch, users = excluded.users",
+                params![self.room, self.hub, s.kind, s.name, s.creator, s.epoch as i64, users],
+            )?;
+            c.execute(
+                "DELETE FROM remote_room_devices WHERE room_id = ?1",
+                params![self.room],
+            )?;
+            let mut st = c.prepare_cached(
+                "INSERT OR IGNORE INTO remote_room_devices (room_id, device_id) VALUES (?1, ?2)",
+            )?;
+            for d in &s.devices {
+                st.execute(params![self.room, d])?;
+            }
+        }
+        let mut st = c.prepare_cached(
+            "INSERT OR IGNORE INTO remote_room_devices (room_id, device_id) VALUES (?1, ?2)",
+        )?;
+        for d in &self.added_devices {
+            st.execute(params![self.room, d])?;
+        }
+        c.execute(
+            "UPDATE remote_rooms SET last_sequence = MAX(last_sequence, ?2) WHERE room_id = ?1",
+            params![self.room, self.last_sequence as i64],
+        )?;
+        enqueue(c, &self.entries)
+    }
+}
+
+fn load_room(c: &Connection, room: &str) -> Result<Option<RemoteRoom>, StoreError> {
+    type Row = (String, String, Option<String>, i64, String, i64);
+    let row: Option<Row> = c
+        .query_row(
+            "SELECT hub_domain, kind, name, epoch, users, last_sequence FROM remote_rooms WHERE room_id = ?1",
+            params![room],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?)),
+        )
+        .optional()?;
+    let Some((hub, kind, name, epoch, users, last)) = row else {
+        return Ok(None);
+    };
+    let corrupt =
+        |what: &str| StoreError::Task(format!("remote room {room}: stored {what} is corrupt"));
+    Ok(Some(RemoteRoom {
+        hub: Domain::parse(&hub).map_err(|_| corrupt("hub"))?,
+        kind: RoomKind::parse(&kind).ok_or_else(|| corrupt("kind"))?,
+        name,
+        epoch: epoch as u64,
+        users: serde_json::from_str(&users).map_err(|_| corrupt("users"))?,
+        last_sequence: last as u64,
+    }))
+}
+
+/// Clients and the signature keys of the KeyPackages claimed for them.
+type ClaimedKeys = Vec<(DeviceUri, Vec<u8>)>;
+
+/// A claim answer from a `KeyMaterialResponse`: only packages that validate and belong to the
+/// client the response names, a client of `target`. Also returns (client, key) for recording.
+fn claim_of(
+    target: &UserId,
+    response: &KeyMaterialResponse,
+) -> ServiceResult<(ClaimResponse, ClaimedKeys)> {
+    match response.code() {
+        Some(UserCode::Success | UserCode::PartialSuccess) => {}
+        Some(UserCode::NoConsent | UserCode::NoConsentForThisRoom) => {
+            return Err(no_consent(target))
+        }
+        Some(UserCode::UserUnknown | UserCode::UserDeleted) => {
+            return Err(ServiceError::not_found(
+                "unknown_user",
+                format!("no such user {target}"),
+            ))
+        }
+        _ => {
+            return Err(ServiceError::conflict(
+                "no_key_packages",
+                format!("{target} has no usable KeyPackages"),
+            ))
+        }
+    }
+    let mut claimed = Vec::new();
+    let mut keys = Vec::new();
+    for client in &response.clients {
+        let ClientMaterial::Success {
+            client_uri,
+            key_package,
+        } = client
+        else {
+            continue;
+        };
+        let Ok(uri) = client_uri.as_str() else {
+            continue;
+        };
+        let Ok(device) = DeviceUri::parse(uri) else {
+            continue;
+        };
+        let Ok(leaf) = validate_key_package(key_package.as_slice()) else {
+            tracing::warn!(%device, "peer sent an invalid KeyPackage; skipped");
+            continue;
+        };
+        if device.user != *target || leaf.device != device {
+            tracing::warn!(%device, "peer sent a KeyPackage for another client; skipped");
+            continue;
+        }
+        claimed.push(ClaimedKeyPackage {
+            device_id: device.device.as_str().to_owned(),
+            key_package: key_package.as_slice().to_vec(),
+        });
+        keys.push((device, leaf.signature_key));
+    }
+    if claimed.is_empty() {
+        return Err(ServiceError::conflict(
+            "no_key_packages",
+            format!("{target} has no usable KeyPackages"),
+        ));
+    }
+    Ok((
+        ClaimResponse {
+            user: target.to_string(),
+            key_packages: claimed,
+        },
+        keys,
+    ))
+}
+
+/// A local claim as a `KeyMaterialResponse`.
+fn material_of(target: &UserId, claim: ClaimResponse) -> KeyMaterialResponse {
+    let clients = claim
+        .key_packages
+        .into_iter()
+        .map(|k| ClientMaterial::Success {
+            client_uri: IdentifierUri::new(&format!(
+                "mimi://{}/d/{}/{}",
+                target.domain(),
+                target.handle().as_str(),
+                k.device_id
+            )),
+            key_package: k.key_package.into(),
+        })
+        .collect();
+    KeyMaterialResponse {
+        protocol: parley_proto::mimi::MLS10,
+        user_status: UserCode::Success as u8,
+        user_uri: IdentifierUri::new(&target.to_uri()),
+        clients,
+    }
+}
+
+fn hub_garbled(peer: &Domain, e: impl std::fmt::Display) -> ServiceError {
+    ServiceError::unavailable(
+        "peer_protocol_error",
+        format!("{peer} answered with an invalid body: {e}"),
+    )
+}
+
+/// `"code: message"` (how Parley hubs describe refusals) into its parts.
+fn split_description(desc: &[u8]) -> (&'static str, String) {
+    let text = String::from_utf8_lossy(desc).into_owned();
+    let code = match text.split_once(':').map(|(c, _)| c.trim()) {
+        Some("pending_proposals") => "pending_proposals",
+        Some("policy") => "policy",
+        Some("not_committer") => "not_committer",
+        Some("not_proposer") => "not_proposer",
+        Some("unknown_device") => "unknown_device",
+        Some("room_full") => "room_full",
+        Some("no_consent") => "no_consent",
+        _ => "not_allowed",
+    };
+    (code, text)
+}
+
+/// A peer's HTTP error (JSON `{error, message}` from a Parley peer) for our client.
+fn relayed_error(status: u16, body: &[u8], peer: &Domain) -> ServiceError {
+    let parsed: Option<parley_proto::api::ErrorBody> = serde_json::from_slice(body).ok();
+    let message = parsed
+        .as_ref()
+        .map(|b| format!("{peer}: {}", b.message))
+        .unwrap_or_else(|| format!("{peer} answered HTTP {status}"));
+    match status {
+        404 => ServiceError::not_found("unknown_room", message),
+        403 => ServiceError::forbidden("not_allowed", message),
+        409 => ServiceError::Conflict {
+            code: "conflict",
+            message,
+            retryable: parsed.is_some_and(|b| b.retryable),
+        },
+        413 => ServiceError::too_large("too_large", message),
+        429 => ServiceError::RateLimited(message),
+        400..=499 => ServiceError::bad("peer_refused", message),
+        _ => ServiceError::unavailable("peer_unavailable", message),
+    }
+}
