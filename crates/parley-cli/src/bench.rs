@@ -1,5 +1,6 @@
-//! `parley bench`: the load tool. Drives N sender/receiver device pairs through one server and
-//! reports durable messages/s and send→deliver latency percentiles.
+//! `parley bench`: the load tool. Drives N sender/receiver device pairs through one server (or,
+//! with `--federated`, from one provider to another over MIMI) and reports durable messages/s and
+//! send→deliver latency percentiles.
 //!
 //! Setup uses the real client (registration, MLS rooms, Welcome). The timed phase replays one
 //! pre-encrypted MLS PrivateMessage per room, so it measures the server (validation, ordering,
@@ -46,6 +47,21 @@ pub struct BenchArgs {
     /// `parley serve` child process and report the server's memory per connection.
     #[arg(long)]
     pub idle_connections: Option<usize>,
+    /// Senders on one in-process provider, receivers on another: every message crosses
+    /// providers (hub → durable outbox → MIMI notify over mutual TLS → follower queue → push).
+    #[arg(long, conflicts_with = "server")]
+    pub federated: bool,
+}
+
+/// Lifts the per-device and per-peer rate limits: the load tool sends far faster than people.
+fn unlimited(config: &mut ServerConfig) {
+    let l = &mut config.limits;
+    l.messages_per_second = 1e9;
+    l.message_burst = 1e9;
+    l.requests_per_second = 1e9;
+    l.request_burst = 1e9;
+    l.peer_requests_per_second = 1e9;
+    l.peer_request_burst = 1e9;
 }
 
 /// One room under load: the sender's authenticated API client and its pre-encrypted message.
@@ -70,6 +86,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         bail!("--pairs, --messages and --concurrency must be at least 1");
     }
     let tmp = tempfile::tempdir().context("cannot create a temporary directory")?;
+    if args.federated {
+        return federated(&args, tmp.path()).await;
+    }
     let (server, url) = match &args.server {
         Some(url) => (None, url.clone()),
         None => {
@@ -82,11 +101,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                 ..Default::default()
             };
             config.add_domain("bench.test");
-            // The load tool sends far faster than a person; lift the per-device rate limit.
-            config.limits.messages_per_second = 1e9;
-            config.limits.message_burst = 1e9;
-            config.limits.requests_per_second = 1e9;
-            config.limits.request_burst = 1e9;
+            unlimited(&mut config);
             let server = Server::start(config).await?;
             let url = server.url();
             (Some(server), url)
@@ -98,7 +113,46 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         "bench.test"
     };
     eprintln!("setting up {} pairs on {url} ...", args.pairs);
-    let (lanes, receivers) = setup(&args, &url, domain, tmp.path()).await?;
+    let (lanes, receivers) = setup(&args, (&url, domain), (&url, domain), tmp.path()).await?;
+    measure(&args, lanes, receivers).await?;
+    if let Some(server) = server {
+        server.shutdown().await;
+    }
+    Ok(())
+}
+
+/// Two providers in-process: senders on the first (the rooms' hub), receivers on the second.
+async fn federated(args: &BenchArgs, dir: &std::path::Path) -> anyhow::Result<()> {
+    let domains = ["hub.test", "follower.test"];
+    let servers = crate::local_net::start(dir, &domains, unlimited).await?;
+    eprintln!(
+        "setting up {} pairs: senders on {} ({}), receivers on {} ({}) ...",
+        args.pairs,
+        domains[0],
+        servers[0].url(),
+        domains[1],
+        servers[1].url()
+    );
+    let (lanes, receivers) = setup(
+        args,
+        (&servers[0].url(), domains[0]),
+        (&servers[1].url(), domains[1]),
+        dir,
+    )
+    .await?;
+    measure(args, lanes, receivers).await?;
+    for server in servers {
+        server.shutdown().await;
+    }
+    Ok(())
+}
+
+/// The timed phase: receivers on push, senders replaying their pre-encrypted message.
+async fn measure(
+    args: &BenchArgs,
+    lanes: Vec<Lane>,
+    receivers: Vec<parley_client::PushConnection>,
+) -> anyhow::Result<()> {
     let timings = Arc::new(Timings::default());
     let received = Arc::new(AtomicU64::new(0));
     let mut listeners = Vec::new();
@@ -116,7 +170,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         rate_label(args.rate)
     );
     let started = Instant::now();
-    send_all(&args, Arc::new(lanes), timings.clone()).await?;
+    send_all(args, Arc::new(lanes), timings.clone()).await?;
     let sent_done = started.elapsed();
     let deadline = Instant::now() + Duration::from_secs(60);
     while received.load(Ordering::Relaxed) < args.messages && Instant::now() < deadline {
@@ -126,11 +180,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     for l in listeners {
         l.abort();
     }
-    report(&args, &timings, sent_done, all_done)?;
-    if let Some(server) = server {
-        server.shutdown().await;
-    }
-    Ok(())
+    report(args, &timings, sent_done, all_done)
 }
 
 fn rate_label(rate: u64) -> String {
@@ -141,10 +191,12 @@ fn rate_label(rate: u64) -> String {
     }
 }
 
+/// Registers the pairs (senders at `senders`, receivers at `receivers`: URL and domain), gives
+/// consent where providers differ, and opens each pair's direct room.
 async fn setup(
     args: &BenchArgs,
-    url: &str,
-    domain: &str,
+    senders: (&str, &str),
+    receivers_at: (&str, &str),
     dir: &std::path::Path,
 ) -> anyhow::Result<(Vec<Lane>, Vec<parley_client::PushConnection>)> {
     let run_id = std::process::id();
@@ -152,22 +204,34 @@ async fn setup(
     let mut lanes = Vec::new();
     let mut receivers = Vec::new();
     for i in 0..args.pairs {
-        let sender_id = UserId::parse(&format!("s{run_id}-{i}@{domain}"))?;
-        let receiver_id = UserId::parse(&format!("r{run_id}-{i}@{domain}"))?;
+        let sender_id = UserId::parse(&format!("s{run_id}-{i}@{}", senders.1))?;
+        let receiver_id = UserId::parse(&format!("r{run_id}-{i}@{}", receivers_at.1))?;
         let pw = Some("bench-password");
-        let mut sender =
-            Device::register(&dir.join(format!("s{i}")), url, &sender_id, pw, None, None).await?;
+        let mut sender = Device::register(
+            &dir.join(format!("s{i}")),
+            senders.0,
+            &sender_id,
+            pw,
+            None,
+            None,
+        )
+        .await?;
         let mut receiver = Device::register(
             &dir.join(format!("r{i}")),
-            url,
+            receivers_at.0,
             &receiver_id,
             pw,
             None,
             None,
         )
         .await?;
+        if senders.1 != receivers_at.1 {
+            // Consent first: the receiver accepts the sender (the answer is the receiver's
+            // provider's to give, so no waiting for the request to travel).
+            receiver.api().contact_accept(&sender_id).await?;
+        }
         let room = sender.direct_room(&receiver_id).await?;
-        receiver.sync(None).await?;
+        join(&mut receiver, &room).await?;
         let message = sender.encrypt_text(&room, &payload)?;
         lanes.push(Lane {
             api: sender.api().clone(),
@@ -177,6 +241,19 @@ async fn setup(
         receivers.push(receiver.api().connect_push().await?);
     }
     Ok((lanes, receivers))
+}
+
+/// Syncs until the receiver has joined `room` (its Welcome may have to cross providers).
+async fn join(device: &mut Device, room: &RoomId) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        for event in device.sync(Some(Duration::from_millis(200))).await? {
+            if matches!(&event, parley_client::Event::Joined { room: r, .. } if r == room) {
+                return Ok(());
+            }
+        }
+    }
+    bail!("{} never joined its room", device.user())
 }
 
 async fn receive(

@@ -5,14 +5,10 @@
 //! one removed), and every device prints what it decrypted. It checks what it shows: the demo
 //! fails if any device misses a message or reads one it must not.
 
-use crate::dev_ca;
+use crate::local_net;
 use anyhow::{bail, Context};
 use parley_client::{ClientError, Device, Event};
 use parley_proto::{RoomId, UserId};
-use parley_server::config::ServerConfig;
-use parley_server::Server;
-use std::net::SocketAddr;
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 const PROVIDERS: [&str; 3] = ["chirp.test", "wave.test", "ping.test"];
@@ -137,56 +133,20 @@ fn expect(who: &str, got: &[String], want: &[&str]) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn free_loopback_addr() -> anyhow::Result<SocketAddr> {
-    let probe = std::net::TcpListener::bind("127.0.0.1:0")?;
-    Ok(probe.local_addr()?)
-}
-
-/// Starts the three providers, each peering with the other two by their federation addresses.
-async fn start_providers(dir: &Path) -> anyhow::Result<Vec<Server>> {
-    let ca = dir.join("dev-ca");
-    dev_ca::init(&ca)?;
-    let mut federation = Vec::new();
-    for domain in PROVIDERS {
-        dev_ca::issue(&ca, &[domain.to_owned()])?;
-        federation.push(free_loopback_addr()?);
-    }
-    let mut servers = Vec::new();
-    for (i, domain) in PROVIDERS.iter().enumerate() {
-        let mut config = ServerConfig {
-            listen: "127.0.0.1:0".parse()?,
-            data: dir.join(domain),
-            federation_listen: Some(federation[i]),
-            federation_cert: vec![ca.join(format!("{domain}.crt"))],
-            federation_key: vec![ca.join(format!("{domain}.key"))],
-            peer_ca: Some(ca.join("ca.crt")),
-            peers: PROVIDERS
-                .iter()
-                .zip(&federation)
-                .filter(|(d, _)| *d != domain)
-                .map(|(d, addr)| (d.to_string(), format!("https://{addr}")))
-                .collect(),
-            ..Default::default()
-        };
-        config.add_domain(domain);
-        let server = Server::start(config)
-            .await
-            .with_context(|| format!("cannot start provider {domain}"))?;
-        println!(
-            "provider {domain:<10} clients: {}  federation (mutual TLS): https://{}",
-            server.url(),
-            federation[i]
-        );
-        servers.push(server);
-    }
-    Ok(servers)
-}
-
 pub async fn run() -> anyhow::Result<()> {
     let started = Instant::now();
     let dir = tempfile::tempdir().context("cannot create a temporary directory")?;
     println!("Parley demo: three independent providers talking MIMI (each: SQLite in WAL mode)");
-    let servers = start_providers(dir.path()).await?;
+    let servers = local_net::start(dir.path(), &PROVIDERS, |_| {}).await?;
+    for (domain, server) in PROVIDERS.iter().zip(&servers) {
+        println!(
+            "provider {domain:<10} clients: {}  federation (mutual TLS): https://{}",
+            server.url(),
+            server
+                .federation_addr()
+                .map_or_else(String::new, |a| a.to_string())
+        );
+    }
 
     let mut people = Vec::new();
     for (name, user, provider) in [

@@ -4,6 +4,7 @@ mod bench;
 mod client;
 mod demo;
 mod dev_ca;
+mod local_net;
 mod serve;
 
 use clap::{Parser, Subcommand};
