@@ -55,11 +55,16 @@ struct Net {
 
 impl Net {
     fn new(dir: &Path) -> Self {
+        Self::with(dir, &DOMAINS)
+    }
+
+    /// Providers for `domains` (each needs a certificate from [`dev_ca`]).
+    fn with(dir: &Path, domains: &[&'static str]) -> Self {
         Self {
             dir: dir.to_owned(),
             ca: dev_ca(dir),
-            api: DOMAINS.iter().map(|d| (*d, free_addr())).collect(),
-            fed: DOMAINS.iter().map(|d| (*d, free_addr())).collect(),
+            api: domains.iter().map(|d| (*d, free_addr())).collect(),
+            fed: domains.iter().map(|d| (*d, free_addr())).collect(),
         }
     }
 
@@ -573,6 +578,38 @@ async fn malicious_peer_requests_are_refused_and_change_nothing() {
         (StatusCode::FORBIDDEN, "peer_domain_mismatch".into())
     );
 
+    // Random bytes to every endpoint: clear 4xx answers, never a 5xx, and the server keeps serving.
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut random_body = |len: usize| {
+        (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect::<Vec<u8>>()
+    };
+    for path in [
+        "keyMaterial/mimi:%2F%2Fchirp.test%2Fu%2Falice".to_owned(),
+        format!("update/{room}"),
+        format!("submitMessage/{room}"),
+        format!("notify/{room}"),
+        "requestConsent/chirp.test".to_owned(),
+        "updateConsent/chirp.test".to_owned(),
+        "identifierQuery/chirp.test".to_owned(),
+        format!("reportAbuse/{room}"),
+    ] {
+        for len in [0, 1, 7, 64, 300, 4096] {
+            let resp = post(chirp_fed(&path), random_body(len)).await;
+            assert!(
+                resp.status().is_client_error(),
+                "{path} with {len} random bytes: {}",
+                resp.status()
+            );
+        }
+    }
+
     // Nothing changed: same epoch, the room still works, bob got no forged message.
     let rooms = alice.rooms().await.unwrap();
     assert_eq!(rooms[0].epoch, epoch_before);
@@ -586,4 +623,86 @@ async fn malicious_peer_requests_are_refused_and_change_nothing() {
         "the replay delivered nothing"
     );
     drop(chirp);
+}
+
+/// A follower provider that is itself malicious: evil.test has a real user (eve) in a room hubbed
+/// at chirp.test, then submits a commit adding a KeyPackage it forged for a client of bob@wave.test
+/// with a key of its own choosing. The hub never fetched that key for the room, so it refuses.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_key_package_for_someone_elses_client_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let net = Net::with(dir.path(), &["chirp.test", "wave.test", "evil.test"]);
+    let _chirp = net.start("chirp.test").await;
+    let _wave = net.start("wave.test").await;
+    let _evil = net.start("evil.test").await;
+    let mut alice = net.register("alice@chirp.test").await;
+    let mut bob = net.register("bob@wave.test").await;
+    let mut eve = net.register("eve@evil.test").await;
+    consent(&bob, &alice).await;
+    consent(&eve, &alice).await;
+    let room = alice
+        .create_room(Some("mixed"), &[bob.user().clone(), eve.user().clone()])
+        .await
+        .unwrap();
+    join(&mut bob, &room).await;
+    join(&mut eve, &room).await;
+    let epoch = alice.rooms().await.unwrap()[0].epoch;
+
+    // The forged client: a credential naming a client of bob@wave.test, a key evil.test holds.
+    let forged_uri =
+        parley_proto::ids::DeviceUri::parse("mimi://wave.test/d/bob/00000000000000ee").unwrap();
+    let mut forger_db = rusqlite::Connection::open_in_memory().unwrap();
+    parley_client::mls::init_storage(&mut forger_db).unwrap();
+    let signer = parley_client::mls::DeviceMls::generate_signer(&forger_db).unwrap();
+    let forger =
+        parley_client::mls::DeviceMls::load(&forger_db, forged_uri.clone(), signer.public())
+            .unwrap();
+    let forged_kp = forger.key_packages(&forger_db, 1).unwrap().remove(0);
+
+    // Eve's own MLS state signs the commit adding it.
+    let eve_key = eve.api().devices().await.unwrap().remove(0).signature_key;
+    let eve_db = rusqlite::Connection::open(
+        net.dir
+            .join("profile-eve@evil.test")
+            .join(parley_client::profile::DB_FILE),
+    )
+    .unwrap();
+    let eve_mls =
+        parley_client::mls::DeviceMls::load(&eve_db, eve.device_uri().clone(), &eve_key).unwrap();
+    let validated = eve_mls
+        .validate_key_package(&forged_kp, bob.user())
+        .unwrap();
+    let commit = eve_mls
+        .add_members(&eve_db, &room, &[validated])
+        .unwrap()
+        .expect("a commit adding the forged client");
+
+    let resp = net
+        .peer_client("evil.test")
+        .post(format!(
+            "https://chirp.test:{}/v1/update/{room}",
+            net.fed["chirp.test"].port()
+        ))
+        .header("From", "mimi@evil.test")
+        .body(UpdateRequest::commit(commit.commit, commit.welcome).encode())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    match parley_proto::mimi::UpdateResponse::decode(&resp.bytes().await.unwrap()).unwrap() {
+        parley_proto::mimi::UpdateResponse::NotAllowed { error_description } => {
+            let text = String::from_utf8_lossy(error_description.as_slice()).into_owned();
+            assert!(text.starts_with("unknown_device"), "{text}");
+        }
+        other => panic!("the forged add was not refused: {other:?}"),
+    }
+
+    // Unchanged: same epoch and members; the room keeps working for everyone.
+    let info = alice.rooms().await.unwrap().remove(0);
+    assert_eq!((info.epoch, info.members.len()), (epoch, 3));
+    alice.send_text(&room, "still fine").await.unwrap();
+    assert_eq!(
+        read_n(&mut bob, &room, 1).await,
+        from("alice@chirp.test", &["still fine"])
+    );
 }
