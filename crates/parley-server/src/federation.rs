@@ -434,10 +434,7 @@ async fn request_consent(
     Param(domain): Param<String>,
     body: Bytes,
 ) -> FedResult {
-    check_domain_param(&app, &domain)?;
-    let entry: ConsentEntry = decode(&body)?;
-    app.consent.on_request(&peer, entry).await?;
-    Ok(StatusCode::CREATED.into_response())
+    consent_message(&app, &peer, &domain, &body, false).await
 }
 
 /// `POST /v1/updateConsent/{requesterDomain}`
@@ -447,9 +444,24 @@ async fn update_consent(
     Param(domain): Param<String>,
     body: Bytes,
 ) -> FedResult {
-    check_domain_param(&app, &domain)?;
-    let entry: ConsentEntry = decode(&body)?;
-    app.consent.on_update(&peer, entry).await?;
+    consent_message(&app, &peer, &domain, &body, true).await
+}
+
+/// A `ConsentEntry` for one of our domains: a request/cancel, or (`answer`) a grant/revoke.
+async fn consent_message(
+    app: &App,
+    peer: &Domain,
+    domain: &str,
+    body: &[u8],
+    answer: bool,
+) -> FedResult {
+    check_domain_param(app, domain)?;
+    let entry: ConsentEntry = decode(body)?;
+    if answer {
+        app.consent.on_update(peer, entry).await?;
+    } else {
+        app.consent.on_request(peer, entry).await?;
+    }
     Ok(StatusCode::CREATED.into_response())
 }
 

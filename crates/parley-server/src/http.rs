@@ -14,11 +14,11 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use futures_util::{SinkExt, StreamExt};
-use parley_proto::api::ContactState;
 use parley_proto::api::{
     AckRequest, CommitRequest, CreateRoomRequest, ErrorBody, LoginRequest, ProposalRequest,
     QueuePage, RegisterRequest, SendRequest, SessionResponse, UploadKeyPackages, WsFrame,
 };
+use parley_proto::api::{ContactInfo, ContactState};
 use parley_proto::mimi::UpdateRequest;
 use parley_proto::{Domain, RoomId, UserId};
 use serde::de::DeserializeOwned;
@@ -391,11 +391,7 @@ async fn contact_accept(
     Authed(me): Authed,
     Path(user): Path<String>,
 ) -> ApiResult<impl IntoResponse> {
-    Ok(Json(
-        app.consent
-            .answer(&me, &user, ContactState::Granted)
-            .await?,
-    ))
+    contact_answer(&app, &me, &user, ContactState::Granted).await
 }
 
 /// `POST /v1/contacts/{user}/block`
@@ -404,11 +400,16 @@ async fn contact_block(
     Authed(me): Authed,
     Path(user): Path<String>,
 ) -> ApiResult<impl IntoResponse> {
-    Ok(Json(
-        app.consent
-            .answer(&me, &user, ContactState::Blocked)
-            .await?,
-    ))
+    contact_answer(&app, &me, &user, ContactState::Blocked).await
+}
+
+async fn contact_answer(
+    app: &App,
+    me: &AuthDevice,
+    user: &str,
+    state: ContactState,
+) -> ApiResult<Json<ContactInfo>> {
+    Ok(Json(app.consent.answer(me, user, state).await?))
 }
 
 /// `POST /v1/rooms`
