@@ -524,7 +524,7 @@ async fn malicious_peer_requests_are_refused_and_change_nothing() {
     );
     let oversized = post(
         chirp_fed(&format!("submitMessage/{room}")),
-        vec![0; 3 << 20],
+        vec![0; 5 << 20],
     )
     .await;
     assert_eq!(oversized.status(), StatusCode::PAYLOAD_TOO_LARGE);

@@ -179,8 +179,13 @@ pub fn router(app: Arc<App>) -> Router {
             limit_peer,
         ))
         .layer(axum::middleware::from_fn(authenticate_peer))
+        // Peers batch notify entries up to 1 MiB and a Welcome for a large group is big: allow
+        // the protocol maximum, never less than the client API's limit.
         .layer(axum::extract::DefaultBodyLimit::max(
-            app.config.limits.max_body_bytes,
+            app.config
+                .limits
+                .max_body_bytes
+                .max(parley_proto::mimi::MAX_BODY),
         ))
         .with_state(app)
 }
