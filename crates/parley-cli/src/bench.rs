@@ -236,7 +236,10 @@ async fn setup(
         lanes.push(Lane {
             api: sender.api().clone(),
             room,
-            request: SendRequest { message },
+            request: SendRequest {
+                message,
+                expires_at: None,
+            },
         });
         receivers.push(receiver.api().connect_push().await?);
     }

@@ -2,9 +2,9 @@
 
 use anyhow::{anyhow, bail, Context};
 use clap::{Args, Subcommand};
-use parley_client::{ClientError, Device, Event};
+use parley_client::{ClientError, Device, Event, HistoryEntry, SendOptions, SentMessage};
 use parley_proto::api::{ContactDirection, ContactInfo, ContactState};
-use parley_proto::{RoomId, UserId};
+use parley_proto::{MessageId, RoomId, UserId};
 use std::io::Write as _;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -98,6 +98,34 @@ pub enum ContactCommand {
         /// The user to block, `handle@domain`.
         user: String,
     },
+}
+
+/// A message to send: its Markdown text, the message it replies to (an id or the start of
+/// one, found in the target room), and how long it lives.
+#[derive(Debug, Clone, Copy)]
+pub struct Compose<'a> {
+    pub text: &'a str,
+    pub reply: Option<&'a str>,
+    pub expires_in: Option<Duration>,
+}
+
+impl Compose<'_> {
+    /// Sends it into `room`, where the message it replies to must be.
+    async fn send_in(
+        &self,
+        device: &mut Device,
+        room: &RoomId,
+    ) -> Result<SentMessage, ClientError> {
+        let reply_to = match self.reply {
+            Some(id) => Some(find_message(device, room, id).await?),
+            None => None,
+        };
+        let options = SendOptions {
+            reply_to,
+            expires_in: self.expires_in,
+        };
+        device.send(room, self.text, &options).await
+    }
 }
 
 /// `parley send USER@DOMAIN` could not send because the user has not consented yet; a contact
@@ -311,13 +339,37 @@ impl Client {
         Ok(())
     }
 
-    pub async fn send(&self, target: &str, text: &str) -> anyhow::Result<()> {
+    pub async fn send(&self, target: &str, message: &Compose<'_>) -> anyhow::Result<()> {
         let mut device = self.open()?;
         if target.contains('@') {
-            return send_direct_or_ask(&mut device, &parse_user(target)?, text).await;
+            return send_direct_or_ask(&mut device, &parse_user(target)?, message).await;
         }
         let room = resolve_room(&mut device, target).await?;
-        let sent = device.send_text(&room, text).await?;
+        let sent = message.send_in(&mut device, &room).await?;
+        println!("sent {} to {room}", sent.id);
+        Ok(())
+    }
+
+    pub async fn react(&self, room: &str, msg_id: &str, emoji: &str) -> anyhow::Result<()> {
+        let mut device = self.open()?;
+        let (room, target) = locate(&mut device, room, msg_id).await?;
+        let sent = device.react(&room, &target, emoji).await?;
+        println!("sent {} to {room}", sent.id);
+        Ok(())
+    }
+
+    pub async fn edit(&self, room: &str, msg_id: &str, text: &str) -> anyhow::Result<()> {
+        let mut device = self.open()?;
+        let (room, target) = locate(&mut device, room, msg_id).await?;
+        let sent = device.edit(&room, &target, text).await?;
+        println!("sent {} to {room}", sent.id);
+        Ok(())
+    }
+
+    pub async fn delete(&self, room: &str, msg_id: &str) -> anyhow::Result<()> {
+        let mut device = self.open()?;
+        let (room, target) = locate(&mut device, room, msg_id).await?;
+        let sent = device.delete(&room, &target).await?;
         println!("sent {} to {room}", sent.id);
         Ok(())
     }
@@ -326,11 +378,12 @@ impl Client {
         let mut device = self.open()?;
         let events = device.sync(wait.map(Duration::from_secs)).await?;
         let mut out = std::io::stdout().lock();
+        let now = now_ms();
         for event in &events {
             if json {
                 writeln!(out, "{}", serde_json::to_string(event)?)?;
             } else {
-                writeln!(out, "{}", describe(event))?;
+                writeln!(out, "{}", describe(event, now))?;
             }
         }
         Ok(())
@@ -343,8 +396,9 @@ impl Client {
             "chatting in {room} as {} — type a message and Enter; /quit or Ctrl-D to leave",
             device.user()
         );
+        println!("{CHAT_HELP}");
         for h in device.history(&room, 20)? {
-            println!("{}: {}", h.sender, h.text);
+            println!("{}", history_line(&h));
         }
         let mut live = device.live().await?;
         for event in device.apply(&mut live, Vec::new()).await? {
@@ -360,12 +414,11 @@ impl Client {
                 }
                 line = lines.next_line() => {
                     let Some(line) = line? else { break };
-                    let line = line.trim();
-                    if line == "/quit" {
-                        break;
-                    }
-                    if !line.is_empty() {
-                        device.send_text(&room, line).await?;
+                    match ChatInput::parse(&line) {
+                        ChatInput::Quit => break,
+                        ChatInput::Nothing => {}
+                        ChatInput::Usage => eprintln!("{CHAT_HELP}"),
+                        input => chat_send(&mut device, &room, input).await?,
                     }
                 }
             }
@@ -375,12 +428,152 @@ impl Client {
     }
 }
 
+/// How to use `parley chat`, shown when it starts and after a mistyped command.
+const CHAT_HELP: &str = concat!(
+    "commands: /reply ID TEXT, /react ID EMOJI, /edit ID TEXT, /delete ID, /quit ",
+    "(ID: the #id shown after a message, or its first 8+ hex digits)"
+);
+
+/// A line typed in `parley chat`.
+#[derive(Debug, PartialEq, Eq)]
+enum ChatInput<'a> {
+    Nothing,
+    Quit,
+    /// A `/command` that is not one, or lacks its arguments.
+    Usage,
+    Text(&'a str),
+    Reply {
+        id: &'a str,
+        text: &'a str,
+    },
+    React {
+        id: &'a str,
+        emoji: &'a str,
+    },
+    Edit {
+        id: &'a str,
+        text: &'a str,
+    },
+    Delete {
+        id: &'a str,
+    },
+}
+
+impl<'a> ChatInput<'a> {
+    fn parse(line: &'a str) -> Self {
+        let line = line.trim();
+        let Some(command) = line.strip_prefix('/') else {
+            return if line.is_empty() {
+                Self::Nothing
+            } else {
+                Self::Text(line)
+            };
+        };
+        let (name, rest) = command.split_once(' ').unwrap_or((command, ""));
+        let (id, arg) = rest.trim().split_once(' ').unwrap_or((rest.trim(), ""));
+        let (id, arg) = (id.trim_start_matches('#'), arg.trim());
+        match (name, id.is_empty(), arg.is_empty()) {
+            ("quit", _, _) => Self::Quit,
+            ("reply", false, false) => Self::Reply { id, text: arg },
+            ("react", false, false) => Self::React { id, emoji: arg },
+            ("edit", false, false) => Self::Edit { id, text: arg },
+            ("delete", false, true) => Self::Delete { id },
+            _ => Self::Usage,
+        }
+    }
+}
+
+/// Sends what a chat line asks for. A mistake about a message (unknown id, someone else's
+/// message) is reported and the chat goes on; anything else ends it.
+async fn chat_send(device: &mut Device, room: &RoomId, input: ChatInput<'_>) -> anyhow::Result<()> {
+    let outcome = match input {
+        ChatInput::Text(text) => device.send_text(room, text).await.map(drop),
+        ChatInput::Reply { id, text } => {
+            let message = Compose {
+                text,
+                reply: Some(id),
+                expires_in: None,
+            };
+            message.send_in(device, room).await.map(drop)
+        }
+        ChatInput::React { id, emoji } => match find_message(device, room, id).await {
+            Ok(target) => device.react(room, &target, emoji).await.map(drop),
+            Err(e) => Err(e),
+        },
+        ChatInput::Edit { id, text } => match find_message(device, room, id).await {
+            Ok(target) => device.edit(room, &target, text).await.map(drop),
+            Err(e) => Err(e),
+        },
+        ChatInput::Delete { id } => match find_message(device, room, id).await {
+            Ok(target) => device.delete(room, &target).await.map(drop),
+            Err(e) => Err(e),
+        },
+        ChatInput::Nothing | ChatInput::Quit | ChatInput::Usage => Ok(()),
+    };
+    match outcome {
+        Err(
+            e @ (ClientError::UnknownMessage { .. }
+            | ClientError::AmbiguousMessage { .. }
+            | ClientError::NotAuthor { .. }
+            | ClientError::InvalidInput(_)),
+        ) => {
+            eprintln!("error: {e}");
+            Ok(())
+        }
+        other => Ok(other?),
+    }
+}
+
+/// The room (id, name, or USER@DOMAIN for the existing 1:1 room) and the message in it that a
+/// command names.
+async fn locate(
+    device: &mut Device,
+    room: &str,
+    msg_id: &str,
+) -> anyhow::Result<(RoomId, MessageId)> {
+    let room = resolve_target(device, room).await?;
+    let target = find_message(device, &room, msg_id).await?;
+    Ok((room, target))
+}
+
+/// A message of `room` by id or id prefix; if this device has not seen it, it first processes
+/// what is queued (the events wait for the next `sync`).
+async fn find_message(
+    device: &mut Device,
+    room: &RoomId,
+    id: &str,
+) -> Result<MessageId, ClientError> {
+    match device.find_message(room, id) {
+        Err(ClientError::UnknownMessage { .. }) => {
+            device.catch_up().await?;
+            device.find_message(room, id)
+        }
+        found => found,
+    }
+}
+
+/// A room id or name, or USER@DOMAIN for the 1:1 room with that user (which must exist).
+async fn resolve_target(device: &mut Device, target: &str) -> anyhow::Result<RoomId> {
+    if !target.contains('@') {
+        return resolve_room(device, target).await;
+    }
+    let peer = parse_user(target)?;
+    device
+        .existing_direct_room(&peer)
+        .await?
+        .ok_or_else(|| anyhow!("you have no 1:1 room with {peer}"))
+}
+
 /// Sends `text` in the direct room with `peer`, finding or creating it. Without `peer`'s consent
 /// (no room can be created, or they blocked us in the existing one), asks for it (the request is
 /// idempotent) and fails with [`AwaitingConsent`]; should consent turn out to be there by now,
 /// tries once more.
-async fn send_direct_or_ask(device: &mut Device, peer: &UserId, text: &str) -> anyhow::Result<()> {
-    match send_direct(device, peer, text).await {
+async fn send_direct_or_ask(
+    device: &mut Device,
+    peer: &UserId,
+    message: &Compose<'_>,
+) -> anyhow::Result<()> {
+    match send_direct(device, peer, message).await {
         Ok(()) => return Ok(()),
         Err(ClientError::NoConsent(detail)) => {
             tracing::debug!(%peer, "no consent: {detail}");
@@ -393,7 +586,7 @@ async fn send_direct_or_ask(device: &mut Device, peer: &UserId, text: &str) -> a
         .with_context(|| format!("{peer} has not consented, and asking them failed"))?;
     match answer.state {
         ContactState::Pending => Err(AwaitingConsent { user: peer.clone() }.into()),
-        ContactState::Granted => send_direct(device, peer, text)
+        ContactState::Granted => send_direct(device, peer, message)
             .await
             .map_err(|e| consent_hint(e, &peer.to_string())),
         ContactState::Blocked => {
@@ -402,9 +595,21 @@ async fn send_direct_or_ask(device: &mut Device, peer: &UserId, text: &str) -> a
     }
 }
 
-async fn send_direct(device: &mut Device, peer: &UserId, text: &str) -> Result<(), ClientError> {
-    let room = device.direct_room(peer).await?;
-    let sent = device.send_text(&room, text).await?;
+async fn send_direct(
+    device: &mut Device,
+    peer: &UserId,
+    message: &Compose<'_>,
+) -> Result<(), ClientError> {
+    // A reply needs a message to reply to, so only an existing room will do.
+    let room = match message.reply {
+        None => device.direct_room(peer).await?,
+        Some(_) => device.existing_direct_room(peer).await?.ok_or_else(|| {
+            ClientError::InvalidInput(format!(
+                "you have no 1:1 room with {peer}, so no message there to reply to"
+            ))
+        })?,
+    };
+    let sent = message.send_in(device, &room).await?;
     println!("sent {} to {room}", sent.id);
     Ok(())
 }
@@ -472,11 +677,18 @@ async fn resolve_room(device: &mut Device, room: &str) -> anyhow::Result<RoomId>
     }
 }
 
-fn describe(event: &Event) -> String {
+/// One line per event for `parley sync`; `now_ms` dates expiring messages.
+fn describe(event: &Event, now_ms: u64) -> String {
     match event {
-        Event::Message {
-            room, sender, text, ..
-        } => format!("[{}] {sender}: {text}", short(room)),
+        Event::Message { room, .. }
+        | Event::Reaction { room, .. }
+        | Event::Edit { room, .. }
+        | Event::Delete { room, .. }
+        | Event::Undecodable { room, .. } => format!(
+            "[{}] {}",
+            short(room),
+            member_line(event, now_ms).unwrap_or_default()
+        ),
         Event::Joined { room, name, .. } => {
             format!(
                 "[{}] joined room {}",
@@ -512,16 +724,96 @@ fn describe(event: &Event) -> String {
     }
 }
 
-fn show_in_chat(room: &RoomId, event: &Event) {
-    match event {
+/// What a member did, without the room: a message (with its `#id` for replies, reactions,
+/// edits and deletes), a reaction, an edit, a delete, or content that does not decode.
+fn member_line(event: &Event, now_ms: u64) -> Option<String> {
+    Some(match event {
         Event::Message {
-            room: r,
             sender,
+            id,
+            text,
+            reply_to,
+            expires_at,
+            ..
+        } => {
+            let mut line = sender.to_string();
+            if let Some(to) = reply_to {
+                line.push_str(&format!(" (reply to #{})", short_id(to)));
+            }
+            line.push_str(&format!(": {text}"));
+            if let Some(at) = expires_at {
+                let secs = at.saturating_sub(now_ms).div_ceil(1000);
+                line.push_str(&format!(" (disappears in {secs}s)"));
+            }
+            line.push_str(&format!("  #{}", short_id(id)));
+            line
+        }
+        Event::Reaction {
+            sender,
+            target,
+            emoji,
+            ..
+        } => format!("{sender} reacted {emoji} to #{}", short_id(target)),
+        Event::Edit {
+            sender,
+            target,
             text,
             ..
-        } if r == room => println!("{sender}: {text}"),
-        other => println!("{}", describe(other)),
+        } => format!("{sender} edited #{}: {text}", short_id(target)),
+        Event::Delete { sender, target, .. } => {
+            format!("{sender} deleted #{}", short_id(target))
+        }
+        Event::Undecodable { sender, detail, .. } => {
+            format!("{sender} sent a message that cannot be decoded ({detail})")
+        }
+        _ => return None,
+    })
+}
+
+/// A message of the chat's history as it stands: edited, deleted, reactions.
+fn history_line(h: &HistoryEntry) -> String {
+    let mut line = h.sender.to_string();
+    if let Some(to) = &h.reply_to {
+        line.push_str(&format!(" (reply to #{})", short_id(to)));
     }
+    if h.deleted {
+        line.push_str(": [deleted]");
+    } else {
+        line.push_str(&format!(": {}", h.text));
+    }
+    if h.edited && !h.deleted {
+        line.push_str(" (edited)");
+    }
+    if !h.reactions.is_empty() {
+        let reactions: Vec<String> = h
+            .reactions
+            .iter()
+            .map(|r| format!("{} {}", r.emoji, r.sender))
+            .collect();
+        line.push_str(&format!(" [{}]", reactions.join(", ")));
+    }
+    line.push_str(&format!("  #{}", short_id(&h.id)));
+    line
+}
+
+fn show_in_chat(room: &RoomId, event: &Event) {
+    let now = now_ms();
+    match member_line(event, now) {
+        Some(line) if event.room() == Some(room) => println!("{line}"),
+        _ => println!("{}", describe(event, now)),
+    }
+}
+
+/// Enough of a MessageId to tell a room's messages apart, and to type it back in: all ids start
+/// with `01` (SHA-256), so this is 40 bits of hash.
+fn short_id(id: &MessageId) -> String {
+    id.to_hex()[..12].to_owned()
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 fn short(room: &RoomId) -> &str {
@@ -556,6 +848,124 @@ mod tests {
         assert_eq!(
             AwaitingConsent { user: bob }.to_string(),
             "waiting for bob@wave.test to accept your contact request; the message was not sent"
+        );
+    }
+
+    #[test]
+    fn chat_lines_are_text_or_commands() {
+        assert_eq!(ChatInput::parse("  hello  "), ChatInput::Text("hello"));
+        assert_eq!(ChatInput::parse(""), ChatInput::Nothing);
+        assert_eq!(ChatInput::parse("/quit"), ChatInput::Quit);
+        assert_eq!(
+            ChatInput::parse("/reply #01ab23cd45ef right on"),
+            ChatInput::Reply {
+                id: "01ab23cd45ef",
+                text: "right on"
+            }
+        );
+        assert_eq!(
+            ChatInput::parse("/react 01ab23cd \u{1f44d}"),
+            ChatInput::React {
+                id: "01ab23cd",
+                emoji: "\u{1f44d}"
+            }
+        );
+        assert_eq!(
+            ChatInput::parse("/edit 01ab23cd  fixed  text "),
+            ChatInput::Edit {
+                id: "01ab23cd",
+                text: "fixed  text"
+            }
+        );
+        assert_eq!(
+            ChatInput::parse("/delete 01ab23cd"),
+            ChatInput::Delete { id: "01ab23cd" }
+        );
+        for usage in [
+            "/react 01ab23cd",
+            "/delete",
+            "/delete a b",
+            "/shrug",
+            "/edit",
+        ] {
+            assert_eq!(ChatInput::parse(usage), ChatInput::Usage, "{usage}");
+        }
+    }
+
+    #[test]
+    fn rich_events_read_as_lines() {
+        let room = RoomId::parse("00112233445566778899aabbccddeeff").unwrap();
+        let alice = parse_user("alice@chirp.test").unwrap();
+        let (id, target) = (MessageId([0x01; 32]), MessageId([0xab; 32]));
+        let reply = Event::Message {
+            room: room.clone(),
+            sender: alice.clone(),
+            id,
+            text: "**yes**".into(),
+            ts: 1,
+            reply_to: Some(target),
+            expires_at: Some(10_500),
+        };
+        assert_eq!(
+            describe(&reply, 1_000),
+            "[00112233] alice@chirp.test (reply to #abababababab): **yes** (disappears in 10s)  #010101010101"
+        );
+        let cases = [
+            (
+                Event::Reaction {
+                    room: room.clone(),
+                    sender: alice.clone(),
+                    target,
+                    emoji: "+1".into(),
+                },
+                "[00112233] alice@chirp.test reacted +1 to #abababababab",
+            ),
+            (
+                Event::Edit {
+                    room: room.clone(),
+                    sender: alice.clone(),
+                    target,
+                    text: "new".into(),
+                },
+                "[00112233] alice@chirp.test edited #abababababab: new",
+            ),
+            (
+                Event::Delete {
+                    room: room.clone(),
+                    sender: alice.clone(),
+                    target,
+                },
+                "[00112233] alice@chirp.test deleted #abababababab",
+            ),
+            (
+                Event::Undecodable {
+                    room: room.clone(),
+                    sender: alice.clone(),
+                    ts: 1,
+                    detail: "not CBOR".into(),
+                },
+                "[00112233] alice@chirp.test sent a message that cannot be decoded (not CBOR)",
+            ),
+        ];
+        for (event, line) in cases {
+            assert_eq!(describe(&event, 0), line);
+        }
+        let mut h = HistoryEntry::new(room, 1, alice.clone(), id, "hi".into(), 1);
+        h.edited = true;
+        h.reactions.push(parley_client::Reaction {
+            sender: alice,
+            emoji: "+1".into(),
+        });
+        assert_eq!(
+            history_line(&h),
+            "alice@chirp.test: hi (edited) [+1 alice@chirp.test]  #010101010101"
+        );
+        h.deleted = true;
+        h.text.clear();
+        h.reactions.clear();
+        assert_eq!(
+            history_line(&h),
+            "alice@chirp.test: [deleted]  #010101010101"
         );
     }
 

@@ -49,7 +49,7 @@ enum Command {
     /// Ask other users for consent, list and answer their contact requests.
     #[command(subcommand)]
     Contact(ContactCommand),
-    /// Send a text message to a room, or to a user's 1:1 room (USER@DOMAIN).
+    /// Send a text message (Markdown) to a room, or to a user's 1:1 room (USER@DOMAIN).
     ///
     /// Messaging a user of another provider needs their consent. Without it nothing is sent:
     /// parley sends them a contact request (see `parley contact`), says on stderr that it is
@@ -60,7 +60,39 @@ enum Command {
     Send {
         /// A room id or name, or USER@DOMAIN for the 1:1 room with that user.
         target: String,
+        /// The message, in Markdown (GitHub Flavored Markdown for MIMI; HTML tags are escaped).
         text: String,
+        /// Reply to this message: its id as `sync --json` shows it, or the first 8+ hex digits.
+        #[arg(long, value_name = "MSG_ID")]
+        reply: Option<String>,
+        /// Receivers stop showing the message, and the providers drop it, after this many seconds.
+        #[arg(long, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(1..))]
+        expires: Option<u64>,
+    },
+    /// React to a message with an emoji (`delete` the reaction's id to take it back).
+    React {
+        /// A room id or name, or USER@DOMAIN for the 1:1 room with that user.
+        room: String,
+        /// The message: its id as `sync --json` shows it, or the first 8+ hex digits.
+        msg_id: String,
+        /// The reaction: one emoji (or a short text, at most 64 bytes).
+        emoji: String,
+    },
+    /// Replace the text of a message you sent.
+    Edit {
+        /// A room id or name, or USER@DOMAIN for the 1:1 room with that user.
+        room: String,
+        /// Your message: its id, or the first 8+ hex digits.
+        msg_id: String,
+        /// The new text, in Markdown.
+        text: String,
+    },
+    /// Delete a message you sent, or take back a reaction of yours.
+    Delete {
+        /// A room id or name, or USER@DOMAIN for the 1:1 room with that user.
+        room: String,
+        /// Your message or reaction: its id, or the first 8+ hex digits.
+        msg_id: String,
     },
     /// Fetch, decrypt and print what arrived, then acknowledge it.
     Sync {
@@ -122,9 +154,39 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Send {
             ref target,
             ref text,
+            ref reply,
+            expires,
         } => {
             init_logs("warn");
-            client()?.send(target, text).await
+            let message = client::Compose {
+                text,
+                reply: reply.as_deref(),
+                expires_in: expires.map(std::time::Duration::from_secs),
+            };
+            client()?.send(target, &message).await
+        }
+        Command::React {
+            ref room,
+            ref msg_id,
+            ref emoji,
+        } => {
+            init_logs("warn");
+            client()?.react(room, msg_id, emoji).await
+        }
+        Command::Edit {
+            ref room,
+            ref msg_id,
+            ref text,
+        } => {
+            init_logs("warn");
+            client()?.edit(room, msg_id, text).await
+        }
+        Command::Delete {
+            ref room,
+            ref msg_id,
+        } => {
+            init_logs("warn");
+            client()?.delete(room, msg_id).await
         }
         Command::Sync { wait, json } => {
             init_logs("warn");

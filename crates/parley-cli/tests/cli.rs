@@ -183,6 +183,168 @@ fn documented_cli_scenario_across_two_domains() {
     server.terminate();
 }
 
+/// `parley send` prints `sent ID to ROOM`: the id and the room.
+fn sent(out: &str) -> (String, String) {
+    let line = out.lines().last().unwrap_or_default();
+    let mut words = line.split_whitespace();
+    assert_eq!(words.next(), Some("sent"), "{out}");
+    let id = words.next().unwrap().to_owned();
+    assert_eq!(words.next(), Some("to"), "{out}");
+    let room = words.next().unwrap().to_owned();
+    assert_eq!((id.len(), room.len()), (64, 32), "{out}");
+    (id, room)
+}
+
+/// The lines of `parley sync --json`, exactly as printed.
+fn sync_lines(profile: &Path) -> Vec<String> {
+    ok(profile, &["sync", "--json"])
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+/// The four rich-content commands exactly as documented, each seen by the other side as one
+/// `sync --json` line of exactly the documented shape.
+#[test]
+fn replies_reactions_edits_deletes_and_expiry_from_the_cli() {
+    let data = tempfile::tempdir().unwrap();
+    let server = ServerProcess::start(data.path(), "127.0.0.1:0");
+    let u = register_users(&server);
+    let (alice, bob) = (&u.alice, &u.bob);
+
+    let (hello, room) = sent(&ok(alice, &["send", "bob@wave.test", "hello **bob**"]));
+    let line = sync_lines(bob).pop().unwrap();
+    let ts = serde_json::from_str::<Value>(&line).unwrap()["ts"]
+        .as_u64()
+        .unwrap();
+    assert_eq!(
+        line,
+        format!(
+            r#"{{"type":"message","room":"{room}","sender":"alice@chirp.test","id":"{hello}","text":"hello **bob**","ts":{ts}}}"#
+        )
+    );
+
+    // A reply, addressed by user: a message event with reply_to.
+    let (reply, _) = sent(&ok(
+        bob,
+        &["send", "alice@chirp.test", "hi _alice_", "--reply", &hello],
+    ));
+    let lines = sync_lines(alice);
+    let ts = serde_json::from_str::<Value>(&lines[0]).unwrap()["ts"]
+        .as_u64()
+        .unwrap();
+    assert_eq!(
+        lines,
+        [format!(
+            r#"{{"type":"message","room":"{room}","sender":"bob@wave.test","id":"{reply}","text":"hi _alice_","ts":{ts},"reply_to":"{hello}"}}"#
+        )]
+    );
+
+    // A reaction, by room id.
+    let (like, _) = sent(&ok(bob, &["react", &room, &hello, "\u{1f44d}"]));
+    assert_eq!(
+        sync_lines(alice),
+        [format!(
+            r#"{{"type":"reaction","room":"{room}","sender":"bob@wave.test","target":"{hello}","emoji":"👍"}}"#
+        )]
+    );
+
+    // An edit, by user, with the id's first hex digits.
+    ok(
+        alice,
+        &[
+            "edit",
+            "bob@wave.test",
+            &hello[..12],
+            "hello **bob**, edited",
+        ],
+    );
+    assert_eq!(
+        sync_lines(bob),
+        [format!(
+            r#"{{"type":"edit","room":"{room}","sender":"alice@chirp.test","target":"{hello}","text":"hello **bob**, edited"}}"#
+        )]
+    );
+
+    // Deletes: bob takes his reaction back, alice deletes her message.
+    ok(bob, &["delete", &room, &like]);
+    assert_eq!(
+        sync_lines(alice),
+        [format!(
+            r#"{{"type":"delete","room":"{room}","sender":"bob@wave.test","target":"{like}"}}"#
+        )]
+    );
+    ok(alice, &["delete", &room, &hello]);
+    assert_eq!(
+        sync_lines(bob),
+        [format!(
+            r#"{{"type":"delete","room":"{room}","sender":"alice@chirp.test","target":"{hello}"}}"#
+        )]
+    );
+
+    // Only the author may edit or delete; unknown ids and bad input are one clear line.
+    let line = fails(alice, &["edit", &room, &reply, "not mine"]);
+    assert!(line.contains("only its author may edit"), "{line}");
+    let line = fails(alice, &["delete", &room, &reply]);
+    assert!(line.contains("only its author may delete"), "{line}");
+    let line = fails(bob, &["react", &room, &hello, "\u{1f44d}"]);
+    assert!(line.contains("no message"), "{line}");
+    let line = fails(bob, &["react", &room, "xyz", "\u{1f44d}"]);
+    assert!(line.contains("no message id"), "{line}");
+    let line = fails(bob, &["react", "carol@chirp.test", &reply, "\u{1f44d}"]);
+    assert!(line.contains("no 1:1 room with carol@chirp.test"), "{line}");
+    assert_eq!(
+        parley(alice, &["send", &room, "x", "--expires", "0"])
+            .status
+            .code(),
+        Some(2),
+        "clap refuses a zero lifetime"
+    );
+
+    // Reacting to a message not synced yet: the command catches up first, and the message still
+    // comes out of the next sync.
+    let (fresh, _) = sent(&ok(alice, &["send", &room, "fresh"]));
+    ok(bob, &["react", &room, &fresh, "\u{1f389}"]);
+    let events: Vec<Value> = sync_lines(bob)
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(
+        messages(&events),
+        vec![("alice@chirp.test".into(), "fresh".into())]
+    );
+    assert_eq!(
+        sync_lines(alice),
+        [format!(
+            r#"{{"type":"reaction","room":"{room}","sender":"bob@wave.test","target":"{fresh}","emoji":"🎉"}}"#
+        )]
+    );
+
+    // An expiring message carries its expiry; readable sync describes reactions.
+    let before = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    ok(alice, &["send", &room, "brief", "--expires", "30"]);
+    let event: Value = serde_json::from_str(&sync_lines(bob).pop().unwrap()).unwrap();
+    let expires_at = event["expires_at"].as_u64().unwrap();
+    assert!(
+        expires_at >= before + 30_000 && expires_at <= before + 32_000,
+        "{event}"
+    );
+    ok(bob, &["react", &room, &reply, "\u{2764}"]);
+    let text = ok(alice, &["sync"]);
+    assert_eq!(
+        text.trim(),
+        format!(
+            "[{}] bob@wave.test reacted \u{2764} to #{}",
+            &room[..8],
+            &reply[..12]
+        )
+    );
+    server.terminate();
+}
+
 /// Everything the server acknowledged survives a kill -9 and a graceful restart, and the data
 /// directory never holds a message's plaintext.
 #[test]
@@ -285,10 +447,10 @@ fn interactive_chat_sends_and_receives_live() {
         panic!("chat never printed {needle:?}");
     };
     wait_for("chatting in");
-    ok(&u.alice, &["send", &room, "live from alice"]);
+    let (id, _) = sent(&ok(&u.alice, &["send", &room, "live from alice"]));
     assert_eq!(
         wait_for("live from alice"),
-        "alice@chirp.test: live from alice"
+        format!("alice@chirp.test: live from alice  #{}", &id[..12])
     );
     let mut stdin = chat.stdin.take().unwrap();
     writeln!(stdin, "typed by bob").unwrap();
@@ -299,6 +461,25 @@ fn interactive_chat_sends_and_receives_live() {
         std::thread::sleep(Duration::from_millis(100));
     }
     assert_eq!(got, vec![("bob@wave.test".into(), "typed by bob".into())]);
+    // A reaction typed with the #id the chat showed.
+    writeln!(stdin, "/react #{} \u{1f44d}", &id[..12]).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut reactions = Vec::new();
+    while reactions.is_empty() && Instant::now() < deadline {
+        reactions = sync_json(&u.alice)
+            .into_iter()
+            .filter(|e| e["type"] == "reaction")
+            .collect();
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(reactions.len(), 1, "{reactions:?}");
+    assert_eq!(
+        (
+            reactions[0]["target"].as_str(),
+            reactions[0]["emoji"].as_str()
+        ),
+        (Some(id.as_str()), Some("\u{1f44d}"))
+    );
     writeln!(stdin, "/quit").unwrap();
     let status = chat.wait().unwrap();
     assert!(status.success());

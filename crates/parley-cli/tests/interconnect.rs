@@ -83,6 +83,7 @@ impl Net {
                 .map(|(d, a)| (d.to_string(), format!("https://{a}")))
                 .collect(),
             peer_retry_cap_secs: 1,
+            expiry_sweep_ms: 100,
             ..Default::default()
         };
         config.add_domain(domain);
@@ -450,6 +451,24 @@ async fn malicious_peer_requests_are_refused_and_change_nothing() {
         (StatusCode::NOT_FOUND, "unknown_room".into())
     );
 
+    // An expiry hint in the past (or beyond the retention) is refused before anything else.
+    for hint in [1, u64::MAX] {
+        let bad_expiry = post(
+            chirp_fed(&format!("submitMessage/{room}")),
+            SubmitMessageRequest::new(
+                ciphertext.clone(),
+                "mimi://evil.test/d/eve/0000000000000001",
+            )
+            .expiring_at(Some(hint))
+            .encode(),
+        )
+        .await;
+        assert_eq!(
+            error_code(bad_expiry).await,
+            (StatusCode::BAD_REQUEST, "invalid_expiry".into())
+        );
+    }
+
     // URL room id different from the room inside the MLS message.
     let other_room = RoomId::from_random([9; 16]);
     let mismatch = post(
@@ -477,6 +496,7 @@ async fn malicious_peer_requests_are_refused_and_change_nothing() {
                 message: vec![0u8; 8].into(),
                 extras: vec![],
             },
+            expires_at: 0,
         }],
     };
     let hijack = post(wave_fed.clone(), fake.encode()).await;
@@ -705,4 +725,150 @@ async fn a_forged_key_package_for_someone_elses_client_is_refused() {
         read_n(&mut bob, &room, 1).await,
         from("alice@chirp.test", &["still fine"])
     );
+}
+
+/// Syncs until an event of `room` that `wanted` accepts arrives (or 20 s passed); returns it.
+async fn wait_for(device: &mut Device, room: &RoomId, wanted: impl Fn(&Event) -> bool) -> Event {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        for e in device.sync(Some(Duration::from_millis(500))).await.unwrap() {
+            if let Event::Error { detail, .. } = &e {
+                panic!("{} failed to process an entry: {detail}", device.user());
+            }
+            if e.room() == Some(room) && wanted(&e) {
+                return e;
+            }
+        }
+    }
+    panic!("{} never got the event it waited for", device.user());
+}
+
+/// The `expires_at` of every queue row a provider holds for `device`.
+fn queued_for(net: &Net, domain: &str, device: &Device) -> Vec<u64> {
+    let db = net.dir.join(format!("data-{domain}")).join("parley.db");
+    let conn = rusqlite::Connection::open(db).unwrap();
+    conn.busy_timeout(Duration::from_secs(5)).unwrap();
+    let mut st = conn
+        .prepare("SELECT expires_at FROM queue WHERE device_id = ?1 ORDER BY seq")
+        .unwrap();
+    st.query_map([device.device_id().as_str()], |r| r.get::<_, i64>(0))
+        .unwrap()
+        .map(|r| r.unwrap() as u64)
+        .collect()
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+/// Replies, reactions, edits, deletes and expiring messages between a hub's user and a
+/// follower's user: the follower relays its user's messages (with their expiry hint) through
+/// `submitMessage`, the hub notifies the follower (with the hint), and both providers drop the
+/// expiring entries at the expiry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rich_content_across_providers() {
+    let dir = tempfile::tempdir().unwrap();
+    let net = Net::with(dir.path(), &["chirp.test", "wave.test"]);
+    let _chirp = net.start("chirp.test").await;
+    let _wave = net.start("wave.test").await;
+    let mut alice = net.register("alice@chirp.test").await;
+    let mut bob = net.register("bob@wave.test").await;
+    consent(&bob, &alice).await;
+    let room = alice.direct_room(bob.user()).await.unwrap(); // hubbed at chirp.test
+    let hello = alice.send_text(&room, "*hello* bob").await.unwrap();
+    assert_eq!(
+        read_n(&mut bob, &room, 1).await,
+        from("alice@chirp.test", &["*hello* bob"])
+    );
+
+    // bob (follower side) replies; alice (hub side) reacts to the reply.
+    let reply = bob.reply(&room, &hello.id, "hi **alice**").await.unwrap();
+    let got = wait_for(&mut alice, &room, |e| matches!(e, Event::Message { .. })).await;
+    assert!(
+        matches!(&got, Event::Message { id, reply_to: Some(to), text, .. }
+            if *id == reply.id && *to == hello.id && text == "hi **alice**"),
+        "{got:?}"
+    );
+    let like = alice.react(&room, &reply.id, "\u{2764}").await.unwrap();
+    let got = wait_for(&mut bob, &room, |e| matches!(e, Event::Reaction { .. })).await;
+    assert_eq!(
+        got,
+        Event::Reaction {
+            room: room.clone(),
+            sender: alice.user().clone(),
+            target: reply.id,
+            emoji: "\u{2764}".into(),
+        }
+    );
+
+    // bob edits his reply, alice takes her reaction back, bob deletes the reply.
+    bob.edit(&room, &reply.id, "hi alice!").await.unwrap();
+    let got = wait_for(&mut alice, &room, |e| matches!(e, Event::Edit { .. })).await;
+    assert!(
+        matches!(&got, Event::Edit { target, text, .. } if *target == reply.id && text == "hi alice!"),
+        "{got:?}"
+    );
+    alice.delete(&room, &like.id).await.unwrap();
+    let got = wait_for(&mut bob, &room, |e| matches!(e, Event::Delete { .. })).await;
+    assert!(matches!(&got, Event::Delete { target, .. } if *target == like.id));
+    assert!(bob.history(&room, 10).unwrap()[1].reactions.is_empty());
+    bob.delete(&room, &reply.id).await.unwrap();
+    let got = wait_for(&mut alice, &room, |e| matches!(e, Event::Delete { .. })).await;
+    assert!(matches!(&got, Event::Delete { target, .. } if *target == reply.id));
+    assert!(alice.history(&room, 10).unwrap()[1].deleted);
+
+    // Expiring messages both ways; neither receiver syncs before they expire.
+    let lifetime = Duration::from_secs(2);
+    bob.send_expiring(&room, "from wave, brief", lifetime)
+        .await
+        .unwrap();
+    alice
+        .send_expiring(&room, "from chirp, brief", lifetime)
+        .await
+        .unwrap();
+    let soon = now_ms() + 3_000;
+    // The hub queued bob's message for alice, and notified wave.test of alice's, each with the
+    // hint (the follower writes its row when the notify arrives).
+    let alice_rows = queued_for(&net, "chirp.test", &alice);
+    assert!(
+        alice_rows.len() == 1 && alice_rows[0] <= soon,
+        "{alice_rows:?}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let bob_rows = loop {
+        let rows = queued_for(&net, "wave.test", &bob);
+        if !rows.is_empty() || Instant::now() > deadline {
+            break rows;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(bob_rows.len() == 1 && bob_rows[0] <= soon, "{bob_rows:?}");
+
+    let expiry = alice_rows[0].max(bob_rows[0]);
+    tokio::time::sleep(Duration::from_millis(expiry.saturating_sub(now_ms()) + 50)).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !(queued_for(&net, "chirp.test", &alice).is_empty()
+        && queued_for(&net, "wave.test", &bob).is_empty())
+    {
+        assert!(
+            Instant::now() < deadline,
+            "expired entries were never swept"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(read_now(&mut alice, &room).await.is_empty());
+    assert!(read_now(&mut bob, &room).await.is_empty());
+    for d in [&alice, &bob] {
+        let texts: Vec<String> = d
+            .history(&room, 10)
+            .unwrap()
+            .into_iter()
+            .filter(|h| !h.deleted)
+            .map(|h| h.text)
+            .collect();
+        assert_eq!(texts, ["*hello* bob"], "{}", d.user());
+    }
 }

@@ -19,14 +19,14 @@ use parley_proto::api::{
     UploadKeyPackages,
 };
 use parley_proto::ids::DeviceUri;
-use parley_proto::{DeviceId, MessageId, MimiContent, RoomId, UserId};
+use parley_proto::{DeviceId, Expiration, Meaning, MessageId, MimiContent, RoomId, UserId};
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
 use crate::api::{ApiClient, PushConnection};
 use crate::error::{ClientError, Result};
 use crate::mls::{self, DeviceMls, Incoming, ValidatedKeyPackage};
-use crate::profile::{Account, HistoryEntry, Profile, RoomRecord};
+use crate::profile::{Account, Authored, HistoryEntry, Profile, ReactionRecord, RoomRecord};
 
 /// One-time KeyPackages uploaded at a time.
 pub const KEY_PACKAGE_BATCH: usize = 20;
@@ -46,13 +46,24 @@ const RETRY_BACKOFF: Duration = Duration::from_millis(250);
 const LIVE_RECONNECTS: u32 = 5;
 /// Shown instead of content this client cannot render.
 const UNSUPPORTED_CONTENT: &str = "[unsupported content]";
+/// The shortest id prefix accepted for a message (hex digits; every id starts with `01`).
+pub const MIN_ID_PREFIX: usize = 8;
+/// The longest reaction, in bytes: room for any emoji sequence, not for a message.
+const MAX_REACTION_BYTES: usize = 64;
+
+/// Milliseconds since the Unix epoch, by this device's clock.
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
 
 /// Something that happened while syncing. Serialises as one JSON object tagged by `type`,
 /// e.g. `{"type":"message","room":…,"sender":"alice@chirp.test","id":…,"text":…,"ts":…}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "lowercase")]
 pub enum Event {
-    /// A message from another member (or another device of ours).
+    /// A message from another member (or another device of ours). Its text is Markdown.
     Message {
         #[serde(serialize_with = "crate::display", deserialize_with = "crate::parsed")]
         room: RoomId,
@@ -64,6 +75,57 @@ pub enum Event {
         text: String,
         /// Hub timestamp, milliseconds since the Unix epoch.
         ts: u64,
+        /// The message this one replies to; absent when it is no reply.
+        #[serde(
+            default,
+            skip_serializing_if = "Option::is_none",
+            serialize_with = "crate::display_opt",
+            deserialize_with = "crate::parsed_opt"
+        )]
+        reply_to: Option<MessageId>,
+        /// When the message stops being shown (milliseconds since the Unix epoch); absent when
+        /// it does not expire.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        expires_at: Option<u64>,
+    },
+    /// A reaction (typically one emoji) to the message `target`.
+    Reaction {
+        #[serde(serialize_with = "crate::display", deserialize_with = "crate::parsed")]
+        room: RoomId,
+        #[serde(serialize_with = "crate::display", deserialize_with = "crate::parsed")]
+        sender: UserId,
+        #[serde(serialize_with = "crate::display", deserialize_with = "crate::parsed")]
+        target: MessageId,
+        emoji: String,
+    },
+    /// The author of the message `target` replaced its text.
+    Edit {
+        #[serde(serialize_with = "crate::display", deserialize_with = "crate::parsed")]
+        room: RoomId,
+        #[serde(serialize_with = "crate::display", deserialize_with = "crate::parsed")]
+        sender: UserId,
+        #[serde(serialize_with = "crate::display", deserialize_with = "crate::parsed")]
+        target: MessageId,
+        text: String,
+    },
+    /// The author of `target` retracted it: a message, or their own reaction.
+    Delete {
+        #[serde(serialize_with = "crate::display", deserialize_with = "crate::parsed")]
+        room: RoomId,
+        #[serde(serialize_with = "crate::display", deserialize_with = "crate::parsed")]
+        sender: UserId,
+        #[serde(serialize_with = "crate::display", deserialize_with = "crate::parsed")]
+        target: MessageId,
+    },
+    /// A message from `sender` (authenticated by MLS) whose content is not valid MIMI content.
+    /// It is shown as such and skipped; the room keeps working.
+    Undecodable {
+        #[serde(serialize_with = "crate::display", deserialize_with = "crate::parsed")]
+        room: RoomId,
+        #[serde(serialize_with = "crate::display", deserialize_with = "crate::parsed")]
+        sender: UserId,
+        ts: u64,
+        detail: String,
     },
     /// This device was added to a room. `kind` is `null` if the hub could not be asked.
     Joined {
@@ -101,6 +163,50 @@ pub enum Event {
         room: Option<RoomId>,
         detail: String,
     },
+}
+
+impl Event {
+    /// The room the event happened in (`None` for an entry naming no valid room).
+    pub fn room(&self) -> Option<&RoomId> {
+        match self {
+            Event::Message { room, .. }
+            | Event::Reaction { room, .. }
+            | Event::Edit { room, .. }
+            | Event::Delete { room, .. }
+            | Event::Undecodable { room, .. }
+            | Event::Joined { room, .. }
+            | Event::Members { room, .. }
+            | Event::Removed { room } => Some(room),
+            Event::Error { room, .. } => room.as_ref(),
+        }
+    }
+
+    /// Whether this is an expiring message whose time has passed by `now_ms`.
+    fn has_expired(&self, now_ms: u64) -> bool {
+        matches!(self, Event::Message { expires_at: Some(at), .. } if *at <= now_ms)
+    }
+}
+
+/// How [`Device::send`] sends a text: as a reply, expiring, or both.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SendOptions {
+    /// The message of the room this one replies to.
+    pub reply_to: Option<MessageId>,
+    /// How long receivers show the message (whole seconds, rounded up); the providers also
+    /// drop its queue entries then.
+    pub expires_in: Option<Duration>,
+}
+
+/// A decrypted (or just sent) message's context: where, by whom, and when.
+struct Arrival<'a> {
+    room: &'a RoomId,
+    author: &'a UserId,
+    id: MessageId,
+    /// The room's event number and the hub's acceptance time.
+    event: u64,
+    ts: u64,
+    /// This device's clock when the message arrived.
+    now: u64,
 }
 
 /// The hub's acceptance of a sent message.
@@ -355,20 +461,23 @@ impl Device {
                 "a direct room needs another user than yourself".into(),
             ));
         }
-        let (local, unjoined) = self.find_direct_room(peer).await?;
-        if let Some(room) = local {
+        if let Some(room) = self.existing_direct_room(peer).await? {
             return Ok(room);
-        }
-        if unjoined {
-            // The hub has us in one, but its Welcome is still in our queue.
-            self.catch_up().await?;
-            if let (Some(room), _) = self.find_direct_room(peer).await? {
-                return Ok(room);
-            }
         }
         let peers = [peer.clone()];
         self.create_room_of_kind(RoomKind::Direct, None, Some(peer), &peers)
             .await
+    }
+
+    /// The direct room with `peer` that this device is in, if there is one; never creates one.
+    pub async fn existing_direct_room(&mut self, peer: &UserId) -> Result<Option<RoomId>> {
+        let (local, unjoined) = self.find_direct_room(peer).await?;
+        if local.is_some() || !unjoined {
+            return Ok(local);
+        }
+        // The hub has us in one, but its Welcome is still in our queue.
+        self.catch_up().await?;
+        Ok(self.find_direct_room(peer).await?.0)
     }
 
     /// Adds every device of `user` to the room ([`ClientError::NoConsent`] if `user` is on
@@ -486,9 +595,36 @@ impl Device {
         })
     }
 
-    /// The last `limit` messages of a room, oldest first.
+    /// The last `limit` messages of a room, oldest first, as they stand after edits, deletes
+    /// and reactions. Expired messages are deleted from the profile first, never shown.
     pub fn history(&self, room: &RoomId, limit: usize) -> Result<Vec<HistoryEntry>> {
-        self.profile.history(room, limit)
+        let now = now_ms();
+        self.profile.purge_expired(now)?;
+        self.profile.history(room, limit, now)
+    }
+
+    /// The message (or reaction) of `room`'s history that `id` names: a whole MessageId (64 hex
+    /// digits), or the start of one, at least [`MIN_ID_PREFIX`] digits, that fits only one.
+    /// [`ClientError::UnknownMessage`] if this device has no such message (yet: a
+    /// [`Device::catch_up`] may bring it).
+    pub fn find_message(&self, room: &RoomId, id: &str) -> Result<MessageId> {
+        if id.len() < MIN_ID_PREFIX || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(ClientError::InvalidInput(format!(
+                "{id:?} is no message id: give its 64 hex digits, or at least the first {MIN_ID_PREFIX}"
+            )));
+        }
+        self.profile.purge_expired(now_ms())?;
+        match self.profile.ids_starting_with(room, id)?.as_slice() {
+            [one] => Ok(*one),
+            [] => Err(ClientError::UnknownMessage {
+                room: room.clone(),
+                id: id.to_owned(),
+            }),
+            _ => Err(ClientError::AmbiguousMessage {
+                room: room.clone(),
+                prefix: id.to_owned(),
+            }),
+        }
     }
 
     async fn create_room_of_kind(
@@ -858,24 +994,195 @@ impl Device {
 
     // --- messages -------------------------------------------------------------------------------
 
-    /// Sends a text message to a room (MIMI content in an MLS PrivateMessage).
+    /// Sends a Markdown text message to a room (MIMI content in an MLS PrivateMessage).
     /// [`ClientError::NoConsent`] in a direct room whose other user blocked us.
     pub async fn send_text(&mut self, room: &RoomId, text: &str) -> Result<SentMessage> {
+        self.send(room, text, &SendOptions::default()).await
+    }
+
+    /// Sends a Markdown text message as a reply and/or expiring, as `options` say. A reply
+    /// must name a message of the room's history ([`ClientError::UnknownMessage`]).
+    pub async fn send(
+        &mut self,
+        room: &RoomId,
+        text: &str,
+        options: &SendOptions,
+    ) -> Result<SentMessage> {
         self.require_member(room)?;
-        // A commit of unknown fate would make the message's epoch a guess.
+        if let Some(target) = &options.reply_to {
+            self.require_message(room, target)?;
+        }
+        let expires = options
+            .expires_in
+            .map(|lifetime| expiration_after(now_ms(), lifetime))
+            .transpose()?;
+        let mut content = self
+            .content_for(room, |me, uri| {
+                MimiContent::markdown(rand::random(), me, uri, text)
+            })
+            .await?;
+        if let Some(target) = options.reply_to {
+            content = content.replying_to(target);
+        }
+        if let Some(expires) = expires {
+            content = content.expiring(expires);
+        }
+        self.post_content(room, content).await
+    }
+
+    /// Replies to the message `to` of the room.
+    pub async fn reply(
+        &mut self,
+        room: &RoomId,
+        to: &MessageId,
+        text: &str,
+    ) -> Result<SentMessage> {
+        let options = SendOptions {
+            reply_to: Some(*to),
+            ..SendOptions::default()
+        };
+        self.send(room, text, &options).await
+    }
+
+    /// Sends a message that receivers stop showing, and providers drop, after `lifetime`.
+    pub async fn send_expiring(
+        &mut self,
+        room: &RoomId,
+        text: &str,
+        lifetime: Duration,
+    ) -> Result<SentMessage> {
+        let options = SendOptions {
+            expires_in: Some(lifetime),
+            ..SendOptions::default()
+        };
+        self.send(room, text, &options).await
+    }
+
+    /// Reacts to the message `target` with `emoji` (one reaction per call; send several to
+    /// react with several). The answer's id names the reaction, for [`Device::delete`].
+    pub async fn react(
+        &mut self,
+        room: &RoomId,
+        target: &MessageId,
+        emoji: &str,
+    ) -> Result<SentMessage> {
+        check_reaction(emoji)?;
+        self.require_member(room)?;
+        self.require_message(room, target)?;
+        let content = self
+            .content_for(room, |me, uri| {
+                MimiContent::reaction(rand::random(), me, uri, *target, emoji)
+            })
+            .await?;
+        self.post_content(room, content).await
+    }
+
+    /// Replaces the text of our message `target`; only its author may
+    /// ([`ClientError::NotAuthor`]).
+    pub async fn edit(
+        &mut self,
+        room: &RoomId,
+        target: &MessageId,
+        text: &str,
+    ) -> Result<SentMessage> {
+        self.require_member(room)?;
+        match self.own(room, target, "edit")? {
+            Authored::Message { .. } => {}
+            Authored::Reaction { .. } => {
+                return Err(ClientError::InvalidInput(format!(
+                    "{target} is a reaction; delete it and react again instead"
+                )))
+            }
+        }
+        let content = self
+            .content_for(room, |me, uri| {
+                MimiContent::edit(rand::random(), me, uri, *target, text)
+            })
+            .await?;
+        self.post_content(room, content).await
+    }
+
+    /// Retracts our message `target`, or removes our reaction `target` (an "unlike").
+    pub async fn delete(&mut self, room: &RoomId, target: &MessageId) -> Result<SentMessage> {
+        self.require_member(room)?;
+        self.own(room, target, "delete")?;
+        let content = self
+            .content_for(room, |me, uri| {
+                MimiContent::delete(rand::random(), me, uri, *target)
+            })
+            .await?;
+        self.post_content(room, content).await
+    }
+
+    /// `target` must be a message (not deleted, not expired) in the room's history.
+    fn require_message(&self, room: &RoomId, target: &MessageId) -> Result<()> {
+        self.profile.purge_expired(now_ms())?;
+        match self.profile.authored(room, target)? {
+            Some(Authored::Message { deleted: false, .. }) => Ok(()),
+            _ => Err(ClientError::UnknownMessage {
+                room: room.clone(),
+                id: target.to_hex(),
+            }),
+        }
+    }
+
+    /// `target` must be our own message or reaction in the room's history, for `action`.
+    fn own(&self, room: &RoomId, target: &MessageId, action: &'static str) -> Result<Authored> {
+        self.profile.purge_expired(now_ms())?;
+        let unknown = || ClientError::UnknownMessage {
+            room: room.clone(),
+            id: target.to_hex(),
+        };
+        let found = self.profile.authored(room, target)?.ok_or_else(unknown)?;
+        let author = match &found {
+            Authored::Message {
+                deleted: false,
+                sender,
+            }
+            | Authored::Reaction { sender } => sender,
+            Authored::Message { deleted: true, .. } => return Err(unknown()),
+        };
+        if author != self.user() {
+            return Err(ClientError::NotAuthor {
+                id: *target,
+                author: author.clone(),
+                action,
+            });
+        }
+        Ok(found)
+    }
+
+    /// Builds content from this device's user for the room, once any commit of unknown fate
+    /// is settled (it would make the message's epoch a guess) and the room's URI is known.
+    async fn content_for(
+        &mut self,
+        room: &RoomId,
+        build: impl FnOnce(&str, &str) -> MimiContent,
+    ) -> Result<MimiContent> {
         self.resolve_unanswered_commits().await?;
         let room_uri = self.room_uri(room).await?;
-        let content = self.text_content(&room_uri, text);
+        Ok(build(&self.user().to_uri(), &room_uri))
+    }
+
+    /// Encrypts and posts content, retrying what the hub refuses retryably, then files it in
+    /// our own history exactly as receivers file it.
+    async fn post_content(&mut self, room: &RoomId, content: MimiContent) -> Result<SentMessage> {
         // The id and encoding stay fixed across retries, so receivers can deduplicate.
         let id = content.message_id();
         let plaintext = content.encode();
+        // The providers cannot read `expires`, so they are told when to drop the entries.
+        let expires_at = content.expires.map(|e| e.deadline_ms(now_ms()));
         let mut attempt = 1;
         loop {
             let message = self
                 .profile
                 .transaction(|| self.mls.encrypt(self.profile.conn(), room, &plaintext))?;
-            match self.api.send_message(room, &SendRequest { message }).await {
-                Ok(accepted) => return self.record_sent(room, id, text, &accepted),
+            let request = SendRequest {
+                message,
+                expires_at,
+            };
+            match self.api.send_message(room, &request).await {
+                Ok(accepted) => return self.record_sent(room, id, &content, &accepted),
                 Err(e) if e.is_retryable() && attempt < MAX_ATTEMPTS => {
                     tracing::debug!(%room, attempt, "message refused ({e}); retrying");
                     self.recover_from(&e, attempt).await?;
@@ -896,33 +1203,30 @@ impl Device {
             .room(room)?
             .and_then(|r| r.uri)
             .ok_or_else(|| ClientError::UnknownRoom(room.clone()))?;
-        let plaintext = self.text_content(&room_uri, text).encode();
+        let content = MimiContent::markdown(rand::random(), &self.user().to_uri(), &room_uri, text);
+        let plaintext = content.encode();
         self.profile
             .transaction(|| self.mls.encrypt(self.profile.conn(), room, &plaintext))
-    }
-
-    /// MIMI content for a text message from this device's user.
-    fn text_content(&self, room_uri: &str, text: &str) -> MimiContent {
-        MimiContent::text(rand::random(), &self.user().to_uri(), room_uri, text)
     }
 
     fn record_sent(
         &self,
         room: &RoomId,
         id: MessageId,
-        text: &str,
+        content: &MimiContent,
         accepted: &Accepted,
     ) -> Result<SentMessage> {
+        let arrival = Arrival {
+            room,
+            author: self.user(),
+            id,
+            event: accepted.event,
+            ts: accepted.ts,
+            now: now_ms(),
+        };
         self.profile.transaction(|| {
             self.profile.mark_seen(&id)?;
-            self.profile.add_history(&HistoryEntry {
-                room: room.clone(),
-                event: accepted.event,
-                sender: self.user().clone(),
-                id,
-                text: text.to_owned(),
-                ts: accepted.ts,
-            })
+            self.file_content(&arrival, content).map(drop)
         })?;
         Ok(SentMessage {
             id,
@@ -956,11 +1260,14 @@ impl Device {
         }
         self.commit_pending_proposals().await?;
         self.top_up_key_packages_quietly().await;
+        self.profile.purge_expired(now_ms())?;
         self.take_events()
     }
 
-    /// Syncs inside another operation; its events wait in the profile for the next `sync`.
-    async fn catch_up(&mut self) -> Result<usize> {
+    /// Processes what is queued without handing out the events: they wait in the profile for
+    /// the next `sync` (or [`Device::take_events`]). For commands that need the latest history,
+    /// such as reacting to a message that just arrived. Returns the entries processed.
+    pub async fn catch_up(&mut self) -> Result<usize> {
         self.resolve_unanswered_commits().await?;
         self.drain_queue().await
     }
@@ -1151,6 +1458,8 @@ impl Device {
     }
 
     /// Checks a decrypted message's MIMI content, deduplicates it, and files it in history.
+    /// Content that does not decode is reported as [`Event::Undecodable`], not as a failure:
+    /// the sender is known (MLS authenticated it) and the room is fine.
     fn accept_message(
         &self,
         room: &RoomId,
@@ -1158,8 +1467,18 @@ impl Device {
         sender: &DeviceUri,
         plaintext: &[u8],
     ) -> Result<Vec<Event>> {
-        let content = MimiContent::decode(plaintext)
-            .map_err(|e| ClientError::Protocol(format!("undecodable message content: {e}")))?;
+        let content = match MimiContent::decode(plaintext) {
+            Ok(content) => content,
+            Err(e) => {
+                tracing::warn!(%room, %sender, "undecodable message content: {e}");
+                return Ok(vec![Event::Undecodable {
+                    room: room.clone(),
+                    sender: sender.user.clone(),
+                    ts: entry.ts,
+                    detail: e.to_string(),
+                }]);
+            }
+        };
         let author = content_author(&content, sender)?;
         let expected_uri = self.profile.room(room)?.and_then(|r| r.uri);
         if let (Some(expected), Some(claimed)) = (&expected_uri, &content.room_uri) {
@@ -1174,25 +1493,132 @@ impl Device {
             tracing::debug!(%room, %id, "duplicate message dropped");
             return Ok(Vec::new());
         }
-        let text = content
-            .text_body()
-            .unwrap_or(UNSUPPORTED_CONTENT)
-            .to_owned();
-        self.profile.add_history(&HistoryEntry {
-            room: room.clone(),
+        let arrival = Arrival {
+            room,
+            author: &author,
+            id,
             event: entry.event,
-            sender: author.clone(),
-            id,
-            text: text.clone(),
             ts: entry.ts,
+            now: now_ms(),
+        };
+        Ok(self.file_content(&arrival, &content)?.into_iter().collect())
+    }
+
+    /// Applies content to history, for a message received or sent by us, and says what
+    /// happened (nothing for an edit or delete that is not allowed, or an expired message).
+    fn file_content(&self, at: &Arrival<'_>, content: &MimiContent) -> Result<Option<Event>> {
+        match content.meaning() {
+            Meaning::Text { text, reply_to } => self.file_message(at, text, reply_to, content),
+            Meaning::Unsupported { reply_to } => {
+                self.file_message(at, UNSUPPORTED_CONTENT, reply_to, content)
+            }
+            Meaning::Reaction { target, emoji } => self.file_reaction(at, target, emoji),
+            Meaning::Edit { target, text } => self.file_edit(at, target, text),
+            Meaning::Delete { target } => self.file_delete(at, target),
+        }
+    }
+
+    fn file_message(
+        &self,
+        at: &Arrival<'_>,
+        text: &str,
+        reply_to: Option<MessageId>,
+        content: &MimiContent,
+    ) -> Result<Option<Event>> {
+        let expires_at = content.expires.map(|e| e.deadline_ms(at.now));
+        if expires_at.is_some_and(|deadline| deadline <= at.now) {
+            tracing::debug!(room = %at.room, id = %at.id, "message arrived after it expired");
+            return Ok(None);
+        }
+        let mut entry = HistoryEntry::new(
+            at.room.clone(),
+            at.event,
+            at.author.clone(),
+            at.id,
+            text.to_owned(),
+            at.ts,
+        );
+        entry.reply_to = reply_to;
+        entry.expires_at = expires_at;
+        self.profile.add_history(&entry)?;
+        Ok(Some(Event::Message {
+            room: at.room.clone(),
+            sender: at.author.clone(),
+            id: at.id,
+            text: entry.text,
+            ts: at.ts,
+            reply_to,
+            expires_at,
+        }))
+    }
+
+    /// Anyone may react to anything, also to a message this device never saw (sent before it
+    /// joined, say), so a reaction is always filed.
+    fn file_reaction(
+        &self,
+        at: &Arrival<'_>,
+        target: MessageId,
+        emoji: &str,
+    ) -> Result<Option<Event>> {
+        self.profile.add_reaction(&ReactionRecord {
+            room: at.room.clone(),
+            id: at.id,
+            target,
+            sender: at.author.clone(),
+            emoji: emoji.to_owned(),
+            ts: at.ts,
         })?;
-        Ok(vec![Event::Message {
-            room: room.clone(),
-            sender: author,
-            id,
-            text,
-            ts: entry.ts,
-        }])
+        Ok(Some(Event::Reaction {
+            room: at.room.clone(),
+            sender: at.author.clone(),
+            target,
+            emoji: emoji.to_owned(),
+        }))
+    }
+
+    /// Only a message's author may edit it (draft-ietf-mimi-content: receivers must not let
+    /// anyone else); anything else, including an unknown target, is ignored.
+    fn file_edit(&self, at: &Arrival<'_>, target: MessageId, text: &str) -> Result<Option<Event>> {
+        match self.profile.authored(at.room, &target)? {
+            Some(Authored::Message {
+                sender,
+                deleted: false,
+            }) if sender == *at.author => {
+                self.profile.edit_message(at.room, &target, text)?;
+                Ok(Some(Event::Edit {
+                    room: at.room.clone(),
+                    sender: at.author.clone(),
+                    target,
+                    text: text.to_owned(),
+                }))
+            }
+            found => {
+                tracing::debug!(room = %at.room, %target, by = %at.author, ?found, "edit ignored: not a message of its author here");
+                Ok(None)
+            }
+        }
+    }
+
+    /// Only the author of a message (or reaction) may delete it; anything else is ignored.
+    fn file_delete(&self, at: &Arrival<'_>, target: MessageId) -> Result<Option<Event>> {
+        match self.profile.authored(at.room, &target)? {
+            Some(Authored::Message {
+                sender,
+                deleted: false,
+            }) if sender == *at.author => self.profile.delete_message(at.room, &target)?,
+            Some(Authored::Reaction { sender }) if sender == *at.author => {
+                self.profile.delete_reaction(at.room, &target)?;
+            }
+            found => {
+                tracing::debug!(room = %at.room, %target, by = %at.author, ?found, "delete ignored: not a message of its author here");
+                return Ok(None);
+            }
+        }
+        Ok(Some(Event::Delete {
+            room: at.room.clone(),
+            sender: at.author.clone(),
+            target,
+        }))
     }
 
     /// Updates the members cache after a merged commit and reports the change.
@@ -1295,7 +1721,10 @@ impl Device {
     /// message, `direct_room`, `live`), also from earlier processes on this profile. `sync` and
     /// `apply` return these too; each event is returned exactly once.
     pub fn take_events(&mut self) -> Result<Vec<Event>> {
-        self.profile.take_events()
+        // An expiring message that waited here past its time is not handed out any more.
+        let now = now_ms();
+        let events: Vec<Event> = self.profile.take_events()?;
+        Ok(events.into_iter().filter(|e| !e.has_expired(now)).collect())
     }
 
     /// Processes a batch received by [`Live::recv`], acknowledges it, and returns the events
@@ -1391,6 +1820,35 @@ impl Live {
     }
 }
 
+/// The absolute expiration `lifetime` after `now_ms`, in whole seconds rounded up (the draft's
+/// unit), so the message never expires early.
+fn expiration_after(now_ms: u64, lifetime: Duration) -> Result<Expiration> {
+    if lifetime.is_zero() {
+        return Err(ClientError::InvalidInput(
+            "an expiring message must live for some time".into(),
+        ));
+    }
+    let lifetime_ms = u64::try_from(lifetime.as_millis()).unwrap_or(u64::MAX);
+    let deadline_secs = now_ms.saturating_add(lifetime_ms).div_ceil(1000);
+    let secs = u32::try_from(deadline_secs).map_err(|_| {
+        ClientError::InvalidInput("that expiry lies beyond what MIMI content can express".into())
+    })?;
+    Ok(Expiration::at(secs))
+}
+
+/// A reaction is one short piece of text, such as an emoji.
+fn check_reaction(emoji: &str) -> Result<()> {
+    if emoji.trim().is_empty()
+        || emoji.len() > MAX_REACTION_BYTES
+        || emoji.chars().any(char::is_control)
+    {
+        return Err(ClientError::InvalidInput(format!(
+            "a reaction is one emoji or a short text of at most {MAX_REACTION_BYTES} bytes"
+        )));
+    }
+    Ok(())
+}
+
 /// The user who wrote a message: `senderUri` must name the user whose device sent it.
 fn content_author(content: &MimiContent, sender: &DeviceUri) -> Result<UserId> {
     let claimed = content
@@ -1437,6 +1895,8 @@ mod tests {
             id: MessageId([0xab; 32]),
             text: "hi".into(),
             ts: 5,
+            reply_to: None,
+            expires_at: None,
         };
         let json = serde_json::to_string(&event).unwrap();
         assert_eq!(
@@ -1478,8 +1938,84 @@ mod tests {
             serde_json::to_string(&Event::Removed { room: room.clone() }).unwrap(),
             format!(r#"{{"type":"removed","room":"{room}"}}"#)
         );
+        let (ab, cd) = ("ab".repeat(32), "cd".repeat(32));
+        let alice = UserId::parse("alice@chirp.test").unwrap();
+        let reply = Event::Message {
+            room: room.clone(),
+            sender: alice.clone(),
+            id: MessageId([0xab; 32]),
+            text: "sure".into(),
+            ts: 5,
+            reply_to: Some(MessageId([0xcd; 32])),
+            expires_at: Some(9),
+        };
+        assert_eq!(
+            serde_json::to_string(&reply).unwrap(),
+            format!(
+                r#"{{"type":"message","room":"{room}","sender":"alice@chirp.test","id":"{ab}","text":"sure","ts":5,"reply_to":"{cd}","expires_at":9}}"#
+            )
+        );
+        let reaction = Event::Reaction {
+            room: room.clone(),
+            sender: alice.clone(),
+            target: MessageId([0xcd; 32]),
+            emoji: "\u{1f44d}".into(),
+        };
+        assert_eq!(
+            serde_json::to_string(&reaction).unwrap(),
+            format!(
+                r#"{{"type":"reaction","room":"{room}","sender":"alice@chirp.test","target":"{cd}","emoji":"👍"}}"#
+            )
+        );
+        let edit = Event::Edit {
+            room: room.clone(),
+            sender: alice.clone(),
+            target: MessageId([0xcd; 32]),
+            text: "fixed".into(),
+        };
+        assert_eq!(
+            serde_json::to_string(&edit).unwrap(),
+            format!(
+                r#"{{"type":"edit","room":"{room}","sender":"alice@chirp.test","target":"{cd}","text":"fixed"}}"#
+            )
+        );
+        let delete = Event::Delete {
+            room: room.clone(),
+            sender: alice.clone(),
+            target: MessageId([0xcd; 32]),
+        };
+        assert_eq!(
+            serde_json::to_string(&delete).unwrap(),
+            format!(
+                r#"{{"type":"delete","room":"{room}","sender":"alice@chirp.test","target":"{cd}"}}"#
+            )
+        );
+        let undecodable = Event::Undecodable {
+            room: room.clone(),
+            sender: alice,
+            ts: 5,
+            detail: "bad".into(),
+        };
+        assert_eq!(
+            serde_json::to_string(&undecodable).unwrap(),
+            format!(
+                r#"{{"type":"undecodable","room":"{room}","sender":"alice@chirp.test","ts":5,"detail":"bad"}}"#
+            )
+        );
         // Events are stored as JSON until handed out, so they must parse back.
-        for e in [event, joined, members, error, Event::Removed { room }] {
+        let all = [
+            event,
+            joined,
+            members,
+            error,
+            Event::Removed { room },
+            reply,
+            reaction,
+            edit,
+            delete,
+            undecodable,
+        ];
+        for e in all {
             let json = serde_json::to_string(&e).unwrap();
             assert_eq!(serde_json::from_str::<Event>(&json).unwrap(), e);
         }
@@ -1506,12 +2042,62 @@ mod tests {
         assert_eq!(non_text.text_body(), None);
     }
 
+    #[test]
+    fn expiring_messages_round_up_to_whole_seconds() {
+        let at = |now, lifetime| expiration_after(now, lifetime).map(|e| e.time);
+        assert_eq!(at(1_000, Duration::from_secs(2)).unwrap(), 3);
+        assert_eq!(at(1_001, Duration::from_secs(2)).unwrap(), 4, "never early");
+        assert_eq!(at(1_000, Duration::from_millis(1)).unwrap(), 2);
+        assert!(at(1_000, Duration::ZERO).is_err());
+        assert!(at(1_000, Duration::from_secs(u64::from(u32::MAX) + 1)).is_err());
+        let e = expiration_after(1_700_000_000_000, Duration::from_secs(60)).unwrap();
+        assert!(!e.relative);
+        assert_eq!(e.deadline_ms(0), 1_700_000_060_000);
+    }
+
+    #[test]
+    fn reactions_are_short_text() {
+        assert!(check_reaction("\u{1f44d}").is_ok());
+        assert!(check_reaction("+1").is_ok());
+        // A skin-toned, gendered profession emoji is five code points: still one reaction.
+        assert!(check_reaction("\u{1F469}\u{1F3FD}\u{200D}\u{2695}\u{FE0F}").is_ok());
+        for bad in ["", "  ", "a\nb", &"x".repeat(MAX_REACTION_BYTES + 1)] {
+            assert!(check_reaction(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn expired_message_events_are_not_handed_out() {
+        let room = RoomId::parse("00112233445566778899aabbccddeeff").unwrap();
+        let message = |expires_at| Event::Message {
+            room: room.clone(),
+            sender: UserId::parse("alice@chirp.test").unwrap(),
+            id: MessageId([1; 32]),
+            text: "x".into(),
+            ts: 1,
+            reply_to: None,
+            expires_at,
+        };
+        assert!(message(Some(10)).has_expired(10));
+        assert!(!message(Some(11)).has_expired(10));
+        assert!(!message(None).has_expired(u64::MAX));
+        assert!(!Event::Removed { room }.has_expired(u64::MAX));
+    }
+
     /// `Device` must be usable from spawned tokio tasks.
     #[allow(dead_code)]
     fn device_futures_are_send(device: &mut Device, live: &mut Live, room: &RoomId, user: &UserId) {
         fn send<T: Send>(_: T) {}
         send(device.sync(None));
         send(device.send_text(room, "x"));
+        let id = MessageId([1; 32]);
+        send(device.send(room, "x", &SendOptions::default()));
+        send(device.reply(room, &id, "x"));
+        send(device.send_expiring(room, "x", Duration::from_secs(1)));
+        send(device.react(room, &id, "x"));
+        send(device.edit(room, &id, "x"));
+        send(device.delete(room, &id));
+        send(device.existing_direct_room(user));
         send(device.create_room(None, &[]));
         send(device.direct_room(user));
         send(device.add_member(room, user));

@@ -1,7 +1,7 @@
 //! The client's error type: one enum whose `Display` is a one-line message fit for a terminal.
 
 use parley_proto::api::ErrorBody;
-use parley_proto::RoomId;
+use parley_proto::{MessageId, RoomId, UserId};
 
 /// The server's error code for a request refused for lack of another user's consent.
 const NO_CONSENT: &str = "no_consent";
@@ -42,6 +42,20 @@ pub enum ClientError {
     /// The room is not known to this device.
     #[error("unknown room {0}")]
     UnknownRoom(RoomId),
+    /// No message (or reaction) with this id, or id prefix, is in the room's local history:
+    /// never received here, expired, or another room's.
+    #[error("no message {id} in room {room}")]
+    UnknownMessage { room: RoomId, id: String },
+    /// An id prefix that fits several messages of the room.
+    #[error("{prefix} fits several messages in room {room}; give more of the id")]
+    AmbiguousMessage { room: RoomId, prefix: String },
+    /// Only a message's author may edit or delete it (and only a reaction's author remove it).
+    #[error("message {id} is by {author}; only its author may {action} it")]
+    NotAuthor {
+        id: MessageId,
+        author: UserId,
+        action: &'static str,
+    },
     /// openmls refused an operation or a message.
     #[error("MLS error: {0}")]
     Mls(String),

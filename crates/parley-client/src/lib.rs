@@ -12,9 +12,9 @@ pub mod mls;
 pub mod profile;
 
 pub use api::{ApiClient, PushConnection};
-pub use device::{Device, Event, Live, RoomSummary, SentMessage};
+pub use device::{Device, Event, Live, RoomSummary, SendOptions, SentMessage};
 pub use error::{ClientError, Result};
-pub use profile::HistoryEntry;
+pub use profile::{HistoryEntry, Reaction};
 
 /// Serialises a value through its `Display` form (ids, users, rooms).
 pub(crate) fn display<T: std::fmt::Display, S: serde::Serializer>(

@@ -18,7 +18,7 @@ use crate::mls;
 /// The database file inside a profile directory.
 pub const DB_FILE: &str = "profile.db";
 /// Version of Parley's own tables (`PRAGMA user_version`).
-const SCHEMA_VERSION: i64 = 2;
+const SCHEMA_VERSION: i64 = 3;
 /// How long to wait for another process holding the database lock.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -72,6 +72,28 @@ CREATE TABLE parley_proposal_rooms (
 );
 ";
 
+/// Version 3: rich content. Messages remember what they reply to, when they expire, and
+/// whether they were edited or deleted; reactions get their own table (by their own id, so an
+/// "unlike", which deletes a reaction, can find it).
+const SCHEMA_V3: &str = "
+ALTER TABLE parley_history ADD COLUMN reply_to TEXT;
+ALTER TABLE parley_history ADD COLUMN expires_at INTEGER;
+ALTER TABLE parley_history ADD COLUMN edited INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE parley_history ADD COLUMN deleted INTEGER NOT NULL DEFAULT 0;
+CREATE INDEX parley_history_by_id ON parley_history (room_id, message_id);
+CREATE INDEX parley_history_expiring ON parley_history (expires_at)
+    WHERE expires_at IS NOT NULL;
+CREATE TABLE parley_reactions (
+    message_id TEXT PRIMARY KEY,
+    room_id TEXT NOT NULL,
+    target TEXT NOT NULL,
+    sender TEXT NOT NULL,
+    emoji TEXT NOT NULL,
+    ts INTEGER NOT NULL
+);
+CREATE INDEX parley_reactions_by_target ON parley_reactions (room_id, target);
+";
+
 /// The server account this profile's device belongs to.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Account {
@@ -106,7 +128,7 @@ pub struct RoomRecord {
     pub members: Vec<UserId>,
 }
 
-/// One message in the local history.
+/// One message in the local history, as it stands after edits, deletes and reactions.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct HistoryEntry {
     #[serde(serialize_with = "crate::display")]
@@ -117,9 +139,79 @@ pub struct HistoryEntry {
     pub sender: UserId,
     #[serde(serialize_with = "crate::display")]
     pub id: MessageId,
+    /// The latest text (empty once deleted).
     pub text: String,
     /// Hub timestamp, milliseconds since the Unix epoch.
     pub ts: u64,
+    /// The message this one replies to.
+    #[serde(
+        serialize_with = "crate::display_opt",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub reply_to: Option<MessageId>,
+    /// When the message stops being shown (milliseconds since the Unix epoch).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<u64>,
+    /// Its author replaced the text.
+    pub edited: bool,
+    /// Its author retracted it.
+    pub deleted: bool,
+    /// Reactions to it, oldest first. Read from their own table: ignored by
+    /// [`Profile::add_history`].
+    pub reactions: Vec<Reaction>,
+}
+
+impl HistoryEntry {
+    /// A new, unedited message without reactions.
+    pub fn new(
+        room: RoomId,
+        event: u64,
+        sender: UserId,
+        id: MessageId,
+        text: String,
+        ts: u64,
+    ) -> Self {
+        Self {
+            room,
+            event,
+            sender,
+            id,
+            text,
+            ts,
+            reply_to: None,
+            expires_at: None,
+            edited: false,
+            deleted: false,
+            reactions: Vec::new(),
+        }
+    }
+}
+
+/// A reaction as history shows it under its message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Reaction {
+    #[serde(serialize_with = "crate::display")]
+    pub sender: UserId,
+    pub emoji: String,
+}
+
+/// A reaction as stored: its own id, the message it reacts to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReactionRecord {
+    pub room: RoomId,
+    pub id: MessageId,
+    pub target: MessageId,
+    pub sender: UserId,
+    pub emoji: String,
+    pub ts: u64,
+}
+
+/// What a MessageId names in a room's local history, and who wrote it: the facts that decide
+/// whether an edit or delete is allowed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Authored {
+    Message { sender: UserId, deleted: bool },
+    Reaction { sender: UserId },
 }
 
 /// An open profile.
@@ -409,10 +501,12 @@ impl Profile {
         Ok(inserted == 1)
     }
 
+    /// Files a message in history (its reactions live in their own table).
     pub fn add_history(&self, entry: &HistoryEntry) -> Result<()> {
         self.conn.execute(
-            "INSERT INTO parley_history (room_id, event, sender, message_id, text, ts)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            "INSERT INTO parley_history
+                 (room_id, event, sender, message_id, text, ts, reply_to, expires_at, edited, deleted)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
             params![
                 entry.room.as_str(),
                 to_sql_int(entry.event)?,
@@ -420,48 +514,195 @@ impl Profile {
                 entry.id.to_hex(),
                 entry.text,
                 to_sql_int(entry.ts)?,
+                entry.reply_to.map(|id| id.to_hex()),
+                entry.expires_at.map(to_sql_int).transpose()?,
+                entry.edited,
+                entry.deleted,
             ],
         )?;
         Ok(())
     }
 
-    /// The last `limit` messages of a room, oldest first: by the hub's acceptance time, which
-    /// every provider and device sees alike (a message relayed through a follower is answered
-    /// with that time but no hub event number).
-    pub fn history(&self, room: &RoomId, limit: usize) -> Result<Vec<HistoryEntry>> {
+    pub fn add_reaction(&self, reaction: &ReactionRecord) -> Result<()> {
+        self.conn.execute(
+            "INSERT OR IGNORE INTO parley_reactions (message_id, room_id, target, sender, emoji, ts)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![
+                reaction.id.to_hex(),
+                reaction.room.as_str(),
+                reaction.target.to_hex(),
+                reaction.sender.to_string(),
+                reaction.emoji,
+                to_sql_int(reaction.ts)?,
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// What `id` is in `room`'s history (a message or a reaction) and who wrote it.
+    pub fn authored(&self, room: &RoomId, id: &MessageId) -> Result<Option<Authored>> {
+        let message: Option<(String, bool)> = self
+            .conn
+            .query_row(
+                "SELECT sender, deleted FROM parley_history WHERE room_id = ?1 AND message_id = ?2",
+                params![room.as_str(), id.to_hex()],
+                |row| Ok((row.get(0)?, row.get(1)?)),
+            )
+            .optional()?;
+        if let Some((sender, deleted)) = message {
+            let sender = parse_stored(&sender, UserId::parse)?;
+            return Ok(Some(Authored::Message { sender, deleted }));
+        }
+        let reactor: Option<String> = self
+            .conn
+            .query_row(
+                "SELECT sender FROM parley_reactions WHERE room_id = ?1 AND message_id = ?2",
+                params![room.as_str(), id.to_hex()],
+                |row| row.get(0),
+            )
+            .optional()?;
+        reactor
+            .map(|s| {
+                Ok(Authored::Reaction {
+                    sender: parse_stored(&s, UserId::parse)?,
+                })
+            })
+            .transpose()
+    }
+
+    /// The ids in `room`'s history (messages and reactions) that start with `prefix` (hex).
+    pub fn ids_starting_with(&self, room: &RoomId, prefix: &str) -> Result<Vec<MessageId>> {
+        let pattern = format!("{}%", prefix.to_ascii_lowercase());
+        let mut stmt = self.conn.prepare(
+            "SELECT message_id FROM parley_history WHERE room_id = ?1 AND message_id LIKE ?2
+             UNION SELECT message_id FROM parley_reactions WHERE room_id = ?1 AND message_id LIKE ?2",
+        )?;
+        let ids = stmt
+            .query_map(params![room.as_str(), pattern], |row| {
+                row.get::<_, String>(0)
+            })?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        ids.iter()
+            .map(|id| MessageId::from_hex(id).ok_or_else(|| corrupt(&format!("message id {id:?}"))))
+            .collect()
+    }
+
+    /// Replaces a message's text and marks it edited.
+    pub fn edit_message(&self, room: &RoomId, id: &MessageId, text: &str) -> Result<()> {
+        self.conn.execute(
+            "UPDATE parley_history SET text = ?3, edited = 1 WHERE room_id = ?1 AND message_id = ?2",
+            params![room.as_str(), id.to_hex(), text],
+        )?;
+        Ok(())
+    }
+
+    /// Marks a message deleted, forgets its text (the point of deleting it) and its reactions.
+    pub fn delete_message(&self, room: &RoomId, id: &MessageId) -> Result<()> {
+        self.conn.execute(
+            "UPDATE parley_history SET text = '', deleted = 1 WHERE room_id = ?1 AND message_id = ?2",
+            params![room.as_str(), id.to_hex()],
+        )?;
+        self.conn.execute(
+            "DELETE FROM parley_reactions WHERE room_id = ?1 AND target = ?2",
+            params![room.as_str(), id.to_hex()],
+        )?;
+        Ok(())
+    }
+
+    /// Removes a reaction (an "unlike").
+    pub fn delete_reaction(&self, room: &RoomId, id: &MessageId) -> Result<()> {
+        self.conn.execute(
+            "DELETE FROM parley_reactions WHERE room_id = ?1 AND message_id = ?2",
+            params![room.as_str(), id.to_hex()],
+        )?;
+        Ok(())
+    }
+
+    /// Deletes the messages whose expiry is at or before `now_ms` (and their reactions): an
+    /// expiring message is gone from the device, not merely hidden. Returns how many.
+    pub fn purge_expired(&self, now_ms: u64) -> Result<usize> {
+        let now = to_sql_int(now_ms)?;
+        self.transaction(|| {
+            self.conn.execute(
+                "DELETE FROM parley_reactions WHERE EXISTS (
+                     SELECT 1 FROM parley_history h WHERE h.room_id = parley_reactions.room_id
+                       AND h.message_id = parley_reactions.target
+                       AND h.expires_at IS NOT NULL AND h.expires_at <= ?1)",
+                params![now],
+            )?;
+            Ok(self.conn.execute(
+                "DELETE FROM parley_history WHERE expires_at IS NOT NULL AND expires_at <= ?1",
+                params![now],
+            )?)
+        })
+    }
+
+    /// The last `limit` messages of a room that have not expired by `now_ms`, oldest first: by
+    /// the hub's acceptance time, which every provider and device sees alike (a message relayed
+    /// through a follower is answered with that time but no hub event number).
+    pub fn history(&self, room: &RoomId, limit: usize, now_ms: u64) -> Result<Vec<HistoryEntry>> {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let mut stmt = self.conn.prepare(
-            "SELECT room_id, event, sender, message_id, text, ts FROM parley_history
-             WHERE room_id = ?1 ORDER BY ts DESC, event DESC, id DESC LIMIT ?2",
+            "SELECT room_id, event, sender, message_id, text, ts, reply_to, expires_at, edited, deleted
+             FROM parley_history
+             WHERE room_id = ?1 AND (expires_at IS NULL OR expires_at > ?3)
+             ORDER BY ts DESC, event DESC, id DESC LIMIT ?2",
         )?;
         let raws = stmt
-            .query_map(params![room.as_str(), limit], |row| {
-                Ok((
-                    row.get::<_, String>(0)?,
-                    row.get::<_, i64>(1)?,
-                    row.get::<_, String>(2)?,
-                    row.get::<_, String>(3)?,
-                    row.get::<_, String>(4)?,
-                    row.get::<_, i64>(5)?,
-                ))
-            })?
+            .query_map(
+                params![room.as_str(), limit, to_sql_int(now_ms)?],
+                raw_history,
+            )?
             .collect::<rusqlite::Result<Vec<_>>>()?;
         let mut entries = raws
             .into_iter()
-            .map(|(room, event, sender, id, text, ts)| {
-                Ok(HistoryEntry {
-                    room: parse_stored(&room, RoomId::parse)?,
-                    event: from_sql_int(event)?,
-                    sender: parse_stored(&sender, UserId::parse)?,
-                    id: MessageId::from_hex(&id)
-                        .ok_or_else(|| corrupt(&format!("message id {id:?}")))?,
-                    text,
-                    ts: from_sql_int(ts)?,
-                })
-            })
+            .map(|raw| self.history_from_raw(raw))
             .collect::<Result<Vec<_>>>()?;
         entries.reverse();
         Ok(entries)
+    }
+
+    fn history_from_raw(&self, raw: RawHistory) -> Result<HistoryEntry> {
+        let parse_id = |id: &str| {
+            MessageId::from_hex(id).ok_or_else(|| corrupt(&format!("message id {id:?}")))
+        };
+        let room = parse_stored(&raw.room, RoomId::parse)?;
+        let id = parse_id(&raw.id)?;
+        let reactions = self.reactions(&room, &id)?;
+        Ok(HistoryEntry {
+            event: from_sql_int(raw.event)?,
+            sender: parse_stored(&raw.sender, UserId::parse)?,
+            text: raw.text,
+            ts: from_sql_int(raw.ts)?,
+            reply_to: raw.reply_to.as_deref().map(parse_id).transpose()?,
+            expires_at: raw.expires_at.map(from_sql_int).transpose()?,
+            edited: raw.edited,
+            deleted: raw.deleted,
+            reactions,
+            room,
+            id,
+        })
+    }
+
+    /// The reactions to one message, oldest first.
+    fn reactions(&self, room: &RoomId, target: &MessageId) -> Result<Vec<Reaction>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT sender, emoji FROM parley_reactions WHERE room_id = ?1 AND target = ?2
+             ORDER BY ts, rowid",
+        )?;
+        let raws = stmt
+            .query_map(params![room.as_str(), target.to_hex()], |row| {
+                Ok((row.get::<_, String>(0)?, row.get::<_, String>(1)?))
+            })?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        raws.into_iter()
+            .map(|(sender, emoji)| {
+                Ok(Reaction {
+                    sender: parse_stored(&sender, UserId::parse)?,
+                    emoji,
+                })
+            })
+            .collect()
     }
 
     // --- events not yet handed out ------------------------------------------------------------
@@ -523,6 +764,9 @@ fn migrate(conn: &Connection) -> Result<()> {
         if from < 2 {
             conn.execute_batch(SCHEMA_V2)?;
         }
+        if from < 3 {
+            conn.execute_batch(SCHEMA_V3)?;
+        }
         conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
         Ok(())
     };
@@ -556,6 +800,35 @@ fn create_private_dir(dir: &Path) -> Result<()> {
     #[cfg(unix)]
     std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
     builder.create(dir).map_err(fail)
+}
+
+/// A `parley_history` row as stored.
+struct RawHistory {
+    room: String,
+    event: i64,
+    sender: String,
+    id: String,
+    text: String,
+    ts: i64,
+    reply_to: Option<String>,
+    expires_at: Option<i64>,
+    edited: bool,
+    deleted: bool,
+}
+
+fn raw_history(row: &rusqlite::Row<'_>) -> rusqlite::Result<RawHistory> {
+    Ok(RawHistory {
+        room: row.get(0)?,
+        event: row.get(1)?,
+        sender: row.get(2)?,
+        id: row.get(3)?,
+        text: row.get(4)?,
+        ts: row.get(5)?,
+        reply_to: row.get(6)?,
+        expires_at: row.get(7)?,
+        edited: row.get(8)?,
+        deleted: row.get(9)?,
+    })
 }
 
 type RawRoom = (
@@ -630,15 +903,17 @@ mod tests {
     }
 
     fn entry(room: &RoomId, event: u64, salt: u8) -> HistoryEntry {
-        HistoryEntry {
-            room: room.clone(),
+        HistoryEntry::new(
+            room.clone(),
             event,
-            sender: UserId::parse("bob@wave.test").unwrap(),
-            id: MessageId([salt; 32]),
-            text: format!("message {event}"),
-            ts: 1_700_000_000_000 + event,
-        }
+            UserId::parse("bob@wave.test").unwrap(),
+            MessageId([salt; 32]),
+            format!("message {event}"),
+            1_700_000_000_000 + event,
+        )
     }
+
+    const NOW: u64 = 1_800_000_000_000;
 
     #[test]
     fn opening_a_missing_profile_is_not_registered() {
@@ -724,10 +999,112 @@ mod tests {
             profile.add_history(&e).unwrap();
         }
         assert!(!profile.mark_seen(&MessageId([2; 32])).unwrap());
-        let last_two = profile.history(&room, 2).unwrap();
+        let last_two = profile.history(&room, 2, NOW).unwrap();
         assert_eq!(last_two, vec![entry(&room, 4, 4), entry(&room, 5, 5)]);
         let other = RoomId::from_random([5; 16]);
-        assert!(profile.history(&other, 10).unwrap().is_empty());
+        assert!(profile.history(&other, 10, NOW).unwrap().is_empty());
+    }
+
+    #[test]
+    fn edits_deletes_and_reactions_change_history() {
+        let dir = tempfile::tempdir().unwrap();
+        let profile = Profile::create_or_open(dir.path()).unwrap();
+        let room = RoomId::from_random([4; 16]);
+        let bob = UserId::parse("bob@wave.test").unwrap();
+        let alice = UserId::parse("alice@chirp.test").unwrap();
+        let mut reply = entry(&room, 2, 2);
+        reply.reply_to = Some(MessageId([1; 32]));
+        for e in [entry(&room, 1, 1), reply.clone()] {
+            profile.add_history(&e).unwrap();
+        }
+        let like = ReactionRecord {
+            room: room.clone(),
+            id: MessageId([9; 32]),
+            target: MessageId([1; 32]),
+            sender: alice.clone(),
+            emoji: "+1".into(),
+            ts: 5,
+        };
+        profile.add_reaction(&like).unwrap();
+        assert_eq!(
+            profile.authored(&room, &MessageId([1; 32])).unwrap(),
+            Some(Authored::Message {
+                sender: bob.clone(),
+                deleted: false
+            })
+        );
+        assert_eq!(
+            profile.authored(&room, &like.id).unwrap(),
+            Some(Authored::Reaction {
+                sender: alice.clone()
+            })
+        );
+        let elsewhere = RoomId::from_random([5; 16]);
+        assert_eq!(profile.authored(&elsewhere, &like.id).unwrap(), None);
+
+        profile
+            .edit_message(&room, &MessageId([2; 32]), "better")
+            .unwrap();
+        let history = profile.history(&room, 10, NOW).unwrap();
+        assert_eq!(
+            history[0].reactions,
+            vec![Reaction {
+                sender: alice,
+                emoji: "+1".into()
+            }]
+        );
+        assert_eq!(
+            (
+                history[1].text.as_str(),
+                history[1].edited,
+                history[1].reply_to
+            ),
+            ("better", true, Some(MessageId([1; 32])))
+        );
+
+        profile.delete_reaction(&room, &like.id).unwrap();
+        assert!(profile.history(&room, 10, NOW).unwrap()[0]
+            .reactions
+            .is_empty());
+        profile.add_reaction(&like).unwrap();
+        profile.delete_message(&room, &MessageId([1; 32])).unwrap();
+        let first = profile.history(&room, 10, NOW).unwrap().remove(0);
+        assert!(first.deleted && first.text.is_empty() && first.reactions.is_empty());
+        assert_eq!(profile.authored(&room, &like.id).unwrap(), None);
+    }
+
+    #[test]
+    fn expired_messages_are_hidden_then_purged() {
+        let dir = tempfile::tempdir().unwrap();
+        let profile = Profile::create_or_open(dir.path()).unwrap();
+        let room = RoomId::from_random([4; 16]);
+        let mut brief = entry(&room, 1, 1);
+        brief.expires_at = Some(NOW + 1000);
+        profile.add_history(&brief).unwrap();
+        profile.add_history(&entry(&room, 2, 2)).unwrap();
+        assert_eq!(profile.history(&room, 10, NOW).unwrap().len(), 2);
+        assert_eq!(profile.history(&room, 10, NOW + 1000).unwrap().len(), 1);
+        assert_eq!(profile.purge_expired(NOW + 999).unwrap(), 0);
+        assert_eq!(profile.purge_expired(NOW + 1000).unwrap(), 1);
+        assert_eq!(profile.authored(&room, &brief.id).unwrap(), None);
+        assert_eq!(profile.history(&room, 10, NOW).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn ids_are_found_by_prefix() {
+        let dir = tempfile::tempdir().unwrap();
+        let profile = Profile::create_or_open(dir.path()).unwrap();
+        let room = RoomId::from_random([4; 16]);
+        let mut a = entry(&room, 1, 0xab);
+        a.id.0[1] = 0x01;
+        profile.add_history(&a).unwrap();
+        profile.add_history(&entry(&room, 2, 0xab)).unwrap();
+        assert_eq!(profile.ids_starting_with(&room, "AB").unwrap().len(), 2);
+        assert_eq!(
+            profile.ids_starting_with(&room, "ab01").unwrap(),
+            vec![a.id]
+        );
+        assert!(profile.ids_starting_with(&room, "cd").unwrap().is_empty());
     }
 
     #[test]
@@ -801,6 +1178,34 @@ mod tests {
             .pragma_query_value(None, "user_version", |r| r.get(0))
             .unwrap();
         assert_eq!(version, SCHEMA_VERSION);
+    }
+
+    #[test]
+    fn version_2_history_is_kept_through_the_upgrade() {
+        let dir = tempfile::tempdir().unwrap();
+        let room = RoomId::from_random([9; 16]);
+        {
+            let conn = Connection::open(dir.path().join(DB_FILE)).unwrap();
+            conn.execute_batch(&format!("{SCHEMA} {SCHEMA_V2} PRAGMA user_version = 2;"))
+                .unwrap();
+            conn.execute(
+                "INSERT INTO parley_history (room_id, event, sender, message_id, text, ts)
+                 VALUES (?1, 1, 'bob@wave.test', ?2, 'old', 7)",
+                params![room.as_str(), MessageId([3; 32]).to_hex()],
+            )
+            .unwrap();
+        }
+        let profile = Profile::open_existing(dir.path()).unwrap();
+        let history = profile.history(&room, 10, NOW).unwrap();
+        assert_eq!(history.len(), 1);
+        assert_eq!(
+            (
+                history[0].text.as_str(),
+                history[0].edited,
+                history[0].expires_at
+            ),
+            ("old", false, None)
+        );
     }
 
     #[test]

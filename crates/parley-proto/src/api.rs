@@ -231,6 +231,11 @@ pub struct ProposalRequest {
 pub struct SendRequest {
     #[serde(with = "b64")]
     pub message: Vec<u8>,
+    /// When the message expires (milliseconds since the Unix epoch), as the `expires` inside
+    /// the encrypted content says. The providers cannot read that, so the client repeats it
+    /// here and they drop the message's queue entries by then.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<u64>,
 }
 
 /// The hub's acceptance of a commit or message: its place in the room's order.
@@ -318,6 +323,28 @@ mod tests {
             panic!("wrong frame")
         };
         assert_eq!(entries, vec![e]);
+    }
+
+    #[test]
+    fn the_expiry_hint_is_optional() {
+        let plain: SendRequest = serde_json::from_str(r#"{"message":"AAE="}"#).unwrap();
+        assert_eq!((plain.message, plain.expires_at), (vec![0, 1], None));
+        let hinted = SendRequest {
+            message: vec![0],
+            expires_at: Some(1_764_201_818_437),
+        };
+        assert_eq!(
+            serde_json::to_string(&hinted).unwrap(),
+            r#"{"message":"AA==","expires_at":1764201818437}"#
+        );
+        let without = SendRequest {
+            expires_at: None,
+            ..hinted
+        };
+        assert_eq!(
+            serde_json::to_string(&without).unwrap(),
+            r#"{"message":"AA=="}"#
+        );
     }
 
     #[test]

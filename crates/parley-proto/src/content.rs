@@ -1,5 +1,7 @@
 //! MIMI message content (draft-ietf-mimi-content-08): the CBOR plaintext inside every MLS
-//! application message, and the MessageId derived from it.
+//! application message, and the MessageId derived from it. Constructors build the draft's
+//! message kinds (Markdown text, reply, reaction, edit, delete, expiring) and
+//! [`MimiContent::meaning`] reads them back.
 //!
 //! Encoding goes through `ciborium::Value` so the array layout follows the draft's CDDL exactly
 //! (`mimiContent = [salt, replaces, topicId, expires, inReplyTo, extensions, nestedPart]`).
@@ -15,8 +17,11 @@ const MAX_PART_DEPTH: usize = 4;
 /// Extension keys from the draft's `extensions` map.
 const EXT_SENDER_URI: i64 = 1;
 const EXT_ROOM_URI: i64 = 2;
-/// The content type of a plain text body.
+/// The content type of a plain text body (also a reaction's).
 pub const TEXT_PLAIN: &str = "text/plain;charset=utf-8";
+/// The content type of a message body: GitHub Flavored Markdown for MIMI, which every MIMI
+/// client must accept (rendering it as plain text counts).
+pub const TEXT_MARKDOWN: &str = "text/markdown;variant=GFM-MIMI";
 
 /// Why content could not be decoded.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -85,6 +90,29 @@ pub struct Expiration {
     pub time: u32,
 }
 
+impl Expiration {
+    /// Gone at `unix_secs` (seconds since the Unix epoch) for every receiver alike.
+    pub fn at(unix_secs: u32) -> Self {
+        Self {
+            relative: false,
+            time: unix_secs,
+        }
+    }
+
+    /// When a message with this expiration stops being shown, in milliseconds since the Unix
+    /// epoch: absolute times as given, relative ones counted from `received_ms`, the moment
+    /// this receiver got it (the draft counts from reading; a client that shows what it
+    /// receives reads it then).
+    pub fn deadline_ms(&self, received_ms: u64) -> u64 {
+        let secs_ms = u64::from(self.time) * 1000;
+        if self.relative {
+            received_ms.saturating_add(secs_ms)
+        } else {
+            secs_ms
+        }
+    }
+}
+
 /// The draft's base dispositions; unknown values are kept as-is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Disposition(pub u8);
@@ -137,6 +165,25 @@ pub struct NestedPart {
     pub body: PartBody,
 }
 
+/// What a message means to a messaging client, read from its fields as the draft's examples
+/// use them. Content that fits none of these is [`Meaning::Unsupported`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Meaning<'a> {
+    /// A text message, possibly a reply (`inReplyTo`).
+    Text {
+        text: &'a str,
+        reply_to: Option<MessageId>,
+    },
+    /// A reaction (disposition `reaction`, a text part) to the message in `inReplyTo`.
+    Reaction { target: MessageId, emoji: &'a str },
+    /// A new text for the message in `replaces`.
+    Edit { target: MessageId, text: &'a str },
+    /// The message in `replaces` is retracted (a null part); also removes a reaction.
+    Delete { target: MessageId },
+    /// Anything else: media, multipart, non-text parts; `reply_to` as for text.
+    Unsupported { reply_to: Option<MessageId> },
+}
+
 /// One MIMI content message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MimiContent {
@@ -151,8 +198,8 @@ pub struct MimiContent {
 }
 
 impl MimiContent {
-    /// A plain text message rendered inline.
-    pub fn text(salt: [u8; 16], sender_uri: &str, room_uri: &str, text: &str) -> Self {
+    /// Content from `sender_uri` in `room_uri` with one part and nothing else set.
+    fn with_part(salt: [u8; 16], sender_uri: &str, room_uri: &str, part: NestedPart) -> Self {
         Self {
             salt,
             replaces: None,
@@ -161,13 +208,109 @@ impl MimiContent {
             in_reply_to: None,
             sender_uri: Some(sender_uri.to_owned()),
             room_uri: Some(room_uri.to_owned()),
-            part: NestedPart {
-                disposition: Disposition::RENDER,
-                language: String::new(),
-                body: PartBody::Single {
-                    content_type: TEXT_PLAIN.to_owned(),
-                    content: text.as_bytes().to_vec(),
-                },
+            part,
+        }
+    }
+
+    /// A plain text message rendered inline.
+    pub fn text(salt: [u8; 16], sender_uri: &str, room_uri: &str, text: &str) -> Self {
+        Self::with_part(
+            salt,
+            sender_uri,
+            room_uri,
+            text_part(Disposition::RENDER, TEXT_PLAIN, text),
+        )
+    }
+
+    /// A Markdown message (GFM for MIMI) rendered inline. HTML tags in `text` are escaped
+    /// first, as the variant requires of senders (see [`crate::markdown::no_html`]).
+    pub fn markdown(salt: [u8; 16], sender_uri: &str, room_uri: &str, text: &str) -> Self {
+        let body = crate::markdown::no_html(text);
+        Self::with_part(
+            salt,
+            sender_uri,
+            room_uri,
+            text_part(Disposition::RENDER, TEXT_MARKDOWN, &body),
+        )
+    }
+
+    /// A reaction to `target`: the draft's reaction example (disposition `reaction`, a plain
+    /// text part, the target in `inReplyTo`).
+    pub fn reaction(
+        salt: [u8; 16],
+        sender_uri: &str,
+        room_uri: &str,
+        target: MessageId,
+        emoji: &str,
+    ) -> Self {
+        let part = text_part(Disposition::REACTION, TEXT_PLAIN, emoji);
+        Self::with_part(salt, sender_uri, room_uri, part).replying_to(target)
+    }
+
+    /// A new Markdown text for `target` (`replaces` with the new body).
+    pub fn edit(
+        salt: [u8; 16],
+        sender_uri: &str,
+        room_uri: &str,
+        target: MessageId,
+        text: &str,
+    ) -> Self {
+        let mut content = Self::markdown(salt, sender_uri, room_uri, text);
+        content.replaces = Some(target);
+        content
+    }
+
+    /// Retracts `target` (`replaces` with a null part); for a reaction, an "unlike".
+    pub fn delete(salt: [u8; 16], sender_uri: &str, room_uri: &str, target: MessageId) -> Self {
+        let part = NestedPart {
+            disposition: Disposition::RENDER,
+            language: String::new(),
+            body: PartBody::Null,
+        };
+        let mut content = Self::with_part(salt, sender_uri, room_uri, part);
+        content.replaces = Some(target);
+        content
+    }
+
+    /// The same content as a reply to `target`.
+    pub fn replying_to(mut self, target: MessageId) -> Self {
+        self.in_reply_to = Some(target);
+        self
+    }
+
+    /// The same content, expiring as `expires` says.
+    pub fn expiring(mut self, expires: Expiration) -> Self {
+        self.expires = Some(expires);
+        self
+    }
+
+    /// What this content means to a messaging client. `replaces` decides first (an edit or a
+    /// delete), then the reaction disposition with a target; unknown dispositions count as
+    /// `render`, as the draft requires.
+    pub fn meaning(&self) -> Meaning<'_> {
+        let text = self.text_body();
+        match (self.replaces, &self.part.body, text) {
+            (Some(target), PartBody::Null, _) => Meaning::Delete { target },
+            (Some(target), _, Some(text)) => Meaning::Edit { target, text },
+            (Some(_), _, None) => Meaning::Unsupported {
+                reply_to: self.in_reply_to,
+            },
+            (None, _, Some(emoji)) if self.part.disposition == Disposition::REACTION => {
+                match self.in_reply_to {
+                    Some(target) => Meaning::Reaction { target, emoji },
+                    // A reaction to nothing reads best as what it says.
+                    None => Meaning::Text {
+                        text: emoji,
+                        reply_to: None,
+                    },
+                }
+            }
+            (None, _, Some(text)) => Meaning::Text {
+                text,
+                reply_to: self.in_reply_to,
+            },
+            (None, _, None) => Meaning::Unsupported {
+                reply_to: self.in_reply_to,
             },
         }
     }
@@ -257,6 +400,18 @@ impl MimiContent {
             room_uri,
             part: decode_part(part, 0)?,
         })
+    }
+}
+
+/// A single text part.
+fn text_part(disposition: Disposition, content_type: &str, text: &str) -> NestedPart {
+    NestedPart {
+        disposition,
+        language: String::new(),
+        body: PartBody::Single {
+            content_type: content_type.to_owned(),
+            content: text.as_bytes().to_vec(),
+        },
     }
 }
 
@@ -485,6 +640,127 @@ mod tests {
         );
     }
 
+    fn target() -> MessageId {
+        MimiContent::text([7; 16], ALICE, ROOM, "the original").message_id()
+    }
+
+    #[test]
+    fn markdown_uses_the_gfm_mimi_type_and_escapes_html() {
+        let m = MimiContent::markdown([1; 16], ALICE, ROOM, "**big** <b>news</b>");
+        let PartBody::Single { content_type, .. } = &m.part.body else {
+            panic!("a single part");
+        };
+        assert_eq!(content_type, TEXT_MARKDOWN);
+        assert_eq!(m.text_body(), Some("**big** &lt;b>news&lt;/b>"));
+        assert_eq!(
+            m.meaning(),
+            Meaning::Text {
+                text: "**big** &lt;b>news&lt;/b>",
+                reply_to: None
+            }
+        );
+        assert_eq!(MimiContent::decode(&m.encode()).unwrap(), m);
+    }
+
+    #[test]
+    fn replies_reactions_edits_and_deletes_mean_what_they_say() {
+        let reply = MimiContent::markdown([1; 16], ALICE, ROOM, "right on").replying_to(target());
+        let reaction = MimiContent::reaction([2; 16], ALICE, ROOM, target(), "\u{2764}");
+        let edit = MimiContent::edit([3; 16], ALICE, ROOM, target(), "fixed");
+        let delete = MimiContent::delete([4; 16], ALICE, ROOM, target());
+        let cases = [
+            (
+                &reply,
+                Meaning::Text {
+                    text: "right on",
+                    reply_to: Some(target()),
+                },
+            ),
+            (
+                &reaction,
+                Meaning::Reaction {
+                    target: target(),
+                    emoji: "\u{2764}",
+                },
+            ),
+            (
+                &edit,
+                Meaning::Edit {
+                    target: target(),
+                    text: "fixed",
+                },
+            ),
+            (&delete, Meaning::Delete { target: target() }),
+        ];
+        for (content, meaning) in cases {
+            let back = MimiContent::decode(&content.encode()).unwrap();
+            assert_eq!(&back, content);
+            assert_eq!(back.meaning(), meaning);
+            assert_ne!(back.message_id(), target());
+        }
+        // The draft's layout: the reaction disposition, the target in inReplyTo (item 4); an
+        // edit's and a delete's target in replaces (item 1), a delete's part a null part.
+        let v: Value = ciborium::from_reader(reaction.encode().as_slice()).unwrap();
+        let items = v.as_array().unwrap();
+        assert_eq!(items[4].as_bytes().unwrap(), &target().0);
+        assert_eq!(items[6].as_array().unwrap()[0], Value::from(2));
+        let v: Value = ciborium::from_reader(delete.encode().as_slice()).unwrap();
+        let items = v.as_array().unwrap();
+        assert_eq!(items[1].as_bytes().unwrap(), &target().0);
+        assert_eq!(items[6].as_array().unwrap()[2], Value::from(0));
+    }
+
+    #[test]
+    fn odd_combinations_are_read_safely() {
+        // A reaction without a target is shown as text; an unknown disposition renders.
+        let mut lonely = MimiContent::reaction([1; 16], ALICE, ROOM, target(), "+1");
+        lonely.in_reply_to = None;
+        assert_eq!(
+            lonely.meaning(),
+            Meaning::Text {
+                text: "+1",
+                reply_to: None
+            }
+        );
+        let mut odd = MimiContent::text([1; 16], ALICE, ROOM, "hi");
+        odd.part.disposition = Disposition(200);
+        assert!(matches!(odd.meaning(), Meaning::Text { text: "hi", .. }));
+        // A replacement with a body that is no text, and a null part without `replaces`.
+        let mut binary = MimiContent::edit([1; 16], ALICE, ROOM, target(), "x");
+        binary.part.body = PartBody::Single {
+            content_type: "image/png".into(),
+            content: vec![1, 2],
+        };
+        assert_eq!(binary.meaning(), Meaning::Unsupported { reply_to: None });
+        let mut null = MimiContent::delete([1; 16], ALICE, ROOM, target());
+        null.replaces = None;
+        assert_eq!(null.meaning(), Meaning::Unsupported { reply_to: None });
+    }
+
+    #[test]
+    fn expirations_give_a_deadline() {
+        let at = Expiration::at(1_700_000_000);
+        assert_eq!(
+            at.deadline_ms(5),
+            1_700_000_000_000,
+            "absolute ignores arrival"
+        );
+        let relative = Expiration {
+            relative: true,
+            time: 30,
+        };
+        assert_eq!(relative.deadline_ms(1_000), 31_000);
+        let m = MimiContent::markdown([1; 16], ALICE, ROOM, "soon gone").expiring(at);
+        let back = MimiContent::decode(&m.encode()).unwrap();
+        assert_eq!(back.expires, Some(at));
+        let v: Value = ciborium::from_reader(m.encode().as_slice()).unwrap();
+        let expires = v.as_array().unwrap()[3].as_array().unwrap().clone();
+        assert_eq!(
+            expires,
+            vec![Value::Bool(false), Value::from(1_700_000_000u32)]
+        );
+    }
+
     fn arb_part() -> impl Strategy<Value = NestedPart> {
         let leaf = prop_oneof![
             Just(PartBody::Null),
@@ -531,6 +807,36 @@ mod tests {
             let i = pos % enc.len();
             enc[i] = byte;
             let _ = MimiContent::decode(&enc);
+        }
+
+        #[test]
+        fn rich_content_round_trips_with_its_meaning(
+            salt in any::<[u8; 16]>(),
+            target in any::<[u8; 32]>(),
+            text in "\\PC{0,40}",
+            kind in 0u8..4,
+            expires in proptest::option::of((any::<bool>(), any::<u32>())),
+        ) {
+            let target = MessageId(target);
+            let mut m = match kind {
+                0 => MimiContent::markdown(salt, ALICE, ROOM, &text).replying_to(target),
+                1 => MimiContent::reaction(salt, ALICE, ROOM, target, &text),
+                2 => MimiContent::edit(salt, ALICE, ROOM, target, &text),
+                _ => MimiContent::delete(salt, ALICE, ROOM, target),
+            };
+            m.expires = expires.map(|(relative, time)| Expiration { relative, time });
+            let back = MimiContent::decode(&m.encode()).unwrap();
+            prop_assert_eq!(&back, &m);
+            let meaning = back.meaning();
+            let fits = match (kind, meaning) {
+                (0, Meaning::Text { reply_to, .. }) => reply_to == Some(target),
+                (1, Meaning::Reaction { target: t, emoji }) => t == target && emoji == text,
+                (2, Meaning::Edit { target: t, .. }) | (3, Meaning::Delete { target: t }) => {
+                    t == target
+                }
+                _ => false,
+            };
+            prop_assert!(fits, "kind {} read as {:?}", kind, meaning);
         }
 
         #[test]

@@ -6,9 +6,10 @@
 pub mod api;
 pub mod content;
 pub mod ids;
+pub mod markdown;
 pub mod mimi;
 
-pub use content::{ContentError, MessageId, MimiContent};
+pub use content::{ContentError, Expiration, Meaning, MessageId, MimiContent};
 pub use ids::{DeviceId, Domain, Handle, IdError, RoomId, UserId};
 
 /// The only MLS ciphersuite Parley speaks (RFC 9420 §17.1, value 0x0001).

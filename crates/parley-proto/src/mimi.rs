@@ -45,6 +45,13 @@ impl<T: tls_codec::Serialize + tls_codec::Deserialize> Body for T {
     }
 }
 
+/// The `expires_at` of a body that carries no expiry hint.
+pub const NO_EXPIRY: u64 = 0;
+
+fn expiry_of(expires_at: u64) -> Option<u64> {
+    (expires_at != NO_EXPIRY).then_some(expires_at)
+}
+
 /// `Protocol`: only `mls10(1)` is defined.
 pub const MLS10: u8 = 1;
 
@@ -274,11 +281,15 @@ pub enum UpdateResponse {
 
 /// `SubmitMessageRequest` (mls10). `sending_uri` is the sending client's URI (a valid URI of
 /// the sender, which the hub checks against the room's members and the peer's domain).
+/// Deviation: a trailing `expires_at`, the sender's expiry hint (milliseconds since the Unix
+/// epoch, 0 = none), so the hub can drop the queue entries of an expiring message it cannot
+/// read (the `expires` of the MIMI content is encrypted).
 #[derive(Debug, Clone, PartialEq, Eq, TlsSerialize, TlsDeserialize, TlsSize)]
 pub struct SubmitMessageRequest {
     pub protocol: u8,
     pub app_message: VLBytes,
     pub sending_uri: IdentifierUri,
+    pub expires_at: u64,
 }
 
 impl SubmitMessageRequest {
@@ -287,7 +298,19 @@ impl SubmitMessageRequest {
             protocol: MLS10,
             app_message: app_message.into(),
             sending_uri: IdentifierUri::new(sending_uri),
+            expires_at: NO_EXPIRY,
         }
+    }
+
+    /// The same request with the sender's expiry hint.
+    pub fn expiring_at(mut self, expires_at: Option<u64>) -> Self {
+        self.expires_at = expires_at.unwrap_or(NO_EXPIRY);
+        self
+    }
+
+    /// The expiry hint, if the sender gave one.
+    pub fn expiry(&self) -> Option<u64> {
+        expiry_of(self.expires_at)
     }
 
     pub fn check(&self) -> Result<(), WireError> {
@@ -353,7 +376,9 @@ pub struct RoomSnapshot {
 /// `notify` idempotent and keeps room order, as the draft's note on transaction ids suggests);
 /// the `sender` user the hub authenticated (so a follower can honour its users' blocks); the
 /// `recipients`, the follower's clients to deliver to (the hub knows the membership, the
-/// follower cannot read it from ciphertext); and an optional room snapshot.
+/// follower cannot read it from ciphertext); an optional room snapshot; and `expires_at`, the
+/// sender's expiry hint for an expiring message (milliseconds since the Unix epoch, 0 = none),
+/// by which the follower drops the queue entries it makes.
 #[derive(Debug, Clone, PartialEq, Eq, TlsSerialize, TlsDeserialize, TlsSize)]
 pub struct NotifyEntry {
     pub sequence: u64,
@@ -363,6 +388,14 @@ pub struct NotifyEntry {
     pub recipients: Vec<IdentifierUri>,
     pub room: Option<RoomSnapshot>,
     pub fanout: FanoutMessage,
+    pub expires_at: u64,
+}
+
+impl NotifyEntry {
+    /// The expiry hint, if the sender gave one.
+    pub fn expiry(&self) -> Option<u64> {
+        expiry_of(self.expires_at)
+    }
 }
 
 /// `notify/{roomId}` body: one or more entries of the same room, in order.
@@ -533,8 +566,29 @@ mod tests {
                     message: bytes(vec![0, 1, 0, 1, 9]),
                     extras: vec![],
                 },
+                expires_at: NO_EXPIRY,
             }],
         }
+    }
+
+    #[test]
+    fn expiry_hints_travel_and_zero_means_none() {
+        let plain = SubmitMessageRequest::new(vec![1], "mimi://a.test/d/x/0011223344556677");
+        assert_eq!(plain.expiry(), None);
+        let hinted = plain.clone().expiring_at(Some(1_700_000_000_000));
+        let back = SubmitMessageRequest::decode(&hinted.encode()).unwrap();
+        assert_eq!(back.expiry(), Some(1_700_000_000_000));
+        // The hint is one trailing uint64 after the draft's fields.
+        assert_eq!(hinted.encode().len(), plain.encode().len());
+        assert_eq!(
+            &hinted.encode()[plain.encode().len() - 8..],
+            &1_700_000_000_000u64.to_be_bytes()
+        );
+        let mut n = sample_notify();
+        assert_eq!(n.entries[0].expiry(), None);
+        n.entries[0].expires_at = 42;
+        let back = NotifyRequest::decode(&n.encode()).unwrap();
+        assert_eq!(back.entries[0].expiry(), Some(42));
     }
 
     #[test]

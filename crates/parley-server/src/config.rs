@@ -121,7 +121,7 @@ fn default_max_message_bytes() -> usize {
     64 * 1024
 }
 fn default_retention_days() -> u64 {
-    30
+    DEFAULT_RETENTION_DAYS
 }
 fn default_max_room_devices() -> usize {
     1000
@@ -170,11 +170,23 @@ pub struct ServerConfig {
     /// Longest wait, in seconds, between retries of deliveries to a peer that is down.
     #[serde(default = "default_peer_retry_cap")]
     pub peer_retry_cap_secs: u64,
+    /// How often expired queue entries (past their retention, or an expiring message's
+    /// `expires_at`) are deleted, in milliseconds. Expired entries are never delivered even
+    /// before the sweep; the sweep frees the space.
+    #[serde(default = "default_expiry_sweep_ms")]
+    pub expiry_sweep_ms: u64,
 }
 
 fn default_peer_retry_cap() -> u64 {
     60
 }
+fn default_expiry_sweep_ms() -> u64 {
+    60_000
+}
+
+/// Retention for a user of a domain this deployment does not host (or when none is set).
+const DEFAULT_RETENTION_DAYS: u64 = 30;
+const DAY_MS: u64 = 86_400_000;
 
 impl Default for ServerConfig {
     fn default() -> Self {
@@ -192,6 +204,7 @@ impl Default for ServerConfig {
             peer_ca: None,
             peers: Default::default(),
             peer_retry_cap_secs: default_peer_retry_cap(),
+            expiry_sweep_ms: default_expiry_sweep_ms(),
         }
     }
 }
@@ -261,6 +274,11 @@ impl ServerConfig {
                 "peer_retry_cap_secs must be at least 1".into(),
             ));
         }
+        if self.expiry_sweep_ms == 0 {
+            return Err(ConfigError::Invalid(
+                "expiry_sweep_ms must be at least 1".into(),
+            ));
+        }
         if self.federation_listen.is_none() {
             return Ok(());
         }
@@ -287,6 +305,13 @@ impl ServerConfig {
     /// Whether this deployment hosts `name` (its domains count as one provider).
     pub fn hosts(&self, name: &str) -> bool {
         self.domain(name).is_some()
+    }
+
+    /// How long an unacknowledged queue entry for a user of `domain` is kept, in milliseconds.
+    pub fn retention_ms(&self, domain: &str) -> u64 {
+        self.domain(domain)
+            .map_or(DEFAULT_RETENTION_DAYS, |d| d.retention_days)
+            .saturating_mul(DAY_MS)
     }
 }
 
@@ -343,6 +368,26 @@ mod tests {
             .contains("--insecure-http"));
         c.insecure_http = true;
         c.validate().unwrap();
+    }
+
+    #[test]
+    fn retention_and_the_expiry_sweep_are_configurable() {
+        let mut c: ServerConfig = toml::from_str(
+            r#"
+            expiry_sweep_ms = 250
+            [[domain]]
+            name = "chirp.test"
+            retention_days = 2
+            "#,
+        )
+        .unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.expiry_sweep_ms, 250);
+        assert_eq!(c.retention_ms("chirp.test"), 2 * DAY_MS);
+        assert_eq!(c.retention_ms("elsewhere.test"), 30 * DAY_MS);
+        assert_eq!(ServerConfig::default().expiry_sweep_ms, 60_000);
+        c.expiry_sweep_ms = 0;
+        assert!(c.validate().is_err());
     }
 
     #[test]

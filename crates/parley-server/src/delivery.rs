@@ -154,30 +154,44 @@ impl Delivery {
         }
     }
 
-    /// The oldest `limit` entries of a device's queue with `seq > after`.
+    /// The oldest `limit` entries of a device's queue with `seq > after`, leaving out expired
+    /// ones: an expiring message is never delivered after its time, sweep or not.
     pub async fn page(
         &self,
         device: &str,
         after: u64,
         limit: usize,
     ) -> Result<Vec<QueueEntry>, StoreError> {
+        self.page_at(device, after, limit, crate::now_ms()).await
+    }
+
+    async fn page_at(
+        &self,
+        device: &str,
+        after: u64,
+        limit: usize,
+        now_ms: u64,
+    ) -> Result<Vec<QueueEntry>, StoreError> {
         let device = device.to_owned();
         self.store
             .read(move |c| {
                 let mut st = c.prepare_cached(
                     "SELECT seq, room_id, kind, event, ts, data FROM queue
-                     WHERE device_id = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
+                     WHERE device_id = ?1 AND seq > ?2 AND expires_at > ?4 ORDER BY seq LIMIT ?3",
                 )?;
-                let rows = st.query_map(params![device, after as i64, limit as i64], |r| {
-                    Ok(QueueEntry {
-                        seq: r.get::<_, i64>(0)? as u64,
-                        room_id: r.get(1)?,
-                        kind: kind_from_code(r.get(2)?),
-                        event: r.get::<_, i64>(3)? as u64,
-                        ts: r.get::<_, i64>(4)? as u64,
-                        data: r.get(5)?,
-                    })
-                })?;
+                let rows = st.query_map(
+                    params![device, after as i64, limit as i64, now_ms as i64],
+                    |r| {
+                        Ok(QueueEntry {
+                            seq: r.get::<_, i64>(0)? as u64,
+                            room_id: r.get(1)?,
+                            kind: kind_from_code(r.get(2)?),
+                            event: r.get::<_, i64>(3)? as u64,
+                            ts: r.get::<_, i64>(4)? as u64,
+                            data: r.get(5)?,
+                        })
+                    },
+                )?;
                 Ok(rows.collect::<Result<Vec<_>, _>>()?)
             })
             .await
@@ -250,23 +264,26 @@ mod tests {
         );
 
         let delivery = Delivery::new(store.clone());
-        let page = delivery.page("d1", 0, 10).await.unwrap();
+        let page = delivery.page_at("d1", 0, 10, 50).await.unwrap();
         assert_eq!(
             page.iter().map(|e| e.event).collect::<Vec<_>>(),
             vec![1, 2, 3]
         );
         assert_eq!(
-            delivery.page("d1", 1, 10).await.unwrap().len(),
+            delivery.page_at("d1", 1, 10, 50).await.unwrap().len(),
             2,
             "after= skips"
         );
+        // Past an entry's expiry it is no longer handed out, even before a sweep deletes it.
+        let later = delivery.page_at("d1", 0, 10, 150).await.unwrap();
+        assert_eq!(later.iter().map(|e| e.event).collect::<Vec<_>>(), vec![2]);
         assert_eq!(delivery.ack("d1", 1).await.unwrap(), 1);
         assert_eq!(
             delivery.expire(200).await.unwrap(),
             1,
             "entry 3 expired, entry 2 not yet"
         );
-        let left = delivery.page("d1", 0, 10).await.unwrap();
+        let left = delivery.page_at("d1", 0, 10, 50).await.unwrap();
         assert_eq!(left.iter().map(|e| e.event).collect::<Vec<_>>(), vec![2]);
         // Sequence numbers keep growing after deletes.
         let stored = store

@@ -390,7 +390,12 @@ async fn submit_message(
     }
     let answer = match app
         .hub
-        .send(&sender, &room, request.app_message.as_slice().to_vec())
+        .send(
+            &sender,
+            &room,
+            request.app_message.as_slice().to_vec(),
+            request.expiry(),
+        )
         .await
     {
         Ok(accepted) => SubmitResponse::Accepted {

@@ -484,8 +484,16 @@ async fn send(
     ApiJson(req): ApiJson<SendRequest>,
 ) -> ApiResult<impl IntoResponse> {
     Ok(Json(match room_home(&app, &room).await? {
-        RoomHome::Here => app.hub.send(&me, &room, req.message).await?,
-        RoomHome::Remote(id, hub) => app.remote.relay_send(&me, &id, &hub, req.message).await?,
+        RoomHome::Here => {
+            app.hub
+                .send(&me, &room, req.message, req.expires_at)
+                .await?
+        }
+        RoomHome::Remote(id, hub) => {
+            app.remote
+                .relay_send(&me, &id, &hub, req.message, req.expires_at)
+                .await?
+        }
     }))
 }
 

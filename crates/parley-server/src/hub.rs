@@ -15,7 +15,7 @@ use crate::store::{Store, StoreError};
 use parley_proto::api::{Accepted, CreateRoomRequest, EntryKind, RoomInfo, RoomKind};
 use parley_proto::ids::DeviceUri;
 use parley_proto::mimi::{
-    Body, FanoutKind, FanoutMessage, IdentifierUri, NotifyEntry, RoomSnapshot,
+    Body, FanoutKind, FanoutMessage, IdentifierUri, NotifyEntry, RoomSnapshot, NO_EXPIRY,
 };
 use parley_proto::{Domain, RoomId, UserId};
 use rusqlite::{params, Connection, OptionalExtension};
@@ -25,7 +25,6 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::RwLock;
 
 const MAX_ROOM_NAME: usize = 128;
-const DAY_MS: u64 = 86_400_000;
 
 /// A member device of a room.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -162,6 +161,18 @@ impl Origin {
     }
 }
 
+/// One accepted event on its way out: what fan-out queues for devices and notifies to peers.
+struct EventOut {
+    kind: FanoutKind,
+    /// The room's event number.
+    event: u64,
+    /// The hub's acceptance time.
+    ts: u64,
+    data: Arc<Vec<u8>>,
+    /// The sender's expiry hint (an expiring message), already checked.
+    expires_at: Option<u64>,
+}
+
 /// Everything one accepted event sends: local queue entries and notify rows for peers.
 #[derive(Default)]
 struct Fanout {
@@ -225,11 +236,7 @@ impl Hub {
     }
 
     fn expiry_for(&self, user: &UserId, now: u64) -> u64 {
-        let days = self
-            .config
-            .domain(user.domain().as_str())
-            .map_or(30, |d| d.retention_days);
-        now.saturating_add(days.saturating_mul(DAY_MS))
+        now.saturating_add(self.config.retention_ms(user.domain().as_str()))
     }
 
     fn check_rate(&self, sender: &DeviceUri) -> ServiceResult<()> {
@@ -493,25 +500,32 @@ impl Hub {
         let event = state.next_event.fetch_add(1, Ordering::SeqCst);
         let members: Vec<MemberDevice> = effect.members.iter().map(MemberDevice::from).collect();
         let next_epoch = effect.epoch;
+        let out = EventOut {
+            kind: FanoutKind::Commit,
+            event,
+            ts,
+            data: Arc::new(commit),
+            expires_at: None,
+        };
         let mut fanout = self.fan_out(
             &state,
             &effect.committer,
-            FanoutKind::Commit,
-            event,
-            ts,
-            Arc::new(commit),
+            &out,
             Some((&members, next_epoch)),
         );
         if let Some(welcome) = welcome {
             let added: Vec<MemberDevice> = effect.added.iter().map(MemberDevice::from).collect();
+            let welcome = EventOut {
+                kind: FanoutKind::Welcome,
+                data: Arc::new(welcome),
+                ..out
+            };
             self.route_welcome(
                 &state,
                 &effect.committer,
                 &added,
                 (&members, next_epoch),
-                event,
-                ts,
-                Arc::new(welcome),
+                &welcome,
                 &mut fanout,
             );
         }
@@ -540,30 +554,19 @@ impl Hub {
 
     /// Queues the Welcome for the added devices: local ones directly, remote ones by notify to
     /// their providers (with the room as it is after the commit).
-    #[allow(clippy::too_many_arguments)]
     fn route_welcome(
         &self,
         state: &RoomState,
         committer: &DeviceUri,
         added: &[MemberDevice],
         after: (&[MemberDevice], u64),
-        event: u64,
-        ts: u64,
-        welcome: Arc<Vec<u8>>,
+        welcome: &EventOut,
         fanout: &mut Fanout,
     ) {
         let mut remote: BTreeMap<String, Vec<&MemberDevice>> = BTreeMap::new();
         for m in added {
             if self.config.hosts(m.user.domain().as_str()) {
-                fanout.local.push(Outgoing {
-                    device: m.device.clone(),
-                    room_id: state.id.to_string(),
-                    kind: EntryKind::Welcome,
-                    event,
-                    ts,
-                    data: welcome.clone(),
-                    expires_at: self.expiry_for(&m.user, ts),
-                });
+                fanout.local.push(self.queue_entry(state, m, welcome));
             } else {
                 remote
                     .entry(m.user.domain().to_string())
@@ -580,10 +583,7 @@ impl Hub {
                 committer,
                 devices.iter().map(|m| m.uri()).collect(),
                 Some(snapshot),
-                FanoutKind::Welcome,
-                event,
-                ts,
-                &welcome,
+                welcome,
             ));
         }
     }
@@ -638,15 +638,14 @@ impl Hub {
             });
         }
         let event = state.next_event.fetch_add(1, Ordering::SeqCst);
-        let fanout = self.fan_out(
-            &state,
-            &effect.leaver,
-            FanoutKind::Proposal,
+        let out = EventOut {
+            kind: FanoutKind::Proposal,
             event,
             ts,
-            Arc::new(proposal),
-            None,
-        );
+            data: Arc::new(proposal),
+            expires_at: None,
+        };
+        let fanout = self.fan_out(&state, &effect.leaver, &out, None);
         let update = RoomUpdate {
             room_id: state.id.to_string(),
             epoch: state.epoch,
@@ -700,15 +699,11 @@ impl Hub {
     /// One queue entry per local member device except the sender's (and except users who
     /// blocked the sender), and one notify per other provider with members, listing its devices.
     /// `after` (members and epoch after a commit) adds a room snapshot to the notifications.
-    #[allow(clippy::too_many_arguments)]
     fn fan_out(
         &self,
         state: &RoomState,
         sender: &DeviceUri,
-        kind: FanoutKind,
-        event: u64,
-        ts: u64,
-        data: Arc<Vec<u8>>,
+        out: &EventOut,
         after: Option<(&Vec<MemberDevice>, u64)>,
     ) -> Fanout {
         let mut fanout = Fanout::default();
@@ -724,15 +719,7 @@ impl Hub {
             if self.consent.blocked(&sender.user, &m.user) {
                 continue;
             }
-            fanout.local.push(Outgoing {
-                device: m.device.clone(),
-                room_id: state.id.to_string(),
-                kind: entry_kind(kind),
-                event,
-                ts,
-                data: data.clone(),
-                expires_at: self.expiry_for(&m.user, ts),
-            });
+            fanout.local.push(self.queue_entry(state, m, out));
         }
         for (domain, recipients) in remote {
             let snapshot = after.map(|(members, epoch)| {
@@ -740,14 +727,28 @@ impl Hub {
                 s.epoch = epoch;
                 s
             });
-            fanout.remote.push(self.notify_item(
-                state, &domain, sender, recipients, snapshot, kind, event, ts, &data,
-            ));
+            fanout
+                .remote
+                .push(self.notify_item(state, &domain, sender, recipients, snapshot, out));
         }
         fanout
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// The queue entry of `out` for the local member device `m`: kept for the retention of its
+    /// user's domain, or until the sender's expiry hint if that comes first.
+    fn queue_entry(&self, state: &RoomState, m: &MemberDevice, out: &EventOut) -> Outgoing {
+        let retained = self.expiry_for(&m.user, out.ts);
+        Outgoing {
+            device: m.device.clone(),
+            room_id: state.id.to_string(),
+            kind: entry_kind(out.kind),
+            event: out.event,
+            ts: out.ts,
+            data: out.data.clone(),
+            expires_at: out.expires_at.map_or(retained, |hint| hint.min(retained)),
+        }
+    }
+
     fn notify_item(
         &self,
         state: &RoomState,
@@ -755,23 +756,21 @@ impl Hub {
         sender: &DeviceUri,
         recipients: Vec<String>,
         room: Option<RoomSnapshot>,
-        kind: FanoutKind,
-        event: u64,
-        ts: u64,
-        data: &[u8],
+        out: &EventOut,
     ) -> OutboxItem {
         let entry = NotifyEntry {
             sequence: 0, // the outbox row id, filled in when sent
-            event,
+            event: out.event,
             sender: IdentifierUri::new(&sender.user.to_uri()),
             recipients: recipients.iter().map(|r| IdentifierUri::new(r)).collect(),
             room,
             fanout: FanoutMessage {
-                timestamp: ts,
-                kind,
-                message: data.to_vec().into(),
+                timestamp: out.ts,
+                kind: out.kind,
+                message: out.data.to_vec().into(),
                 extras: Vec::new(),
             },
+            expires_at: out.expires_at.unwrap_or(NO_EXPIRY),
         };
         OutboxItem {
             peer: domain.to_owned(),
@@ -888,12 +887,14 @@ impl Hub {
     }
 
     /// `POST /v1/rooms/{id}/messages`, and MIMI `submitMessage` (the peer has checked that the
-    /// sender belongs to its domain).
+    /// sender belongs to its domain). `expires_at` is the sender's expiry hint: the message's
+    /// queue entries and notifications expire then instead of after the retention.
     pub async fn send(
         &self,
         sender: &AuthDevice,
         room: &str,
         message: Vec<u8>,
+        expires_at: Option<u64>,
     ) -> ServiceResult<Accepted> {
         let max = self
             .config
@@ -905,6 +906,7 @@ impl Hub {
                 format!("messages are limited to {max} bytes"),
             ));
         }
+        let expires_at = check_expiry_hint(&self.config, &sender.user, expires_at, now_ms())?;
         let sender_uri = sender.uri();
         self.check_rate(&sender_uri)?;
         let header = application_header(&message)
@@ -927,15 +929,14 @@ impl Hub {
         }
         let ts = now_ms();
         let event = state.next_event.fetch_add(1, Ordering::SeqCst);
-        let fanout = self.fan_out(
-            &state,
-            &sender_uri,
-            FanoutKind::Application,
+        let out = EventOut {
+            kind: FanoutKind::Application,
             event,
             ts,
-            Arc::new(message),
-            None,
-        );
+            data: Arc::new(message),
+            expires_at,
+        };
+        let fanout = self.fan_out(&state, &sender_uri, &out, None);
         let write = RoomWrite::Event {
             room_id: room.to_owned(),
             next_event: event + 1,
@@ -948,6 +949,30 @@ impl Hub {
             epoch: state.epoch,
         })
     }
+}
+
+/// Checks a sender's expiry hint (milliseconds since the Unix epoch): it must lie after `now`
+/// and within the retention of the sender's domain, the longest any of its entries is kept.
+/// Both the hub and a follower relaying its user's message check it.
+pub fn check_expiry_hint(
+    config: &ServerConfig,
+    sender: &UserId,
+    expires_at: Option<u64>,
+    now: u64,
+) -> ServiceResult<Option<u64>> {
+    let Some(at) = expires_at else {
+        return Ok(None);
+    };
+    let latest = now.saturating_add(config.retention_ms(sender.domain().as_str()));
+    if at <= now || at > latest {
+        return Err(ServiceError::bad(
+            "invalid_expiry",
+            format!(
+                "expires_at must be after now ({now}) and no later than the retention allows ({latest})"
+            ),
+        ));
+    }
+    Ok(Some(at))
 }
 
 /// The refusal for a user who has not consented (or blocked the sender).

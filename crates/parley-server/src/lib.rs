@@ -40,9 +40,6 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-/// How often expired queue entries are swept.
-const EXPIRY_SWEEP: Duration = Duration::from_secs(60);
-
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now()
@@ -147,7 +144,11 @@ impl Server {
             ),
             shutdown: shutdown.clone(),
         });
-        tokio::spawn(expiry_loop(delivery, shutdown.clone()));
+        tokio::spawn(expiry_loop(
+            delivery,
+            Duration::from_millis(config.expiry_sweep_ms),
+            shutdown.clone(),
+        ));
         let mut tasks = Vec::new();
         let federation_addr = match config.federation_listen {
             Some(fed) => {
@@ -215,10 +216,15 @@ impl Server {
     }
 }
 
-async fn expiry_loop(delivery: Arc<Delivery>, mut shutdown: watch::Receiver<bool>) {
+/// Deletes expired queue entries every `every` until shutdown.
+async fn expiry_loop(
+    delivery: Arc<Delivery>,
+    every: Duration,
+    mut shutdown: watch::Receiver<bool>,
+) {
     loop {
         tokio::select! {
-            _ = tokio::time::sleep(EXPIRY_SWEEP) => {}
+            _ = tokio::time::sleep(every) => {}
             _ = shutdown.changed() => return,
         }
         match delivery.expire(now_ms()).await {

@@ -15,7 +15,7 @@ use crate::config::ServerConfig;
 use crate::consent::Consent;
 use crate::delivery::{enqueue, Delivery, Outgoing, Stored};
 use crate::error::{ServiceError, ServiceResult};
-use crate::hub::{no_consent, Hub};
+use crate::hub::{check_expiry_hint, no_consent, Hub};
 use crate::mls::validate_key_package;
 use crate::peers::{PeerClient, PeerError};
 use crate::store::{Store, StoreError};
@@ -25,7 +25,8 @@ use parley_proto::api::{
 use parley_proto::ids::DeviceUri;
 use parley_proto::mimi::{
     Body, ClientMaterial, FanoutKind, IdentifierUri, KeyMaterialRequest, KeyMaterialResponse,
-    NotifyRequest, SubmitMessageRequest, SubmitResponse, UpdateRequest, UpdateResponse, UserCode,
+    NotifyEntry, NotifyRequest, SubmitMessageRequest, SubmitResponse, UpdateRequest,
+    UpdateResponse, UserCode,
 };
 use parley_proto::{Domain, RoomId, UserId};
 use rusqlite::{params, Connection, OptionalExtension};
@@ -34,7 +35,6 @@ use std::sync::{Arc, RwLock};
 
 /// MLS_128_DHKEMX25519_AES128GCM_SHA256_Ed25519.
 const CIPHERSUITE: u16 = 1;
-const DAY_MS: u64 = 86_400_000;
 
 /// A room hubbed elsewhere, as its hub last described it.
 #[derive(Debug, Clone)]
@@ -225,14 +225,18 @@ impl Remote {
 
     // --- relaying a local client's traffic to a remote hub -----------------------------------
 
-    /// `POST /v1/rooms/{id}/messages` for a room hubbed elsewhere: MIMI `submitMessage`.
+    /// `POST /v1/rooms/{id}/messages` for a room hubbed elsewhere: MIMI `submitMessage`, with
+    /// the sender's expiry hint (checked here too, so a bad one never leaves the provider).
     pub async fn relay_send(
         &self,
         caller: &AuthDevice,
         room: &RoomId,
         hub: &Domain,
         message: Vec<u8>,
+        expires_at: Option<u64>,
     ) -> ServiceResult<Accepted> {
+        let expires_at =
+            check_expiry_hint(&self.config, &caller.user, expires_at, crate::now_ms())?;
         let max = self
             .config
             .domain(caller.user.domain().as_str())
@@ -254,7 +258,9 @@ impl Remote {
                 }
             }
         }
-        let body = SubmitMessageRequest::new(message, &caller.uri().to_string()).encode();
+        let body = SubmitMessageRequest::new(message, &caller.uri().to_string())
+            .expiring_at(expires_at)
+            .encode();
         let answer = self
             .call(
                 caller.user.domain(),
@@ -571,6 +577,15 @@ impl Remote {
                 FanoutKind::Commit => EntryKind::Commit,
             };
             let data = Arc::new(entry.fanout.message.as_slice().to_vec());
+            let now = crate::now_ms();
+            if entry.expiry().is_some_and(|at| at <= now) {
+                // An expiring message that spent its life in the hub's outbox: nobody may
+                // read it any more, so it is not queued (its sequence still counts).
+                tracing::debug!(%room, sequence = entry.sequence, "dropped an expired entry");
+                last = entry.sequence;
+                plan.last_sequence = last;
+                continue;
+            }
             for recipient in &entry.recipients {
                 let device = DeviceUri::parse(uri_text(recipient)?)
                     .map_err(|e| ServiceError::bad("invalid_uri", e.to_string()))?;
@@ -593,7 +608,7 @@ impl Remote {
                     event: entry.event,
                     ts: entry.fanout.timestamp,
                     data: data.clone(),
-                    expires_at: self.expiry_for(&device.user, entry.fanout.timestamp),
+                    expires_at: self.queue_expiry(&device.user, &entry, now),
                 });
             }
             last = entry.sequence;
@@ -602,13 +617,15 @@ impl Remote {
         Ok(plan)
     }
 
-    fn expiry_for(&self, user: &UserId, ts: u64) -> u64 {
-        let days = self
-            .config
-            .domain(user.domain().as_str())
-            .map_or(30, |d| d.retention_days);
-        ts.max(crate::now_ms())
-            .saturating_add(days.saturating_mul(DAY_MS))
+    /// When a queue entry made from `entry` for `user` expires: after the retention of the
+    /// user's domain, counted from its arrival here, or at the sender's expiry hint if sooner.
+    fn queue_expiry(&self, user: &UserId, entry: &NotifyEntry, now: u64) -> u64 {
+        let retained = entry
+            .fanout
+            .timestamp
+            .max(now)
+            .saturating_add(self.config.retention_ms(user.domain().as_str()));
+        entry.expiry().map_or(retained, |hint| hint.min(retained))
     }
 
     fn snapshot_of(&self, s: &parley_proto::mimi::RoomSnapshot) -> ServiceResult<Snapshot> {
