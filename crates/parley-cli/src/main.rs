@@ -105,7 +105,8 @@ enum Command {
     },
     /// Interactive chat in a room: live messages in, lines you type out.
     Chat { room: String },
-    /// In-process demo: two domains, four users, 1:1 and group chat.
+    /// Three providers in one process (chirp.test, wave.test, ping.test) talking MIMI over mutual
+    /// TLS: consent, a 1:1 and a group across all three, each device's decrypted view.
     Demo,
     /// Load tool: messages/s and send→deliver latency through one server.
     Bench(bench::BenchArgs),

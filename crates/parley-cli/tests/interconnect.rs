@@ -321,6 +321,18 @@ async fn three_providers_consent_direct_and_group_rooms() {
         seen.iter().all(|(s, _)| s != "alice@chirp.test"),
         "bob saw a blocked sender: {seen:?}"
     );
+
+    // In the group they share, the block hides alice's messages from bob, but her commits still
+    // reach his device, so his copy of the group stays in step and he can keep talking.
+    alice.send_text(&group, "bob won't see this").await.unwrap();
+    alice.remove_member(&group, dave.user()).await.unwrap();
+    bob.send_text(&group, "still here").await.unwrap();
+    assert_eq!(
+        read_n(&mut alice, &group, 1).await,
+        from("bob@wave.test", &["still here"])
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(read_now(&mut bob, &group).await.is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

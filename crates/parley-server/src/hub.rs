@@ -716,7 +716,9 @@ impl Hub {
                     .push(m.uri());
                 continue;
             }
-            if self.consent.blocked(&sender.user, &m.user) {
+            // A block hides the sender's messages; handshake messages still flow, or the
+            // blocker's copy of a shared group would fall behind and break.
+            if out.kind == FanoutKind::Application && self.consent.blocked(&sender.user, &m.user) {
                 continue;
             }
             fanout.local.push(self.queue_entry(state, m, out));

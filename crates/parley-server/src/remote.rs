@@ -595,7 +595,8 @@ impl Remote {
                         format!("{device} is not a client of this provider"),
                     ));
                 }
-                if self.consent.blocked(&sender, &device.user) {
+                // Only messages are hidden: handshake messages keep the group state intact.
+                if kind == EntryKind::Message && self.consent.blocked(&sender, &device.user) {
                     continue;
                 }
                 if kind == EntryKind::Welcome {
