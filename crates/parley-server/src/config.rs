@@ -50,6 +50,9 @@ pub struct DomainConfig {
     /// Most devices a room hubbed on this domain may hold.
     #[serde(default = "default_max_room_devices")]
     pub max_room_devices: usize,
+    /// Largest attachment (encrypted) a user of this domain may upload, in bytes.
+    #[serde(default = "default_max_upload_bytes")]
+    pub max_upload_bytes: u64,
 }
 
 impl DomainConfig {
@@ -61,6 +64,7 @@ impl DomainConfig {
             max_message_bytes: default_max_message_bytes(),
             retention_days: default_retention_days(),
             max_room_devices: default_max_room_devices(),
+            max_upload_bytes: default_max_upload_bytes(),
         }
     }
 }
@@ -122,6 +126,9 @@ fn default_max_message_bytes() -> usize {
 }
 fn default_retention_days() -> u64 {
     DEFAULT_RETENTION_DAYS
+}
+fn default_max_upload_bytes() -> u64 {
+    256 * 1024 * 1024
 }
 fn default_max_room_devices() -> usize {
     1000

@@ -167,7 +167,8 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/identifierQuery/{domain}", post(identifier_query))
         .route("/v1/reportAbuse/{room}", post(report_abuse))
         .route("/v1/groupInfo/{room}", post(not_implemented))
-        .route("/v1/proxyDownload/{url}", get(not_implemented))
+        .route("/v1/proxyDownload/{url}", get(proxy_download))
+        .route("/v1/assets/{id}", get(serve_asset))
         .fallback(|| async {
             ApiError(crate::error::ServiceError::not_found(
                 "not_found",
@@ -560,4 +561,44 @@ async fn not_implemented() -> Response {
         }),
     )
         .into_response()
+}
+
+/// `GET /v1/assets/{id}`: an asset hosted here, for a peer (a hub proxying, or a follower whose
+/// room is hubbed here). Asset ids are unguessable; only authenticated peers reach this.
+async fn serve_asset(State(app): State<Arc<App>>, Param(id): Param<String>) -> FedResult {
+    let (body, size) = app
+        .assets
+        .read(&crate::assets::AssetId::parse(&id)?)
+        .await?;
+    Ok(crate::http::asset_response(body, Some(size)))
+}
+
+/// `GET /v1/proxyDownload/{downloadUrl}`: as a hub, fetch an asset for a follower from the
+/// provider hosting it (or from here). Only providers that authenticate with a peer
+/// certificate for the URL's domain are ever contacted, so this is no open proxy.
+async fn proxy_download(
+    State(app): State<Arc<App>>,
+    Extension(PeerDomain(peer)): Extension<PeerDomain>,
+    Param(url): Param<String>,
+) -> FedResult {
+    let (host, id) = crate::assets::parse_asset_url(&url)?;
+    if app.config.hosts(host.as_str()) {
+        let (body, size) = app.assets.read(&id).await?;
+        return Ok(crate::http::asset_response(body, Some(size)));
+    }
+    if host == peer {
+        return Err(ServiceError::bad("own_asset", "fetch your own assets yourself").into());
+    }
+    let peers = app
+        .peers
+        .as_deref()
+        .ok_or_else(|| ServiceError::Internal("federation without a peer client".into()))?;
+    let as_domain = peers
+        .any_identity()
+        .ok_or_else(|| ServiceError::Internal("no federation identity".into()))?;
+    let upstream = peers
+        .get_asset(&as_domain, &host, id.as_str())
+        .await
+        .map_err(|e| ServiceError::unavailable("peer_unreachable", e.to_string()))?;
+    Ok(crate::http::relay_download(upstream)?)
 }

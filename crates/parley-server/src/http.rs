@@ -2,6 +2,7 @@
 //! error mapping. Handlers only translate; the services do the work.
 
 use crate::accounts::AuthDevice;
+use crate::assets::{parse_asset_url, AssetId};
 use crate::error::ServiceError;
 use crate::hub::Origin;
 use crate::App;
@@ -179,6 +180,12 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/queue", get(queue))
         .route("/v1/queue/ack", post(ack))
         .route("/v1/ws", get(ws))
+        .route(
+            "/v1/assets",
+            post(upload_asset).layer(axum::extract::DefaultBodyLimit::disable()),
+        )
+        .route("/v1/assets/{id}", get(get_asset).delete(delete_asset))
+        .route("/v1/downloads", get(download))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::extract::DefaultBodyLimit::max(body_limit))
@@ -640,4 +647,121 @@ async fn send_entries(
     let frame = WsFrame::Entries { entries };
     let text = serde_json::to_string(&frame).unwrap_or_default();
     sink.send(Message::Text(text.into())).await
+}
+
+/// `POST /v1/assets`: the encrypted bytes of an attachment, streamed to disk.
+async fn upload_asset(
+    State(app): AppState,
+    Authed(me): Authed,
+    headers: axum::http::HeaderMap,
+    body: axum::body::Body,
+) -> ApiResult<impl IntoResponse> {
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok());
+    let uploaded = app.assets.upload(&me, declared, body).await?;
+    Ok((StatusCode::CREATED, Json(uploaded)))
+}
+
+/// `GET /v1/assets/{id}`: an asset this provider hosts.
+async fn get_asset(
+    State(app): AppState,
+    Authed(_): Authed,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
+    let (body, size) = app.assets.read(&AssetId::parse(&id)?).await?;
+    Ok(asset_response(body, Some(size)))
+}
+
+/// `DELETE /v1/assets/{id}`
+async fn delete_asset(
+    State(app): AppState,
+    Authed(me): Authed,
+    Path(id): Path<String>,
+) -> ApiResult<StatusCode> {
+    app.assets.delete(&me, &AssetId::parse(&id)?).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Deserialize)]
+struct DownloadQuery {
+    url: String,
+    room: String,
+}
+
+/// `GET /v1/downloads?url=URL&room=ROOM`: an attachment sent in a room the caller is in, from
+/// here when this provider hosts it, else through the room's hub (MIMI `proxyDownload`) or,
+/// when this provider is the hub, straight from the hosting provider.
+async fn download(
+    State(app): AppState,
+    Authed(me): Authed,
+    query: Result<Query<DownloadQuery>, QueryRejection>,
+) -> ApiResult<Response> {
+    let Query(q) = query.map_err(|e| ServiceError::bad("invalid_query", e.body_text()))?;
+    let (host, id) = parse_asset_url(&q.url)?;
+    if app.config.hosts(host.as_str()) {
+        let (body, size) = app.assets.read(&id).await?;
+        return Ok(asset_response(body, Some(size)));
+    }
+    let room = parse_room(&q.room)?;
+    let peers = app.peers.as_deref().ok_or_else(|| {
+        ServiceError::not_found(
+            "unknown_asset",
+            "this provider does not talk to other providers",
+        )
+    })?;
+    let upstream = match room_home(&app, &q.room).await? {
+        RoomHome::Here => {
+            app.hub.room_info(&me, room.as_str()).await?; // members only
+            peers.get_asset(me.user.domain(), &host, id.as_str()).await
+        }
+        RoomHome::Remote(room, hub) => {
+            app.remote.room_info(&me, &room).await?; // members only
+            if hub == host {
+                peers.get_asset(me.user.domain(), &host, id.as_str()).await
+            } else {
+                peers.proxy_download(me.user.domain(), &hub, &q.url).await
+            }
+        }
+    }
+    .map_err(|e| ServiceError::unavailable("peer_unreachable", e.to_string()))?;
+    Ok(relay_download(upstream)?)
+}
+
+/// Streams a peer's download answer on (status errors become ours).
+pub fn relay_download(upstream: reqwest::Response) -> Result<Response, ServiceError> {
+    match upstream.status().as_u16() {
+        200 => {}
+        404 => {
+            return Err(ServiceError::not_found(
+                "unknown_asset",
+                "no such asset (expired or deleted)",
+            ))
+        }
+        s => {
+            return Err(ServiceError::unavailable(
+                "peer_refused",
+                format!("the asset's provider answered HTTP {s}"),
+            ))
+        }
+    }
+    let size = upstream.content_length();
+    Ok(asset_response(
+        axum::body::Body::from_stream(upstream.bytes_stream()),
+        size,
+    ))
+}
+
+pub fn asset_response(body: axum::body::Body, size: Option<u64>) -> Response {
+    let mut resp = Response::new(body);
+    let headers = resp.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/octet-stream"),
+    );
+    if let Some(size) = size {
+        headers.insert(header::CONTENT_LENGTH, header::HeaderValue::from(size));
+    }
+    resp
 }

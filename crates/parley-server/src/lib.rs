@@ -8,6 +8,7 @@
 //! forwards ciphertext and public group state only.
 
 pub mod accounts;
+pub mod assets;
 pub mod config;
 pub mod consent;
 pub mod delivery;
@@ -24,6 +25,7 @@ pub mod remote;
 pub mod store;
 
 use accounts::Accounts;
+use assets::Assets;
 use config::{ConfigError, ServerConfig};
 use consent::Consent;
 use delivery::Delivery;
@@ -57,6 +59,9 @@ pub struct App {
     pub consent: Arc<Consent>,
     pub remote: Arc<Remote>,
     pub outbox: Arc<Outbox>,
+    pub assets: Arc<Assets>,
+    /// Outbound MIMI client (`None` without federation settings).
+    pub peers: Option<Arc<PeerClient>>,
     /// MIMI requests per peer provider.
     pub peer_requests: RateLimiter,
     pub shutdown: watch::Receiver<bool>,
@@ -112,6 +117,7 @@ impl Server {
             shutdown.clone(),
         );
         let consent = Arc::new(Consent::new(store.clone(), config.clone(), outbox.clone()).await?);
+        let store_for_assets = store.clone();
         let hub = Arc::new(Hub::new(
             store.clone(),
             accounts.clone(),
@@ -127,8 +133,9 @@ impl Server {
             delivery.clone(),
             hub.clone(),
             consent.clone(),
-            peers,
+            peers.clone(),
         ));
+        let assets = Arc::new(Assets::new(store_for_assets, config.clone())?);
         outbox.resume().await?;
         let app = Arc::new(App {
             config: config.clone(),
@@ -138,6 +145,8 @@ impl Server {
             consent,
             remote,
             outbox,
+            assets: assets.clone(),
+            peers,
             peer_requests: RateLimiter::new(
                 config.limits.peer_requests_per_second,
                 config.limits.peer_request_burst,
@@ -146,6 +155,7 @@ impl Server {
         });
         tokio::spawn(expiry_loop(
             delivery,
+            assets,
             Duration::from_millis(config.expiry_sweep_ms),
             shutdown.clone(),
         ));
@@ -216,9 +226,10 @@ impl Server {
     }
 }
 
-/// Deletes expired queue entries every `every` until shutdown.
+/// Deletes expired queue entries and assets every `every` until shutdown.
 async fn expiry_loop(
     delivery: Arc<Delivery>,
+    assets: Arc<Assets>,
     every: Duration,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -231,6 +242,11 @@ async fn expiry_loop(
             Ok(0) => {}
             Ok(n) => tracing::info!(expired = n, "dropped expired queue entries"),
             Err(e) => tracing::warn!(error = %e, "expiry sweep failed"),
+        }
+        match assets.expire(now_ms()).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(expired = n, "deleted expired assets"),
+            Err(e) => tracing::warn!(error = %e, "asset expiry sweep failed"),
         }
     }
 }

@@ -251,6 +251,66 @@ impl PeerClient {
     }
 }
 
+impl PeerClient {
+    /// Any local domain this provider can authenticate as (for requests that speak for no user).
+    pub fn any_identity(&self) -> Option<Domain> {
+        let mut domains: Vec<&String> = self.identities.keys().collect();
+        domains.sort();
+        domains.first().and_then(|d| Domain::parse(d).ok())
+    }
+
+    /// `GET https://HOST/v1/assets/ID` on the hosting provider's federation listener: the
+    /// answer, to be streamed on.
+    pub async fn get_asset(
+        &self,
+        as_domain: &Domain,
+        host: &Domain,
+        id: &str,
+    ) -> Result<reqwest::Response, PeerError> {
+        let route = self.route(host).await?;
+        let url = format!("{}/v1/assets/{id}", route.base);
+        self.get(as_domain, host, &route, url).await
+    }
+
+    /// MIMI `proxyDownload/{downloadUrl}` at a room's hub.
+    pub async fn proxy_download(
+        &self,
+        as_domain: &Domain,
+        hub: &Domain,
+        download_url: &str,
+    ) -> Result<reqwest::Response, PeerError> {
+        let directory = self.directory(as_domain, hub).await?;
+        let url = directory
+            .url("proxyDownload", download_url)
+            .ok_or_else(|| {
+                PeerError::BadDirectory(hub.clone(), "no proxyDownload endpoint".into())
+            })?;
+        let route = self.route(hub).await?;
+        self.get(as_domain, hub, &route, url).await
+    }
+
+    async fn get(
+        &self,
+        as_domain: &Domain,
+        peer: &Domain,
+        route: &Route,
+        url: String,
+    ) -> Result<reqwest::Response, PeerError> {
+        let client = self.client(as_domain, peer, route)?;
+        // Long downloads: the whole-request timeout would cut large files short.
+        client
+            .get(url)
+            .header(reqwest::header::FROM, format!("mimi@{as_domain}"))
+            .timeout(ASSET_TIMEOUT)
+            .send()
+            .await
+            .map_err(|e| PeerError::Unreachable(peer.clone(), error_chain(&e)))
+    }
+}
+
+/// Longest a proxied asset download may take.
+const ASSET_TIMEOUT: Duration = Duration::from_secs(3600);
+
 /// Media type of MIMI bodies (TLS presentation language).
 pub const MIMI_CONTENT_TYPE: &str = "application/mimi-protocol";
 /// Largest answer read from a peer.

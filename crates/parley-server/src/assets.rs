@@ -1,0 +1,284 @@
+//! Encrypted attachments (MIMI external parts). Owns the `assets` table and `DATA/assets/`.
+//!
+//! Clients encrypt a file with a fresh key and upload only the ciphertext to their own provider,
+//! which streams it to disk (never holding it whole in memory), refusing it as soon as it passes
+//! the domain's size limit. An asset is named by its URL, `https://DOMAIN/v1/assets/ID`, DOMAIN
+//! being the hosting provider's. Downloads are streamed too: from the local disk when this
+//! provider hosts the asset; for an asset hosted elsewhere, through the room's hub
+//! (`proxyDownload`), so the hosting provider never learns who reads it. Assets expire with the
+//! domain's retention and may be deleted earlier by their uploader.
+
+use crate::accounts::AuthDevice;
+use crate::config::ServerConfig;
+use crate::error::{ServiceError, ServiceResult};
+use crate::now_ms;
+use crate::store::{Store, StoreError};
+use axum::body::{Body, Bytes};
+use futures_util::{Stream, StreamExt};
+use parley_proto::Domain;
+use rusqlite::{params, OptionalExtension};
+use sha2::{Digest, Sha256};
+use std::path::PathBuf;
+use std::sync::Arc;
+use tokio::io::AsyncWriteExt;
+
+const DAY_MS: u64 = 86_400_000;
+
+/// An asset id: 32 lowercase hex characters (128 random bits).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AssetId(String);
+
+impl AssetId {
+    pub fn parse(s: &str) -> ServiceResult<Self> {
+        let ok = s.len() == 32
+            && s.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+        if ok {
+            Ok(Self(s.to_owned()))
+        } else {
+            Err(ServiceError::bad(
+                "invalid_asset",
+                "asset ids are 32 hex digits",
+            ))
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// `https://DOMAIN/v1/assets/ID` → (hosting domain, id).
+pub fn parse_asset_url(url: &str) -> ServiceResult<(Domain, AssetId)> {
+    let bad = || ServiceError::bad("invalid_asset_url", "expected https://DOMAIN/v1/assets/ID");
+    let rest = url.strip_prefix("https://").ok_or_else(bad)?;
+    let (host, id) = rest.split_once("/v1/assets/").ok_or_else(bad)?;
+    let domain = Domain::parse(host).map_err(|_| bad())?;
+    Ok((domain, AssetId::parse(id)?))
+}
+
+pub fn asset_url(domain: &Domain, id: &AssetId) -> String {
+    format!("https://{domain}/v1/assets/{}", id.as_str())
+}
+
+/// Answer to an upload: where the asset lives and what was stored.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct UploadedAsset {
+    pub url: String,
+    pub size: u64,
+    /// SHA-256 of the stored (encrypted) bytes, hex.
+    pub sha256: String,
+    pub expires_at: u64,
+}
+
+pub struct Assets {
+    store: Store,
+    config: Arc<ServerConfig>,
+    dir: PathBuf,
+}
+
+impl Assets {
+    pub fn new(store: Store, config: Arc<ServerConfig>) -> Result<Self, StoreError> {
+        let dir = config.data.join("assets");
+        std::fs::create_dir_all(&dir).map_err(|e| StoreError::DataDir(dir.clone(), e))?;
+        Ok(Self { store, config, dir })
+    }
+
+    fn path(&self, id: &AssetId) -> PathBuf {
+        self.dir.join(id.as_str())
+    }
+
+    fn limit_for(&self, domain: &Domain) -> u64 {
+        self.config
+            .domain(domain.as_str())
+            .map_or(0, |d| d.max_upload_bytes)
+    }
+
+    /// `POST /v1/assets`: streams the body to disk, refusing it once it passes the limit (at
+    /// once when `Content-Length` already says so). Acknowledged only once the file is synced
+    /// and recorded.
+    pub async fn upload(
+        &self,
+        caller: &AuthDevice,
+        declared: Option<u64>,
+        body: Body,
+    ) -> ServiceResult<UploadedAsset> {
+        let limit = self.limit_for(caller.user.domain());
+        let too_large = || {
+            ServiceError::too_large(
+                "asset_too_large",
+                format!("attachments on this domain are limited to {limit} bytes"),
+            )
+        };
+        if declared.is_some_and(|n| n > limit) {
+            return Err(too_large());
+        }
+        let id = AssetId(hex::encode(rand::random::<[u8; 16]>()));
+        let partial = self.dir.join(format!("{}.partial", id.as_str()));
+        let written = write_stream(&partial, body.into_data_stream(), limit).await;
+        let (size, digest) = match written {
+            Ok(done) => done,
+            Err(e) => {
+                let _ = tokio::fs::remove_file(&partial).await;
+                return Err(match e {
+                    WriteError::TooLarge => too_large(),
+                    WriteError::Body(why) => ServiceError::bad("upload_interrupted", why),
+                    WriteError::Disk(why) => ServiceError::Internal(why),
+                });
+            }
+        };
+        tokio::fs::rename(&partial, self.path(&id))
+            .await
+            .map_err(|e| ServiceError::Internal(format!("cannot store asset: {e}")))?;
+        let days = self
+            .config
+            .domain(caller.user.domain().as_str())
+            .map_or(30, |d| d.retention_days);
+        let expires_at = now_ms().saturating_add(days.saturating_mul(DAY_MS));
+        let (key, uploader) = (id.as_str().to_owned(), caller.user.to_string());
+        let sha = digest.clone();
+        self.store
+            .write(move |c| {
+                c.execute(
+                    "INSERT INTO assets (asset_id, uploader, size, sha256, created_at, expires_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                    params![
+                        key,
+                        uploader,
+                        size as i64,
+                        sha,
+                        now_ms() as i64,
+                        expires_at as i64
+                    ],
+                )?;
+                Ok(())
+            })
+            .await?;
+        tracing::info!(asset = id.as_str(), size, uploader = %caller.user, "asset stored");
+        Ok(UploadedAsset {
+            url: asset_url(caller.user.domain(), &id),
+            size,
+            sha256: hex::encode(&digest),
+            expires_at,
+        })
+    }
+
+    /// A stored asset as a streamed body with its size (`404` when unknown or expired).
+    pub async fn read(&self, id: &AssetId) -> ServiceResult<(Body, u64)> {
+        let key = id.as_str().to_owned();
+        let now = now_ms() as i64;
+        let size: Option<i64> = self
+            .store
+            .read(move |c| {
+                Ok(c.query_row(
+                    "SELECT size FROM assets WHERE asset_id = ?1 AND expires_at > ?2",
+                    params![key, now],
+                    |r| r.get(0),
+                )
+                .optional()?)
+            })
+            .await?;
+        let size = size.ok_or_else(|| unknown_asset(id))?;
+        let file = tokio::fs::File::open(self.path(id))
+            .await
+            .map_err(|_| unknown_asset(id))?;
+        Ok((
+            Body::from_stream(tokio_util::io::ReaderStream::new(file)),
+            size as u64,
+        ))
+    }
+
+    /// `DELETE /v1/assets/{id}`: the uploading user may delete it before it expires.
+    pub async fn delete(&self, caller: &AuthDevice, id: &AssetId) -> ServiceResult<()> {
+        let (key, user) = (id.as_str().to_owned(), caller.user.to_string());
+        let deleted = self
+            .store
+            .write(move |c| {
+                Ok(c.execute(
+                    "DELETE FROM assets WHERE asset_id = ?1 AND uploader = ?2",
+                    params![key, user],
+                )? > 0)
+            })
+            .await?;
+        if !deleted {
+            return Err(unknown_asset(id));
+        }
+        let _ = tokio::fs::remove_file(self.path(id)).await;
+        Ok(())
+    }
+
+    /// Deletes expired assets (rows, then files); returns how many.
+    pub async fn expire(&self, now: u64) -> Result<usize, StoreError> {
+        let ids: Vec<String> = self
+            .store
+            .write(move |c| {
+                let mut st =
+                    c.prepare("DELETE FROM assets WHERE expires_at <= ?1 RETURNING asset_id")?;
+                let rows = st.query_map(params![now as i64], |r| r.get(0))?;
+                Ok(rows.collect::<Result<_, _>>()?)
+            })
+            .await?;
+        for id in &ids {
+            let _ = tokio::fs::remove_file(self.dir.join(id)).await;
+        }
+        Ok(ids.len())
+    }
+}
+
+fn unknown_asset(id: &AssetId) -> ServiceError {
+    ServiceError::not_found("unknown_asset", format!("no asset {}", id.as_str()))
+}
+
+enum WriteError {
+    TooLarge,
+    Body(String),
+    Disk(String),
+}
+
+/// Writes a body stream to `path`, hashing it, and fails once more than `limit` bytes came.
+async fn write_stream(
+    path: &std::path::Path,
+    mut body: impl Stream<Item = Result<Bytes, axum::Error>> + Unpin,
+    limit: u64,
+) -> Result<(u64, Vec<u8>), WriteError> {
+    let disk = |e: std::io::Error| WriteError::Disk(e.to_string());
+    let mut file = tokio::fs::File::create(path).await.map_err(disk)?;
+    let mut hash = Sha256::new();
+    let mut size = 0u64;
+    while let Some(chunk) = body.next().await {
+        let chunk = chunk.map_err(|e| WriteError::Body(e.to_string()))?;
+        size += chunk.len() as u64;
+        if size > limit {
+            return Err(WriteError::TooLarge);
+        }
+        hash.update(&chunk);
+        file.write_all(&chunk).await.map_err(disk)?;
+    }
+    file.sync_all().await.map_err(disk)?;
+    Ok((size, hash.finalize().to_vec()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn asset_urls_round_trip_and_bad_ones_are_refused() {
+        let d = Domain::parse("chirp.test").unwrap();
+        let id = AssetId::parse("0123456789abcdef0123456789abcdef").unwrap();
+        let url = asset_url(&d, &id);
+        assert_eq!(
+            url,
+            "https://chirp.test/v1/assets/0123456789abcdef0123456789abcdef"
+        );
+        assert_eq!(parse_asset_url(&url).unwrap(), (d, id));
+        for bad in [
+            "http://chirp.test/v1/assets/0123456789abcdef0123456789abcdef",
+            "https://chirp.test/v1/assets/../../etc/passwd",
+            "https://chirp.test/v1/assets/0123",
+            "https://a b/v1/assets/0123456789abcdef0123456789abcdef",
+        ] {
+            assert!(parse_asset_url(bad).is_err(), "{bad}");
+        }
+    }
+}
