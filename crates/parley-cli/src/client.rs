@@ -4,7 +4,7 @@ use anyhow::{anyhow, bail, Context};
 use clap::{Args, Subcommand};
 use parley_client::{ClientError, Device, Event, HistoryEntry, SendOptions, SentMessage};
 use parley_proto::api::{ContactDirection, ContactInfo, ContactState};
-use parley_proto::{MessageId, RoomId, UserId};
+use parley_proto::{DeviceId, MessageId, RoomId, UserId};
 use std::io::Write as _;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -34,7 +34,10 @@ pub enum AccountCommand {
         #[arg(long)]
         invite: Option<String>,
     },
-    /// Log in a further device of an existing user.
+    /// Log in a further device of an existing user (use a new profile for it).
+    ///
+    /// The new device joins all of the user's rooms as soon as another device of the user syncs
+    /// (`parley sync`, or a running `parley chat`): that device adds it to each room.
     Login {
         user: String,
         #[arg(long)]
@@ -44,6 +47,14 @@ pub enum AccountCommand {
     },
     /// List this user's devices.
     Devices,
+    /// Remove another device of this user: from every room, then from the account.
+    ///
+    /// The removed device can no longer read or send anything; its profile is useless from
+    /// then on. Run this on another device than the one being removed.
+    RemoveDevice {
+        /// The device's id, as `parley account devices` lists it.
+        device: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -59,7 +70,7 @@ pub enum RoomCommand {
     Add { room: String, user: String },
     /// Remove a user (all their devices) from a room.
     Remove { room: String, user: String },
-    /// Leave a group room with this device (another member completes the removal).
+    /// Leave a group room, with all your devices (another member completes the removal).
     Leave { room: String },
     /// List the rooms this device is in.
     List,
@@ -233,7 +244,7 @@ impl Client {
             }
             AccountCommand::Devices => {
                 let device = self.open()?;
-                for d in device.api().devices().await? {
+                for d in device.devices().await? {
                     let me = if d.device_id == device.device_id().as_str() {
                         " (this device)"
                     } else {
@@ -241,6 +252,13 @@ impl Client {
                     };
                     println!("{}  {}{me}", d.device_id, d.name);
                 }
+            }
+            AccountCommand::RemoveDevice { device: id } => {
+                let device_id =
+                    DeviceId::parse(&id).map_err(|e| anyhow!("{id:?} is not a device id: {e}"))?;
+                let mut device = self.open()?;
+                device.remove_device(&device_id).await?;
+                println!("removed device {device_id}");
             }
         }
         Ok(())

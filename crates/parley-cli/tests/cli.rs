@@ -348,6 +348,83 @@ fn replies_reactions_edits_deletes_and_expiry_from_the_cli() {
 /// Everything the server acknowledged survives a kill -9 and a graceful restart, and the data
 /// directory never holds a message's plaintext.
 #[test]
+fn a_second_device_from_the_cli() {
+    let data = tempfile::tempdir().unwrap();
+    let server = ServerProcess::start(data.path(), "127.0.0.1:0");
+    let u = register_users(&server);
+    ok(&u.alice, &["send", "bob@wave.test", "before the phone"]);
+    let created = ok(
+        &u.alice,
+        &["room", "create", "--name", "team", "bob@wave.test"],
+    );
+    let team = created.lines().last().unwrap().trim().to_owned();
+    sync_json(&u.bob);
+
+    // Log in a second device of alice into its own profile.
+    let phone = u.alice.with_file_name("alice-phone");
+    let out = ok(
+        &phone,
+        &[
+            "account",
+            "login",
+            "alice@chirp.test",
+            "--server",
+            &server.url,
+            "--password",
+            "alice-secret",
+        ],
+    );
+    let phone_id = out
+        .trim()
+        .strip_prefix("logged in alice@chirp.test (new device ")
+        .and_then(|rest| rest.strip_suffix(')'))
+        .unwrap_or_else(|| panic!("{out}"))
+        .to_owned();
+    let devices = ok(&u.alice, &["account", "devices"]);
+    assert_eq!(devices.lines().count(), 2, "{devices}");
+    assert!(devices.contains(&phone_id), "{devices}");
+    assert_eq!(devices.matches("(this device)").count(), 1, "{devices}");
+
+    // The laptop's sync adds the phone to both of alice's rooms.
+    sync_json(&u.alice);
+    let joined = sync_json(&phone)
+        .iter()
+        .filter(|e| e["type"] == "joined")
+        .count();
+    assert_eq!(joined, 2);
+    ok(&u.bob, &["send", "team", "to both of alice's"]);
+    for p in [&u.alice, &phone] {
+        assert_eq!(
+            messages(&sync_json(p)),
+            vec![("bob@wave.test".into(), "to both of alice's".into())]
+        );
+    }
+    ok(&phone, &["send", "bob@wave.test", "from the phone"]);
+    for p in [&u.bob, &u.alice] {
+        assert_eq!(
+            messages(&sync_json(p)),
+            vec![("alice@chirp.test".into(), "from the phone".into())]
+        );
+    }
+
+    // Remove the phone: from every room, then from the account.
+    let line = fails(&phone, &["account", "remove-device", &phone_id]);
+    assert!(line.contains("the device you are using"), "{line}");
+    let out = ok(&u.alice, &["account", "remove-device", &phone_id]);
+    assert!(out.contains(&phone_id), "{out}");
+    assert_eq!(ok(&u.alice, &["account", "devices"]).lines().count(), 1);
+    let line = fails(&phone, &["sync"]);
+    assert!(line.contains("removed"), "{line}");
+    ok(&u.bob, &["send", &team, "phone is gone"]);
+    assert_eq!(
+        messages(&sync_json(&u.alice)),
+        vec![("bob@wave.test".into(), "phone is gone".into())]
+    );
+    let line = fails(&u.alice, &["account", "remove-device", "nonsense!"]);
+    assert!(line.contains("device id"), "{line}");
+}
+
+#[test]
 fn kill_9_and_restart_lose_nothing_acknowledged() {
     let data = tempfile::tempdir().unwrap();
     let server = ServerProcess::start(data.path(), "127.0.0.1:0");

@@ -884,3 +884,87 @@ async fn rich_content_across_providers() {
         assert_eq!(texts, ["*hello* bob"], "{}", d.user());
     }
 }
+
+/// Syncs until the device is in every room of `rooms` (their Welcomes arrived), or 20 s passed.
+async fn join_all(device: &mut Device, rooms: &[&RoomId]) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while rooms.iter().any(|r| device.room_devices(r).is_err()) {
+        assert!(
+            Instant::now() < deadline,
+            "{} never joined",
+            device.device_uri()
+        );
+        for e in device.sync(Some(Duration::from_millis(500))).await.unwrap() {
+            if let Event::Error { detail, .. } = e {
+                panic!("{} failed to process an entry: {detail}", device.user());
+            }
+        }
+    }
+}
+
+/// Multi-device across providers: carol@ping.test logs in a second device, and her first device
+/// adds it to a group and a direct room hubbed at chirp.test (its KeyPackage claimed through the
+/// hub, the commit relayed as MIMI `update`, the Welcome delivered by `notify`). The new device
+/// reads and sends in both; removing it takes it out of both, and the rooms go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_device_on_a_follower_joins_rooms_hubbed_elsewhere() {
+    let dir = tempfile::tempdir().unwrap();
+    let net = Net::with(dir.path(), &["chirp.test", "ping.test"]);
+    let _chirp = net.start("chirp.test").await;
+    let _ping = net.start("ping.test").await;
+    let mut alice = net.register("alice@chirp.test").await;
+    let mut carol = net.register("carol@ping.test").await;
+    consent(&carol, &alice).await;
+    let group = alice
+        .create_room(Some("across"), std::slice::from_ref(carol.user()))
+        .await
+        .unwrap();
+    let direct = alice.direct_room(carol.user()).await.unwrap();
+    join_all(&mut carol, &[&group, &direct]).await;
+
+    let mut phone = Device::login(
+        &net.dir.join("profile-carol-phone"),
+        &format!("http://{}", net.api["ping.test"]),
+        carol.user(),
+        "password-123",
+        None,
+    )
+    .await
+    .unwrap();
+    carol.sync(None).await.unwrap(); // adds the phone to both rooms, through chirp.test
+    join_all(&mut phone, &[&group, &direct]).await;
+
+    alice.send_text(&group, "to both of carol's").await.unwrap();
+    for device in [&mut carol, &mut phone] {
+        assert_eq!(
+            read_n(device, &group, 1).await,
+            from("alice@chirp.test", &["to both of carol's"])
+        );
+    }
+    phone
+        .send_text(&direct, "from carol's phone")
+        .await
+        .unwrap();
+    for device in [&mut alice, &mut carol] {
+        assert_eq!(
+            read_n(device, &direct, 1).await,
+            from("carol@ping.test", &["from carol's phone"])
+        );
+    }
+
+    let phone_uri = phone.device_uri().clone();
+    carol.remove_device(phone.device_id()).await.unwrap();
+    assert!(matches!(
+        phone.sync(None).await,
+        Err(ClientError::DeviceRemoved)
+    ));
+    alice.sync(None).await.unwrap();
+    for room in [&group, &direct] {
+        assert!(!alice.room_devices(room).unwrap().contains(&phone_uri));
+    }
+    alice.send_text(&direct, "just you now").await.unwrap();
+    assert_eq!(
+        read_n(&mut carol, &direct, 1).await,
+        from("alice@chirp.test", &["just you now"])
+    );
+}

@@ -168,6 +168,20 @@ impl ApiClient {
         decode_json(resp).await
     }
 
+    /// `POST /v1/users/{user}/key-packages/claim?room=ROOM&device=ID`: the KeyPackage of one
+    /// device only, so the user's other devices keep theirs (a device joining its user's rooms).
+    pub async fn claim_device_key_package(
+        &self,
+        user: &UserId,
+        room: &RoomId,
+        device: &DeviceId,
+    ) -> Result<ClaimResponse> {
+        let mut url = self.claim_url(user, room)?;
+        url.query_pairs_mut().append_pair("device", device.as_str());
+        let resp = self.send::<()>(Method::POST, url, None).await?;
+        decode_json(resp).await
+    }
+
     /// `POST /v1/contacts/{user}/request`: asks `user` for consent to contact them. Idempotent;
     /// answers the outgoing relation (`granted` at once for a user of our own provider).
     pub async fn contact_request(&self, user: &UserId) -> Result<ContactInfo> {
@@ -351,7 +365,16 @@ impl ApiClient {
             return Ok(resp);
         }
         let bytes = resp.bytes().await.map_err(|e| self.http_error(&e))?;
-        Err(api_error(status, &bytes))
+        Err(self.refusal(status, &bytes))
+    }
+
+    /// The error for a refused request. A device's token is refused only once the device was
+    /// removed from its account (tokens do not expire), which deserves its own clear error.
+    fn refusal(&self, status: StatusCode, body: &[u8]) -> ClientError {
+        if status == StatusCode::UNAUTHORIZED && self.token.is_some() {
+            return ClientError::DeviceRemoved;
+        }
+        api_error(status, body)
     }
 
     fn http_error(&self, e: &reqwest::Error) -> ClientError {
@@ -364,7 +387,7 @@ impl ApiClient {
             WsError::Http(resp) => {
                 let status = resp.status();
                 let body = resp.body().as_deref().unwrap_or_default();
-                api_error(status, body)
+                self.refusal(status, body)
             }
             other => self.unreachable(&error_chain(&other)),
         }

@@ -7,7 +7,10 @@
 //! - an entry that fails becomes an [`Event::Error`] and is skipped: the queue never wedges;
 //! - an own commit is merged only after the hub accepted it;
 //! - a member's proposal to leave is committed by the next `sync`/`apply` (or by any commit of
-//!   ours, which always includes pending proposals), so the hub's room never stays half-left.
+//!   ours, which always includes pending proposals), so the hub's room never stays half-left;
+//! - a user's devices share the user's rooms: after the server signals a change of the user's
+//!   devices (or this device joined a room), the next `sync`/`apply` adds the user's missing
+//!   devices to every room this device is in and removes devices the account no longer has.
 
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -27,6 +30,8 @@ use crate::api::{ApiClient, PushConnection};
 use crate::error::{ClientError, Result};
 use crate::mls::{self, DeviceMls, Incoming, ValidatedKeyPackage};
 use crate::profile::{Account, Authored, HistoryEntry, Profile, ReactionRecord, RoomRecord};
+
+mod own_devices;
 
 /// One-time KeyPackages uploaded at a time.
 pub const KEY_PACKAGE_BATCH: usize = 20;
@@ -236,6 +241,11 @@ pub struct RoomSummary {
 enum CommitPlan {
     Add(Vec<ValidatedKeyPackage>),
     Remove(UserId),
+    /// Just these devices (of this user), not their users.
+    RemoveDevices(Vec<DeviceUri>),
+    /// All of this user's devices but this one, whichever are in the room when the commit is
+    /// built (a retry may find one more).
+    RemoveOtherOwnDevices,
     /// Only the pending proposals.
     Proposals,
 }
@@ -505,10 +515,10 @@ impl Device {
         Ok(())
     }
 
-    /// Leaves a group room: proposes this device's removal to the hub, which queues it for the
-    /// other members (one of them commits it), then forgets the room's MLS state. Afterwards the
-    /// room answers [`ClientError::NotMember`], as after being removed. Only this device leaves;
-    /// the user's other devices stay until they leave too.
+    /// Leaves a group room with all of this user's devices: commits the removal of the user's
+    /// other devices, then proposes this device's removal to the hub, which queues it for the
+    /// other members (one of them commits it), and forgets the room's MLS state. Afterwards the
+    /// room answers [`ClientError::NotMember`], as after being removed.
     pub async fn leave(&mut self, room: &RoomId) -> Result<()> {
         self.require_member(room)?;
         if self.profile.room(room)?.and_then(|r| r.kind) == Some(RoomKind::Direct) {
@@ -518,6 +528,7 @@ impl Device {
         }
         // openmls refuses to propose while a commit of ours is pending.
         self.resolve_unanswered_commits().await?;
+        self.remove_other_own_devices(room).await?;
         let mut attempt = 1;
         loop {
             let proposal = self
@@ -702,7 +713,7 @@ impl Device {
     /// Claims one KeyPackage per device of `user` for `room` and validates them.
     async fn claim(&mut self, user: &UserId, room: &RoomId) -> Result<Vec<ValidatedKeyPackage>> {
         let claimed = self.api.claim_key_packages(user, room).await?;
-        let valid = self.validate_claimed(user, &claimed.key_packages, None);
+        let valid = self.validate_claimed(user, &claimed.key_packages);
         if valid.is_empty() {
             return Err(ClientError::Protocol(format!(
                 "the server offered no usable KeyPackage for {user}"
@@ -711,35 +722,15 @@ impl Device {
         Ok(valid)
     }
 
-    /// KeyPackages of this user's other devices for `room`, so they share the rooms this device
-    /// creates.
-    async fn own_other_devices_key_packages(
-        &mut self,
-        room: &RoomId,
-    ) -> Result<Vec<ValidatedKeyPackage>> {
-        let devices = self.api.devices().await?;
-        if devices
-            .iter()
-            .all(|d| d.device_id == self.device_id().as_str())
-        {
-            return Ok(Vec::new()); // Do not burn one of our own KeyPackages for nothing.
-        }
-        let user = self.user().clone();
-        let claimed = self.api.claim_key_packages(&user, room).await?;
-        Ok(self.validate_claimed(&user, &claimed.key_packages, Some(self.device_id())))
-    }
-
     /// Keeps the claimed packages that validate and match the device the server says they are
     /// for; others are skipped with a warning (that device then stays out of the room).
     fn validate_claimed(
         &self,
         user: &UserId,
         claimed: &[parley_proto::api::ClaimedKeyPackage],
-        skip: Option<&DeviceId>,
     ) -> Vec<ValidatedKeyPackage> {
         claimed
             .iter()
-            .filter(|c| skip.is_none_or(|s| s.as_str() != c.device_id))
             .filter_map(|c| {
                 let checked = self
                     .mls
@@ -867,6 +858,8 @@ impl Device {
         let commit = match plan {
             CommitPlan::Add(key_packages) => self.mls.add_members(conn, room, key_packages)?,
             CommitPlan::Remove(user) => Some(self.mls.remove_user(conn, room, user)?),
+            CommitPlan::RemoveDevices(devices) => self.mls.remove_devices(conn, room, devices)?,
+            CommitPlan::RemoveOtherOwnDevices => self.mls.remove_other_own_devices(conn, room)?,
             CommitPlan::Proposals => self.mls.commit_pending_proposals(conn, room)?,
         };
         if commit.is_some() {
@@ -1249,7 +1242,10 @@ impl Device {
     // --- sync -----------------------------------------------------------------------------------
 
     /// Processes everything queued for this device and returns what happened. With `wait`, if
-    /// nothing was queued, waits up to that long for a push and processes it too.
+    /// nothing was queued, waits up to that long for a push and processes it too. Then commits
+    /// what is this device's to commit: members' leaving, and this user's devices joining or
+    /// leaving this device's rooms (only after the server signalled a change of the user's
+    /// devices, or a join; otherwise that costs nothing).
     pub async fn sync(&mut self, wait: Option<Duration>) -> Result<Vec<Event>> {
         self.resolve_unanswered_commits().await?;
         let processed = self.drain_queue().await?;
@@ -1259,6 +1255,7 @@ impl Device {
             }
         }
         self.commit_pending_proposals().await?;
+        self.sync_own_devices_quietly().await?;
         self.top_up_key_packages_quietly().await;
         self.profile.purge_expired(now_ms())?;
         self.take_events()
@@ -1350,6 +1347,13 @@ impl Device {
                 continue;
             }
             fresh += 1;
+            if entry.kind == EntryKind::Devices {
+                self.profile.transaction(|| {
+                    self.profile.set_devices_stale(true)?;
+                    self.profile.set_processed_seq(entry.seq)
+                })?;
+                continue;
+            }
             let room = RoomId::parse(&entry.room_id).ok();
             let outcome = match &room {
                 None => Err(ClientError::Protocol(format!(
@@ -1384,6 +1388,7 @@ impl Device {
             EntryKind::Commit | EntryKind::Message | EntryKind::Proposal => self
                 .profile
                 .transaction(|| self.process_group_message(room, entry)),
+            EntryKind::Devices => Ok(()), // handled by `process_entries`: it names no room
         }
     }
 
@@ -1417,6 +1422,8 @@ impl Device {
                 name: summary.as_ref().and_then(|s| s.name.clone()),
                 kind: summary.map(|s| s.kind),
             })?;
+            // Whoever added us may not have known all of our user's devices: check the room.
+            self.profile.set_devices_stale(true)?;
             self.profile.set_processed_seq(entry.seq)
         })?;
         tracing::info!(%room, "joined room");
@@ -1737,6 +1744,7 @@ impl Device {
             live.ack(last).await;
         }
         self.commit_pending_proposals().await?;
+        self.sync_own_devices_quietly().await?;
         if joined_any {
             self.top_up_key_packages_quietly().await;
         }
@@ -1789,6 +1797,8 @@ impl Live {
         loop {
             match self.api.connect_push().await {
                 Ok(push) => return Ok(push),
+                // No point in retrying: the account dropped this device.
+                Err(e @ ClientError::DeviceRemoved) => return Err(e),
                 Err(e) if *failures + 1 >= LIVE_RECONNECTS => return Err(e),
                 Err(e) => {
                     *failures += 1;
@@ -2103,6 +2113,8 @@ mod tests {
         send(device.add_member(room, user));
         send(device.remove_member(room, user));
         send(device.leave(room));
+        send(device.remove_device(&DeviceId::from_random([1; 8])));
+        send(device.devices());
         send(device.rooms());
         send(device.live());
         send(live.recv());

@@ -1,7 +1,7 @@
 //! The client's error type: one enum whose `Display` is a one-line message fit for a terminal.
 
 use parley_proto::api::ErrorBody;
-use parley_proto::{MessageId, RoomId, UserId};
+use parley_proto::{DeviceId, MessageId, RoomId, UserId};
 
 /// The server's error code for a request refused for lack of another user's consent.
 const NO_CONSENT: &str = "no_consent";
@@ -27,6 +27,13 @@ pub enum ClientError {
     /// server's message. `Device::contact_request` asks for consent.
     #[error("server refused the request (403 no_consent): {0}")]
     NoConsent(String),
+    /// The server no longer knows this device's token: the device was removed from its
+    /// account (`parley account remove-device` on another device). Its profile is unusable.
+    #[error("this device was removed from its account (the server revoked its access); log in again with a new profile")]
+    DeviceRemoved,
+    /// The user has no device with this id.
+    #[error("your account has no device {0}; `parley account devices` lists them")]
+    UnknownDevice(DeviceId),
     /// The server could not be reached, or the connection broke mid-request.
     #[error("{0}")]
     Unreachable(String),

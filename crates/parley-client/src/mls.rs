@@ -375,17 +375,56 @@ impl DeviceMls {
                 "you cannot remove your own user from a room".into(),
             ));
         }
+        self.remove_leaves(conn, room, |d| d.user == *user)?
+            .ok_or_else(|| {
+                ClientError::InvalidInput(format!("{user} is not a member of room {room}"))
+            })
+    }
+
+    /// Stages a commit removing just these devices, whatever their users' other devices do (a
+    /// device removed from its account leaves every room, its user stays); `None` if none of
+    /// them is in the group. Never this device: MLS lets a member only propose its own removal.
+    pub fn remove_devices(
+        &self,
+        conn: &Connection,
+        room: &RoomId,
+        devices: &[DeviceUri],
+    ) -> Result<Option<OutgoingCommit>> {
+        if devices.contains(&self.me) {
+            return Err(ClientError::InvalidInput(
+                "a device cannot remove itself from a room; it can only leave".into(),
+            ));
+        }
+        self.remove_leaves(conn, room, |d| devices.contains(d))
+    }
+
+    /// Stages a commit removing all of this user's other devices (before this one leaves);
+    /// `None` if there are none.
+    pub fn remove_other_own_devices(
+        &self,
+        conn: &Connection,
+        room: &RoomId,
+    ) -> Result<Option<OutgoingCommit>> {
+        self.remove_leaves(conn, room, |d| d.user == self.me.user && *d != self.me)
+    }
+
+    /// Stages a commit removing the leaves of the devices `doomed` picks; `None` if there are
+    /// none. Leaves whose removal is already proposed (leaving) go through that proposal.
+    fn remove_leaves(
+        &self,
+        conn: &Connection,
+        room: &RoomId,
+        doomed: impl Fn(&DeviceUri) -> bool,
+    ) -> Result<Option<OutgoingCommit>> {
         let provider = self.provider(conn);
         let mut group = self.active_group(&provider, room)?;
         let leaves: Vec<LeafNodeIndex> = group
             .members()
-            .filter(|m| device_uri_of(&m.credential).is_ok_and(|d| d.user == *user))
+            .filter(|m| device_uri_of(&m.credential).is_ok_and(|d| doomed(&d)))
             .map(|m| m.index)
             .collect();
         if leaves.is_empty() {
-            return Err(ClientError::InvalidInput(format!(
-                "{user} is not a member of room {room}"
-            )));
+            return Ok(None);
         }
         drop_own_removal(&provider, &mut group)?;
         let leaving = pending_removals(&group);
@@ -394,15 +433,15 @@ impl DeviceMls {
             .filter(|leaf| !leaving.contains(leaf))
             .collect();
         if fresh.is_empty() {
-            return commit_proposal_store(&provider, &self.signer, &mut group);
+            return commit_proposal_store(&provider, &self.signer, &mut group).map(Some);
         }
         let (commit, welcome, _group_info) = group
             .remove_members(&provider, &self.signer, &fresh)
             .map_err(|e| ClientError::mls("cannot build the remove commit", e))?;
-        Ok(OutgoingCommit {
+        Ok(Some(OutgoingCommit {
             commit: serialize(commit)?,
             welcome: welcome.map(serialize).transpose()?,
-        })
+        }))
     }
 
     /// Whether proposals received from other members wait to be committed in the room.
@@ -898,6 +937,83 @@ mod tests {
         assert_eq!(carol.receive(&room, &alice, &secret), "bob is gone");
         assert!(bob.mls.process(&bob.conn, &room, &secret).is_err());
         assert!(bob.mls.encrypt(&bob.conn, &room, b"still here?").is_err());
+    }
+
+    #[test]
+    fn one_device_of_a_user_can_be_removed_and_the_user_stays() {
+        let alice = TestDevice::new("alice@chirp.test", 1);
+        let alice_phone = TestDevice::new("alice@chirp.test", 2);
+        let bob = TestDevice::new("bob@wave.test", 3);
+        let room = room();
+        alice.mls.create_group(&alice.conn, &room).unwrap();
+        alice.add(&room, &[&bob]);
+        // A further device of a member user: no user joins.
+        let commit = alice.add(&room, &[&alice_phone]);
+        assert_eq!(
+            bob.mls.process(&bob.conn, &room, &commit).unwrap(),
+            Incoming::CommitMerged {
+                added: vec![],
+                removed: vec![],
+                self_removed: false
+            }
+        );
+        let phone = alice_phone.mls.device_uri().clone();
+        assert!(alice
+            .mls
+            .members(&alice.conn, &room)
+            .unwrap()
+            .contains(&phone));
+
+        // A device cannot remove itself (it can only leave); absent devices are nothing to do.
+        assert!(alice
+            .mls
+            .remove_devices(
+                &alice.conn,
+                &room,
+                std::slice::from_ref(alice.mls.device_uri())
+            )
+            .is_err());
+        let stranger = DeviceUri::new(alice.user(), DeviceId::from_random([9; 8]));
+        assert!(alice
+            .mls
+            .remove_devices(&alice.conn, &room, &[stranger])
+            .unwrap()
+            .is_none());
+
+        let out = alice
+            .mls
+            .remove_devices(&alice.conn, &room, std::slice::from_ref(&phone))
+            .unwrap()
+            .unwrap();
+        alice.mls.merge_pending_commit(&alice.conn, &room).unwrap();
+        assert_eq!(
+            bob.mls.process(&bob.conn, &room, &out.commit).unwrap(),
+            Incoming::CommitMerged {
+                added: vec![],
+                removed: vec![],
+                self_removed: false
+            },
+            "alice is still a member"
+        );
+        assert!(matches!(
+            alice_phone
+                .mls
+                .process(&alice_phone.conn, &room, &out.commit)
+                .unwrap(),
+            Incoming::CommitMerged {
+                self_removed: true,
+                ..
+            }
+        ));
+        let secret = bob.send(&room, "only alice's laptop reads this");
+        assert_eq!(
+            alice.receive(&room, &bob, &secret),
+            "only alice's laptop reads this"
+        );
+        assert!(alice_phone
+            .mls
+            .process(&alice_phone.conn, &room, &secret)
+            .is_err());
     }
 
     #[test]

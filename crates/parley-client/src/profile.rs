@@ -362,6 +362,31 @@ impl Profile {
         Ok(())
     }
 
+    // --- this user's devices ----------------------------------------------------------------------
+
+    /// Whether this user's devices may differ from those in our rooms, so the next sync must
+    /// compare them. True until first checked, so a profile from before multi-device checks once.
+    pub fn devices_stale(&self) -> Result<bool> {
+        let in_step: Option<i64> = self
+            .conn
+            .query_row(
+                "SELECT value FROM parley_state WHERE key = 'devices_in_step'",
+                [],
+                |row| row.get(0),
+            )
+            .optional()?;
+        Ok(in_step != Some(1))
+    }
+
+    pub fn set_devices_stale(&self, stale: bool) -> Result<()> {
+        self.conn.execute(
+            "INSERT INTO parley_state (key, value) VALUES ('devices_in_step', ?1)
+             ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            params![i64::from(!stale)],
+        )?;
+        Ok(())
+    }
+
     // --- rooms ----------------------------------------------------------------------------------
 
     pub fn room(&self, room: &RoomId) -> Result<Option<RoomRecord>> {
@@ -1137,6 +1162,17 @@ mod tests {
         let taken: Vec<String> = profile.take_events().unwrap();
         assert_eq!(taken, ["first", "second"]);
         assert!(profile.take_events::<String>().unwrap().is_empty());
+    }
+
+    #[test]
+    fn devices_are_stale_until_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let profile = Profile::create_or_open(dir.path()).unwrap();
+        assert!(profile.devices_stale().unwrap(), "never checked");
+        profile.set_devices_stale(false).unwrap();
+        assert!(!profile.devices_stale().unwrap());
+        profile.set_devices_stale(true).unwrap();
+        assert!(profile.devices_stale().unwrap());
     }
 
     #[test]

@@ -261,6 +261,10 @@ pub enum EntryKind {
     Message,
     /// An MLS proposal (PublicMessage) the next commit must include, e.g. a member leaving.
     Proposal,
+    /// Not about a room: the device's user gained or lost a device (`room_id` and `data` are
+    /// empty). The device then compares `GET /v1/devices` with its rooms' members, adding the
+    /// user's new devices and removing deleted ones.
+    Devices,
 }
 
 /// One entry of a device's delivery queue.

@@ -2,6 +2,7 @@
 //! `invites_used` and `key_packages` tables.
 
 use crate::config::{Registration, ServerConfig};
+use crate::delivery::{enqueue, Outgoing, PushRegistry, Stored};
 use crate::error::{ServiceError, ServiceResult};
 use crate::limits::RateLimiter;
 use crate::mls::validate_key_package;
@@ -11,7 +12,7 @@ use argon2::password_hash::{
 };
 use argon2::Argon2;
 use base64::{engine::general_purpose::URL_SAFE_NO_PAD, Engine as _};
-use parley_proto::api::{ClaimResponse, ClaimedKeyPackage, DeviceInfo, KeyPackageCount};
+use parley_proto::api::{ClaimResponse, ClaimedKeyPackage, DeviceInfo, EntryKind, KeyPackageCount};
 use parley_proto::ids::DeviceUri;
 use parley_proto::{DeviceId, UserId};
 use rand::RngCore;
@@ -268,13 +269,16 @@ impl Accounts {
         }
     }
 
-    /// `POST /v1/sessions`: a further device for an existing user.
+    /// `POST /v1/sessions`: a further device for an existing user. The user's other devices get
+    /// a `devices` queue entry in the same transaction (pushed via `push`), so they add the new
+    /// device to their rooms.
     pub async fn login(
         &self,
         user: &str,
         password: String,
         device_name: Option<&str>,
         signature_key: Vec<u8>,
+        push: &Arc<PushRegistry>,
     ) -> ServiceResult<NewSession> {
         let (user, name) = self.check_enrolment(user, device_name, &signature_key)?;
         let denied = || ServiceError::Unauthorized("wrong user or password".into());
@@ -317,11 +321,26 @@ impl Accounts {
             token: new_token(),
         };
         let (device, th) = (session.device.clone(), token_hash(&session.token));
+        // Every device of the user (the new one too, harmlessly) learns of the change.
+        let expires_at = self.signal_expiry(&user);
+        let push = push.clone();
         self.store
-            .write(move |c| insert_device(c, &device, &domain, &handle, &name, &signature_key, &th))
+            .write_then(
+                move |c| {
+                    insert_device(c, &device, &domain, &handle, &name, &signature_key, &th)?;
+                    signal_device_change(c, &domain, &handle, expires_at)
+                },
+                move |stored: &Vec<Stored>| push.push(stored),
+            )
             .await?;
         tracing::info!(%user, device = %session.device, "device logged in");
         Ok(session)
+    }
+
+    /// When a device-change signal expires unread: after the retention of the user's domain,
+    /// like any queue entry.
+    fn signal_expiry(&self, user: &UserId) -> u64 {
+        now_ms().saturating_add(self.config.retention_ms(user.domain().as_str()))
     }
 
     /// Resolves a bearer token to its device and charges the device's request rate.
@@ -426,8 +445,15 @@ impl Accounts {
             .await?)
     }
 
-    /// `DELETE /v1/devices/{id}`: removes one of the caller's user's devices and revokes its token.
-    pub async fn remove_device(&self, caller: &AuthDevice, device: &str) -> ServiceResult<()> {
+    /// `DELETE /v1/devices/{id}`: removes one of the caller's user's devices and revokes its
+    /// token. The user's remaining devices get a `devices` queue entry in the same transaction,
+    /// so they remove any leaf the device still has in their rooms.
+    pub async fn remove_device(
+        &self,
+        caller: &AuthDevice,
+        device: &str,
+        push: &Arc<PushRegistry>,
+    ) -> ServiceResult<()> {
         let device = DeviceId::parse(device)
             .map_err(|e| ServiceError::bad("invalid_device", e.to_string()))?;
         let (domain, handle) = (
@@ -435,25 +461,29 @@ impl Accounts {
             caller.user.handle().as_str().to_owned(),
         );
         let d = device.as_str().to_owned();
+        let expires_at = self.signal_expiry(&caller.user);
+        let push = push.clone();
         let removed = self
             .store
-            .write(move |c| {
-                let n = c.execute(
-                    "DELETE FROM devices WHERE device_id = ?1 AND domain = ?2 AND handle = ?3",
-                    params![d, domain, handle],
-                )?;
-                if n > 0 {
+            .write_then(
+                move |c| {
+                    let n = c.execute(
+                        "DELETE FROM devices WHERE device_id = ?1 AND domain = ?2 AND handle = ?3",
+                        params![d, domain, handle],
+                    )?;
+                    if n == 0 {
+                        return Ok(None);
+                    }
                     c.execute("DELETE FROM key_packages WHERE device_id = ?1", params![d])?;
                     c.execute("DELETE FROM queue WHERE device_id = ?1", params![d])?;
-                }
-                Ok(n > 0)
-            })
-            .await?;
+                    signal_device_change(c, &domain, &handle, expires_at).map(Some)
+                },
+                move |stored: &Option<Vec<Stored>>| push.push(stored.as_deref().unwrap_or(&[])),
+            )
+            .await?
+            .is_some();
         if !removed {
-            return Err(ServiceError::not_found(
-                "unknown_device",
-                format!("{} has no device {device}", caller.user),
-            ));
+            return Err(unknown_device(&caller.user, &device));
         }
         if let Ok(mut cache) = self.tokens.write() {
             cache.retain(|_, a| a.device != device);
@@ -545,10 +575,22 @@ impl Accounts {
     }
 
     /// `POST /v1/users/{user}/key-packages/claim`: one package per device, each consumed once;
-    /// a device that has run out yields its last-resort package.
-    pub async fn claim_key_packages(&self, target: &UserId) -> ServiceResult<ClaimResponse> {
+    /// a device that has run out yields its last-resort package. With `only`, just that device's
+    /// package (`?device=`), so adding one new device spends none of the others' packages.
+    pub async fn claim_key_packages(
+        &self,
+        target: &UserId,
+        only: Option<&DeviceId>,
+    ) -> ServiceResult<ClaimResponse> {
         let devices = self.devices(target).await?;
-        let ids: Vec<String> = devices.into_iter().map(|d| d.device_id).collect();
+        let ids: Vec<String> = devices
+            .into_iter()
+            .map(|d| d.device_id)
+            .filter(|id| only.is_none_or(|only| only.as_str() == id))
+            .collect();
+        if let (Some(only), true) = (only, ids.is_empty()) {
+            return Err(unknown_device(target, only));
+        }
         let claimed = self
             .store
             .write(move |c| {
@@ -596,6 +638,42 @@ impl Accounts {
             key_packages: claimed,
         })
     }
+}
+
+/// `404 unknown_device`: `user` has no device `device`.
+pub fn unknown_device(user: &UserId, device: &DeviceId) -> ServiceError {
+    ServiceError::not_found("unknown_device", format!("{user} has no device {device}"))
+}
+
+/// Queues a `devices` entry (no room, no data) for every device of the user, inside the
+/// caller's transaction: the signal that the user's device list changed. Returns what to push.
+fn signal_device_change(
+    c: &rusqlite::Connection,
+    domain: &str,
+    handle: &str,
+    expires_at: u64,
+) -> Result<Vec<Stored>, StoreError> {
+    let devices: Vec<String> = {
+        let mut st =
+            c.prepare_cached("SELECT device_id FROM devices WHERE domain = ?1 AND handle = ?2")?;
+        let rows = st.query_map(params![domain, handle], |r| r.get(0))?;
+        rows.collect::<Result<_, _>>()?
+    };
+    let now = now_ms();
+    let data = Arc::new(Vec::new());
+    let signals: Vec<Outgoing> = devices
+        .into_iter()
+        .map(|device| Outgoing {
+            device,
+            room_id: String::new(),
+            kind: EntryKind::Devices,
+            event: 0,
+            ts: now,
+            data: data.clone(),
+            expires_at,
+        })
+        .collect();
+    enqueue(c, &signals)
 }
 
 fn insert_device(

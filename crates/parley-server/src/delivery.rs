@@ -21,6 +21,7 @@ fn kind_code(kind: EntryKind) -> i64 {
         EntryKind::Commit => 2,
         EntryKind::Message => 3,
         EntryKind::Proposal => 4,
+        EntryKind::Devices => 5,
     }
 }
 
@@ -29,6 +30,7 @@ fn kind_from_code(code: i64) -> EntryKind {
         1 => EntryKind::Welcome,
         2 => EntryKind::Commit,
         4 => EntryKind::Proposal,
+        5 => EntryKind::Devices,
         _ => EntryKind::Message,
     }
 }

@@ -191,6 +191,9 @@ pub fn router(app: Arc<App>) -> Router {
         .with_state(app)
 }
 
+/// How much of a refused request's body is read before answering.
+const REFUSED_BODY_DRAIN: usize = 1 << 20;
+
 /// Every federation request: `From: mimi@<domain>` must be proven by the TLS client certificate.
 async fn authenticate_peer(
     Extension(peer): Extension<PeerCertificate>,
@@ -202,8 +205,16 @@ async fn authenticate_peer(
             request.extensions_mut().insert(PeerDomain(domain));
             next.run(request).await
         }
-        Err(e) => e.into_response(),
+        Err(e) => refuse(request, e).await,
     }
+}
+
+/// Answers a request refused before its handler, having read its body (up to a bound) first:
+/// answering while the peer is still sending closes the connection under it, and it sees a
+/// broken pipe instead of the refusal.
+async fn refuse(request: Request, error: ApiError) -> Response {
+    let _ = axum::body::to_bytes(request.into_body(), REFUSED_BODY_DRAIN).await;
+    error.into_response()
 }
 
 /// Per-peer request rate (after authentication, so a peer cannot spend another's budget).
@@ -216,10 +227,9 @@ async fn limit_peer(
     if app.peer_requests.allow(peer.as_str()) {
         next.run(request).await
     } else {
-        ApiError(ServiceError::RateLimited(format!(
-            "{peer} is over its request rate; slow down"
-        )))
-        .into_response()
+        let limited =
+            ServiceError::RateLimited(format!("{peer} is over its request rate; slow down"));
+        refuse(request, ApiError(limited)).await
     }
 }
 

@@ -21,7 +21,7 @@ use parley_proto::api::{
 };
 use parley_proto::api::{ContactInfo, ContactState};
 use parley_proto::mimi::UpdateRequest;
-use parley_proto::{Domain, RoomId, UserId};
+use parley_proto::{DeviceId, Domain, RoomId, UserId};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use std::sync::atomic::Ordering;
@@ -277,6 +277,7 @@ async fn login(
             req.password,
             req.device_name.as_deref(),
             req.signature_key,
+            &app.delivery.push,
         )
         .await?;
     Ok((
@@ -300,7 +301,9 @@ async fn remove_device(
     Authed(me): Authed,
     Path(device): Path<String>,
 ) -> ApiResult<StatusCode> {
-    app.accounts.remove_device(&me, &device).await?;
+    app.accounts
+        .remove_device(&me, &device, &app.delivery.push)
+        .await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -338,9 +341,10 @@ async fn user_devices(
 #[derive(Deserialize)]
 struct ClaimQuery {
     room: Option<String>,
+    device: Option<String>,
 }
 
-/// `POST /v1/users/{user}/key-packages/claim?room=ROOM`
+/// `POST /v1/users/{user}/key-packages/claim?room=ROOM[&device=ID]`
 async fn claim_key_packages(
     State(app): AppState,
     Authed(me): Authed,
@@ -351,7 +355,13 @@ async fn claim_key_packages(
     let user =
         UserId::parse(&user).map_err(|e| ServiceError::bad("invalid_user", e.to_string()))?;
     let room = q.room.as_deref().map(parse_room).transpose()?;
-    Ok(Json(app.remote.claim(&me, &user, room).await?))
+    let device = q
+        .device
+        .as_deref()
+        .map(DeviceId::parse)
+        .transpose()
+        .map_err(|e| ServiceError::bad("invalid_device", e.to_string()))?;
+    Ok(Json(app.remote.claim(&me, &user, room, device).await?))
 }
 
 fn parse_room(room: &str) -> Result<RoomId, ServiceError> {

@@ -8,7 +8,9 @@ use crate::consent::Consent;
 use crate::delivery::{enqueue, Delivery, Outgoing, Stored};
 use crate::error::{ServiceError, ServiceResult};
 use crate::limits::RateLimiter;
-use crate::mls::{application_header, check_welcome, message_epoch, LeafDevice, PublicState};
+use crate::mls::{
+    application_header, check_welcome, message_epoch, CommitEffect, LeafDevice, PublicState,
+};
 use crate::now_ms;
 use crate::outbox::{self, Outbox, OutboxItem};
 use crate::store::{Store, StoreError};
@@ -493,7 +495,7 @@ impl Hub {
             ));
         }
         self.check_added_devices(&state.id, &effect.added).await?;
-        self.check_policy(&state, &effect.members, !effect.removed.is_empty())?;
+        self.check_policy(&state, &effect)?;
         check_welcome_matches(welcome.as_deref(), !effect.added.is_empty())?;
 
         let ts = now_ms();
@@ -851,12 +853,11 @@ impl Hub {
         Ok(())
     }
 
-    fn check_policy(
-        &self,
-        state: &RoomState,
-        members: &[LeafDevice],
-        removes: bool,
-    ) -> ServiceResult<()> {
+    /// Room size, and a direct room's fixed membership: only its two users, and nobody removed
+    /// except a user's own devices by that user (a device removed from the account), so both
+    /// users keep their place (the committer's user keeps at least the committer).
+    fn check_policy(&self, state: &RoomState, effect: &CommitEffect) -> ServiceResult<()> {
+        let members = &effect.members;
         let max = self
             .config
             .domain(&state.hub_domain)
@@ -868,10 +869,14 @@ impl Hub {
             ));
         }
         if state.kind == RoomKind::Direct {
-            if removes {
+            if effect
+                .removed
+                .iter()
+                .any(|d| d.user != effect.committer.user)
+            {
                 return Err(ServiceError::forbidden(
                     "policy",
-                    "a direct room has fixed membership",
+                    "a direct room has fixed membership: a user may only remove their own devices",
                 ));
             }
             let allowed = |u: &UserId| *u == state.creator || Some(u) == state.direct_peer.as_ref();

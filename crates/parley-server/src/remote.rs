@@ -10,7 +10,7 @@
 //!   hubbed elsewhere, else straight to the user's provider (`keyMaterial`), and the hub records
 //!   which keys it was given for the room; the user's provider answers only with consent.
 
-use crate::accounts::{Accounts, AuthDevice};
+use crate::accounts::{unknown_device, Accounts, AuthDevice};
 use crate::config::ServerConfig;
 use crate::consent::Consent;
 use crate::delivery::{enqueue, Delivery, Outgoing, Stored};
@@ -28,7 +28,7 @@ use parley_proto::mimi::{
     NotifyEntry, NotifyRequest, SubmitMessageRequest, SubmitResponse, UpdateRequest,
     UpdateResponse, UserCode,
 };
-use parley_proto::{Domain, RoomId, UserId};
+use parley_proto::{DeviceId, Domain, RoomId, UserId};
 use rusqlite::{params, Connection, OptionalExtension};
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
@@ -338,17 +338,45 @@ impl Remote {
 
     // --- key material ------------------------------------------------------------------------
 
-    /// `POST /v1/users/{user}/key-packages/claim?room=` from a local client.
+    /// `POST /v1/users/{user}/key-packages/claim?room=[&device=]` from a local client. With
+    /// `device`, only that device's package is answered. Locally only that one is consumed;
+    /// through another provider all of the user's devices' packages are (MIMI `keyMaterial`
+    /// names a user, not a client), and the others are dropped here.
     pub async fn claim(
         &self,
         requester: &AuthDevice,
         target: &UserId,
         room: Option<RoomId>,
+        device: Option<DeviceId>,
     ) -> ServiceResult<ClaimResponse> {
         let remote_hub = match &room {
             Some(r) => self.hub_of(r).await?,
             None => None,
         };
+        if remote_hub.is_none() && self.config.hosts(target.domain().as_str()) {
+            return self
+                .accounts
+                .claim_key_packages(target, device.as_ref())
+                .await;
+        }
+        let claim = self
+            .claim_across(requester, target, room, remote_hub)
+            .await?;
+        match device {
+            Some(device) => only_device(target, claim, &device),
+            None => Ok(claim),
+        }
+    }
+
+    /// A claim that involves another provider: through the room's hub when the room is hubbed
+    /// elsewhere, else from the target's provider as the room's (future) hub.
+    async fn claim_across(
+        &self,
+        requester: &AuthDevice,
+        target: &UserId,
+        room: Option<RoomId>,
+        remote_hub: Option<Domain>,
+    ) -> ServiceResult<ClaimResponse> {
         if let (Some(hub), Some(room)) = (remote_hub, &room) {
             // The room's hub must see (and remember) every key used in its room.
             let request = KeyMaterialRequest::new(
@@ -369,9 +397,6 @@ impl Remote {
             let response =
                 KeyMaterialResponse::decode(&answer).map_err(|e| hub_garbled(&hub, e))?;
             return Ok(claim_of(target, &response)?.0);
-        }
-        if self.config.hosts(target.domain().as_str()) {
-            return self.accounts.claim_key_packages(target).await;
         }
         let room = room.ok_or_else(|| {
             ServiceError::bad(
@@ -451,16 +476,18 @@ impl Remote {
                     &target_uri,
                 ));
             }
-            return Ok(match self.accounts.claim_key_packages(&target).await {
-                Ok(claim) => material_of(&target, claim),
-                Err(ServiceError::NotFound { .. }) => {
-                    KeyMaterialResponse::refused(UserCode::UserUnknown, &target_uri)
-                }
-                Err(ServiceError::Conflict { .. }) => {
-                    KeyMaterialResponse::refused(UserCode::NoCompatibleMaterial, &target_uri)
-                }
-                Err(e) => return Err(e),
-            });
+            return Ok(
+                match self.accounts.claim_key_packages(&target, None).await {
+                    Ok(claim) => material_of(&target, claim),
+                    Err(ServiceError::NotFound { .. }) => {
+                        KeyMaterialResponse::refused(UserCode::UserUnknown, &target_uri)
+                    }
+                    Err(ServiceError::Conflict { .. }) => {
+                        KeyMaterialResponse::refused(UserCode::NoCompatibleMaterial, &target_uri)
+                    }
+                    Err(e) => return Err(e),
+                },
+            );
         }
         // Relaying as the room's hub for a follower's user.
         let hubbed_here = self.config.hosts(room_hub.as_str())
@@ -813,6 +840,21 @@ fn claim_of(
         },
         keys,
     ))
+}
+
+/// The part of `claim` for `device` alone.
+fn only_device(
+    target: &UserId,
+    mut claim: ClaimResponse,
+    device: &DeviceId,
+) -> ServiceResult<ClaimResponse> {
+    claim
+        .key_packages
+        .retain(|k| k.device_id == device.as_str());
+    if claim.key_packages.is_empty() {
+        return Err(unknown_device(target, device));
+    }
+    Ok(claim)
 }
 
 /// A local claim as a `KeyMaterialResponse`.

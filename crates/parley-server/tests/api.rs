@@ -171,6 +171,17 @@ async fn registration_and_login_rules() {
         StatusCode::UNAUTHORIZED,
         "unauthorized",
     );
+
+    // Each change of alice's devices queued a `devices` signal (no room) for her first device.
+    let (status, queue) = api.get("/v1/queue", Some(&token)).await;
+    assert_eq!(status, StatusCode::OK);
+    let signals: Vec<(&str, &str)> = queue["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| (e["kind"].as_str().unwrap(), e["room_id"].as_str().unwrap()))
+        .collect();
+    assert_eq!(signals, [("devices", ""), ("devices", "")]);
     server.shutdown().await;
 }
 
