@@ -91,7 +91,10 @@ async fn uploads_stream_to_disk_within_the_limit_and_download_back() {
     let mut got = Sha256::new();
     let resp = http
         .get(format!("{base}/v1/downloads"))
-        .query(&[("url", url.as_str()), ("room", "00000000000000000000000000000000")])
+        .query(&[
+            ("url", url.as_str()),
+            ("room", "00000000000000000000000000000000"),
+        ])
         .bearer_auth(&bob)
         .send()
         .await
@@ -159,7 +162,12 @@ async fn uploads_stream_to_disk_within_the_limit_and_download_back() {
         .await
         .unwrap();
     assert_eq!(gone.status(), StatusCode::NOT_FOUND);
-    assert_eq!(std::fs::read_dir(dir.path().join("assets")).unwrap().count(), 0);
+    assert_eq!(
+        std::fs::read_dir(dir.path().join("assets"))
+            .unwrap()
+            .count(),
+        0
+    );
 
     // Bad ids and URLs are 400s, not lookups.
     for path in ["/v1/assets/..%2Fparley.db", "/v1/assets/xyz"] {
