@@ -68,8 +68,10 @@ pub enum RoomCommand {
     },
     /// Add a user (all their devices) to a room.
     Add { room: String, user: String },
-    /// Remove a user (all their devices) from a room.
+    /// Remove a user (all their devices) from a room (admins only, in group rooms).
     Remove { room: String, user: String },
+    /// Make a member an admin: admins add, remove and promote; the room's creator is its first.
+    Promote { room: String, user: String },
     /// Leave a group room, with all your devices (another member completes the removal).
     Leave { room: String },
     /// List the rooms this device is in.
@@ -286,6 +288,11 @@ impl Client {
                     .await
                     .map_err(|e| consent_hint(e, &user.to_string()))?;
                 println!("added {user} to {room}");
+            }
+            RoomCommand::Promote { room, user } => {
+                let room = resolve_room(&mut device, &room).await?;
+                device.promote(&room, &parse_user(&user)?).await?;
+                println!("{user} is now an admin of {room}");
             }
             RoomCommand::Remove { room, user } => {
                 let room = resolve_room(&mut device, &room).await?;

@@ -232,6 +232,8 @@ pub async fn run() -> anyhow::Result<()> {
             &["Hello from ping.test (relayed through the hub)."],
         )?;
     }
+    println!("  alice (the room's creator, its admin) makes bob an admin; only admins add users");
+    alice.device.promote(&trio, &bob.id()).await?;
     println!("  bob (wave.test) adds dave (ping.test); the commit goes to the hub at chirp.test");
     dave.consent_to(&bob).await?;
     bob.device.add_member(&trio, &dave.id()).await?;

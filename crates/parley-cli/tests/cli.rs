@@ -116,7 +116,15 @@ fn documented_cli_scenario_across_two_domains() {
         list.contains(&room) && list.contains("team") && list.contains("bob@wave.test"),
         "{list}"
     );
-    ok(&u.alice, &["room", "remove", &room, "bob@wave.test"]);
+    // Room policy: only admins remove others; the creator is the first admin and promotes.
+    let refused = fails(&u.carol, &["room", "remove", &room, "bob@wave.test"]);
+    assert!(refused.contains("only an admin may remove"), "{refused}");
+    let promoted = ok(&u.alice, &["room", "promote", &room, "carol@chirp.test"]);
+    assert!(
+        promoted.contains("carol@chirp.test is now an admin"),
+        "{promoted}"
+    );
+    ok(&u.carol, &["room", "remove", &room, "bob@wave.test"]);
     ok(&u.carol, &["send", "team", "bob is gone"]); // a room by name
     assert_eq!(
         messages(&sync_json(&u.alice)),

@@ -88,7 +88,18 @@ async fn group_of_four_with_add_and_remove() {
         "dave is not a member yet"
     );
 
-    // A member other than the creator adds dave; dave joins and talks.
+    // Only admins add users: bob is refused until alice (the creator, first admin) promotes him.
+    let refused = bob.add_member(&room, dave.user()).await.unwrap_err();
+    assert_eq!(refused.code(), Some("not_admin"), "{refused}");
+    alice.promote(&room, bob.user()).await.unwrap();
+    let admins = alice.api().room(&room).await.unwrap().admins;
+    assert_eq!(admins, vec!["alice@chirp.test", "bob@wave.test"]);
+    let not_admin = carol
+        .promote(&room, &dave.user().clone())
+        .await
+        .unwrap_err();
+    assert_eq!(not_admin.code(), Some("not_admin"), "{not_admin}");
+    // Now a member other than the creator adds dave; dave joins and talks.
     bob.add_member(&room, dave.user()).await.unwrap();
     read(&mut dave, &room).await;
     dave.send_text(&room, "two").await.unwrap();
@@ -224,6 +235,7 @@ async fn a_member_leaves_and_the_others_commit_it() {
         .unwrap();
     read(&mut bob, &room).await;
     read(&mut carol, &room).await;
+    alice.promote(&room, carol.user()).await.unwrap();
 
     bob.leave(&room).await.unwrap();
     assert!(
@@ -233,6 +245,7 @@ async fn a_member_leaves_and_the_others_commit_it() {
 
     // Carol has not seen the leave yet; her commit must include it, so the hub first refuses it
     // as pending_proposals, her client syncs, and the retry commits both the leave and the add.
+    // (A leave needs no admin to commit; adding dave does: alice made carol one.)
     carol.add_member(&room, dave.user()).await.unwrap();
     let events = alice.sync(None).await.unwrap();
     let removed: Vec<String> = events
@@ -285,6 +298,7 @@ async fn racing_commits_both_land_and_stale_commits_are_refused() {
         .await
         .unwrap();
     read(&mut bob, &room).await;
+    alice.promote(&room, bob.user()).await.unwrap();
 
     // Two members commit at the same time: the hub takes one, the other gets wrong_epoch,
     // catches up and retries on top of it.

@@ -221,6 +221,19 @@ impl ApiClient {
             .await
     }
 
+    /// `POST /v1/rooms/{room_id}/admins`: make a member user an admin (the caller must be one).
+    pub async fn promote(&self, room: &RoomId, user: &UserId) -> Result<RoomInfo> {
+        let body = parley_proto::api::PromoteRequest {
+            user: user.to_string(),
+        };
+        self.call(
+            Method::POST,
+            &["v1", "rooms", room.as_str(), "admins"],
+            Some(&body),
+        )
+        .await
+    }
+
     /// `POST /v1/rooms/{room_id}/commits`.
     pub async fn post_commit(&self, room: &RoomId, req: &CommitRequest) -> Result<Accepted> {
         let path = ["v1", "rooms", room.as_str(), "commits"];

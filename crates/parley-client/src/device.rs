@@ -508,6 +508,14 @@ impl Device {
         Ok(())
     }
 
+    /// Makes `user`, a member of the group room, an admin (only admins may add and remove
+    /// other users, and promote). The room's hub enforces it.
+    pub async fn promote(&mut self, room: &RoomId, user: &UserId) -> Result<()> {
+        self.require_member(room)?;
+        self.api.promote(room, user).await?;
+        Ok(())
+    }
+
     /// Removes every device of `user` from the room.
     pub async fn remove_member(&mut self, room: &RoomId, user: &UserId) -> Result<()> {
         self.require_member(room)?;

@@ -208,6 +208,15 @@ pub struct RoomInfo {
     pub epoch: u64,
     /// Member users (`user@domain`), sorted.
     pub members: Vec<String>,
+    /// Admin users (may add, remove and promote), sorted. Direct rooms have none.
+    #[serde(default)]
+    pub admins: Vec<String>,
+}
+
+/// `POST /v1/rooms/{id}/admins`: make a member user an admin.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PromoteRequest {
+    pub user: String,
 }
 
 /// `POST /v1/rooms/{id}/commits`: a Commit (as a PublicMessage) plus the Welcome for added devices.

@@ -369,6 +369,16 @@ pub struct RoomSnapshot {
     pub users: Vec<IdentifierUri>,
     /// The member clients at the receiving provider's domains.
     pub local_clients: Vec<IdentifierUri>,
+    /// The admin users (room policy).
+    pub admins: Vec<IdentifierUri>,
+}
+
+/// Parley extension `x-parley-promote/{roomId}`: a follower relays its admin user's promotion
+/// of another member to the hub (until roles travel as AppSync proposals in the GroupContext).
+#[derive(Debug, Clone, PartialEq, Eq, TlsSerialize, TlsDeserialize, TlsSize)]
+pub struct PromoteRequest {
+    pub requester: IdentifierUri,
+    pub target: IdentifierUri,
 }
 
 /// One notify entry. Deviations from a bare `FanoutMessage`: a per-room `sequence` the hub
@@ -559,6 +569,7 @@ mod tests {
                     epoch: 3,
                     users: vec![IdentifierUri::new("mimi://wave.test/u/bob")],
                     local_clients: vec![],
+                    admins: vec![IdentifierUri::new("mimi://chirp.test/u/alice")],
                 }),
                 fanout: FanoutMessage {
                     timestamp: 1_700_000_000_000,

@@ -39,7 +39,7 @@ use std::sync::Arc;
 use tokio_rustls::TlsAcceptor;
 
 /// The MIMI endpoints, as named in the directory (draft-ietf-mimi-protocol §5.1).
-const ENDPOINTS: [(&str, &str); 10] = [
+const ENDPOINTS: [(&str, &str); 11] = [
     ("keyMaterial", "keyMaterial/{targetUser}"),
     ("update", "update/{roomId}"),
     ("notify", "notify/{roomId}"),
@@ -50,6 +50,8 @@ const ENDPOINTS: [(&str, &str); 10] = [
     ("identifierQuery", "identifierQuery/{domain}"),
     ("reportAbuse", "reportAbuse/{roomId}"),
     ("proxyDownload", "proxyDownload/{downloadUrl}"),
+    // Parley extension: room roles until they travel as AppSync proposals.
+    (crate::remote::PROMOTE, "x-parley-promote/{roomId}"),
 ];
 
 /// The TLS client certificate of the connection a request came on (set by `net`).
@@ -169,6 +171,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/groupInfo/{room}", post(not_implemented))
         .route("/v1/proxyDownload/{url}", get(proxy_download))
         .route("/v1/assets/{id}", get(serve_asset))
+        .route("/v1/x-parley-promote/{room}", post(promote))
         .fallback(|| async {
             ApiError(crate::error::ServiceError::not_found(
                 "not_found",
@@ -611,4 +614,31 @@ async fn proxy_download(
         .await
         .map_err(|e| ServiceError::unavailable("peer_unreachable", e.to_string()))?;
     Ok(crate::http::relay_download(upstream)?)
+}
+
+/// `POST /v1/x-parley-promote/{roomId}` (Parley extension): a follower relays its admin user's
+/// promotion of another member; the requester must be a user of the calling peer's domain.
+async fn promote(
+    State(app): State<Arc<App>>,
+    Extension(PeerDomain(peer)): Extension<PeerDomain>,
+    Param(room): Param<String>,
+    body: Bytes,
+) -> FedResult {
+    let request: parley_proto::mimi::PromoteRequest = decode(&body)?;
+    let user = |u: &IdentifierUri| {
+        u.as_str()
+            .ok()
+            .and_then(|s| UserId::parse(s).ok())
+            .ok_or_else(|| ServiceError::bad("invalid_body", "not a user URI"))
+    };
+    let (requester, target) = (user(&request.requester)?, user(&request.target)?);
+    if requester.domain() != &peer {
+        return Err(ServiceError::forbidden(
+            "peer_domain_mismatch",
+            format!("{peer} may not act for {requester}"),
+        )
+        .into());
+    }
+    app.hub.promote(&requester, &room, &target).await?;
+    Ok(StatusCode::CREATED.into_response())
 }

@@ -19,7 +19,7 @@ use parley_proto::api::{
     AckRequest, CommitRequest, CreateRoomRequest, ErrorBody, LoginRequest, ProposalRequest,
     QueuePage, RegisterRequest, SendRequest, SessionResponse, UploadKeyPackages, WsFrame,
 };
-use parley_proto::api::{ContactInfo, ContactState};
+use parley_proto::api::{ContactInfo, ContactState, PromoteRequest};
 use parley_proto::mimi::UpdateRequest;
 use parley_proto::{DeviceId, Domain, RoomId, UserId};
 use serde::de::DeserializeOwned;
@@ -177,6 +177,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/rooms/{room}/commits", post(commit))
         .route("/v1/rooms/{room}/messages", post(send))
         .route("/v1/rooms/{room}/proposals", post(propose))
+        .route("/v1/rooms/{room}/admins", post(promote))
         .route("/v1/queue", get(queue))
         .route("/v1/queue/ack", post(ack))
         .route("/v1/ws", get(ws))
@@ -774,4 +775,22 @@ pub fn asset_response(body: axum::body::Body, size: Option<u64>) -> Response {
         headers.insert(header::CONTENT_LENGTH, header::HeaderValue::from(size));
     }
     resp
+}
+
+/// `POST /v1/rooms/{room}/admins`: an admin makes another member an admin.
+async fn promote(
+    State(app): AppState,
+    Authed(me): Authed,
+    Path(room): Path<String>,
+    ApiJson(req): ApiJson<PromoteRequest>,
+) -> ApiResult<impl IntoResponse> {
+    let target =
+        UserId::parse(&req.user).map_err(|e| ServiceError::bad("invalid_user", e.to_string()))?;
+    Ok(Json(match room_home(&app, &room).await? {
+        RoomHome::Here => {
+            app.hub.room_info(&me, &room).await?; // the calling device must be in the room
+            app.hub.promote(&me.user, &room, &target).await?
+        }
+        RoomHome::Remote(id, hub) => app.remote.relay_promote(&me, &id, &hub, &target).await?,
+    }))
 }

@@ -70,6 +70,8 @@ struct RoomState {
     epoch: u64,
     next_event: AtomicU64,
     members: Vec<MemberDevice>,
+    /// Users who may add, remove and promote (room policy); empty for direct rooms.
+    admins: BTreeSet<UserId>,
     public: PublicState,
 }
 
@@ -125,6 +127,11 @@ impl RoomState {
                 .filter(|m| m.user.domain().as_str() == domain)
                 .map(|m| IdentifierUri::new(&m.uri()))
                 .collect(),
+            admins: self
+                .admins
+                .iter()
+                .map(|u| IdentifierUri::new(&u.to_uri()))
+                .collect(),
         }
     }
 
@@ -140,8 +147,70 @@ impl RoomState {
             name: self.name.clone(),
             epoch: self.epoch,
             members: users.into_iter().collect(),
+            admins: self.admins.iter().map(ToString::to_string).collect(),
         }
     }
+
+    fn admins_json(&self) -> String {
+        admins_json(&self.admins)
+    }
+
+    /// Room policy for a group room's commit: adding a user who is not in the room yet, or
+    /// removing another user's devices (other than ones that asked to leave), takes an admin.
+    /// Anyone may add devices of users already in the room (their new devices) and remove their
+    /// own devices.
+    fn check_roles(&self, effect: &CommitEffect) -> ServiceResult<()> {
+        if self.kind != RoomKind::Group || self.admins.contains(&effect.committer.user) {
+            return Ok(());
+        }
+        let present: BTreeSet<&UserId> = self.members.iter().map(|m| &m.user).collect();
+        if let Some(newcomer) = effect
+            .added
+            .iter()
+            .find(|l| !present.contains(&l.device.user))
+        {
+            return Err(not_admin(format!(
+                "only an admin may add {} to this room",
+                newcomer.device.user
+            )));
+        }
+        let removes_other = effect
+            .removed
+            .iter()
+            .filter(|d| !effect.left.contains(d))
+            .find(|d| d.user != effect.committer.user);
+        if let Some(other) = removes_other {
+            return Err(not_admin(format!(
+                "only an admin may remove {} from this room",
+                other.user
+            )));
+        }
+        Ok(())
+    }
+
+    /// Admins after a commit leaves `members`: departed users lose the role, and a group is never
+    /// left without an admin (if the last one left, every remaining user becomes one).
+    fn admins_after(&self, members: &[MemberDevice]) -> BTreeSet<UserId> {
+        if self.kind != RoomKind::Group {
+            return BTreeSet::new();
+        }
+        let users: BTreeSet<UserId> = members.iter().map(|m| m.user.clone()).collect();
+        let kept: BTreeSet<UserId> = self.admins.intersection(&users).cloned().collect();
+        if kept.is_empty() {
+            users
+        } else {
+            kept
+        }
+    }
+}
+
+fn admins_json(admins: &BTreeSet<UserId>) -> String {
+    let list: Vec<String> = admins.iter().map(ToString::to_string).collect();
+    serde_json::to_string(&list).unwrap_or_else(|_| "[]".into())
+}
+
+fn not_admin(message: String) -> ServiceError {
+    ServiceError::forbidden("not_admin", message)
 }
 
 type RoomHandle = Arc<RwLock<RoomState>>;
@@ -332,6 +401,54 @@ impl Hub {
         })
     }
 
+    /// `POST /v1/rooms/{id}/admins`, and the `x-parley-promote` extension from a follower: an
+    /// admin of a group room makes another member user an admin. `requester` has been
+    /// authenticated by the caller (a local member device, or a peer speaking for its own user).
+    pub async fn promote(
+        &self,
+        requester: &UserId,
+        room: &str,
+        target: &UserId,
+    ) -> ServiceResult<RoomInfo> {
+        let id = parse_room(room)?;
+        let handle = self.room(&id).await?.ok_or_else(|| unknown_room(&id))?;
+        let mut state = handle.write().await;
+        let is_member = |u: &UserId| state.members.iter().any(|m| m.user == *u);
+        if !is_member(requester) {
+            return Err(unknown_room(&id));
+        }
+        if state.kind == RoomKind::Direct {
+            return Err(ServiceError::forbidden(
+                "policy",
+                "a direct room has fixed membership and no roles",
+            ));
+        }
+        if !state.admins.contains(requester) {
+            return Err(not_admin("only an admin may promote members".into()));
+        }
+        if !is_member(target) {
+            return Err(ServiceError::bad(
+                "not_member",
+                format!("{target} is not a member of room {id}"),
+            ));
+        }
+        let mut admins = state.admins.clone();
+        admins.insert(target.clone());
+        let (key, json) = (id.to_string(), admins_json(&admins));
+        self.store
+            .write(move |c| {
+                c.execute(
+                    "UPDATE rooms SET admins = ?2 WHERE room_id = ?1",
+                    params![key, json],
+                )?;
+                Ok(())
+            })
+            .await?;
+        state.admins = admins;
+        tracing::info!(room = %id, admin = %target, by = %requester, "member promoted");
+        Ok(state.info())
+    }
+
     /// Whether `user` has a device in a room hubbed here.
     pub async fn has_member_user(&self, room: &RoomId, user: &UserId) -> ServiceResult<bool> {
         let Some(handle) = self.room(room).await? else {
@@ -407,6 +524,10 @@ impl Hub {
             epoch: 0,
             next_event: AtomicU64::new(1),
             members: members.iter().map(MemberDevice::from).collect(),
+            admins: match req.kind {
+                RoomKind::Group => BTreeSet::from([caller.user.clone()]),
+                RoomKind::Direct => BTreeSet::new(),
+            },
             public,
         };
         let row = RoomRow::of(&state)?;
@@ -494,6 +615,7 @@ impl Hub {
                 "only add, remove and update proposals are allowed",
             ));
         }
+        state.check_roles(&effect)?;
         self.check_added_devices(&state.id, &effect.added).await?;
         self.check_policy(&state, &effect)?;
         check_welcome_matches(welcome.as_deref(), !effect.added.is_empty())?;
@@ -501,6 +623,9 @@ impl Hub {
         let ts = now_ms();
         let event = state.next_event.fetch_add(1, Ordering::SeqCst);
         let members: Vec<MemberDevice> = effect.members.iter().map(MemberDevice::from).collect();
+        // Snapshots sent with this commit carry the admins as they are after it.
+        let next_admins = state.admins_after(&members);
+        let previous_admins = std::mem::replace(&mut state.admins, next_admins);
         let next_epoch = effect.epoch;
         let out = EventOut {
             kind: FanoutKind::Commit,
@@ -540,8 +665,12 @@ impl Hub {
                 .encode()
                 .map_err(|e| ServiceError::Internal(e.to_string()))?,
             members: member_rows(&members),
+            admins: state.admins_json(),
         };
-        self.persist(RoomWrite::State(update), fanout).await?;
+        if let Err(e) = self.persist(RoomWrite::State(update), fanout).await {
+            state.admins = previous_admins;
+            return Err(e);
+        }
         state.epoch = effect.epoch;
         state.members = members;
         state.public = effect.next;
@@ -657,6 +786,7 @@ impl Hub {
                 .encode()
                 .map_err(|e| ServiceError::Internal(e.to_string()))?,
             members: state.member_rows(),
+            admins: state.admins_json(),
         };
         self.persist(RoomWrite::State(update), fanout).await?;
         let mut state = state;
@@ -1036,6 +1166,7 @@ struct RoomRow {
     direct_peer: Option<String>,
     public_state: Vec<u8>,
     members: Vec<(String, String)>,
+    admins: String,
 }
 
 impl RoomRow {
@@ -1052,15 +1183,16 @@ impl RoomRow {
                 .encode()
                 .map_err(|e| ServiceError::Internal(e.to_string()))?,
             members: s.member_rows(),
+            admins: s.admins_json(),
         })
     }
 }
 
 fn insert_room(c: &Connection, r: &RoomRow) -> Result<bool, StoreError> {
     let inserted = c.execute(
-        "INSERT OR IGNORE INTO rooms (room_id, hub_domain, kind, name, creator, direct_peer, epoch, next_event, public_state, created_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, 0, 1, ?7, ?8)",
-        params![r.room_id, r.hub_domain, r.kind, r.name, r.creator, r.direct_peer, r.public_state, now_ms() as i64],
+        "INSERT OR IGNORE INTO rooms (room_id, hub_domain, kind, name, creator, direct_peer, epoch, next_event, public_state, created_at, admins)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, 0, 1, ?7, ?8, ?9)",
+        params![r.room_id, r.hub_domain, r.kind, r.name, r.creator, r.direct_peer, r.public_state, now_ms() as i64, r.admins],
     )?;
     if inserted == 0 {
         return Ok(false);
@@ -1124,13 +1256,14 @@ struct RoomUpdate {
     next_event: u64,
     public_state: Vec<u8>,
     members: Vec<(String, String)>,
+    admins: String,
 }
 
 impl RoomUpdate {
     fn apply(&self, c: &Connection) -> Result<(), StoreError> {
         c.execute(
-            "UPDATE rooms SET epoch = ?2, next_event = MAX(next_event, ?3), public_state = ?4 WHERE room_id = ?1",
-            params![self.room_id, self.epoch as i64, self.next_event as i64, self.public_state],
+            "UPDATE rooms SET epoch = ?2, next_event = MAX(next_event, ?3), public_state = ?4, admins = ?5 WHERE room_id = ?1",
+            params![self.room_id, self.epoch as i64, self.next_event as i64, self.public_state, self.admins],
         )?;
         replace_members(c, &self.room_id, &self.members)
     }
@@ -1170,6 +1303,17 @@ fn load_room(c: &Connection, room: &str) -> Result<Option<RoomState>, StoreError
         return Ok(None);
     };
     let corrupt = |what: &str| StoreError::Task(format!("room {room}: stored {what} is corrupt"));
+    let admins: String = c.query_row(
+        "SELECT admins FROM rooms WHERE room_id = ?1",
+        params![room],
+        |r| r.get(0),
+    )?;
+    let admins = serde_json::from_str::<Vec<String>>(&admins)
+        .map_err(|_| corrupt("admins"))?
+        .iter()
+        .map(|u| UserId::parse(u))
+        .collect::<Result<BTreeSet<_>, _>>()
+        .map_err(|_| corrupt("admin"))?;
     let mut st = c.prepare("SELECT device_id, user_id FROM room_members WHERE room_id = ?1")?;
     let members = st
         .query_map(params![room], |r| {
@@ -1193,6 +1337,7 @@ fn load_room(c: &Connection, room: &str) -> Result<Option<RoomState>, StoreError
         epoch: epoch as u64,
         next_event: AtomicU64::new(next_event as u64),
         members,
+        admins,
         public: PublicState::decode(&public).map_err(|_| corrupt("group state"))?,
     }))
 }

@@ -135,6 +135,8 @@ pub struct CommitEffect {
     pub committer: DeviceUri,
     pub added: Vec<LeafDevice>,
     pub removed: Vec<DeviceUri>,
+    /// The removed devices that had asked to leave (their pending self-removals).
+    pub left: Vec<DeviceUri>,
     pub members: Vec<LeafDevice>,
     pub has_other_proposals: bool,
     /// The commit leaves out a proposal the hub holds (a member's leave): refuse it, the
@@ -239,6 +241,15 @@ impl PublicState {
             .map(|rm| rm.remove_proposal().removed())
             .collect();
         let misses_pending = pending.iter().any(|leaf| !covered.contains(leaf));
+        let left = pending
+            .iter()
+            .filter(|leaf| covered.contains(leaf))
+            .filter_map(|leaf| {
+                group
+                    .leaf(*leaf)
+                    .and_then(|l| credential_device(l.credential()))
+            })
+            .collect();
         group
             .merge_commit(&next.storage, *staged)
             .map_err(|e| bad(format!("cannot apply commit: {e}")))?;
@@ -250,6 +261,7 @@ impl PublicState {
             committer,
             added,
             removed,
+            left,
             members,
             has_other_proposals,
             misses_pending,

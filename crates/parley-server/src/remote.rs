@@ -33,6 +33,9 @@ use rusqlite::{params, Connection, OptionalExtension};
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
+/// The Parley extension endpoint a follower uses to relay a promotion to the hub.
+pub const PROMOTE: &str = "x-parley-promote";
+
 /// MLS_128_DHKEMX25519_AES128GCM_SHA256_Ed25519.
 const CIPHERSUITE: u16 = 1;
 
@@ -44,6 +47,7 @@ struct RemoteRoom {
     name: Option<String>,
     epoch: u64,
     users: Vec<String>,
+    admins: Vec<String>,
     last_sequence: u64,
 }
 
@@ -56,6 +60,7 @@ impl RemoteRoom {
             name: self.name.clone(),
             epoch: self.epoch,
             members: self.users.clone(),
+            admins: self.admins.clone(),
         }
     }
 }
@@ -334,6 +339,44 @@ impl Remote {
                 })
             }
         }
+    }
+
+    /// `POST /v1/rooms/{id}/admins` for a room hubbed elsewhere: the Parley extension
+    /// `x-parley-promote` to the hub; on success the local snapshot learns the new admin.
+    pub async fn relay_promote(
+        &self,
+        caller: &AuthDevice,
+        room: &RoomId,
+        hub: &Domain,
+        target: &UserId,
+    ) -> ServiceResult<RoomInfo> {
+        let mut state = self.member_room(caller, room).await?;
+        let body = parley_proto::mimi::PromoteRequest {
+            requester: IdentifierUri::new(&caller.user.to_uri()),
+            target: IdentifierUri::new(&target.to_uri()),
+        }
+        .encode();
+        self.call(caller.user.domain(), hub, PROMOTE, room.as_str(), body)
+            .await?;
+        let name = target.to_string();
+        if !state.admins.contains(&name) {
+            state.admins.push(name);
+            state.admins.sort();
+            let (key, json) = (
+                room.to_string(),
+                serde_json::to_string(&state.admins).unwrap_or_else(|_| "[]".into()),
+            );
+            self.store
+                .write(move |c| {
+                    c.execute(
+                        "UPDATE remote_rooms SET admins = ?2 WHERE room_id = ?1",
+                        params![key, json],
+                    )?;
+                    Ok(())
+                })
+                .await?;
+        }
+        Ok(state.info(room))
     }
 
     // --- key material ------------------------------------------------------------------------
@@ -684,6 +727,11 @@ impl Remote {
             creator: parse_user(uri_text(&s.creator)?)?.to_string(),
             epoch: s.epoch,
             users,
+            admins: s
+                .admins
+                .iter()
+                .map(|u| uri_text(u).and_then(parse_user).map(|u| u.to_string()))
+                .collect::<ServiceResult<Vec<_>>>()?,
             devices,
         })
     }
@@ -696,6 +744,7 @@ struct Snapshot {
     creator: String,
     epoch: u64,
     users: Vec<String>,
+    admins: Vec<String>,
     devices: Vec<String>,
 }
 
@@ -714,12 +763,15 @@ impl NotifyPlan {
         if let Some(s) = &self.snapshot {
             let users =
                 serde_json::to_string(&s.users).map_err(|e| StoreError::Task(e.to_string()))?;
+            let admins =
+                serde_json::to_string(&s.admins).map_err(|e| StoreError::Task(e.to_string()))?;
             c.execute(
-                "INSERT INTO remote_rooms (room_id, hub_domain, kind, name, creator, epoch, users, last_sequence)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 0)
+                "INSERT INTO remote_rooms (room_id, hub_domain, kind, name, creator, epoch, users, last_sequence, admins)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 0, ?8)
                  ON CONFLICT (room_id) DO UPDATE SET kind = excluded.kind, name = excluded.name,
-                   creator = excluded.creator, epoch = excluded.epoch, users = excluded.users",
-                params![self.room, self.hub, s.kind, s.name, s.creator, s.epoch as i64, users],
+                   creator = excluded.creator, epoch = excluded.epoch, users = excluded.users,
+                   admins = excluded.admins",
+                params![self.room, self.hub, s.kind, s.name, s.creator, s.epoch as i64, users, admins],
             )?;
             c.execute(
                 "DELETE FROM remote_room_devices WHERE room_id = ?1",
@@ -747,15 +799,15 @@ impl NotifyPlan {
 }
 
 fn load_room(c: &Connection, room: &str) -> Result<Option<RemoteRoom>, StoreError> {
-    type Row = (String, String, Option<String>, i64, String, i64);
+    type Row = (String, String, Option<String>, i64, String, i64, String);
     let row: Option<Row> = c
         .query_row(
-            "SELECT hub_domain, kind, name, epoch, users, last_sequence FROM remote_rooms WHERE room_id = ?1",
+            "SELECT hub_domain, kind, name, epoch, users, last_sequence, admins FROM remote_rooms WHERE room_id = ?1",
             params![room],
-            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?)),
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?)),
         )
         .optional()?;
-    let Some((hub, kind, name, epoch, users, last)) = row else {
+    let Some((hub, kind, name, epoch, users, last, admins)) = row else {
         return Ok(None);
     };
     let corrupt =
@@ -766,6 +818,7 @@ fn load_room(c: &Connection, room: &str) -> Result<Option<RemoteRoom>, StoreErro
         name,
         epoch: epoch as u64,
         users: serde_json::from_str(&users).map_err(|_| corrupt("users"))?,
+        admins: serde_json::from_str(&admins).map_err(|_| corrupt("admins"))?,
         last_sequence: last as u64,
     }))
 }

@@ -116,7 +116,7 @@ async fn peers_are_authenticated_by_certificate_and_from_header() {
         dirjson["keyMaterial"],
         format!("https://chirp.test:{port}/v1/keyMaterial/{{targetUser}}")
     );
-    assert_eq!(dirjson.as_object().unwrap().len(), 10);
+    assert_eq!(dirjson.as_object().unwrap().len(), 11);
 
     // A valid certificate for evil.test claiming to be wave.test: refused.
     let resp = get(with_resolve(Some(&evil), &ca), Some("mimi@wave.test"))
