@@ -532,6 +532,38 @@ async fn malicious_peer_requests_are_refused_and_change_nothing() {
         (StatusCode::FORBIDDEN, "not_hub".into())
     );
 
+    // Squatting a room id wave.test does not follow yet: a "Welcome" with a room snapshot for a
+    // fresh id. Only a hub that fetched KeyPackages of wave.test's users for that room may
+    // start notifying about it, so this is refused and nothing reaches bob.
+    let fresh = RoomId::from_random([7; 16]);
+    let mut squat = fake.clone();
+    squat.entries[0].fanout.kind = FanoutKind::Welcome;
+    squat.entries[0].recipients = vec![IdentifierUri::new(&format!(
+        "mimi://wave.test/d/bob/{}",
+        bob.device_id()
+    ))];
+    squat.entries[0].room = Some(parley_proto::mimi::RoomSnapshot {
+        kind: 0,
+        name: None,
+        creator: IdentifierUri::new("mimi://evil.test/u/eve"),
+        epoch: 1,
+        users: vec![IdentifierUri::new("mimi://wave.test/u/bob")],
+        local_clients: vec![],
+        admins: vec![],
+    });
+    let squatted = post(
+        format!(
+            "https://wave.test:{}/v1/notify/{fresh}",
+            net.fed["wave.test"].port()
+        ),
+        squat.encode(),
+    )
+    .await;
+    assert_eq!(
+        error_code(squatted).await,
+        (StatusCode::FORBIDDEN, "not_hub".into())
+    );
+
     // A commit that is no MLS commit at all.
     let garbage = post(
         chirp_fed(&format!("update/{room}")),

@@ -521,7 +521,10 @@ impl Remote {
             }
             return Ok(
                 match self.accounts.claim_key_packages(&target, None).await {
-                    Ok(claim) => material_of(&target, claim),
+                    Ok(claim) => {
+                        self.expect_hub(&room, &room_hub).await?;
+                        material_of(&target, claim)
+                    }
                     Err(ServiceError::NotFound { .. }) => {
                         KeyMaterialResponse::refused(UserCode::UserUnknown, &target_uri)
                     }
@@ -598,6 +601,41 @@ impl Remote {
         Ok(())
     }
 
+    /// Remembers that `hub` fetched one of our users' KeyPackages for `room`: it may then start
+    /// notifying us about that room (and nobody else may).
+    async fn expect_hub(&self, room: &RoomId, hub: &Domain) -> ServiceResult<()> {
+        if self.config.hosts(hub.as_str()) {
+            return Ok(());
+        }
+        let (room, hub) = (room.to_string(), hub.to_string());
+        self.store
+            .write(move |c| {
+                c.execute(
+                    "INSERT OR IGNORE INTO room_hub_claims (room_id, hub_domain, claimed_at) VALUES (?1, ?2, ?3)",
+                    params![room, hub, crate::now_ms() as i64],
+                )?;
+                Ok(())
+            })
+            .await?;
+        Ok(())
+    }
+
+    async fn hub_was_expected(&self, room: &RoomId, hub: &Domain) -> ServiceResult<bool> {
+        let (room, hub) = (room.to_string(), hub.to_string());
+        Ok(self
+            .store
+            .read(move |c| {
+                Ok(c.query_row(
+                    "SELECT 1 FROM room_hub_claims WHERE room_id = ?1 AND hub_domain = ?2",
+                    params![room, hub],
+                    |_| Ok(()),
+                )
+                .optional()?
+                .is_some())
+            })
+            .await?)
+    }
+
     /// Checks a notify request and works out what to store, without writing anything.
     async fn plan_notify(
         &self,
@@ -614,6 +652,12 @@ impl Remote {
                     format!("room {room} is hubbed by {}, not {peer}", existing.hub),
                 ));
             }
+        }
+        if existing.is_none() && !self.hub_was_expected(room, peer).await? {
+            return Err(ServiceError::forbidden(
+                "not_hub",
+                format!("{peer} never claimed key material here for room {room}"),
+            ));
         }
         let mut last = existing.as_ref().map_or(0, |r| r.last_sequence);
         let mut known = existing.is_some();
