@@ -2,6 +2,9 @@
 //! with `--federated`, from one provider to another over MIMI) and reports durable messages/s and
 //! send→deliver latency percentiles.
 //!
+//! With `--asset-mb N` it instead uploads one N MiB attachment to a `parley serve` child
+//! process and downloads it back, reporting throughput each way and the server's memory.
+//!
 //! Setup uses the real client (registration, MLS rooms, Welcome). The timed phase replays one
 //! pre-encrypted MLS PrivateMessage per room, so it measures the server (validation, ordering,
 //! durable fan-out, push) rather than client-side encryption; receivers take entries from the
@@ -51,6 +54,11 @@ pub struct BenchArgs {
     /// providers (hub → durable outbox → MIMI notify over mutual TLS → follower queue → push).
     #[arg(long, conflicts_with = "server")]
     pub federated: bool,
+    /// Instead of relaying messages, upload one attachment of this many MiB (generated on the
+    /// fly, streamed) to a `parley serve` child process and download it back: MiB/s each way
+    /// and the server's peak memory during each transfer.
+    #[arg(long, value_name = "MIB", conflicts_with_all = ["server", "federated", "idle_connections"])]
+    pub asset_mb: Option<u64>,
 }
 
 /// Lifts the per-device and per-peer rate limits: the load tool sends far faster than people.
@@ -81,6 +89,9 @@ struct Timings {
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     if let Some(n) = args.idle_connections {
         return idle_memory(n).await;
+    }
+    if let Some(mb) = args.asset_mb {
+        return asset_transfer(mb).await;
     }
     if args.pairs == 0 || args.messages == 0 || args.concurrency == 0 {
         bail!("--pairs, --messages and --concurrency must be at least 1");
@@ -386,14 +397,21 @@ struct ChildServer {
 
 impl ChildServer {
     fn spawn(data: &std::path::Path) -> anyhow::Result<Self> {
+        Self::spawn_with(data, "")
+    }
+
+    /// A child server whose config file also holds `extra` (TOML, e.g. a `[[domain]]` table).
+    fn spawn_with(data: &std::path::Path, extra: &str) -> anyhow::Result<Self> {
         use std::io::BufRead as _;
         // The load tool connects far faster than a person: lift the per-device limits.
         std::fs::create_dir_all(data)?;
         let config = data.join("bench.toml");
         std::fs::write(
             &config,
-            "[limits]\nrequests_per_second = 1e9\nrequest_burst = 1e9\n\
-             messages_per_second = 1e9\nmessage_burst = 1e9\nmax_connections = 20000\n",
+            format!(
+                "[limits]\nrequests_per_second = 1e9\nrequest_burst = 1e9\n\
+                 messages_per_second = 1e9\nmessage_burst = 1e9\nmax_connections = 20000\n{extra}"
+            ),
         )?;
         let mut child = std::process::Command::new(std::env::current_exe()?)
             .args([
@@ -424,14 +442,157 @@ impl ChildServer {
 
     /// Resident memory of the server process, in KiB.
     fn rss_kib(&self) -> anyhow::Result<u64> {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
-            .context("cannot read the server's /proc status (Linux only)")?;
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .context("no VmRSS in /proc status")
+        rss_kib(self.child.id())
     }
+}
+
+/// Resident memory of process `pid`, in KiB (Linux `/proc`).
+fn rss_kib(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .context("cannot read the server's /proc status (Linux only)")?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .context("no VmRSS in /proc status")
+}
+
+/// Samples a process's resident memory every [`RSS_SAMPLE`] until stopped; keeps the peak.
+struct RssPeak {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    task: tokio::task::JoinHandle<u64>,
+}
+
+/// How often [`RssPeak`] samples: short enough to catch a buffer held during a transfer.
+const RSS_SAMPLE: Duration = Duration::from_millis(20);
+
+impl RssPeak {
+    fn start(pid: u32) -> Self {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let task = tokio::spawn(async move {
+            let mut peak = 0;
+            while !flag.load(Ordering::Relaxed) {
+                peak = peak.max(rss_kib(pid).unwrap_or(0));
+                tokio::time::sleep(RSS_SAMPLE).await;
+            }
+            peak.max(rss_kib(pid).unwrap_or(0))
+        });
+        Self { stop, task }
+    }
+
+    /// Stops sampling; the highest resident memory seen, in KiB.
+    async fn stop(self) -> anyhow::Result<u64> {
+        self.stop.store(true, Ordering::Relaxed);
+        Ok(self.task.await?)
+    }
+}
+
+/// Pieces the generated upload is produced in.
+const ASSET_CHUNK: usize = 256 * 1024;
+
+/// A stream of `len` pseudo-random bytes (xorshift: incompressible), made as it is sent.
+fn generated(len: u64) -> impl futures_util::Stream<Item = std::io::Result<Vec<u8>>> + Send {
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut left = len;
+    futures_util::stream::iter(std::iter::from_fn(move || {
+        if left == 0 {
+            return None;
+        }
+        let n = left.min(ASSET_CHUNK as u64) as usize;
+        left -= n as u64;
+        let mut chunk = Vec::with_capacity(n + 8);
+        while chunk.len() < n {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            chunk.extend_from_slice(&x.to_le_bytes());
+        }
+        chunk.truncate(n);
+        Some(Ok(chunk))
+    }))
+}
+
+/// Uploads `mb` MiB to a `parley serve` child process and downloads it back, timing each way
+/// and sampling the server's memory: a streaming server's memory does not grow with the file.
+async fn asset_transfer(mb: u64) -> anyhow::Result<()> {
+    if mb == 0 {
+        bail!("--asset-mb must be at least 1");
+    }
+    let len = mb * 1024 * 1024;
+    let tmp = tempfile::tempdir()?;
+    let domain = format!(
+        "[[domain]]\nname = \"bench.test\"\nmax_upload_bytes = {}\n",
+        len + 1024 * 1024
+    );
+    let server = ChildServer::spawn_with(&tmp.path().join("server"), &domain)?;
+    let pid = server.child.id();
+    let user = UserId::parse("media@bench.test")?;
+    let device = Device::register(
+        &tmp.path().join("media"),
+        &server.url,
+        &user,
+        Some("bench-password"),
+        None,
+        None,
+    )
+    .await?;
+    let api = device.api().clone();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = server.rss_kib()?;
+
+    eprintln!("uploading {mb} MiB ...");
+    let sampler = RssPeak::start(pid);
+    let started = Instant::now();
+    let uploaded = api.upload_stream(generated(len)).await?;
+    let up = started.elapsed();
+    let up_peak = sampler.stop().await?;
+    if uploaded.size != len {
+        bail!("the server stored {} of {len} bytes", uploaded.size);
+    }
+
+    eprintln!("downloading it back ...");
+    let room = RoomId::parse("00000000000000000000000000000000")?;
+    let sampler = RssPeak::start(pid);
+    let started = Instant::now();
+    let mut hash = sha2::Sha256::default();
+    let got = api
+        .download_with(&uploaded.url, &room, len, |_, chunk| {
+            sha2::Digest::update(&mut hash, chunk)
+        })
+        .await?;
+    let down = started.elapsed();
+    let down_peak = sampler.stop().await?;
+    let digest = hex_of(&sha2::Digest::finalize(hash));
+    if got != len || digest != uploaded.sha256 {
+        bail!("the download differs from the upload ({got} bytes, sha256 {digest})");
+    }
+    let mib = |kib: u64| kib as f64 / 1024.0;
+    let rate = |d: Duration| mb as f64 / d.as_secs_f64();
+    println!("asset            {mb} MiB, streamed (generated on the fly, discarded on arrival)");
+    println!(
+        "upload           {:.0} MiB/s ({:.2} s)",
+        rate(up),
+        up.as_secs_f64()
+    );
+    println!(
+        "download         {:.0} MiB/s ({:.2} s)",
+        rate(down),
+        down.as_secs_f64()
+    );
+    println!(
+        "server RSS       {:.1} MiB before; peak {:.1} MiB during the upload (+{:.1}), {:.1} MiB during the download (+{:.1})",
+        mib(before),
+        mib(up_peak),
+        mib(up_peak.saturating_sub(before)),
+        mib(down_peak),
+        mib(down_peak.saturating_sub(before)),
+    );
+    Ok(())
+}
+
+fn hex_of(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 impl Drop for ChildServer {

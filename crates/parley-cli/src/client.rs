@@ -399,6 +399,17 @@ impl Client {
         Ok(())
     }
 
+    pub async fn send_file(&self, room: &str, path: &std::path::Path) -> anyhow::Result<()> {
+        let mut device = self.open()?;
+        let room = resolve_target(&mut device, room).await?;
+        let sent = device.send_file(&room, path).await?;
+        println!(
+            "sent {} to {room} ({}, {} bytes encrypted)",
+            sent.message.id, sent.name, sent.size
+        );
+        Ok(())
+    }
+
     pub async fn sync(&self, wait: Option<u64>, json: bool) -> anyhow::Result<()> {
         let mut device = self.open()?;
         let events = device.sync(wait.map(Duration::from_secs)).await?;
@@ -759,6 +770,7 @@ fn member_line(event: &Event, now_ms: u64) -> Option<String> {
             text,
             reply_to,
             expires_at,
+            file,
             ..
         } => {
             let mut line = sender.to_string();
@@ -766,6 +778,9 @@ fn member_line(event: &Event, now_ms: u64) -> Option<String> {
                 line.push_str(&format!(" (reply to #{})", short_id(to)));
             }
             line.push_str(&format!(": {text}"));
+            if let Some(path) = file {
+                line.push_str(&format!(" (saved to {path})"));
+            }
             if let Some(at) = expires_at {
                 let secs = at.saturating_sub(now_ms).div_ceil(1000);
                 line.push_str(&format!(" (disappears in {secs}s)"));
@@ -930,6 +945,8 @@ mod tests {
             ts: 1,
             reply_to: Some(target),
             expires_at: Some(10_500),
+            file: None,
+            name: None,
         };
         assert_eq!(
             describe(&reply, 1_000),
@@ -975,6 +992,21 @@ mod tests {
         for (event, line) in cases {
             assert_eq!(describe(&event, 0), line);
         }
+        let file = Event::Message {
+            room: room.clone(),
+            sender: alice.clone(),
+            id,
+            text: "[file a.png]".into(),
+            ts: 1,
+            reply_to: None,
+            expires_at: None,
+            file: Some("/p/downloads/a.png".into()),
+            name: Some("a.png".into()),
+        };
+        assert_eq!(
+            describe(&file, 0),
+            "[00112233] alice@chirp.test: [file a.png] (saved to /p/downloads/a.png)  #010101010101"
+        );
         let mut h = HistoryEntry::new(room, 1, alice.clone(), id, "hi".into(), 1);
         h.edited = true;
         h.reactions.push(parley_client::Reaction {

@@ -94,6 +94,17 @@ enum Command {
         /// Your message or reaction: its id, or the first 8+ hex digits.
         msg_id: String,
     },
+    /// Send a file (image, voice message, video, anything), end-to-end encrypted.
+    ///
+    /// The file is encrypted with a fresh key, uploaded to your provider (which refuses files
+    /// over its per-domain limit), and announced in the room; receivers' `parley sync` fetches,
+    /// checks and decrypts it into their profile's downloads/ folder.
+    SendFile {
+        /// A room id or name, or USER@DOMAIN for the existing 1:1 room with that user.
+        room: String,
+        /// The file to send.
+        path: PathBuf,
+    },
     /// Fetch, decrypt and print what arrived, then acknowledge it.
     Sync {
         /// Wait up to this many seconds for something to arrive if nothing is queued.
@@ -188,6 +199,10 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         } => {
             init_logs("warn");
             client()?.delete(room, msg_id).await
+        }
+        Command::SendFile { ref room, ref path } => {
+            init_logs("warn");
+            client()?.send_file(room, path).await
         }
         Command::Sync { wait, json } => {
             init_logs("warn");

@@ -9,7 +9,8 @@ use futures_util::{SinkExt as _, StreamExt as _};
 use parley_proto::api::{
     Accepted, AckRequest, ClaimResponse, CommitRequest, ContactInfo, CreateRoomRequest, DeviceInfo,
     ErrorBody, KeyPackageCount, LoginRequest, ProposalRequest, QueueEntry, QueuePage,
-    RegisterRequest, RoomInfo, SendRequest, SessionResponse, UploadKeyPackages, WsFrame,
+    RegisterRequest, RoomInfo, SendRequest, SessionResponse, UploadKeyPackages, UploadedAsset,
+    WsFrame,
 };
 use parley_proto::{DeviceId, RoomId, UserId};
 use reqwest::{Method, StatusCode};
@@ -31,6 +32,11 @@ const WS_READ_BUFFER: usize = 8 * 1024;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Upper bound for any single request, so a dead server cannot hang a command forever.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+/// Upper bound for one attachment upload or download: large files on slow links take long,
+/// and [`REQUEST_TIMEOUT`] would cut them short.
+const TRANSFER_TIMEOUT: Duration = Duration::from_secs(3600);
+/// Pieces an upload is streamed in (slices of the one buffer, no copies).
+const UPLOAD_CHUNK: usize = 64 * 1024;
 /// Largest error text we quote from a non-JSON error answer.
 const MAX_QUOTED_ERROR: usize = 200;
 
@@ -270,6 +276,97 @@ impl ApiClient {
             .await
     }
 
+    /// `POST /v1/assets`: uploads an encrypted attachment, streamed from `data` without copying
+    /// it. Sent without a length, so a provider refuses a file over its limit as soon as the
+    /// limit is passed ([`ClientError::AttachmentTooLarge`]) rather than after the whole upload.
+    pub async fn upload_asset(&self, data: Vec<u8>) -> Result<UploadedAsset> {
+        let data = bytes::Bytes::from(data);
+        let chunks = (0..data.len())
+            .step_by(UPLOAD_CHUNK)
+            .map(move |start| {
+                let end = (start + UPLOAD_CHUNK).min(data.len());
+                Ok(data.slice(start..end))
+            })
+            .collect::<Vec<_>>();
+        self.upload_stream(futures_util::stream::iter(chunks)).await
+    }
+
+    /// `POST /v1/assets` with a body produced piece by piece (never whole in memory), as
+    /// [`ApiClient::upload_asset`] sends it.
+    pub async fn upload_stream<S, B>(&self, chunks: S) -> Result<UploadedAsset>
+    where
+        S: futures_util::Stream<Item = std::io::Result<B>> + Send + 'static,
+        bytes::Bytes: From<B>,
+        B: 'static,
+    {
+        let url = self.endpoint(&["v1", "assets"])?;
+        let request = self
+            .authed(Method::POST, url)
+            .timeout(TRANSFER_TIMEOUT)
+            .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
+            .body(reqwest::Body::wrap_stream(chunks));
+        decode_json(self.execute(request).await?).await
+    }
+
+    /// `DELETE /v1/assets/{id}` for an asset URL this user uploaded.
+    pub async fn delete_asset(&self, asset_url: &str) -> Result<()> {
+        let id = asset_url.rsplit('/').next().unwrap_or_default();
+        self.call_no_content::<()>(Method::DELETE, &["v1", "assets", id], None)
+            .await
+    }
+
+    /// `GET /v1/downloads?url=URL&room=ROOM`: an attachment sent in `room`, through this
+    /// device's provider (which fetches it from another provider when needed). Refuses to
+    /// read more than `max` bytes, the size the sender announced.
+    pub async fn download(&self, asset_url: &str, room: &RoomId, max: u64) -> Result<Vec<u8>> {
+        let mut data = Vec::new();
+        self.download_with(asset_url, room, max, |total, chunk| {
+            if data.capacity() == 0 {
+                data.reserve_exact(usize::try_from(total).unwrap_or(0));
+            }
+            data.extend_from_slice(chunk);
+        })
+        .await?;
+        Ok(data)
+    }
+
+    /// [`ApiClient::download`], handing each piece to `each` as it arrives (with the expected
+    /// total, at most `max`) instead of collecting it.
+    pub async fn download_with(
+        &self,
+        asset_url: &str,
+        room: &RoomId,
+        max: u64,
+        mut each: impl FnMut(u64, &[u8]) + Send,
+    ) -> Result<u64> {
+        let mut url = self.endpoint(&["v1", "downloads"])?;
+        url.query_pairs_mut()
+            .append_pair("url", asset_url)
+            .append_pair("room", room.as_str());
+        let request = self.authed(Method::GET, url).timeout(TRANSFER_TIMEOUT);
+        let resp = self.execute(request).await?;
+        let too_long = || {
+            ClientError::Protocol(format!(
+                "the download is longer than the announced {max} bytes"
+            ))
+        };
+        if resp.content_length().is_some_and(|n| n > max) {
+            return Err(too_long());
+        }
+        let total = resp.content_length().unwrap_or(max).min(max);
+        let mut received = 0u64;
+        let mut stream = resp.bytes_stream();
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|e| self.http_error(&e))?;
+            received += chunk.len() as u64;
+            if received > max {
+                return Err(too_long());
+            }
+            each(total, &chunk);
+        }
+        Ok(received)
+    }
+
     /// Opens the push WebSocket (`GET /v1/ws`).
     pub async fn connect_push(&self) -> Result<PushConnection> {
         let token = self.require_token()?;
@@ -357,6 +454,16 @@ impl ApiClient {
         self.send(method, url, body).await.map(drop)
     }
 
+    /// A request carrying our bearer token, if we have one.
+    fn authed(&self, method: Method, url: Url) -> reqwest::RequestBuilder {
+        tracing::trace!(%method, %url, "request");
+        let req = self.http.request(method, url);
+        match &self.token {
+            Some(token) => req.bearer_auth(token),
+            None => req,
+        }
+    }
+
     /// Sends one request; a non-2xx answer becomes [`ClientError::Api`].
     async fn send<B: Serialize>(
         &self,
@@ -364,14 +471,15 @@ impl ApiClient {
         url: Url,
         body: Option<&B>,
     ) -> Result<reqwest::Response> {
-        tracing::trace!(%method, %url, "request");
-        let mut req = self.http.request(method, url);
-        if let Some(token) = &self.token {
-            req = req.bearer_auth(token);
-        }
+        let mut req = self.authed(method, url);
         if let Some(body) = body {
             req = req.json(body);
         }
+        self.execute(req).await
+    }
+
+    /// Sends a built request; a non-2xx answer becomes [`ClientError::Api`].
+    async fn execute(&self, req: reqwest::RequestBuilder) -> Result<reqwest::Response> {
         let resp = req.send().await.map_err(|e| self.http_error(&e))?;
         let status = resp.status();
         if status.is_success() {

@@ -31,7 +31,10 @@ use crate::error::{ClientError, Result};
 use crate::mls::{self, DeviceMls, Incoming, ValidatedKeyPackage};
 use crate::profile::{Account, Authored, HistoryEntry, Profile, ReactionRecord, RoomRecord};
 
+mod media;
 mod own_devices;
+
+pub use media::{SentFile, DOWNLOADS_DIR};
 
 /// One-time KeyPackages uploaded at a time.
 pub const KEY_PACKAGE_BATCH: usize = 20;
@@ -92,6 +95,12 @@ pub enum Event {
         /// it does not expire.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         expires_at: Option<u64>,
+        /// A received file: where it was saved, after its hash was checked and it decrypted.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        file: Option<String>,
+        /// The received file's name as its sender gave it (made safe to save).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        name: Option<String>,
     },
     /// A reaction (typically one emoji) to the message `target`.
     Reaction {
@@ -212,6 +221,8 @@ struct Arrival<'a> {
     ts: u64,
     /// This device's clock when the message arrived.
     now: u64,
+    /// Sent by this very device (not received): its files need no download.
+    sent_here: bool,
 }
 
 /// The hub's acceptance of a sent message.
@@ -1224,6 +1235,7 @@ impl Device {
             event: accepted.event,
             ts: accepted.ts,
             now: now_ms(),
+            sent_here: true,
         };
         self.profile.transaction(|| {
             self.profile.mark_seen(&id)?;
@@ -1262,6 +1274,7 @@ impl Device {
                 self.wait_for_entries(wait).await?;
             }
         }
+        self.fetch_downloads().await?;
         self.commit_pending_proposals().await?;
         self.sync_own_devices_quietly().await?;
         self.top_up_key_packages_quietly().await;
@@ -1515,6 +1528,7 @@ impl Device {
             event: entry.event,
             ts: entry.ts,
             now: now_ms(),
+            sent_here: false,
         };
         Ok(self.file_content(&arrival, &content)?.into_iter().collect())
     }
@@ -1530,6 +1544,7 @@ impl Device {
             Meaning::Reaction { target, emoji } => self.file_reaction(at, target, emoji),
             Meaning::Edit { target, text } => self.file_edit(at, target, text),
             Meaning::Delete { target } => self.file_delete(at, target),
+            Meaning::File { file, reply_to } => self.file_attachment(at, file, reply_to, content),
         }
     }
 
@@ -1564,6 +1579,8 @@ impl Device {
             ts: at.ts,
             reply_to,
             expires_at,
+            file: None,
+            name: None,
         }))
     }
 
@@ -1751,6 +1768,7 @@ impl Device {
         if let Some(last) = last {
             live.ack(last).await;
         }
+        self.fetch_downloads().await?;
         self.commit_pending_proposals().await?;
         self.sync_own_devices_quietly().await?;
         if joined_any {
@@ -1915,6 +1933,8 @@ mod tests {
             ts: 5,
             reply_to: None,
             expires_at: None,
+            file: None,
+            name: None,
         };
         let json = serde_json::to_string(&event).unwrap();
         assert_eq!(
@@ -1966,11 +1986,30 @@ mod tests {
             ts: 5,
             reply_to: Some(MessageId([0xcd; 32])),
             expires_at: Some(9),
+            file: None,
+            name: None,
         };
         assert_eq!(
             serde_json::to_string(&reply).unwrap(),
             format!(
                 r#"{{"type":"message","room":"{room}","sender":"alice@chirp.test","id":"{ab}","text":"sure","ts":5,"reply_to":"{cd}","expires_at":9}}"#
+            )
+        );
+        let file = Event::Message {
+            room: room.clone(),
+            sender: alice.clone(),
+            id: MessageId([0xab; 32]),
+            text: "[file a.png]".into(),
+            ts: 5,
+            reply_to: None,
+            expires_at: None,
+            file: Some("/p/downloads/a.png".into()),
+            name: Some("a.png".into()),
+        };
+        assert_eq!(
+            serde_json::to_string(&file).unwrap(),
+            format!(
+                r#"{{"type":"message","room":"{room}","sender":"alice@chirp.test","id":"{ab}","text":"[file a.png]","ts":5,"file":"/p/downloads/a.png","name":"a.png"}}"#
             )
         );
         let reaction = Event::Reaction {
@@ -2028,6 +2067,7 @@ mod tests {
             error,
             Event::Removed { room },
             reply,
+            file,
             reaction,
             edit,
             delete,
@@ -2095,6 +2135,8 @@ mod tests {
             ts: 1,
             reply_to: None,
             expires_at,
+            file: None,
+            name: None,
         };
         assert!(message(Some(10)).has_expired(10));
         assert!(!message(Some(11)).has_expired(10));
@@ -2115,6 +2157,7 @@ mod tests {
         send(device.react(room, &id, "x"));
         send(device.edit(room, &id, "x"));
         send(device.delete(room, &id));
+        send(device.send_file(room, Path::new("x")));
         send(device.existing_direct_room(user));
         send(device.create_room(None, &[]));
         send(device.direct_room(user));

@@ -5,6 +5,8 @@ use parley_proto::{DeviceId, MessageId, RoomId, UserId};
 
 /// The server's error code for a request refused for lack of another user's consent.
 const NO_CONSENT: &str = "no_consent";
+/// The server's error code for an attachment over the domain's upload limit.
+const ASSET_TOO_LARGE: &str = "asset_too_large";
 
 /// Shorthand for results in this crate.
 pub type Result<T, E = ClientError> = std::result::Result<T, E>;
@@ -34,6 +36,13 @@ pub enum ClientError {
     /// The user has no device with this id.
     #[error("your account has no device {0}; `parley account devices` lists them")]
     UnknownDevice(DeviceId),
+    /// The provider refused an attachment as larger than its users may upload
+    /// (`413 asset_too_large`). Carries the server's message, which names the limit.
+    #[error("the file is too large for your provider: {0}")]
+    AttachmentTooLarge(String),
+    /// A file could not be sent or received (see [`crate::media::MediaError`]).
+    #[error(transparent)]
+    Media(#[from] crate::media::MediaError),
     /// The server could not be reached, or the connection broke mid-request.
     #[error("{0}")]
     Unreachable(String),
@@ -84,6 +93,9 @@ impl ClientError {
         if status == 403 && body.error == NO_CONSENT {
             return Self::NoConsent(body.message);
         }
+        if status == 413 && body.error == ASSET_TOO_LARGE {
+            return Self::AttachmentTooLarge(body.message);
+        }
         Self::Api {
             status,
             code: body.error,
@@ -98,6 +110,7 @@ impl ClientError {
         match self {
             Self::Api { code, .. } => Some(code),
             Self::NoConsent(_) => Some(NO_CONSENT),
+            Self::AttachmentTooLarge(_) => Some(ASSET_TOO_LARGE),
             _ => None,
         }
     }
@@ -197,6 +210,15 @@ mod tests {
         assert!(
             matches!(other, ClientError::Api { status: 403, .. }),
             "{other:?}"
+        );
+        let big = ClientError::from_body(413, body("asset_too_large", "limited to 8 bytes"));
+        assert!(
+            matches!(&big, ClientError::AttachmentTooLarge(m) if m == "limited to 8 bytes"),
+            "{big:?}"
+        );
+        assert_eq!(
+            big.to_string(),
+            "the file is too large for your provider: limited to 8 bytes"
         );
         let odd = ClientError::from_body(409, body("no_consent", "?"));
         assert!(

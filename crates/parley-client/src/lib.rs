@@ -8,11 +8,12 @@
 pub mod api;
 pub mod device;
 pub mod error;
+pub mod media;
 pub mod mls;
 pub mod profile;
 
 pub use api::{ApiClient, PushConnection};
-pub use device::{Device, Event, Live, RoomSummary, SendOptions, SentMessage};
+pub use device::{Device, Event, Live, RoomSummary, SendOptions, SentFile, SentMessage};
 pub use error::{ClientError, Result};
 pub use profile::{HistoryEntry, Reaction};
 

@@ -18,7 +18,7 @@ use crate::mls;
 /// The database file inside a profile directory.
 pub const DB_FILE: &str = "profile.db";
 /// Version of Parley's own tables (`PRAGMA user_version`).
-const SCHEMA_VERSION: i64 = 3;
+const SCHEMA_VERSION: i64 = 4;
 /// How long to wait for another process holding the database lock.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -92,6 +92,21 @@ CREATE TABLE parley_reactions (
     ts INTEGER NOT NULL
 );
 CREATE INDEX parley_reactions_by_target ON parley_reactions (room_id, target);
+";
+
+/// Version 4: files received but not yet downloaded. A message with an attachment waits here
+/// (its content holds the key) until a sync fetches, checks and saves the file, so a download
+/// that fails for want of a network is tried again and one that crashes is not lost.
+const SCHEMA_V4: &str = "
+CREATE TABLE parley_downloads (
+    message_id TEXT PRIMARY KEY,
+    room_id TEXT NOT NULL,
+    event INTEGER NOT NULL,
+    sender TEXT NOT NULL,
+    ts INTEGER NOT NULL,
+    expires_at INTEGER,
+    content BLOB NOT NULL
+);
 ";
 
 /// The server account this profile's device belongs to.
@@ -204,6 +219,20 @@ pub struct ReactionRecord {
     pub sender: UserId,
     pub emoji: String,
     pub ts: u64,
+}
+
+/// A received message with a file still to download: where and when it arrived, and its MIMI
+/// content (encoded) with the file's URL, key and hash.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PendingDownload {
+    pub room: RoomId,
+    pub id: MessageId,
+    pub event: u64,
+    pub sender: UserId,
+    pub ts: u64,
+    /// When the message stops being shown, as computed on arrival.
+    pub expires_at: Option<u64>,
+    pub content: Vec<u8>,
 }
 
 /// What a MessageId names in a room's local history, and who wrote it: the facts that decide
@@ -730,6 +759,69 @@ impl Profile {
             .collect()
     }
 
+    // --- files to download -------------------------------------------------------------------
+
+    pub fn add_download(&self, d: &PendingDownload) -> Result<()> {
+        self.conn.execute(
+            "INSERT OR IGNORE INTO parley_downloads
+                 (message_id, room_id, event, sender, ts, expires_at, content)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![
+                d.id.to_hex(),
+                d.room.as_str(),
+                to_sql_int(d.event)?,
+                d.sender.to_string(),
+                to_sql_int(d.ts)?,
+                d.expires_at.map(to_sql_int).transpose()?,
+                d.content,
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// The files still to download, in the order their messages arrived.
+    pub fn pending_downloads(&self) -> Result<Vec<PendingDownload>> {
+        let mut stmt = self.conn.prepare(
+            "SELECT message_id, room_id, event, sender, ts, expires_at, content
+             FROM parley_downloads ORDER BY rowid",
+        )?;
+        let raws = stmt
+            .query_map([], |row| {
+                Ok((
+                    row.get::<_, String>(0)?,
+                    row.get::<_, String>(1)?,
+                    row.get::<_, i64>(2)?,
+                    row.get::<_, String>(3)?,
+                    row.get::<_, i64>(4)?,
+                    row.get::<_, Option<i64>>(5)?,
+                    row.get::<_, Vec<u8>>(6)?,
+                ))
+            })?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        raws.into_iter()
+            .map(|(id, room, event, sender, ts, expires_at, content)| {
+                Ok(PendingDownload {
+                    id: MessageId::from_hex(&id)
+                        .ok_or_else(|| corrupt(&format!("message id {id:?}")))?,
+                    room: parse_stored(&room, RoomId::parse)?,
+                    event: from_sql_int(event)?,
+                    sender: parse_stored(&sender, UserId::parse)?,
+                    ts: from_sql_int(ts)?,
+                    expires_at: expires_at.map(from_sql_int).transpose()?,
+                    content,
+                })
+            })
+            .collect()
+    }
+
+    pub fn remove_download(&self, id: &MessageId) -> Result<()> {
+        self.conn.execute(
+            "DELETE FROM parley_downloads WHERE message_id = ?1",
+            params![id.to_hex()],
+        )?;
+        Ok(())
+    }
+
     // --- events not yet handed out ------------------------------------------------------------
 
     /// Queues an event for the next caller of [`Profile::take_events`]; written in the same
@@ -791,6 +883,9 @@ fn migrate(conn: &Connection) -> Result<()> {
         }
         if from < 3 {
             conn.execute_batch(SCHEMA_V3)?;
+        }
+        if from < 4 {
+            conn.execute_batch(SCHEMA_V4)?;
         }
         conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
         Ok(())
@@ -1242,6 +1337,26 @@ mod tests {
             ),
             ("old", false, None)
         );
+    }
+
+    #[test]
+    fn pending_downloads_wait_until_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let profile = Profile::create_or_open(dir.path()).unwrap();
+        let d = PendingDownload {
+            room: RoomId::from_random([6; 16]),
+            id: MessageId([7; 32]),
+            event: 3,
+            sender: UserId::parse("bob@wave.test").unwrap(),
+            ts: 9,
+            expires_at: Some(99),
+            content: vec![1, 2, 3],
+        };
+        profile.add_download(&d).unwrap();
+        profile.add_download(&d).unwrap();
+        assert_eq!(profile.pending_downloads().unwrap(), vec![d.clone()]);
+        profile.remove_download(&d.id).unwrap();
+        assert!(profile.pending_downloads().unwrap().is_empty());
     }
 
     #[test]

@@ -396,3 +396,16 @@ pub struct ContactInfo {
     pub direction: ContactDirection,
     pub state: ContactState,
 }
+
+/// Answer to `POST /v1/assets` (`201`): where the uploaded attachment lives and what was stored.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct UploadedAsset {
+    /// `https://DOMAIN/v1/assets/ID`: the URL to put into the message's external part.
+    pub url: String,
+    /// Bytes stored (the encrypted file).
+    pub size: u64,
+    /// SHA-256 of the stored bytes, hex.
+    pub sha256: String,
+    /// When the provider deletes it (milliseconds since the Unix epoch).
+    pub expires_at: u64,
+}

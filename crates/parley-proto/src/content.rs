@@ -124,7 +124,15 @@ impl Disposition {
     pub const ATTACHMENT: Self = Self(6);
 }
 
-/// `ExternalPart`: a reference to encrypted content stored elsewhere (attachments).
+/// `encAlg` for AES-128-GCM: its number in the IANA AEAD Algorithms registry
+/// (`AEAD_AES_128_GCM`, RFC 5116), which the draft makes mandatory to implement.
+pub const ENC_ALG_AES_128_GCM: u16 = 1;
+/// `hashAlg` for SHA-256: its number in the IANA Named Information Hash Algorithm registry.
+pub const HASH_ALG_SHA256: u8 = 1;
+
+/// `ExternalPart`: a reference to encrypted content stored elsewhere (attachments). As the
+/// draft defines them, `size` and `contentHash` describe the content at `url` (here: the
+/// ciphertext), so a receiver can check a download before decrypting it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ExternalPart {
     pub content_type: String,
@@ -180,7 +188,12 @@ pub enum Meaning<'a> {
     Edit { target: MessageId, text: &'a str },
     /// The message in `replaces` is retracted (a null part); also removes a reaction.
     Delete { target: MessageId },
-    /// Anything else: media, multipart, non-text parts; `reply_to` as for text.
+    /// A file (image, voice message, video, ...) stored elsewhere: an external part.
+    File {
+        file: &'a ExternalPart,
+        reply_to: Option<MessageId>,
+    },
+    /// Anything else: multipart, inline non-text parts; `reply_to` as for text.
     Unsupported { reply_to: Option<MessageId> },
 }
 
@@ -247,6 +260,22 @@ impl MimiContent {
         Self::with_part(salt, sender_uri, room_uri, part).replying_to(target)
     }
 
+    /// A file sent as an attachment: the draft's attachment example (disposition
+    /// `attachment`, an external part naming the encrypted upload, its key and hash).
+    pub fn attachment(
+        salt: [u8; 16],
+        sender_uri: &str,
+        room_uri: &str,
+        file: ExternalPart,
+    ) -> Self {
+        let part = NestedPart {
+            disposition: Disposition::ATTACHMENT,
+            language: String::new(),
+            body: PartBody::External(Box::new(file)),
+        };
+        Self::with_part(salt, sender_uri, room_uri, part)
+    }
+
     /// A new Markdown text for `target` (`replaces` with the new body).
     pub fn edit(
         salt: [u8; 16],
@@ -307,6 +336,10 @@ impl MimiContent {
             }
             (None, _, Some(text)) => Meaning::Text {
                 text,
+                reply_to: self.in_reply_to,
+            },
+            (None, PartBody::External(file), None) => Meaning::File {
+                file,
                 reply_to: self.in_reply_to,
             },
             (None, _, None) => Meaning::Unsupported {
@@ -711,6 +744,51 @@ mod tests {
     }
 
     #[test]
+    fn attachments_use_the_drafts_external_part_layout() {
+        let file = ExternalPart {
+            content_type: "video/mp4".into(),
+            url: "https://example.com/storage/8ksB4bSrrRE.mp4".into(),
+            expires: 0,
+            size: 708_234_961,
+            enc_alg: ENC_ALG_AES_128_GCM,
+            key: vec![0x21; 16],
+            nonce: vec![0xc8; 12],
+            aad: vec![],
+            hash_alg: HASH_ALG_SHA256,
+            content_hash: vec![0x9a; 32],
+            description: "2 hours of key signing video".into(),
+            filename: "bigfile.mp4".into(),
+        };
+        let m = MimiContent::attachment([1; 16], ALICE, ROOM, file.clone());
+        let v: Value = ciborium::from_reader(m.encode().as_slice()).unwrap();
+        let part = v.as_array().unwrap()[6].as_array().unwrap().clone();
+        // [attachment=6, "", external=2, contentType, url, expires, size, encAlg=1, key, nonce,
+        //  aad, hashAlg=1, contentHash, description, filename]
+        assert_eq!(part.len(), 15);
+        assert_eq!(
+            (&part[0], &part[2], &part[7], &part[11]),
+            (
+                &Value::from(6),
+                &Value::from(2),
+                &Value::from(1),
+                &Value::from(1)
+            )
+        );
+        assert_eq!(part[14], Value::from("bigfile.mp4"));
+        assert_eq!(
+            m.meaning(),
+            Meaning::File {
+                file: &file,
+                reply_to: None
+            }
+        );
+        // Replacing a message by a file is no edit Parley understands.
+        let mut odd = m.clone();
+        odd.replaces = Some(target());
+        assert_eq!(odd.meaning(), Meaning::Unsupported { reply_to: None });
+    }
+
+    #[test]
     fn odd_combinations_are_read_safely() {
         // A reaction without a target is shown as text; an unknown disposition renders.
         let mut lonely = MimiContent::reaction([1; 16], ALICE, ROOM, target(), "+1");
@@ -761,9 +839,45 @@ mod tests {
         );
     }
 
+    fn arb_external() -> impl Strategy<Value = ExternalPart> {
+        let bytes = || proptest::collection::vec(any::<u8>(), 0..40);
+        (
+            (
+                "[a-z/]{1,20}",
+                "\\PC{0,40}",
+                any::<u32>(),
+                any::<u64>(),
+                any::<u16>(),
+            ),
+            (bytes(), bytes(), bytes(), any::<u8>(), bytes()),
+            ("\\PC{0,20}", "\\PC{0,20}"),
+        )
+            .prop_map(
+                |(
+                    (content_type, url, expires, size, enc_alg),
+                    (key, nonce, aad, hash_alg, content_hash),
+                    (description, filename),
+                )| ExternalPart {
+                    content_type,
+                    url,
+                    expires,
+                    size,
+                    enc_alg,
+                    key,
+                    nonce,
+                    aad,
+                    hash_alg,
+                    content_hash,
+                    description,
+                    filename,
+                },
+            )
+    }
+
     fn arb_part() -> impl Strategy<Value = NestedPart> {
         let leaf = prop_oneof![
             Just(PartBody::Null),
+            arb_external().prop_map(|e| PartBody::External(Box::new(e))),
             (
                 "[a-z/]{1,20}",
                 proptest::collection::vec(any::<u8>(), 0..64)
@@ -837,6 +951,23 @@ mod tests {
                 _ => false,
             };
             prop_assert!(fits, "kind {} read as {:?}", kind, meaning);
+        }
+
+        #[test]
+        fn attachments_round_trip_as_files(
+            salt in any::<[u8; 16]>(),
+            file in arb_external(),
+            reply in proptest::option::of(any::<[u8; 32]>()),
+        ) {
+            let mut m = MimiContent::attachment(salt, ALICE, ROOM, file.clone());
+            m.in_reply_to = reply.map(MessageId);
+            let back = MimiContent::decode(&m.encode()).unwrap();
+            prop_assert_eq!(&back, &m);
+            prop_assert_eq!(back.part.disposition, Disposition::ATTACHMENT);
+            prop_assert_eq!(
+                back.meaning(),
+                Meaning::File { file: &file, reply_to: reply.map(MessageId) }
+            );
         }
 
         #[test]

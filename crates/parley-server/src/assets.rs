@@ -20,9 +20,14 @@ use rusqlite::{params, OptionalExtension};
 use sha2::{Digest, Sha256};
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 
 const DAY_MS: u64 = 86_400_000;
+/// How long the rest of a refused upload is still read (and thrown away). The refusal is
+/// answered at once, but closing a connection with unread data resets it, and the client would
+/// see a broken connection instead of the `413`; reading on a little lets the answer arrive.
+const LINGER: Duration = Duration::from_secs(2);
 
 /// An asset id: 32 lowercase hex characters (128 random bits).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -62,14 +67,7 @@ pub fn asset_url(domain: &Domain, id: &AssetId) -> String {
 }
 
 /// Answer to an upload: where the asset lives and what was stored.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-pub struct UploadedAsset {
-    pub url: String,
-    pub size: u64,
-    /// SHA-256 of the stored (encrypted) bytes, hex.
-    pub sha256: String,
-    pub expires_at: u64,
-}
+pub use parley_proto::api::UploadedAsset;
 
 pub struct Assets {
     store: Store,
@@ -110,18 +108,23 @@ impl Assets {
                 format!("attachments on this domain are limited to {limit} bytes"),
             )
         };
+        let mut stream = body.into_data_stream();
         if declared.is_some_and(|n| n > limit) {
+            linger(stream);
             return Err(too_large());
         }
         let id = AssetId(hex::encode(rand::random::<[u8; 16]>()));
         let partial = self.dir.join(format!("{}.partial", id.as_str()));
-        let written = write_stream(&partial, body.into_data_stream(), limit).await;
+        let written = write_stream(&partial, &mut stream, limit).await;
         let (size, digest) = match written {
             Ok(done) => done,
             Err(e) => {
                 let _ = tokio::fs::remove_file(&partial).await;
                 return Err(match e {
-                    WriteError::TooLarge => too_large(),
+                    WriteError::TooLarge => {
+                        linger(stream);
+                        too_large()
+                    }
                     WriteError::Body(why) => ServiceError::bad("upload_interrupted", why),
                     WriteError::Disk(why) => ServiceError::Internal(why),
                 });
@@ -235,10 +238,18 @@ enum WriteError {
     Disk(String),
 }
 
+/// Reads what is left of a refused upload for a while, discarding it (see [`LINGER`]).
+fn linger(mut body: axum::body::BodyDataStream) {
+    tokio::spawn(async move {
+        let drain = async { while let Some(Ok(_)) = body.next().await {} };
+        let _ = tokio::time::timeout(LINGER, drain).await;
+    });
+}
+
 /// Writes a body stream to `path`, hashing it, and fails once more than `limit` bytes came.
 async fn write_stream(
     path: &std::path::Path,
-    mut body: impl Stream<Item = Result<Bytes, axum::Error>> + Unpin,
+    body: &mut (impl Stream<Item = Result<Bytes, axum::Error>> + Unpin),
     limit: u64,
 ) -> Result<(u64, Vec<u8>), WriteError> {
     let disk = |e: std::io::Error| WriteError::Disk(e.to_string());

@@ -1,0 +1,234 @@
+//! In-process providers for the end-to-end tests of files, receipts and typing: one server
+//! hosting two domains, or independent providers peered over MIMI with mutual TLS from a
+//! `parley dev-ca`; users, consent, rooms, and syncing until something arrives.
+#![allow(dead_code)] // each test binary uses a different subset
+
+use parley_client::{Device, Event};
+use parley_proto::{RoomId, UserId};
+use parley_server::config::ServerConfig;
+use parley_server::Server;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+pub const PASSWORD: &str = "password-123";
+/// How long a test waits for something to cross providers.
+pub const PATIENCE: Duration = Duration::from_secs(20);
+
+/// Providers in this process: their servers, by domain, and where their data lives.
+pub struct Providers {
+    pub dir: PathBuf,
+    pub servers: BTreeMap<&'static str, Server>,
+}
+
+impl Providers {
+    /// One server hosting `chirp.test` and `wave.test` (no federation): two domains, one
+    /// provider. `tweak` adjusts the config (limits) before start.
+    pub async fn one_server(dir: &Path, tweak: impl Fn(&mut ServerConfig)) -> Self {
+        let mut config = ServerConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            data: dir.join("data-server"),
+            expiry_sweep_ms: 100,
+            ..Default::default()
+        };
+        config.add_domain("chirp.test");
+        config.add_domain("wave.test");
+        tweak(&mut config);
+        let server = Server::start(config).await.unwrap();
+        let servers = [("chirp.test", server)].into_iter().collect();
+        Self {
+            dir: dir.to_owned(),
+            servers,
+        }
+    }
+
+    /// One provider per domain, each peered with the others over mutual TLS.
+    pub async fn federated(
+        dir: &Path,
+        domains: &[&'static str],
+        tweak: impl Fn(&mut ServerConfig),
+    ) -> Self {
+        let ca = dev_ca(dir, domains);
+        let fed: BTreeMap<&str, SocketAddr> = domains.iter().map(|d| (*d, free_addr())).collect();
+        let mut servers = BTreeMap::new();
+        for domain in domains {
+            let mut config = ServerConfig {
+                listen: "127.0.0.1:0".parse().unwrap(),
+                data: dir.join(format!("data-{domain}")),
+                federation_listen: Some(fed[domain]),
+                federation_cert: vec![ca.join(format!("{domain}.crt"))],
+                federation_key: vec![ca.join(format!("{domain}.key"))],
+                peer_ca: Some(ca.join("ca.crt")),
+                peers: fed
+                    .iter()
+                    .filter(|(d, _)| *d != domain)
+                    .map(|(d, a)| (d.to_string(), format!("https://{a}")))
+                    .collect(),
+                peer_retry_cap_secs: 1,
+                expiry_sweep_ms: 100,
+                ..Default::default()
+            };
+            config.add_domain(domain);
+            tweak(&mut config);
+            servers.insert(*domain, Server::start(config).await.unwrap());
+        }
+        Self {
+            dir: dir.to_owned(),
+            servers,
+        }
+    }
+
+    /// The server hosting `domain` (the only one, for [`Providers::one_server`]).
+    pub fn server_of(&self, domain: &str) -> &Server {
+        self.servers
+            .get(domain)
+            .or_else(|| {
+                self.servers
+                    .values()
+                    .next()
+                    .filter(|_| self.servers.len() == 1)
+            })
+            .unwrap_or_else(|| panic!("no provider for {domain}"))
+    }
+
+    /// The data directory of the provider hosting `domain`.
+    pub fn data_of(&self, domain: &str) -> PathBuf {
+        if self.servers.len() == 1 {
+            self.dir.join("data-server")
+        } else {
+            self.dir.join(format!("data-{domain}"))
+        }
+    }
+
+    /// Registers `user` (`handle@domain`) with a profile of its own under the test directory.
+    pub async fn register(&self, user: &str) -> Device {
+        self.register_as(user, user).await
+    }
+
+    /// Registers `user` into the profile directory named `profile`.
+    pub async fn register_as(&self, user: &str, profile: &str) -> Device {
+        let user = UserId::parse(user).unwrap();
+        let url = self.server_of(user.domain().as_str()).url();
+        Device::register(
+            &self.dir.join(format!("profile-{profile}")),
+            &url,
+            &user,
+            Some(PASSWORD),
+            None,
+            None,
+        )
+        .await
+        .unwrap()
+    }
+
+    /// Logs a further device of `user` in, into the profile directory named `profile`.
+    pub async fn login(&self, user: &UserId, profile: &str) -> Device {
+        let url = self.server_of(user.domain().as_str()).url();
+        Device::login(
+            &self.dir.join(format!("profile-{profile}")),
+            &url,
+            user,
+            PASSWORD,
+            None,
+        )
+        .await
+        .unwrap()
+    }
+
+    pub async fn shutdown(self) {
+        for (_, server) in self.servers {
+            server.shutdown().await;
+        }
+    }
+}
+
+fn free_addr() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap()
+}
+
+/// `parley dev-ca init` + `issue` for every domain.
+fn dev_ca(dir: &Path, domains: &[&str]) -> PathBuf {
+    let ca = dir.join("ca");
+    let run = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_parley"))
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "parley {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    run(&["dev-ca", "init", ca.to_str().unwrap()]);
+    for d in domains {
+        run(&["dev-ca", "issue", ca.to_str().unwrap(), d]);
+    }
+    ca
+}
+
+/// `target` consents to `requester` (who asks first), waiting for the request to arrive.
+pub async fn consent(target: &Device, requester: &Device) {
+    requester
+        .api()
+        .contact_request(target.user())
+        .await
+        .unwrap();
+    let deadline = Instant::now() + PATIENCE;
+    let wanted = requester.user().to_string();
+    while Instant::now() < deadline {
+        let pending = target.api().contact_requests().await.unwrap();
+        if pending.iter().any(|c| c.user == wanted) {
+            target.api().contact_accept(requester.user()).await.unwrap();
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("{wanted}'s contact request never reached {}", target.user());
+}
+
+/// Syncs `device` (waiting for pushes) until an event satisfies `wanted`, and returns every
+/// event seen up to and including it. Fails on an error event unless `wanted` accepts it.
+pub async fn sync_until(device: &mut Device, wanted: impl Fn(&Event) -> bool) -> Vec<Event> {
+    let deadline = Instant::now() + PATIENCE;
+    let mut seen = Vec::new();
+    while Instant::now() < deadline {
+        for e in device.sync(Some(Duration::from_millis(300))).await.unwrap() {
+            let done = wanted(&e);
+            if let (false, Event::Error { detail, .. }) = (done, &e) {
+                panic!("{} could not process an entry: {detail}", device.user());
+            }
+            seen.push(e);
+            if done {
+                return seen;
+            }
+        }
+    }
+    panic!("{} never saw the wanted event; saw {seen:?}", device.user());
+}
+
+/// Syncs until `device` joined `room`.
+pub async fn join(device: &mut Device, room: &RoomId) {
+    sync_until(
+        device,
+        |e| matches!(e, Event::Joined { room: r, .. } if r == room),
+    )
+    .await;
+}
+
+/// Deterministic pseudo-random bytes (xorshift), so files are incompressible and comparable.
+pub fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}

@@ -1,0 +1,282 @@
+//! Sending and receiving files (encrypted media): the sender encrypts each file with a fresh
+//! AES-128-GCM key, uploads the ciphertext to its own provider and sends an external part
+//! (URL, key, nonce, hash, size, type, name); receivers' syncs download it through their own
+//! provider, check the hash, decrypt, and save it into the profile's `downloads/` folder.
+
+use std::path::{Path, PathBuf};
+
+use parley_proto::content::{ExternalPart, ENC_ALG_AES_128_GCM, HASH_ALG_SHA256};
+use parley_proto::{Meaning, MessageId, MimiContent, RoomId};
+
+use super::{Arrival, Device, Event, SentMessage};
+use crate::error::{ClientError, Result};
+use crate::media::{self, Sealed};
+use crate::profile::{HistoryEntry, PendingDownload};
+
+/// The profile folder received files are saved into.
+pub const DOWNLOADS_DIR: &str = "downloads";
+
+/// A file sent by [`Device::send_file`].
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct SentFile {
+    #[serde(flatten)]
+    pub message: SentMessage,
+    /// The name receivers see.
+    pub name: String,
+    /// Bytes uploaded (the encrypted file).
+    pub size: u64,
+    /// Where the encrypted file is stored (at our provider).
+    pub url: String,
+}
+
+/// A received file, checked and saved.
+struct SavedFile {
+    path: PathBuf,
+    /// Its safe name, as the sender gave it.
+    name: String,
+    /// How its message reads as text.
+    text: String,
+    reply_to: Option<MessageId>,
+}
+
+/// How a message with a file reads as text, in history and in its event.
+fn file_text(name: &str, description: &str) -> String {
+    if description.trim().is_empty() {
+        format!("[file {name}]")
+    } else {
+        description.to_owned()
+    }
+}
+
+impl Device {
+    /// The folder received files are saved into (`downloads/` in the profile).
+    pub fn downloads_dir(&self) -> PathBuf {
+        self.profile.dir().join(DOWNLOADS_DIR)
+    }
+
+    /// Sends the file at `path` to the room: encrypted with a fresh key, uploaded to our
+    /// provider, then announced in a message with an external part. A file over the provider's
+    /// limit is [`ClientError::AttachmentTooLarge`] (refused while uploading, nothing sent). If
+    /// the message cannot be sent, the upload is deleted again.
+    pub async fn send_file(&mut self, room: &RoomId, path: &Path) -> Result<SentFile> {
+        self.require_member(room)?;
+        let name = path
+            .file_name()
+            .map(|n| media::safe_file_name(&n.to_string_lossy()))
+            .ok_or_else(|| ClientError::InvalidInput(format!("{} is no file", path.display())))?;
+        let sealed = seal_in_background(path.to_owned()).await?;
+        let (key, nonce, hash) = (sealed.key, sealed.nonce, sealed.hash);
+        let size = sealed.ciphertext.len() as u64;
+        let uploaded = self.api.upload_asset(sealed.ciphertext).await?;
+        if uploaded.size != size || uploaded.sha256 != hex::encode(hash) {
+            self.forget_upload(&uploaded.url).await;
+            return Err(ClientError::Protocol(
+                "the provider stored something else than the file uploaded".into(),
+            ));
+        }
+        let part = ExternalPart {
+            content_type: media::content_type_for(&name).to_owned(),
+            url: uploaded.url.clone(),
+            // Seconds; the provider's deadline, after which the URL no longer answers.
+            expires: u32::try_from(uploaded.expires_at / 1000).unwrap_or(u32::MAX),
+            size,
+            enc_alg: ENC_ALG_AES_128_GCM,
+            key: key.to_vec(),
+            nonce: nonce.to_vec(),
+            aad: Vec::new(),
+            hash_alg: HASH_ALG_SHA256,
+            content_hash: hash.to_vec(),
+            description: String::new(),
+            filename: name.clone(),
+        };
+        let sent = match self.post_file(room, part).await {
+            Ok(sent) => sent,
+            Err(e) => {
+                self.forget_upload(&uploaded.url).await;
+                return Err(e);
+            }
+        };
+        tracing::info!(%room, id = %sent.id, size, "file sent");
+        Ok(SentFile {
+            message: sent,
+            name,
+            size,
+            url: uploaded.url,
+        })
+    }
+
+    async fn post_file(&mut self, room: &RoomId, part: ExternalPart) -> Result<SentMessage> {
+        let content = self
+            .content_for(room, |me, uri| {
+                MimiContent::attachment(rand::random(), me, uri, part)
+            })
+            .await?;
+        self.post_content(room, content).await
+    }
+
+    /// Best effort: an upload no message refers to is only clutter until it expires.
+    async fn forget_upload(&mut self, url: &str) {
+        if let Err(e) = self.api.delete_asset(url).await {
+            tracing::warn!(url, "cannot delete an unused upload: {e}");
+        }
+    }
+
+    /// Files a received message with a file: it waits as a pending download for the end of the
+    /// sync (which may not do network I/O in here), and is reported once the file is saved. A
+    /// file this device sent itself only goes into history.
+    pub(super) fn file_attachment(
+        &self,
+        at: &Arrival<'_>,
+        file: &ExternalPart,
+        reply_to: Option<MessageId>,
+        content: &MimiContent,
+    ) -> Result<Option<Event>> {
+        let expires_at = content.expires.map(|e| e.deadline_ms(at.now));
+        if expires_at.is_some_and(|deadline| deadline <= at.now) {
+            return Ok(None);
+        }
+        let name = media::safe_file_name(&file.filename);
+        if at.sent_here {
+            let mut entry = HistoryEntry::new(
+                at.room.clone(),
+                at.event,
+                at.author.clone(),
+                at.id,
+                file_text(&name, &file.description),
+                at.ts,
+            );
+            entry.reply_to = reply_to;
+            entry.expires_at = expires_at;
+            self.profile.add_history(&entry)?;
+            return Ok(None);
+        }
+        if let Err(e) = media::check_part(file) {
+            return Ok(Some(Event::Error {
+                room: Some(at.room.clone()),
+                detail: format!("file {name} from {} cannot be received: {e}", at.author),
+            }));
+        }
+        self.profile.add_download(&PendingDownload {
+            room: at.room.clone(),
+            id: at.id,
+            event: at.event,
+            sender: at.author.clone(),
+            ts: at.ts,
+            expires_at,
+            content: content.encode(),
+        })?;
+        Ok(None)
+    }
+
+    /// Downloads, checks, decrypts and saves the files of received messages, then reports each
+    /// as a message event with its path. A file that fails its hash or does not decrypt is
+    /// discarded and reported as an error event; one that cannot be fetched for now (network,
+    /// a provider down) stays pending for the next sync.
+    pub(super) async fn fetch_downloads(&mut self) -> Result<()> {
+        for pending in self.profile.pending_downloads()? {
+            match self.fetch_download(&pending).await {
+                Ok(saved) => self.file_downloaded(&pending, saved)?,
+                Err(e @ ClientError::Storage(_)) => return Err(e),
+                Err(e) if e.is_retryable() || matches!(e, ClientError::Unreachable(_)) => {
+                    tracing::warn!(id = %pending.id, "cannot fetch a file yet: {e}");
+                    return Ok(());
+                }
+                Err(e) => self.file_discarded(&pending, &e)?,
+            }
+        }
+        Ok(())
+    }
+
+    /// Fetches, checks, decrypts and saves one pending file.
+    async fn fetch_download(&mut self, pending: &PendingDownload) -> Result<SavedFile> {
+        let content = MimiContent::decode(&pending.content)
+            .map_err(|e| ClientError::Protocol(format!("stored file message: {e}")))?;
+        let Meaning::File { file, reply_to } = content.meaning() else {
+            return Err(ClientError::Protocol(
+                "stored file message holds no file".into(),
+            ));
+        };
+        media::check_part(file)?;
+        let ciphertext = self
+            .api
+            .download(&file.url, &pending.room, file.size)
+            .await?;
+        let name = media::safe_file_name(&file.filename);
+        let (file, dir, save_as) = (file.clone(), self.downloads_dir(), name.clone());
+        let description = file.description.clone();
+        let path = tokio::task::spawn_blocking(move || {
+            let plaintext = media::open(&file, ciphertext)?;
+            media::save(&dir, &save_as, &plaintext)
+        })
+        .await
+        .map_err(|e| ClientError::Storage(format!("file task failed: {e}")))??;
+        Ok(SavedFile {
+            path,
+            text: file_text(&name, &description),
+            name,
+            reply_to,
+        })
+    }
+
+    /// Files a saved file's message in history and reports it.
+    fn file_downloaded(&self, pending: &PendingDownload, saved: SavedFile) -> Result<()> {
+        let mut entry = HistoryEntry::new(
+            pending.room.clone(),
+            pending.event,
+            pending.sender.clone(),
+            pending.id,
+            saved.text.clone(),
+            pending.ts,
+        );
+        entry.reply_to = saved.reply_to;
+        entry.expires_at = pending.expires_at;
+        tracing::info!(id = %pending.id, path = %saved.path.display(), "file received");
+        let event = Event::Message {
+            room: pending.room.clone(),
+            sender: pending.sender.clone(),
+            id: pending.id,
+            text: saved.text,
+            ts: pending.ts,
+            reply_to: saved.reply_to,
+            expires_at: pending.expires_at,
+            file: Some(saved.path.to_string_lossy().into_owned()),
+            name: Some(saved.name),
+        };
+        self.profile.transaction(|| {
+            self.profile.add_history(&entry)?;
+            self.profile.remove_download(&pending.id)?;
+            self.profile.push_event(&event)
+        })
+    }
+
+    fn file_discarded(&self, pending: &PendingDownload, e: &ClientError) -> Result<()> {
+        tracing::warn!(id = %pending.id, "file discarded: {e}");
+        let event = Event::Error {
+            room: Some(pending.room.clone()),
+            detail: format!("file {} from {}: {e}", pending.id, pending.sender),
+        };
+        self.profile.transaction(|| {
+            self.profile.remove_download(&pending.id)?;
+            self.profile.push_event(&event)
+        })
+    }
+}
+
+/// Reads and encrypts a file off the async runtime (large files take a while).
+async fn seal_in_background(path: PathBuf) -> Result<Sealed> {
+    let sealed = tokio::task::spawn_blocking(move || media::seal_file(&path))
+        .await
+        .map_err(|e| ClientError::Storage(format!("file task failed: {e}")))??;
+    Ok(sealed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn files_read_as_their_name_or_description() {
+        assert_eq!(file_text("a.pdf", ""), "[file a.pdf]");
+        assert_eq!(file_text("a.pdf", "the report"), "the report");
+    }
+}
