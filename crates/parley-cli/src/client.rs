@@ -2,7 +2,9 @@
 
 use anyhow::{anyhow, bail, Context};
 use clap::{Args, Subcommand};
-use parley_client::{ClientError, Device, Event, HistoryEntry, SendOptions, SentMessage};
+use parley_client::{
+    ClientError, Device, Event, HistoryEntry, ReceiptStatus, SendOptions, SentMessage,
+};
 use parley_proto::api::{ContactDirection, ContactInfo, ContactState};
 use parley_proto::{DeviceId, MessageId, RoomId, UserId};
 use std::io::Write as _;
@@ -410,6 +412,17 @@ impl Client {
         Ok(())
     }
 
+    pub async fn read(&self, room: &str) -> anyhow::Result<()> {
+        let mut device = self.open()?;
+        let room = resolve_target(&mut device, room).await?;
+        match device.mark_read(&room).await? {
+            0 => println!("nothing new to mark read in {room}"),
+            1 => println!("marked 1 message read in {room}"),
+            n => println!("marked {n} messages read in {room}"),
+        }
+        Ok(())
+    }
+
     pub async fn sync(&self, wait: Option<u64>, json: bool) -> anyhow::Result<()> {
         let mut device = self.open()?;
         let events = device.sync(wait.map(Duration::from_secs)).await?;
@@ -437,16 +450,16 @@ impl Client {
             println!("{}", history_line(&h));
         }
         let mut live = device.live().await?;
-        for event in device.apply(&mut live, Vec::new()).await? {
-            show_in_chat(&room, &event);
-        }
+        let events = device.apply(&mut live, Vec::new()).await?;
+        show_in_chat(&mut device, &room, &events).await?;
+        // What the chat showed on opening has been read.
+        mark_read_quietly(&mut device, &room).await?;
         let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
         loop {
             tokio::select! {
                 batch = live.recv() => {
-                    for event in device.apply(&mut live, batch?).await? {
-                        show_in_chat(&room, &event);
-                    }
+                    let events = device.apply(&mut live, batch?).await?;
+                    show_in_chat(&mut device, &room, &events).await?;
                 }
                 line = lines.next_line() => {
                     let Some(line) = line? else { break };
@@ -720,6 +733,7 @@ fn describe(event: &Event, now_ms: u64) -> String {
         | Event::Reaction { room, .. }
         | Event::Edit { room, .. }
         | Event::Delete { room, .. }
+        | Event::Receipt { room, .. }
         | Event::Undecodable { room, .. } => format!(
             "[{}] {}",
             short(room),
@@ -803,6 +817,15 @@ fn member_line(event: &Event, now_ms: u64) -> Option<String> {
         Event::Delete { sender, target, .. } => {
             format!("{sender} deleted #{}", short_id(target))
         }
+        Event::Receipt {
+            sender,
+            target,
+            status,
+            ..
+        } => match status {
+            ReceiptStatus::Delivered => format!("{sender} received #{}", short_id(target)),
+            ReceiptStatus::Read => format!("{sender} read #{}", short_id(target)),
+        },
         Event::Undecodable { sender, detail, .. } => {
             format!("{sender} sent a message that cannot be decoded ({detail})")
         }
@@ -836,11 +859,41 @@ fn history_line(h: &HistoryEntry) -> String {
     line
 }
 
-fn show_in_chat(room: &RoomId, event: &Event) {
+/// Prints what happened as chat lines, and reports the room's new messages read: the chat
+/// shows them, so they are. Delivered receipts would only clutter a chat, so only read
+/// receipts are shown.
+async fn show_in_chat(device: &mut Device, room: &RoomId, events: &[Event]) -> anyhow::Result<()> {
     let now = now_ms();
-    match member_line(event, now) {
-        Some(line) if event.room() == Some(room) => println!("{line}"),
-        _ => println!("{}", describe(event, now)),
+    let mut shown_messages = false;
+    for event in events {
+        match event {
+            Event::Receipt {
+                status: ReceiptStatus::Delivered,
+                ..
+            } => continue,
+            Event::Message { room: r, .. } if r == room => shown_messages = true,
+            _ => {}
+        }
+        match member_line(event, now) {
+            Some(line) if event.room() == Some(room) => println!("{line}"),
+            _ => println!("{}", describe(event, now)),
+        }
+    }
+    if shown_messages {
+        mark_read_quietly(device, room).await?;
+    }
+    Ok(())
+}
+
+/// Read receipts are a courtesy: failing to send them must not end the chat.
+async fn mark_read_quietly(device: &mut Device, room: &RoomId) -> anyhow::Result<()> {
+    match device.mark_read(room).await {
+        Ok(_) => Ok(()),
+        Err(e @ ClientError::Storage(_)) => Err(e.into()),
+        Err(e) => {
+            tracing::warn!(%room, "cannot send read receipts: {e}");
+            Ok(())
+        }
     }
 }
 
@@ -978,6 +1031,24 @@ mod tests {
                     target,
                 },
                 "[00112233] alice@chirp.test deleted #abababababab",
+            ),
+            (
+                Event::Receipt {
+                    room: room.clone(),
+                    sender: alice.clone(),
+                    target,
+                    status: ReceiptStatus::Read,
+                },
+                "[00112233] alice@chirp.test read #abababababab",
+            ),
+            (
+                Event::Receipt {
+                    room: room.clone(),
+                    sender: alice.clone(),
+                    target,
+                    status: ReceiptStatus::Delivered,
+                },
+                "[00112233] alice@chirp.test received #abababababab",
             ),
             (
                 Event::Undecodable {

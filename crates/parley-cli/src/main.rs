@@ -105,6 +105,13 @@ enum Command {
         /// The file to send.
         path: PathBuf,
     },
+    /// Tell the room's members you have read everything this device has of it (read receipts).
+    ///
+    /// Receiving devices already report messages as delivered by themselves, at every sync.
+    Read {
+        /// A room id or name, or USER@DOMAIN for the 1:1 room with that user.
+        room: String,
+    },
     /// Fetch, decrypt and print what arrived, then acknowledge it.
     Sync {
         /// Wait up to this many seconds for something to arrive if nothing is queued.
@@ -203,6 +210,10 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::SendFile { ref room, ref path } => {
             init_logs("warn");
             client()?.send_file(room, path).await
+        }
+        Command::Read { ref room } => {
+            init_logs("warn");
+            client()?.read(room).await
         }
         Command::Sync { wait, json } => {
             init_logs("warn");

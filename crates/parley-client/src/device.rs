@@ -33,8 +33,10 @@ use crate::profile::{Account, Authored, HistoryEntry, Profile, ReactionRecord, R
 
 mod media;
 mod own_devices;
+mod receipts;
 
 pub use media::{SentFile, DOWNLOADS_DIR};
+pub use receipts::ReceiptStatus;
 
 /// One-time KeyPackages uploaded at a time.
 pub const KEY_PACKAGE_BATCH: usize = 20;
@@ -131,6 +133,17 @@ pub enum Event {
         #[serde(serialize_with = "crate::display", deserialize_with = "crate::parsed")]
         target: MessageId,
     },
+    /// `sender` reports a message of the room `target` as delivered to them or read by them
+    /// (draft-mahy-mimi-message-status); shown once per user, status and message.
+    Receipt {
+        #[serde(serialize_with = "crate::display", deserialize_with = "crate::parsed")]
+        room: RoomId,
+        #[serde(serialize_with = "crate::display", deserialize_with = "crate::parsed")]
+        sender: UserId,
+        #[serde(serialize_with = "crate::display", deserialize_with = "crate::parsed")]
+        target: MessageId,
+        status: ReceiptStatus,
+    },
     /// A message from `sender` (authenticated by MLS) whose content is not valid MIMI content.
     /// It is shown as such and skipped; the room keeps working.
     Undecodable {
@@ -187,6 +200,7 @@ impl Event {
             | Event::Reaction { room, .. }
             | Event::Edit { room, .. }
             | Event::Delete { room, .. }
+            | Event::Receipt { room, .. }
             | Event::Undecodable { room, .. }
             | Event::Joined { room, .. }
             | Event::Members { room, .. }
@@ -1275,6 +1289,7 @@ impl Device {
             }
         }
         self.fetch_downloads().await?;
+        self.send_due_receipts().await?;
         self.commit_pending_proposals().await?;
         self.sync_own_devices_quietly().await?;
         self.top_up_key_packages_quietly().await;
@@ -1530,6 +1545,10 @@ impl Device {
             now: now_ms(),
             sent_here: false,
         };
+        if let Meaning::Status { report } = content.meaning() {
+            return self.file_status(&arrival, report);
+        }
+        self.note_delivery(&arrival, &content)?;
         Ok(self.file_content(&arrival, &content)?.into_iter().collect())
     }
 
@@ -1545,6 +1564,8 @@ impl Device {
             Meaning::Edit { target, text } => self.file_edit(at, target, text),
             Meaning::Delete { target } => self.file_delete(at, target),
             Meaning::File { file, reply_to } => self.file_attachment(at, file, reply_to, content),
+            // Our own status reports: nothing to file (received ones go to `file_status`).
+            Meaning::Status { .. } => Ok(None),
         }
     }
 
@@ -1769,6 +1790,7 @@ impl Device {
             live.ack(last).await;
         }
         self.fetch_downloads().await?;
+        self.send_due_receipts().await?;
         self.commit_pending_proposals().await?;
         self.sync_own_devices_quietly().await?;
         if joined_any {
@@ -2047,6 +2069,18 @@ mod tests {
                 r#"{{"type":"delete","room":"{room}","sender":"alice@chirp.test","target":"{cd}"}}"#
             )
         );
+        let receipt = Event::Receipt {
+            room: room.clone(),
+            sender: alice.clone(),
+            target: MessageId([0xcd; 32]),
+            status: ReceiptStatus::Read,
+        };
+        assert_eq!(
+            serde_json::to_string(&receipt).unwrap(),
+            format!(
+                r#"{{"type":"receipt","room":"{room}","sender":"alice@chirp.test","target":"{cd}","status":"read"}}"#
+            )
+        );
         let undecodable = Event::Undecodable {
             room: room.clone(),
             sender: alice,
@@ -2071,6 +2105,7 @@ mod tests {
             reaction,
             edit,
             delete,
+            receipt,
             undecodable,
         ];
         for e in all {
@@ -2158,6 +2193,7 @@ mod tests {
         send(device.edit(room, &id, "x"));
         send(device.delete(room, &id));
         send(device.send_file(room, Path::new("x")));
+        send(device.mark_read(room));
         send(device.existing_direct_room(user));
         send(device.create_room(None, &[]));
         send(device.direct_room(user));

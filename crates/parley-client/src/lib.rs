@@ -13,7 +13,9 @@ pub mod mls;
 pub mod profile;
 
 pub use api::{ApiClient, PushConnection};
-pub use device::{Device, Event, Live, RoomSummary, SendOptions, SentFile, SentMessage};
+pub use device::{
+    Device, Event, Live, ReceiptStatus, RoomSummary, SendOptions, SentFile, SentMessage,
+};
 pub use error::{ClientError, Result};
 pub use profile::{HistoryEntry, Reaction};
 

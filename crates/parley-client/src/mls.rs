@@ -26,6 +26,11 @@ use crate::error::{ClientError, Result};
 
 /// The only ciphersuite Parley speaks.
 pub const CIPHERSUITE: Ciphersuite = Ciphersuite::MLS_128_DHKEMX25519_AES128GCM_SHA256_Ed25519;
+/// Epochs whose message keys a group keeps after moving on. The hub orders every message
+/// before the commit that ends its epoch, so other members always read it in time; but a
+/// member that commits merges its own commit as soon as the hub accepts it, while messages of
+/// the old epoch (a receipt sent just before) may still wait in its queue. Those must decrypt.
+const PAST_EPOCHS: usize = 3;
 
 /// Serialises openmls's stored values as JSON.
 #[derive(Debug, Default, Clone, Copy)]
@@ -265,6 +270,7 @@ impl DeviceMls {
             .ciphersuite(CIPHERSUITE)
             .wire_format_policy(MIXED_PLAINTEXT_WIRE_FORMAT_POLICY)
             .use_ratchet_tree_extension(true)
+            .max_past_epochs(PAST_EPOCHS)
             .build();
         let group = MlsGroup::new_with_group_id(
             &provider,
@@ -724,6 +730,7 @@ fn join_config() -> MlsGroupJoinConfig {
     MlsGroupJoinConfig::builder()
         .wire_format_policy(MIXED_PLAINTEXT_WIRE_FORMAT_POLICY)
         .use_ratchet_tree_extension(true)
+        .max_past_epochs(PAST_EPOCHS)
         .build()
 }
 

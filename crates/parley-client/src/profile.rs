@@ -18,7 +18,7 @@ use crate::mls;
 /// The database file inside a profile directory.
 pub const DB_FILE: &str = "profile.db";
 /// Version of Parley's own tables (`PRAGMA user_version`).
-const SCHEMA_VERSION: i64 = 4;
+const SCHEMA_VERSION: i64 = 5;
 /// How long to wait for another process holding the database lock.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -107,6 +107,27 @@ CREATE TABLE parley_downloads (
     expires_at INTEGER,
     content BLOB NOT NULL
 );
+";
+
+/// Version 5: receipts (draft-mahy-mimi-message-status). Messages received but not yet
+/// reported delivered wait in `parley_receipts_due` for the end of the sync, which reports them
+/// in one message per room; `parley_receipts` remembers what each user reported (so a report
+/// repeated by another device of theirs is shown once); `read` marks the messages this user
+/// already reported read.
+const SCHEMA_V5: &str = "
+CREATE TABLE parley_receipts_due (
+    room_id TEXT NOT NULL,
+    message_id TEXT NOT NULL,
+    PRIMARY KEY (room_id, message_id)
+);
+CREATE TABLE parley_receipts (
+    room_id TEXT NOT NULL,
+    message_id TEXT NOT NULL,
+    user TEXT NOT NULL,
+    status INTEGER NOT NULL,
+    PRIMARY KEY (room_id, message_id, user, status)
+);
+ALTER TABLE parley_history ADD COLUMN read INTEGER NOT NULL DEFAULT 0;
 ";
 
 /// The server account this profile's device belongs to.
@@ -822,6 +843,95 @@ impl Profile {
         Ok(())
     }
 
+    // --- receipts ------------------------------------------------------------------------------
+
+    /// Notes that a received message is still to be reported delivered.
+    pub fn add_receipt_due(&self, room: &RoomId, id: &MessageId) -> Result<()> {
+        self.conn.execute(
+            "INSERT OR IGNORE INTO parley_receipts_due (room_id, message_id) VALUES (?1, ?2)",
+            params![room.as_str(), id.to_hex()],
+        )?;
+        Ok(())
+    }
+
+    /// The messages still to be reported delivered, by room, oldest first.
+    pub fn receipts_due(&self) -> Result<Vec<(RoomId, Vec<MessageId>)>> {
+        let mut stmt = self.conn.prepare(
+            "SELECT room_id, message_id FROM parley_receipts_due ORDER BY room_id, rowid",
+        )?;
+        let rows = stmt
+            .query_map([], |row| {
+                Ok((row.get::<_, String>(0)?, row.get::<_, String>(1)?))
+            })?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        let mut due: Vec<(RoomId, Vec<MessageId>)> = Vec::new();
+        for (room, id) in rows {
+            let room = parse_stored(&room, RoomId::parse)?;
+            let id =
+                MessageId::from_hex(&id).ok_or_else(|| corrupt(&format!("message id {id:?}")))?;
+            match due.last_mut() {
+                Some((last, ids)) if *last == room => ids.push(id),
+                _ => due.push((room, vec![id])),
+            }
+        }
+        Ok(due)
+    }
+
+    pub fn clear_receipts_due(&self, room: &RoomId, ids: &[MessageId]) -> Result<()> {
+        let mut stmt = self.conn.prepare_cached(
+            "DELETE FROM parley_receipts_due WHERE room_id = ?1 AND message_id = ?2",
+        )?;
+        for id in ids {
+            stmt.execute(params![room.as_str(), id.to_hex()])?;
+        }
+        Ok(())
+    }
+
+    /// Records that `user` reported `status` (its draft code) for `target`; `false` if they
+    /// had already reported it (from another of their devices, say).
+    pub fn record_receipt(
+        &self,
+        room: &RoomId,
+        target: &MessageId,
+        user: &UserId,
+        status: u8,
+    ) -> Result<bool> {
+        let inserted = self.conn.execute(
+            "INSERT OR IGNORE INTO parley_receipts (room_id, message_id, user, status)
+             VALUES (?1, ?2, ?3, ?4)",
+            params![room.as_str(), target.to_hex(), user.to_string(), status],
+        )?;
+        Ok(inserted == 1)
+    }
+
+    /// The messages of `room` in history, by others than `me`, that `me` has not reported read.
+    pub fn unread(&self, room: &RoomId, me: &UserId) -> Result<Vec<MessageId>> {
+        let mut stmt = self.conn.prepare(
+            "SELECT message_id FROM parley_history
+             WHERE room_id = ?1 AND sender != ?2 AND read = 0 AND deleted = 0
+             ORDER BY ts, event, id",
+        )?;
+        let ids = stmt
+            .query_map(params![room.as_str(), me.to_string()], |row| {
+                row.get::<_, String>(0)
+            })?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        ids.iter()
+            .map(|id| MessageId::from_hex(id).ok_or_else(|| corrupt(&format!("message id {id:?}"))))
+            .collect()
+    }
+
+    /// Marks messages of `room` as reported read (by this device or another of this user's).
+    pub fn mark_read(&self, room: &RoomId, ids: &[MessageId]) -> Result<()> {
+        let mut stmt = self.conn.prepare_cached(
+            "UPDATE parley_history SET read = 1 WHERE room_id = ?1 AND message_id = ?2",
+        )?;
+        for id in ids {
+            stmt.execute(params![room.as_str(), id.to_hex()])?;
+        }
+        Ok(())
+    }
+
     // --- events not yet handed out ------------------------------------------------------------
 
     /// Queues an event for the next caller of [`Profile::take_events`]; written in the same
@@ -886,6 +996,9 @@ fn migrate(conn: &Connection) -> Result<()> {
         }
         if from < 4 {
             conn.execute_batch(SCHEMA_V4)?;
+        }
+        if from < 5 {
+            conn.execute_batch(SCHEMA_V5)?;
         }
         conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
         Ok(())
@@ -1357,6 +1470,52 @@ mod tests {
         assert_eq!(profile.pending_downloads().unwrap(), vec![d.clone()]);
         profile.remove_download(&d.id).unwrap();
         assert!(profile.pending_downloads().unwrap().is_empty());
+    }
+
+    #[test]
+    fn receipts_are_due_once_recorded_once_and_read_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let profile = Profile::create_or_open(dir.path()).unwrap();
+        let (a, b) = (RoomId::from_random([1; 16]), RoomId::from_random([2; 16]));
+        for (room, id) in [(&a, 1), (&b, 2), (&a, 3), (&a, 1)] {
+            profile.add_receipt_due(room, &MessageId([id; 32])).unwrap();
+        }
+        let due = profile.receipts_due().unwrap();
+        assert_eq!(
+            due,
+            vec![
+                (a.clone(), vec![MessageId([1; 32]), MessageId([3; 32])]),
+                (b.clone(), vec![MessageId([2; 32])])
+            ]
+        );
+        profile.clear_receipts_due(&a, &due[0].1).unwrap();
+        assert_eq!(profile.receipts_due().unwrap().len(), 1);
+
+        let alice = UserId::parse("alice@chirp.test").unwrap();
+        assert!(profile
+            .record_receipt(&a, &MessageId([1; 32]), &alice, 1)
+            .unwrap());
+        assert!(!profile
+            .record_receipt(&a, &MessageId([1; 32]), &alice, 1)
+            .unwrap());
+        assert!(profile
+            .record_receipt(&a, &MessageId([1; 32]), &alice, 2)
+            .unwrap());
+
+        // bob's messages (from `entry`) are unread for alice until marked; her own never are.
+        for e in [entry(&a, 1, 1), entry(&a, 2, 2)] {
+            profile.add_history(&e).unwrap();
+        }
+        let mut own = entry(&a, 3, 3);
+        own.sender = alice.clone();
+        profile.add_history(&own).unwrap();
+        let unread = profile.unread(&a, &alice).unwrap();
+        assert_eq!(unread, vec![MessageId([1; 32]), MessageId([2; 32])]);
+        profile.mark_read(&a, &unread[..1]).unwrap();
+        assert_eq!(
+            profile.unread(&a, &alice).unwrap(),
+            vec![MessageId([2; 32])]
+        );
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! MIMI message content (draft-ietf-mimi-content-08): the CBOR plaintext inside every MLS
 //! application message, and the MessageId derived from it. Constructors build the draft's
-//! message kinds (Markdown text, reply, reaction, edit, delete, expiring) and
+//! message kinds (Markdown text, reply, reaction, edit, delete, expiring, attachment), message
+//! status reports (draft-mahy-mimi-message-status-01: delivered and read receipts), and
 //! [`MimiContent::meaning`] reads them back.
 //!
 //! Encoding goes through `ciborium::Value` so the array layout follows the draft's CDDL exactly
@@ -124,6 +125,12 @@ impl Disposition {
     pub const ATTACHMENT: Self = Self(6);
 }
 
+/// The media type of a message status report (draft-mahy-mimi-message-status).
+pub const MESSAGE_STATUS: &str = "application/mimi-message-status";
+/// Most entries one status report may hold when decoded (a report is a list of 35-byte pairs;
+/// the whole content is bounded by [`MAX_CONTENT_BYTES`] anyway).
+pub const MAX_STATUS_ENTRIES: usize = 10_000;
+
 /// `encAlg` for AES-128-GCM: its number in the IANA AEAD Algorithms registry
 /// (`AEAD_AES_128_GCM`, RFC 5116), which the draft makes mandatory to implement.
 pub const ENC_ALG_AES_128_GCM: u16 = 1;
@@ -147,6 +154,104 @@ pub struct ExternalPart {
     pub content_hash: Vec<u8>,
     pub description: String,
     pub filename: String,
+}
+
+/// The status of one message at the reporting user (draft-mahy-mimi-message-status's
+/// `baseStatus`; values it does not define are kept as `Unknown`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum MessageStatus {
+    Unread,
+    Delivered,
+    Read,
+    Expired,
+    Deleted,
+    Hidden,
+    Error,
+    Unknown(u8),
+}
+
+impl MessageStatus {
+    pub fn code(self) -> u8 {
+        match self {
+            Self::Unread => 0,
+            Self::Delivered => 1,
+            Self::Read => 2,
+            Self::Expired => 3,
+            Self::Deleted => 4,
+            Self::Hidden => 5,
+            Self::Error => 6,
+            Self::Unknown(code) => code,
+        }
+    }
+
+    pub fn from_code(code: u8) -> Self {
+        match code {
+            0 => Self::Unread,
+            1 => Self::Delivered,
+            2 => Self::Read,
+            3 => Self::Expired,
+            4 => Self::Deleted,
+            5 => Self::Hidden,
+            6 => Self::Error,
+            other => Self::Unknown(other),
+        }
+    }
+}
+
+/// `MessageStatusReport = [* PerMessageStatus]`, `PerMessageStatus = [messageId, status]`: the
+/// status of several messages of one room at the reporting user, sent as a single part of type
+/// [`MESSAGE_STATUS`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StatusReport(pub Vec<(MessageId, MessageStatus)>);
+
+impl StatusReport {
+    pub fn encode(&self) -> Vec<u8> {
+        let value = Value::Array(
+            self.0
+                .iter()
+                .map(|(id, status)| {
+                    Value::Array(vec![
+                        Value::Bytes(id.0.to_vec()),
+                        Value::from(status.code()),
+                    ])
+                })
+                .collect(),
+        );
+        let mut out = Vec::new();
+        ciborium::into_writer(&value, &mut out).expect("CBOR into Vec is infallible");
+        out
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Self, ContentError> {
+        if bytes.len() > MAX_CONTENT_BYTES {
+            return Err(ContentError::TooLarge(bytes.len()));
+        }
+        let value: Value =
+            ciborium::from_reader(bytes).map_err(|e| ContentError::Cbor(e.to_string()))?;
+        let Value::Array(items) = value else {
+            return Err(ContentError::Schema("a status report is an array"));
+        };
+        if items.len() > MAX_STATUS_ENTRIES {
+            return Err(ContentError::Schema("too many entries in a status report"));
+        }
+        items
+            .into_iter()
+            .map(|item| match item {
+                Value::Array(pair) => match <[Value; 2]>::try_from(pair) {
+                    Ok([Value::Bytes(id), status]) => Ok((
+                        MessageId::from_slice(&id)
+                            .ok_or(ContentError::Schema("MessageId must be 32 bytes"))?,
+                        MessageStatus::from_code(uint(&status)?),
+                    )),
+                    _ => Err(ContentError::Schema(
+                        "a status entry is [messageId, status]",
+                    )),
+                },
+                _ => Err(ContentError::Schema("a status entry is an array")),
+            })
+            .collect::<Result<_, _>>()
+            .map(Self)
+    }
 }
 
 /// The body of a `NestedPart`, by cardinality.
@@ -188,6 +293,8 @@ pub enum Meaning<'a> {
     Edit { target: MessageId, text: &'a str },
     /// The message in `replaces` is retracted (a null part); also removes a reaction.
     Delete { target: MessageId },
+    /// A message status report (receipts): its CBOR body, for [`StatusReport::decode`].
+    Status { report: &'a [u8] },
     /// A file (image, voice message, video, ...) stored elsewhere: an external part.
     File {
         file: &'a ExternalPart,
@@ -276,6 +383,21 @@ impl MimiContent {
         Self::with_part(salt, sender_uri, room_uri, part)
     }
 
+    /// A message status report (delivered and read receipts, ...) about messages of the room.
+    /// The draft leaves the disposition open; `unspecified` keeps other clients from rendering
+    /// it as a message.
+    pub fn status(salt: [u8; 16], sender_uri: &str, room_uri: &str, report: &StatusReport) -> Self {
+        let part = NestedPart {
+            disposition: Disposition::UNSPECIFIED,
+            language: String::new(),
+            body: PartBody::Single {
+                content_type: MESSAGE_STATUS.to_owned(),
+                content: report.encode(),
+            },
+        };
+        Self::with_part(salt, sender_uri, room_uri, part)
+    }
+
     /// A new Markdown text for `target` (`replaces` with the new body).
     pub fn edit(
         salt: [u8; 16],
@@ -338,6 +460,14 @@ impl MimiContent {
                 text,
                 reply_to: self.in_reply_to,
             },
+            (
+                None,
+                PartBody::Single {
+                    content_type,
+                    content,
+                },
+                None,
+            ) if content_type == MESSAGE_STATUS => Meaning::Status { report: content },
             (None, PartBody::External(file), None) => Meaning::File {
                 file,
                 reply_to: self.in_reply_to,
@@ -789,6 +919,41 @@ mod tests {
     }
 
     #[test]
+    fn status_reports_follow_the_drafts_example() {
+        // draft-mahy-mimi-message-status-01, section 5: four messages read, read, unread,
+        // expired; its CBOR is 84 82 58 20 <id> 02 ...
+        let id = |first: u8| {
+            let mut id = [first; 32];
+            id[0] = 0x01;
+            MessageId(id)
+        };
+        let report = StatusReport(vec![
+            (id(0x7c), MessageStatus::Read),
+            (id(0x53), MessageStatus::Read),
+            (id(0x8d), MessageStatus::Unread),
+            (id(0xe5), MessageStatus::Expired),
+        ]);
+        let bytes = report.encode();
+        assert_eq!(&bytes[..4], &[0x84, 0x82, 0x58, 0x20]);
+        assert_eq!(bytes[4..36], id(0x7c).0);
+        assert_eq!(bytes[36], 0x02);
+        assert_eq!(StatusReport::decode(&bytes).unwrap(), report);
+        let m = MimiContent::status([1; 16], ALICE, ROOM, &report);
+        let back = MimiContent::decode(&m.encode()).unwrap();
+        assert_eq!(back.meaning(), Meaning::Status { report: &bytes });
+        assert_eq!(back.text_body(), None);
+        // Statuses the draft does not define are kept, not refused.
+        let odd = StatusReport(vec![(id(1), MessageStatus::from_code(200))]);
+        assert_eq!(
+            StatusReport::decode(&odd.encode()).unwrap().0[0].1,
+            MessageStatus::Unknown(200)
+        );
+        for bad in [&[0xa0][..], &[0x81, 0x01], &[0x81, 0x82, 0x41, 0x00, 0x01]] {
+            assert!(StatusReport::decode(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
     fn odd_combinations_are_read_safely() {
         // A reaction without a target is shown as text; an unknown disposition renders.
         let mut lonely = MimiContent::reaction([1; 16], ALICE, ROOM, target(), "+1");
@@ -968,6 +1133,27 @@ mod tests {
                 back.meaning(),
                 Meaning::File { file: &file, reply_to: reply.map(MessageId) }
             );
+        }
+
+        #[test]
+        fn status_reports_round_trip(
+            entries in proptest::collection::vec((any::<[u8; 32]>(), any::<u8>()), 0..20),
+        ) {
+            let report = StatusReport(
+                entries
+                    .into_iter()
+                    .map(|(id, code)| (MessageId(id), MessageStatus::from_code(code)))
+                    .collect(),
+            );
+            for (_, status) in &report.0 {
+                prop_assert_eq!(MessageStatus::from_code(status.code()), *status);
+            }
+            prop_assert_eq!(StatusReport::decode(&report.encode()).unwrap(), report);
+        }
+
+        #[test]
+        fn status_decode_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
+            let _ = StatusReport::decode(&bytes);
         }
 
         #[test]

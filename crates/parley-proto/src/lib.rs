@@ -9,7 +9,9 @@ pub mod ids;
 pub mod markdown;
 pub mod mimi;
 
-pub use content::{ContentError, Expiration, Meaning, MessageId, MimiContent};
+pub use content::{
+    ContentError, Expiration, Meaning, MessageId, MessageStatus, MimiContent, StatusReport,
+};
 pub use ids::{DeviceId, Domain, Handle, IdError, RoomId, UserId};
 
 /// The only MLS ciphersuite Parley speaks (RFC 9420 §17.1, value 0x0001).

@@ -192,7 +192,7 @@ pub async fn consent(target: &Device, requester: &Device) {
 
 /// Syncs `device` (waiting for pushes) until an event satisfies `wanted`, and returns every
 /// event seen up to and including it. Fails on an error event unless `wanted` accepts it.
-pub async fn sync_until(device: &mut Device, wanted: impl Fn(&Event) -> bool) -> Vec<Event> {
+pub async fn sync_until(device: &mut Device, mut wanted: impl FnMut(&Event) -> bool) -> Vec<Event> {
     let deadline = Instant::now() + PATIENCE;
     let mut seen = Vec::new();
     while Instant::now() < deadline {
