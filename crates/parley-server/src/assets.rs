@@ -187,10 +187,7 @@ impl Assets {
             .map_err(|_| unknown_asset(id))?;
         Ok((
             // 64 KiB reads: the 4 KiB default costs a syscall and a frame per page.
-            Body::from_stream(tokio_util::io::ReaderStream::with_capacity(
-                file,
-                64 * 1024,
-            )),
+            Body::from_stream(tokio_util::io::ReaderStream::with_capacity(file, 64 * 1024)),
             size as u64,
         ))
     }
