@@ -1,16 +1,19 @@
 //! The client commands: `account`, `room`, `contact`, `send`, `sync`, `chat`.
 
+use crate::console::{Console, Input};
 use anyhow::{anyhow, bail, Context};
 use clap::{Args, Subcommand};
 use parley_client::{
-    ClientError, Device, Event, HistoryEntry, ReceiptStatus, SendOptions, SentMessage,
+    ClientError, Device, Event, HistoryEntry, Push, ReceiptStatus, SendOptions, SentMessage,
+    TYPING_SHOWN_FOR,
 };
 use parley_proto::api::{ContactDirection, ContactInfo, ContactState};
 use parley_proto::{DeviceId, MessageId, RoomId, UserId};
+use std::collections::BTreeMap;
 use std::io::Write as _;
 use std::path::PathBuf;
 use std::time::Duration;
-use tokio::io::AsyncBufReadExt;
+use std::time::Instant;
 
 /// Options every client command shares.
 #[derive(Debug, Clone, Args)]
@@ -450,30 +453,98 @@ impl Client {
             println!("{}", history_line(&h));
         }
         let mut live = device.live().await?;
+        let mut console = Console::new();
         let events = device.apply(&mut live, Vec::new()).await?;
-        show_in_chat(&mut device, &room, &events).await?;
+        show_in_chat(&mut device, &mut console, &room, &events).await?;
         // What the chat showed on opening has been read.
         mark_read_quietly(&mut device, &room).await?;
-        let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+        let mut typers = Typers::default();
+        let mut typing_sent: Option<Instant> = None;
+        // Wakes the loop so a typing notice goes away when its time is up.
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
         loop {
             tokio::select! {
-                batch = live.recv() => {
-                    let events = device.apply(&mut live, batch?).await?;
-                    show_in_chat(&mut device, &room, &events).await?;
-                }
-                line = lines.next_line() => {
-                    let Some(line) = line? else { break };
-                    match ChatInput::parse(&line) {
+                push = live.next() => match push? {
+                    Push::Entries(batch) => {
+                        let events = device.apply(&mut live, batch).await?;
+                        typers.stop_for(&events);
+                        console.set_notice(typers.notice(Instant::now()));
+                        show_in_chat(&mut device, &mut console, &room, &events).await?;
+                    }
+                    Push::Ephemeral { room: r, data } => {
+                        if let Some(Event::Typing { room: r, sender }) = device.open_ephemeral(&r, &data) {
+                            if r == room {
+                                typers.start(sender);
+                            }
+                        }
+                    }
+                },
+                input = console.next() => match input? {
+                    Input::Started => announce_typing(&mut device, &room, &mut typing_sent).await,
+                    Input::Line(line) => match ChatInput::parse(&line) {
                         ChatInput::Quit => break,
                         ChatInput::Nothing => {}
                         ChatInput::Usage => eprintln!("{CHAT_HELP}"),
-                        input => chat_send(&mut device, &room, input).await?,
-                    }
-                }
+                        input => {
+                            chat_send(&mut device, &room, input).await?;
+                            // The next line starts a new bout of typing.
+                            typing_sent = None;
+                        }
+                    },
+                    Input::Eof => break,
+                },
+                _ = tick.tick() => {}
             }
+            console.set_notice(typers.notice(Instant::now()));
         }
+        drop(console);
         live.close().await;
         Ok(())
+    }
+}
+
+/// Typing indicators go out at most this often while someone types (one per line, usually).
+const TYPING_EVERY: Duration = Duration::from_secs(3);
+
+/// Tells the room we started typing, unless we did so a moment ago. Best effort: a failure
+/// (the room just moved to a new epoch, the network) only costs the indicator.
+async fn announce_typing(device: &mut Device, room: &RoomId, sent: &mut Option<Instant>) {
+    if sent.is_some_and(|at| at.elapsed() < TYPING_EVERY) {
+        return;
+    }
+    *sent = Some(Instant::now());
+    if let Err(e) = device.send_typing(room).await {
+        tracing::debug!(%room, "typing indicator not sent: {e}");
+    }
+}
+
+/// Who is typing in the chat's room, and until when.
+#[derive(Debug, Default)]
+struct Typers(BTreeMap<UserId, Instant>);
+
+impl Typers {
+    fn start(&mut self, user: UserId) {
+        self.0.insert(user, Instant::now() + TYPING_SHOWN_FOR);
+    }
+
+    /// A message from someone ends their typing.
+    fn stop_for(&mut self, events: &[Event]) {
+        for event in events {
+            if let Event::Message { sender, .. } = event {
+                self.0.remove(sender);
+            }
+        }
+    }
+
+    /// "bob@wave.test is typing…", while anyone is.
+    fn notice(&mut self, now: Instant) -> Option<String> {
+        self.0.retain(|_, until| *until > now);
+        let names: Vec<String> = self.0.keys().map(ToString::to_string).collect();
+        match names.as_slice() {
+            [] => None,
+            [one] => Some(format!("{one} is typing\u{2026}")),
+            many => Some(format!("{} are typing\u{2026}", many.join(", "))),
+        }
     }
 }
 
@@ -734,6 +805,7 @@ fn describe(event: &Event, now_ms: u64) -> String {
         | Event::Edit { room, .. }
         | Event::Delete { room, .. }
         | Event::Receipt { room, .. }
+        | Event::Typing { room, .. }
         | Event::Undecodable { room, .. } => format!(
             "[{}] {}",
             short(room),
@@ -826,6 +898,7 @@ fn member_line(event: &Event, now_ms: u64) -> Option<String> {
             ReceiptStatus::Delivered => format!("{sender} received #{}", short_id(target)),
             ReceiptStatus::Read => format!("{sender} read #{}", short_id(target)),
         },
+        Event::Typing { sender, .. } => format!("{sender} is typing\u{2026}"),
         Event::Undecodable { sender, detail, .. } => {
             format!("{sender} sent a message that cannot be decoded ({detail})")
         }
@@ -862,9 +935,15 @@ fn history_line(h: &HistoryEntry) -> String {
 /// Prints what happened as chat lines, and reports the room's new messages read: the chat
 /// shows them, so they are. Delivered receipts would only clutter a chat, so only read
 /// receipts are shown.
-async fn show_in_chat(device: &mut Device, room: &RoomId, events: &[Event]) -> anyhow::Result<()> {
+async fn show_in_chat(
+    device: &mut Device,
+    console: &mut Console,
+    room: &RoomId,
+    events: &[Event],
+) -> anyhow::Result<()> {
     let now = now_ms();
     let mut shown_messages = false;
+    let mut lines = Vec::new();
     for event in events {
         match event {
             Event::Receipt {
@@ -874,11 +953,12 @@ async fn show_in_chat(device: &mut Device, room: &RoomId, events: &[Event]) -> a
             Event::Message { room: r, .. } if r == room => shown_messages = true,
             _ => {}
         }
-        match member_line(event, now) {
-            Some(line) if event.room() == Some(room) => println!("{line}"),
-            _ => println!("{}", describe(event, now)),
-        }
+        lines.push(match member_line(event, now) {
+            Some(line) if event.room() == Some(room) => line,
+            _ => describe(event, now),
+        });
     }
+    console.print(&lines);
     if shown_messages {
         mark_read_quietly(device, room).await?;
     }

@@ -2,6 +2,7 @@
 
 mod bench;
 mod client;
+mod console;
 mod demo;
 mod dev_ca;
 mod local_net;
@@ -122,6 +123,11 @@ enum Command {
         json: bool,
     },
     /// Interactive chat in a room: live messages in, lines you type out.
+    ///
+    /// The room's members connected right now see "… is typing" when you start a line (never
+    /// stored: offline devices never see it); you see theirs for a few seconds. On a terminal
+    /// the chat reads key by key to notice that, with simple line editing (Backspace, Ctrl-U);
+    /// Ctrl-C, Ctrl-D on an empty line, or /quit leave. Messages shown are reported read.
     Chat { room: String },
     /// Three providers in one process (chirp.test, wave.test, ping.test) talking MIMI over mutual
     /// TLS: consent, a 1:1 and a group across all three, each device's decrypted view.

@@ -78,3 +78,103 @@ fn delivered_and_read_receipts_from_the_cli() {
     let line = fails(&bob, &["read", "nobody@chirp.test"]);
     assert!(line.contains("no 1:1 room"), "{line}");
 }
+
+/// A `parley chat` child with piped stdin, and its stdout lines on a channel.
+struct Chat {
+    child: std::process::Child,
+    stdin: std::process::ChildStdin,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl Chat {
+    fn start(profile: &Path, room: &str) -> Self {
+        use std::io::BufRead as _;
+        use std::process::{Command, Stdio};
+        let mut child = Command::new(BIN)
+            .env("PARLEY_PROFILE", profile)
+            .env("RUST_LOG", "warn")
+            .args(["chat", room])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let (tx, lines) = std::sync::mpsc::channel();
+        let stdout = child.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let stdin = child.stdin.take().unwrap();
+        let chat = Self {
+            child,
+            stdin,
+            lines,
+        };
+        chat.wait_for("chatting in");
+        chat
+    }
+
+    /// The first line containing `needle` within 20 s.
+    fn wait_for(&self, needle: &str) -> String {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while std::time::Instant::now() < deadline {
+            if let Ok(line) = self
+                .lines
+                .recv_timeout(std::time::Duration::from_millis(100))
+            {
+                if line.contains(needle) {
+                    return line;
+                }
+            }
+        }
+        panic!("chat never printed {needle:?}");
+    }
+
+    fn type_bytes(&mut self, bytes: &str) {
+        use std::io::Write as _;
+        self.stdin.write_all(bytes.as_bytes()).unwrap();
+        self.stdin.flush().unwrap();
+    }
+
+    fn quit(mut self) {
+        self.type_bytes("/quit\n");
+        assert!(self.child.wait().unwrap().success());
+    }
+}
+
+#[test]
+fn chat_shows_who_is_typing() {
+    let data = tempfile::tempdir().unwrap();
+    let server = ServerProcess::start(data.path(), "127.0.0.1:0");
+    let users = tempfile::tempdir().unwrap();
+    let (alice, bob) = (users.path().join("alice"), users.path().join("bob"));
+    register(&alice, &server, "alice@chirp.test");
+    register(&bob, &server, "bob@wave.test");
+    let out = ok(&alice, &["send", "bob@wave.test", "chat with me"]);
+    let room = out.split_whitespace().nth(3).unwrap().to_owned();
+    ok(&bob, &["sync"]);
+
+    let mut alice_chat = Chat::start(&alice, &room);
+    let bob_chat = Chat::start(&bob, &room);
+    // The first key of a line goes out as a typing indicator, before the line is done.
+    alice_chat.type_bytes("hel");
+    assert_eq!(
+        bob_chat.wait_for("is typing"),
+        "alice@chirp.test is typing\u{2026}"
+    );
+    alice_chat.type_bytes("lo bob\n");
+    assert!(bob_chat
+        .wait_for("hello bob")
+        .starts_with("alice@chirp.test: hello bob"));
+    // Bob's chat showed it, so it is read.
+    alice_chat.wait_for("bob@wave.test read #");
+    alice_chat.quit();
+    bob_chat.quit();
+    // Nothing of the typing is left for a sync: only the message and receipts.
+    let events = sync_json(&bob);
+    assert!(events.iter().all(|e| e["type"] != "typing"), "{events:?}");
+}

@@ -207,3 +207,135 @@ async fn receipts_cross_providers() {
     await_receipts(&mut alice, &read).await;
     net.shutdown().await;
 }
+
+// --- typing indicators ----------------------------------------------------------------------
+
+/// Waits (up to `within`) for a typing indicator on a live session; `None` if none came.
+async fn typing_on(
+    device: &Device,
+    live: &mut parley_client::Live,
+    within: std::time::Duration,
+) -> Option<(RoomId, UserId)> {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let push = tokio::time::timeout_at(deadline, live.next()).await.ok()?;
+        if let parley_client::Push::Ephemeral { room, data } = push.unwrap() {
+            if let Some(Event::Typing { room, sender }) = device.open_ephemeral(&room, &data) {
+                return Some((room, sender));
+            }
+        }
+    }
+}
+
+async fn queue_len(device: &Device) -> usize {
+    device.api().queue(None).await.unwrap().entries.len()
+}
+
+async fn queued_total(net: &Providers, domain: &str) -> u64 {
+    let api = parley_client::ApiClient::new(&net.server_of(domain).url(), None).unwrap();
+    let metrics = api.metrics().await.unwrap();
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("parley_queue_entries_total "))
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn typing_reaches_connected_devices_only_and_is_never_stored() {
+    use std::time::Duration;
+    let dir = tempfile::tempdir().unwrap();
+    let net = Providers::federated(
+        dir.path(),
+        &["chirp.test", "wave.test", "ping.test"],
+        |_| {},
+    )
+    .await;
+    let mut alice = net.register("alice@chirp.test").await;
+    let mut erin = net.register("erin@chirp.test").await;
+    let mut bob = net.register("bob@wave.test").await;
+    let mut carol = net.register("carol@ping.test").await;
+    consent(&bob, &alice).await;
+    consent(&carol, &alice).await;
+    let members = [
+        erin.user().clone(),
+        bob.user().clone(),
+        carol.user().clone(),
+    ];
+    let room = alice.create_room(Some("typing"), &members).await.unwrap();
+    for d in [&mut erin, &mut bob, &mut carol] {
+        join(d, &room).await;
+    }
+    for d in [&mut alice, &mut erin, &mut bob, &mut carol] {
+        d.sync(None).await.unwrap(); // settle receipts and key top-ups
+    }
+    let queued_before: Vec<u64> = futures_util::future::join_all(
+        ["chirp.test", "wave.test", "ping.test"].map(|d| queued_total(&net, d)),
+    )
+    .await;
+
+    // Carol (a follower) types: the hub's connected member and the other follower's see it,
+    // by way of the hub. Erin is offline.
+    let mut alice_live = alice.live().await.unwrap();
+    let mut bob_live = bob.live().await.unwrap();
+    let mut carol_live = carol.live().await.unwrap();
+    carol.send_typing(&room).await.unwrap();
+    let from_carol = Some((room.clone(), carol.user().clone()));
+    let patience = Duration::from_secs(10);
+    assert_eq!(
+        typing_on(&alice, &mut alice_live, patience).await,
+        from_carol
+    );
+    assert_eq!(typing_on(&bob, &mut bob_live, patience).await, from_carol);
+    // The hub's user types: both followers see it; nobody sees their own.
+    alice.send_typing(&room).await.unwrap();
+    let from_alice = Some((room.clone(), alice.user().clone()));
+    assert_eq!(typing_on(&bob, &mut bob_live, patience).await, from_alice);
+    assert_eq!(
+        typing_on(&carol, &mut carol_live, patience).await,
+        from_alice
+    );
+    let short = Duration::from_millis(500);
+    assert_eq!(typing_on(&alice, &mut alice_live, short).await, None);
+
+    // Never queued, at any provider; erin, connecting later, never gets it.
+    for d in [&alice, &erin, &bob, &carol] {
+        assert_eq!(queue_len(d).await, 0, "{} has it queued", d.user());
+    }
+    let queued_after: Vec<u64> = futures_util::future::join_all(
+        ["chirp.test", "wave.test", "ping.test"].map(|d| queued_total(&net, d)),
+    )
+    .await;
+    assert_eq!(queued_after, queued_before, "no provider queued anything");
+    let mut erin_live = erin.live().await.unwrap();
+    assert_eq!(typing_on(&erin, &mut erin_live, short).await, None);
+    assert!(!erin
+        .sync(None)
+        .await
+        .unwrap()
+        .iter()
+        .any(|e| matches!(e, Event::Typing { .. })));
+
+    // An indicator that overtakes queued messages of its sender changes nothing stored: bob's
+    // messages, sent before it but read after it, all decrypt.
+    for i in 0..8 {
+        bob.send_text(&room, &format!("queued {i}")).await.unwrap();
+    }
+    bob.send_typing(&room).await.unwrap();
+    let from_bob = Some((room.clone(), bob.user().clone()));
+    assert_eq!(typing_on(&carol, &mut carol_live, patience).await, from_bob);
+    let mut texts = Vec::new();
+    sync_until(&mut carol, |e| {
+        if let Event::Message { text, .. } = e {
+            texts.push(text.clone());
+        }
+        texts.len() == 8
+    })
+    .await;
+    assert_eq!(texts.last().map(String::as_str), Some("queued 7"));
+    for live in [alice_live, bob_live, carol_live, erin_live] {
+        live.close().await;
+    }
+    net.shutdown().await;
+}

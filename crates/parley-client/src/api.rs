@@ -8,9 +8,9 @@ use std::time::Duration;
 use futures_util::{SinkExt as _, StreamExt as _};
 use parley_proto::api::{
     Accepted, AckRequest, ClaimResponse, CommitRequest, ContactInfo, CreateRoomRequest, DeviceInfo,
-    ErrorBody, KeyPackageCount, LoginRequest, ProposalRequest, QueueEntry, QueuePage,
-    RegisterRequest, RoomInfo, SendRequest, SessionResponse, UploadKeyPackages, UploadedAsset,
-    WsFrame,
+    EphemeralRequest, ErrorBody, KeyPackageCount, LoginRequest, ProposalRequest, QueueEntry,
+    QueuePage, RegisterRequest, RoomInfo, SendRequest, SessionResponse, UploadKeyPackages,
+    UploadedAsset, WsFrame,
 };
 use parley_proto::{DeviceId, RoomId, UserId};
 use reqwest::{Method, StatusCode};
@@ -258,6 +258,12 @@ impl ApiClient {
         self.call(Method::POST, &path, Some(req)).await
     }
 
+    /// `POST /v1/rooms/{room_id}/ephemeral`: a typing indicator for the members connected now.
+    pub async fn post_ephemeral(&self, room: &RoomId, req: &EphemeralRequest) -> Result<()> {
+        let path = ["v1", "rooms", room.as_str(), "ephemeral"];
+        self.call_no_content(Method::POST, &path, Some(req)).await
+    }
+
     /// `GET /v1/queue?limit=N`: the oldest unacknowledged queue entries.
     pub async fn queue(&self, limit: Option<u32>) -> Result<QueuePage> {
         let mut url = self.endpoint(&["v1", "queue"])?;
@@ -369,8 +375,17 @@ impl ApiClient {
 
     /// Opens the push WebSocket (`GET /v1/ws`).
     pub async fn connect_push(&self) -> Result<PushConnection> {
+        self.connect_push_with(false).await
+    }
+
+    /// Opens the push WebSocket, with ephemeral messages (typing indicators) if asked:
+    /// [`PushConnection::next_push`] yields them.
+    pub async fn connect_push_with(&self, ephemeral: bool) -> Result<PushConnection> {
         let token = self.require_token()?;
         let mut url = self.endpoint(&["v1", "ws"])?;
+        if ephemeral {
+            url.query_pairs_mut().append_pair("ephemeral", "true");
+        }
         let scheme = if url.scheme() == "https" { "wss" } else { "ws" };
         url.set_scheme(scheme).map_err(|()| {
             ClientError::InvalidInput(format!("cannot make a WebSocket URL of {url}"))
@@ -538,9 +553,31 @@ impl std::fmt::Debug for PushConnection {
     }
 }
 
+/// What a push connection delivers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Push {
+    /// New queue entries, in order.
+    Entries(Vec<QueueEntry>),
+    /// An ephemeral message of a room (only on connections that asked for them).
+    Ephemeral { room: String, data: Vec<u8> },
+}
+
 impl PushConnection {
-    /// Waits for the next `entries` frame. `Ok(None)` means the server closed the connection.
+    /// Waits for the next `entries` frame, skipping ephemeral messages. `Ok(None)` means the
+    /// server closed the connection.
     pub async fn next_entries(&mut self) -> Result<Option<Vec<QueueEntry>>> {
+        loop {
+            match self.next_push().await? {
+                Some(Push::Entries(entries)) => return Ok(Some(entries)),
+                Some(Push::Ephemeral { .. }) => {}
+                None => return Ok(None),
+            }
+        }
+    }
+
+    /// Waits for the next entries or ephemeral message. `Ok(None)` means the server closed the
+    /// connection.
+    pub async fn next_push(&mut self) -> Result<Option<Push>> {
         while let Some(msg) = self.ws.next().await {
             let msg =
                 msg.map_err(|e| ClientError::Unreachable(format!("push connection failed: {e}")))?;
@@ -551,7 +588,10 @@ impl PushConnection {
                 _ => continue,
             };
             match serde_json::from_str::<WsFrame>(text.as_str()) {
-                Ok(WsFrame::Entries { entries }) => return Ok(Some(entries)),
+                Ok(WsFrame::Entries { entries }) => return Ok(Some(Push::Entries(entries))),
+                Ok(WsFrame::Ephemeral { room, data }) => {
+                    return Ok(Some(Push::Ephemeral { room, data }))
+                }
                 Ok(WsFrame::Ack { .. }) => {
                     tracing::debug!("ignoring an ack frame sent by the server");
                 }

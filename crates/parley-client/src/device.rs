@@ -26,7 +26,7 @@ use parley_proto::{DeviceId, Expiration, Meaning, MessageId, MimiContent, RoomId
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
-use crate::api::{ApiClient, PushConnection};
+use crate::api::{ApiClient, Push, PushConnection};
 use crate::error::{ClientError, Result};
 use crate::mls::{self, DeviceMls, Incoming, ValidatedKeyPackage};
 use crate::profile::{Account, Authored, HistoryEntry, Profile, ReactionRecord, RoomRecord};
@@ -34,9 +34,11 @@ use crate::profile::{Account, Authored, HistoryEntry, Profile, ReactionRecord, R
 mod media;
 mod own_devices;
 mod receipts;
+mod typing;
 
 pub use media::{SentFile, DOWNLOADS_DIR};
 pub use receipts::ReceiptStatus;
+pub use typing::TYPING_SHOWN_FOR;
 
 /// One-time KeyPackages uploaded at a time.
 pub const KEY_PACKAGE_BATCH: usize = 20;
@@ -144,6 +146,14 @@ pub enum Event {
         target: MessageId,
         status: ReceiptStatus,
     },
+    /// `sender` is typing in the room: ephemeral, from [`Device::open_ephemeral`] only (a live
+    /// session); never stored, never in a sync. Show it for [`TYPING_SHOWN_FOR`].
+    Typing {
+        #[serde(serialize_with = "crate::display", deserialize_with = "crate::parsed")]
+        room: RoomId,
+        #[serde(serialize_with = "crate::display", deserialize_with = "crate::parsed")]
+        sender: UserId,
+    },
     /// A message from `sender` (authenticated by MLS) whose content is not valid MIMI content.
     /// It is shown as such and skipped; the room keeps working.
     Undecodable {
@@ -201,6 +211,7 @@ impl Event {
             | Event::Edit { room, .. }
             | Event::Delete { room, .. }
             | Event::Receipt { room, .. }
+            | Event::Typing { room, .. }
             | Event::Undecodable { room, .. }
             | Event::Joined { room, .. }
             | Event::Members { room, .. }
@@ -1566,6 +1577,8 @@ impl Device {
             Meaning::File { file, reply_to } => self.file_attachment(at, file, reply_to, content),
             // Our own status reports: nothing to file (received ones go to `file_status`).
             Meaning::Status { .. } => Ok(None),
+            // Typing indicators travel as ephemeral messages only; one in the queue is ignored.
+            Meaning::Typing => Ok(None),
         }
     }
 
@@ -1763,7 +1776,7 @@ impl Device {
     /// ```
     pub async fn live(&mut self) -> Result<Live> {
         self.catch_up().await?;
-        let push = self.api.connect_push().await?;
+        let push = self.api.connect_push_with(true).await?;
         Ok(Live {
             api: self.api.clone(),
             push: Some(push),
@@ -1815,9 +1828,20 @@ impl std::fmt::Debug for Live {
 }
 
 impl Live {
-    /// Waits for the next batch of pushed entries; hand it to [`Device::apply`].
-    /// Cancellation-safe, so it can be one branch of a `tokio::select!`.
+    /// Waits for the next batch of pushed entries; hand it to [`Device::apply`]. Ephemeral
+    /// messages are skipped (see [`Live::next`]). Cancellation-safe, so it can be one branch
+    /// of a `tokio::select!`.
     pub async fn recv(&mut self) -> Result<Vec<QueueEntry>> {
+        loop {
+            if let Push::Entries(entries) = self.next().await? {
+                return Ok(entries);
+            }
+        }
+    }
+
+    /// Waits for the next batch of pushed entries (for [`Device::apply`]) or ephemeral message
+    /// (for [`Device::open_ephemeral`]). Cancellation-safe.
+    pub async fn next(&mut self) -> Result<Push> {
         let mut failures = 0;
         loop {
             if self.push.is_none() {
@@ -1826,9 +1850,12 @@ impl Live {
             let Some(push) = self.push.as_mut() else {
                 continue;
             };
-            match push.next_entries().await {
-                Ok(Some(entries)) if !entries.is_empty() => return Ok(entries),
-                Ok(Some(_)) => {}
+            match push.next_push().await {
+                Ok(Some(Push::Entries(entries))) if !entries.is_empty() => {
+                    return Ok(Push::Entries(entries))
+                }
+                Ok(Some(Push::Entries(_))) => {}
+                Ok(Some(ephemeral @ Push::Ephemeral { .. })) => return Ok(ephemeral),
                 Ok(None) => {
                     tracing::debug!("push connection closed; reconnecting");
                     self.push = None;
@@ -1843,7 +1870,7 @@ impl Live {
 
     async fn reconnect(&self, failures: &mut u32) -> Result<PushConnection> {
         loop {
-            match self.api.connect_push().await {
+            match self.api.connect_push_with(true).await {
                 Ok(push) => return Ok(push),
                 // No point in retrying: the account dropped this device.
                 Err(e @ ClientError::DeviceRemoved) => return Err(e),
@@ -2194,6 +2221,8 @@ mod tests {
         send(device.delete(room, &id));
         send(device.send_file(room, Path::new("x")));
         send(device.mark_read(room));
+        send(device.send_typing(room));
+        send(live.next());
         send(device.existing_direct_room(user));
         send(device.create_room(None, &[]));
         send(device.direct_room(user));

@@ -12,9 +12,10 @@ pub mod media;
 pub mod mls;
 pub mod profile;
 
-pub use api::{ApiClient, PushConnection};
+pub use api::{ApiClient, Push, PushConnection};
 pub use device::{
     Device, Event, Live, ReceiptStatus, RoomSummary, SendOptions, SentFile, SentMessage,
+    TYPING_SHOWN_FOR,
 };
 pub use error::{ClientError, Result};
 pub use profile::{HistoryEntry, Reaction};

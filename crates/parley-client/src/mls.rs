@@ -9,11 +9,11 @@ use std::collections::{BTreeSet, HashSet};
 use openmls::ciphersuite::hash_ref::ProposalRef;
 use openmls::prelude::tls_codec::Deserialize as _;
 use openmls::prelude::{
-    BasicCredential, Capabilities, Ciphersuite, Credential, CredentialWithKey, ExtensionType,
-    GroupId, KeyPackage, KeyPackageIn, LeafNodeIndex, MlsGroup, MlsGroupCreateConfig,
-    MlsGroupJoinConfig, MlsMessageBodyIn, MlsMessageIn, MlsMessageOut, OpenMlsProvider,
-    ProcessedMessageContent, Proposal, ProtocolVersion, QueuedProposal, Sender, SignatureScheme,
-    StagedWelcome, MIXED_PLAINTEXT_WIRE_FORMAT_POLICY,
+    BasicCredential, Capabilities, Ciphersuite, ContentType, Credential, CredentialWithKey,
+    ExtensionType, GroupId, KeyPackage, KeyPackageIn, LeafNodeIndex, MlsGroup,
+    MlsGroupCreateConfig, MlsGroupJoinConfig, MlsMessageBodyIn, MlsMessageIn, MlsMessageOut,
+    OpenMlsProvider, ProcessedMessageContent, Proposal, ProtocolMessage, ProtocolVersion,
+    QueuedProposal, Sender, SignatureScheme, StagedWelcome, MIXED_PLAINTEXT_WIRE_FORMAT_POLICY,
 };
 use openmls_basic_credential::SignatureKeyPair;
 use openmls_rust_crypto::RustCrypto;
@@ -767,6 +767,21 @@ pub fn device_uri_of(credential: &Credential) -> Result<DeviceUri> {
 }
 
 /// The epoch a commit or application message was made in, if `bytes` is one.
+/// Whether `bytes` is a PrivateMessage carrying application data (MLS sends the content type
+/// in the clear): what an ephemeral message must be, so that processing it cannot touch the
+/// group's membership or epoch.
+pub fn is_application_message(bytes: &[u8]) -> bool {
+    let Ok(message) = decode_message(bytes) else {
+        return false;
+    };
+    match message.try_into_protocol_message() {
+        Ok(message @ ProtocolMessage::PrivateMessage(_)) => {
+            message.content_type() == ContentType::Application
+        }
+        _ => false,
+    }
+}
+
 pub fn message_epoch(bytes: &[u8]) -> Option<u64> {
     let message = decode_message(bytes)
         .ok()?

@@ -338,6 +338,18 @@ impl Profile {
         }
     }
 
+    /// Runs `f`, then undoes every change it made to the profile, whatever its outcome (a
+    /// savepoint, so it also works inside a transaction). For reading an ephemeral message
+    /// without advancing the stored MLS state: the messages queued before it must still
+    /// decrypt, whatever order they arrive in.
+    pub fn without_saving<T>(&self, f: impl FnOnce() -> Result<T>) -> Result<T> {
+        self.conn.execute_batch("SAVEPOINT parley_scratch")?;
+        let outcome = f();
+        self.conn
+            .execute_batch("ROLLBACK TO parley_scratch; RELEASE parley_scratch")?;
+        outcome
+    }
+
     // --- account --------------------------------------------------------------------------------
 
     pub fn account(&self) -> Result<Option<Account>> {
@@ -1338,6 +1350,32 @@ mod tests {
             vec![a.id]
         );
         assert!(profile.ids_starting_with(&room, "cd").unwrap().is_empty());
+    }
+
+    #[test]
+    fn scratch_changes_are_never_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let profile = Profile::create_or_open(dir.path()).unwrap();
+        profile.set_processed_seq(2).unwrap();
+        let seen = profile
+            .without_saving(|| {
+                profile.set_processed_seq(9)?;
+                profile.processed_seq()
+            })
+            .unwrap();
+        assert_eq!((seen, profile.processed_seq().unwrap()), (9, 2));
+        // Inside a transaction too, which itself goes on and commits.
+        profile
+            .transaction(|| {
+                profile.set_processed_seq(3)?;
+                let _ = profile.without_saving(|| -> Result<()> {
+                    profile.set_processed_seq(10)?;
+                    Err(ClientError::Protocol("boom".into()))
+                });
+                Ok(())
+            })
+            .unwrap();
+        assert_eq!(profile.processed_seq().unwrap(), 3);
     }
 
     #[test]

@@ -247,6 +247,14 @@ pub struct SendRequest {
     pub expires_at: Option<u64>,
 }
 
+/// `POST /v1/rooms/{id}/ephemeral`: an MLS PrivateMessage (a typing indicator) for the room's
+/// member devices connected right now. Never stored or queued: offline devices never see it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EphemeralRequest {
+    #[serde(with = "b64")]
+    pub message: Vec<u8>,
+}
+
 /// The hub's acceptance of a commit or message: its place in the room's order.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Accepted {
@@ -310,6 +318,13 @@ pub enum WsFrame {
     Entries { entries: Vec<QueueEntry> },
     /// Client → server: acknowledge entries up to and including `up_to`.
     Ack { up_to: u64 },
+    /// Server → client, only on `GET /v1/ws?ephemeral=true`: an ephemeral message of a room
+    /// (see [`EphemeralRequest`]); not a queue entry, nothing to acknowledge.
+    Ephemeral {
+        room: String,
+        #[serde(with = "b64")]
+        data: Vec<u8>,
+    },
 }
 
 #[cfg(test)]
@@ -336,6 +351,20 @@ mod tests {
             panic!("wrong frame")
         };
         assert_eq!(entries, vec![e]);
+    }
+
+    #[test]
+    fn ephemeral_frames_carry_a_room_and_base64() {
+        let frame = WsFrame::Ephemeral {
+            room: "r".into(),
+            data: vec![1, 2],
+        };
+        let json = serde_json::to_string(&frame).unwrap();
+        assert_eq!(json, r#"{"type":"ephemeral","room":"r","data":"AQI="}"#);
+        assert!(matches!(
+            serde_json::from_str(&json).unwrap(),
+            WsFrame::Ephemeral { data, .. } if data == [1, 2]
+        ));
     }
 
     #[test]

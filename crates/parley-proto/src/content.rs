@@ -127,6 +127,9 @@ impl Disposition {
 
 /// The media type of a message status report (draft-mahy-mimi-message-status).
 pub const MESSAGE_STATUS: &str = "application/mimi-message-status";
+/// The media type of Parley's typing indicator (a Parley extension: MIMI defines none). It is
+/// only ever sent as an ephemeral message, never stored or queued; its content is empty.
+pub const TYPING: &str = "application/vnd.parley.typing";
 /// Most entries one status report may hold when decoded (a report is a list of 35-byte pairs;
 /// the whole content is bounded by [`MAX_CONTENT_BYTES`] anyway).
 pub const MAX_STATUS_ENTRIES: usize = 10_000;
@@ -295,6 +298,8 @@ pub enum Meaning<'a> {
     Delete { target: MessageId },
     /// A message status report (receipts): its CBOR body, for [`StatusReport::decode`].
     Status { report: &'a [u8] },
+    /// The sender is typing (Parley's ephemeral indicator, content type [`TYPING`]).
+    Typing,
     /// A file (image, voice message, video, ...) stored elsewhere: an external part.
     File {
         file: &'a ExternalPart,
@@ -398,6 +403,19 @@ impl MimiContent {
         Self::with_part(salt, sender_uri, room_uri, part)
     }
 
+    /// "I am typing": Parley's typing indicator, sent as an ephemeral message only.
+    pub fn typing(salt: [u8; 16], sender_uri: &str, room_uri: &str) -> Self {
+        let part = NestedPart {
+            disposition: Disposition::UNSPECIFIED,
+            language: String::new(),
+            body: PartBody::Single {
+                content_type: TYPING.to_owned(),
+                content: Vec::new(),
+            },
+        };
+        Self::with_part(salt, sender_uri, room_uri, part)
+    }
+
     /// A new Markdown text for `target` (`replaces` with the new body).
     pub fn edit(
         salt: [u8; 16],
@@ -468,6 +486,9 @@ impl MimiContent {
                 },
                 None,
             ) if content_type == MESSAGE_STATUS => Meaning::Status { report: content },
+            (None, PartBody::Single { content_type, .. }, None) if content_type == TYPING => {
+                Meaning::Typing
+            }
             (None, PartBody::External(file), None) => Meaning::File {
                 file,
                 reply_to: self.in_reply_to,
@@ -933,6 +954,11 @@ mod tests {
             (id(0x8d), MessageStatus::Unread),
             (id(0xe5), MessageStatus::Expired),
         ]);
+        let typing = MimiContent::typing([2; 16], ALICE, ROOM);
+        assert_eq!(
+            MimiContent::decode(&typing.encode()).unwrap().meaning(),
+            Meaning::Typing
+        );
         let bytes = report.encode();
         assert_eq!(&bytes[..4], &[0x84, 0x82, 0x58, 0x20]);
         assert_eq!(bytes[4..36], id(0x7c).0);

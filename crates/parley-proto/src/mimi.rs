@@ -381,6 +381,19 @@ pub struct PromoteRequest {
     pub target: IdentifierUri,
 }
 
+/// Parley extension `x-parley-ephemeral/{roomId}`: an ephemeral MLS application message (a
+/// typing indicator) for the room's clients connected right now; nobody stores it. A follower
+/// relays its client's message to the hub (`recipients` empty: the hub knows the members); the
+/// hub hands it to each other provider with members (`recipients`: that provider's clients).
+/// Best effort both ways: no outbox, no retries.
+#[derive(Debug, Clone, PartialEq, Eq, TlsSerialize, TlsDeserialize, TlsSize)]
+pub struct EphemeralMessage {
+    /// The sending client's URI.
+    pub sender: IdentifierUri,
+    pub recipients: Vec<IdentifierUri>,
+    pub message: VLBytes,
+}
+
 /// One notify entry. Deviations from a bare `FanoutMessage`: a per-room `sequence` the hub
 /// assigns (increasing; followers drop entries at or below the last one seen, which makes
 /// `notify` idempotent and keeps room order, as the draft's note on transaction ids suggests);

@@ -39,7 +39,7 @@ use std::sync::Arc;
 use tokio_rustls::TlsAcceptor;
 
 /// The MIMI endpoints, as named in the directory (draft-ietf-mimi-protocol §5.1).
-const ENDPOINTS: [(&str, &str); 11] = [
+const ENDPOINTS: [(&str, &str); 12] = [
     ("keyMaterial", "keyMaterial/{targetUser}"),
     ("update", "update/{roomId}"),
     ("notify", "notify/{roomId}"),
@@ -52,6 +52,8 @@ const ENDPOINTS: [(&str, &str); 11] = [
     ("proxyDownload", "proxyDownload/{downloadUrl}"),
     // Parley extension: room roles until they travel as AppSync proposals.
     (crate::remote::PROMOTE, "x-parley-promote/{roomId}"),
+    // Parley extension: typing indicators for connected clients, never stored.
+    (crate::ephemeral::EPHEMERAL, "x-parley-ephemeral/{roomId}"),
 ];
 
 /// The TLS client certificate of the connection a request came on (set by `net`).
@@ -172,6 +174,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/proxyDownload/{url}", get(proxy_download))
         .route("/v1/assets/{id}", get(serve_asset))
         .route("/v1/x-parley-promote/{room}", post(promote))
+        .route("/v1/x-parley-ephemeral/{room}", post(ephemeral))
         .fallback(|| async {
             ApiError(crate::error::ServiceError::not_found(
                 "not_found",
@@ -614,6 +617,18 @@ async fn proxy_download(
         .await
         .map_err(|e| ServiceError::unavailable("peer_unreachable", e.to_string()))?;
     Ok(crate::http::relay_download(upstream)?)
+}
+
+/// `POST /v1/x-parley-ephemeral/{roomId}` (Parley extension): a typing indicator, relayed by
+/// a follower to the hub or handed by the hub to a follower; never stored (see `ephemeral`).
+async fn ephemeral(
+    State(app): State<Arc<App>>,
+    Extension(PeerDomain(peer)): Extension<PeerDomain>,
+    Param(room): Param<String>,
+    body: Bytes,
+) -> FedResult {
+    app.ephemeral.receive(&peer, &room, &body).await?;
+    Ok(StatusCode::ACCEPTED.into_response())
 }
 
 /// `POST /v1/x-parley-promote/{roomId}` (Parley extension): a follower relays its admin user's

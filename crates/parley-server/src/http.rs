@@ -16,8 +16,9 @@ use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use futures_util::{SinkExt, StreamExt};
 use parley_proto::api::{
-    AckRequest, CommitRequest, CreateRoomRequest, ErrorBody, LoginRequest, ProposalRequest,
-    QueuePage, RegisterRequest, SendRequest, SessionResponse, UploadKeyPackages, WsFrame,
+    AckRequest, CommitRequest, CreateRoomRequest, EphemeralRequest, ErrorBody, LoginRequest,
+    ProposalRequest, QueuePage, RegisterRequest, SendRequest, SessionResponse, UploadKeyPackages,
+    WsFrame,
 };
 use parley_proto::api::{ContactInfo, ContactState, PromoteRequest};
 use parley_proto::mimi::UpdateRequest;
@@ -177,6 +178,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/rooms/{room}/commits", post(commit))
         .route("/v1/rooms/{room}/messages", post(send))
         .route("/v1/rooms/{room}/proposals", post(propose))
+        .route("/v1/rooms/{room}/ephemeral", post(send_ephemeral))
         .route("/v1/rooms/{room}/admins", post(promote))
         .route("/v1/queue", get(queue))
         .route("/v1/queue/ack", post(ack))
@@ -535,6 +537,17 @@ async fn propose(
     }))
 }
 
+/// `POST /v1/rooms/{room}/ephemeral`: a typing indicator for the members connected now.
+async fn send_ephemeral(
+    State(app): AppState,
+    Authed(me): Authed,
+    Path(room): Path<String>,
+    ApiJson(req): ApiJson<EphemeralRequest>,
+) -> ApiResult<StatusCode> {
+    app.ephemeral.send(&me, &room, req.message).await?;
+    Ok(StatusCode::ACCEPTED)
+}
+
 #[derive(Deserialize)]
 struct QueueQuery {
     limit: Option<usize>,
@@ -569,27 +582,38 @@ async fn ack(
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// `GET /v1/ws`: push channel. Sends the backlog, then entries as they become durable.
+#[derive(Deserialize, Default)]
+struct WsQuery {
+    /// Also push ephemeral messages (typing indicators) of the device's rooms.
+    #[serde(default)]
+    ephemeral: bool,
+}
+
+/// `GET /v1/ws[?ephemeral=true]`: push channel. Sends the backlog, then entries as they
+/// become durable; with `ephemeral`, also ephemeral messages as they come.
 async fn ws(
     State(app): AppState,
     Authed(me): Authed,
+    query: Result<Query<WsQuery>, QueryRejection>,
     upgrade: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
 ) -> Response {
+    let ephemeral = query.map(|Query(q)| q.ephemeral).unwrap_or_default();
     match upgrade {
         Ok(upgrade) => upgrade
             .max_message_size(MAX_WS_FRAME)
             // tungstenite zero-fills its whole read buffer on every read (128 KiB by default);
             // clients only send small acks, so a small buffer saves CPU and memory per connection.
             .read_buffer_size(WS_READ_BUFFER)
-            .on_upgrade(move |socket| ws_session(app, me, socket)),
+            .on_upgrade(move |socket| ws_session(app, me, socket, ephemeral)),
         Err(r) => error_response(r.status(), "websocket_required", r.body_text(), false),
     }
 }
 
-async fn ws_session(app: Arc<App>, me: AuthDevice, socket: WebSocket) {
+async fn ws_session(app: Arc<App>, me: AuthDevice, socket: WebSocket, ephemeral: bool) {
     let device = me.device.as_str().to_owned();
     // Subscribe before reading the backlog so nothing falls between the two.
     let mut live = app.delivery.push.subscribe(&device);
+    let mut ephemerals = ephemeral.then(|| app.ephemeral.subscribers.subscribe(&device));
     let (mut sink, mut incoming) = socket.split();
     let mut shutdown = app.shutdown.clone();
     let mut last_sent = 0u64;
@@ -626,6 +650,11 @@ async fn ws_session(app: Arc<App>, me: AuthDevice, socket: WebSocket) {
                     }
                 }
             }
+            Some(frame) = next_ephemeral(&mut ephemerals) => {
+                if send_ephemeral_frame(&mut sink, &frame).await.is_err() {
+                    break;
+                }
+            }
             frame = incoming.next() => match frame {
                 Some(Ok(Message::Text(text))) => match serde_json::from_str::<WsFrame>(&text) {
                     Ok(WsFrame::Ack { up_to }) => {
@@ -649,6 +678,31 @@ async fn ws_session(app: Arc<App>, me: AuthDevice, socket: WebSocket) {
     }
     drop(live);
     app.delivery.push.prune(&device);
+    if ephemerals.take().is_some() {
+        app.ephemeral.subscribers.prune(&device);
+    }
+}
+
+/// The next ephemeral frame, or never for a connection that did not ask for them.
+async fn next_ephemeral(
+    subscription: &mut Option<tokio::sync::mpsc::Receiver<Arc<crate::ephemeral::EphemeralFrame>>>,
+) -> Option<Arc<crate::ephemeral::EphemeralFrame>> {
+    match subscription {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn send_ephemeral_frame(
+    sink: &mut futures_util::stream::SplitSink<WebSocket, Message>,
+    frame: &crate::ephemeral::EphemeralFrame,
+) -> Result<(), axum::Error> {
+    let frame = WsFrame::Ephemeral {
+        room: frame.room.clone(),
+        data: frame.data.clone(),
+    };
+    let text = serde_json::to_string(&frame).unwrap_or_default();
+    sink.send(Message::Text(text.into())).await
 }
 
 async fn send_entries(

@@ -1086,6 +1086,48 @@ impl Hub {
             epoch: state.epoch,
         })
     }
+
+    /// Who an ephemeral message (a typing indicator) from `sender` in a room hubbed here goes
+    /// to: the other local member devices whose users have not blocked the sender, and the
+    /// other providers' member clients by domain. Nothing is ordered or stored (`ephemeral`).
+    /// `None` when the room is not hubbed here; `unknown_room` when the sender is no member.
+    pub async fn ephemeral_recipients(
+        &self,
+        sender: &DeviceUri,
+        room: &RoomId,
+    ) -> ServiceResult<Option<EphemeralRecipients>> {
+        let Some(handle) = self.room(room).await? else {
+            return Ok(None);
+        };
+        let state = handle.read().await;
+        if !state.is_member(sender) {
+            return Err(unknown_room(room));
+        }
+        let mut out = EphemeralRecipients {
+            hub_domain: state.hub_domain.clone(),
+            ..EphemeralRecipients::default()
+        };
+        for m in state.members.iter().filter(|m| !m.is(sender)) {
+            if !self.config.hosts(m.user.domain().as_str()) {
+                let domain = m.user.domain().to_string();
+                out.remote.entry(domain).or_default().push(m.uri());
+            } else if !self.consent.blocked(&sender.user, &m.user) {
+                out.local.push(m.device.clone());
+            }
+        }
+        Ok(Some(out))
+    }
+}
+
+/// Where an ephemeral message goes (see [`Hub::ephemeral_recipients`]).
+#[derive(Debug, Default)]
+pub struct EphemeralRecipients {
+    /// The domain the room is hubbed as (what the hub speaks as to other providers).
+    pub hub_domain: String,
+    /// Local member devices (device ids).
+    pub local: Vec<String>,
+    /// Other providers' member clients (client URIs), by domain.
+    pub remote: BTreeMap<String, Vec<String>>,
 }
 
 /// Checks a sender's expiry hint (milliseconds since the Unix epoch): it must lie after `now`

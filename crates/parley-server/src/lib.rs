@@ -12,6 +12,7 @@ pub mod assets;
 pub mod config;
 pub mod consent;
 pub mod delivery;
+pub mod ephemeral;
 pub mod error;
 pub mod federation;
 pub mod http;
@@ -60,6 +61,8 @@ pub struct App {
     pub remote: Arc<Remote>,
     pub outbox: Arc<Outbox>,
     pub assets: Arc<Assets>,
+    /// Typing indicators and other messages for connected devices only.
+    pub ephemeral: Arc<ephemeral::Ephemeral>,
     /// Outbound MIMI client (`None` without federation settings).
     pub peers: Option<Arc<PeerClient>>,
     /// MIMI requests per peer provider.
@@ -136,6 +139,13 @@ impl Server {
             peers.clone(),
         ));
         let assets = Arc::new(Assets::new(store_for_assets, config.clone())?);
+        let ephemeral = Arc::new(ephemeral::Ephemeral::new(
+            config.clone(),
+            hub.clone(),
+            remote.clone(),
+            consent.clone(),
+            peers.clone(),
+        ));
         outbox.resume().await?;
         let app = Arc::new(App {
             config: config.clone(),
@@ -146,6 +156,7 @@ impl Server {
             remote,
             outbox,
             assets: assets.clone(),
+            ephemeral,
             peers,
             peer_requests: RateLimiter::new(
                 config.limits.peer_requests_per_second,

@@ -779,6 +779,22 @@ impl Remote {
             devices,
         })
     }
+
+    /// The local member devices of a room hubbed elsewhere (for ephemeral messages, which
+    /// bypass the queues and so this module's notify path).
+    pub async fn local_devices(&self, room: &RoomId) -> ServiceResult<Vec<String>> {
+        let key = room.to_string();
+        Ok(self
+            .store
+            .read(move |c| {
+                let mut st = c.prepare_cached(
+                    "SELECT device_id FROM remote_room_devices WHERE room_id = ?1",
+                )?;
+                let rows = st.query_map(params![key], |r| r.get(0))?;
+                Ok(rows.collect::<Result<Vec<String>, _>>()?)
+            })
+            .await?)
+    }
 }
 
 /// The room state a notify carries, checked.

@@ -116,7 +116,8 @@ async fn peers_are_authenticated_by_certificate_and_from_header() {
         dirjson["keyMaterial"],
         format!("https://chirp.test:{port}/v1/keyMaterial/{{targetUser}}")
     );
-    assert_eq!(dirjson.as_object().unwrap().len(), 11);
+    // The draft's ten, and Parley's extensions x-parley-promote and x-parley-ephemeral.
+    assert_eq!(dirjson.as_object().unwrap().len(), 12);
 
     // A valid certificate for evil.test claiming to be wave.test: refused.
     let resp = get(with_resolve(Some(&evil), &ca), Some("mimi@wave.test"))
