@@ -96,6 +96,10 @@ pub struct Limits {
     pub peer_request_burst: f64,
     /// Contact (consent) requests a user may send per minute, to any provider.
     pub contact_requests_per_minute: f64,
+    /// Ephemeral messages (typing indicators) per second per device, and the burst above it:
+    /// typing indicators come one per line typed, a few seconds apart.
+    pub ephemeral_per_second: f64,
+    pub ephemeral_burst: f64,
 }
 
 impl Default for Limits {
@@ -117,6 +121,8 @@ impl Default for Limits {
             peer_requests_per_second: 2000.0,
             peer_request_burst: 10_000.0,
             contact_requests_per_minute: 20.0,
+            ephemeral_per_second: 2.0,
+            ephemeral_burst: 10.0,
         }
     }
 }
@@ -352,6 +358,23 @@ mod tests {
         assert_eq!(c.domain("wave.test").unwrap().retention_days, 30);
         assert_eq!(c.limits.messages_per_second, 5.0);
         assert_eq!(c.limits.max_body_bytes, 1 << 20);
+        assert_eq!(c.limits.ephemeral_per_second, 2.0);
+        assert_eq!(c.limits.ephemeral_burst, 10.0);
+    }
+
+    #[test]
+    fn the_ephemeral_rate_is_configurable() {
+        let c: ServerConfig = toml::from_str(
+            r#"
+            [limits]
+            ephemeral_per_second = 0.5
+            ephemeral_burst = 3.0
+            "#,
+        )
+        .unwrap();
+        assert_eq!(c.limits.ephemeral_per_second, 0.5);
+        assert_eq!(c.limits.ephemeral_burst, 3.0);
+        assert_eq!(c.limits.messages_per_second, 50.0);
     }
 
     #[test]

@@ -30,10 +30,6 @@ use tokio::sync::mpsc;
 pub const EPHEMERAL: &str = "x-parley-ephemeral";
 /// Largest ephemeral message: a typing indicator is a few hundred bytes.
 pub const MAX_EPHEMERAL_BYTES: usize = 8 * 1024;
-/// Ephemeral messages a device may send per second, and the burst above that: typing
-/// indicators come one per line typed, a few seconds apart.
-const RATE_PER_SECOND: f64 = 2.0;
-const RATE_BURST: f64 = 10.0;
 /// Frames buffered per connection; when full, new ones are dropped (never the connection).
 const SUBSCRIBER_BUFFER: usize = 32;
 /// A best-effort request to another provider gives up after this.
@@ -117,6 +113,10 @@ impl Ephemeral {
         consent: Arc<Consent>,
         peers: Option<Arc<PeerClient>>,
     ) -> Self {
+        let rate = RateLimiter::new(
+            config.limits.ephemeral_per_second,
+            config.limits.ephemeral_burst,
+        );
         Self {
             subscribers: Subscribers::default(),
             config,
@@ -124,7 +124,7 @@ impl Ephemeral {
             remote,
             consent,
             peers,
-            rate: RateLimiter::new(RATE_PER_SECOND, RATE_BURST),
+            rate,
         }
     }
 
