@@ -188,17 +188,8 @@ async fn file_reaches_everyone(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn files_cross_providers_through_the_rooms_hub() {
     let dir = tempfile::tempdir().unwrap();
-    let net = Providers::federated(
-        dir.path(),
-        &["chirp.test", "wave.test", "ping.test"],
-        |_| {},
-    )
-    .await;
-    let mut alice = net.register("alice@chirp.test").await;
-    let mut bob = net.register("bob@wave.test").await;
-    let mut carol = net.register("carol@ping.test").await;
-    consent(&bob, &alice).await;
-    consent(&carol, &alice).await;
+    let net = Providers::three(dir.path()).await;
+    let (mut alice, mut bob, mut carol) = alice_bob_carol(&net).await;
     // Hubbed at chirp.test; wave.test and ping.test follow it.
     let room = alice
         .create_room(Some("media"), &[bob.user().clone(), carol.user().clone()])

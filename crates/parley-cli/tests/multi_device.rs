@@ -3,85 +3,14 @@
 //! its user sends, leaves every room when removed; and a busy group with devices coming and going
 //! where every device decrypts every message sent while it was a member.
 
+mod providers;
+
 use parley_client::{ClientError, Device, Event};
 use parley_proto::ids::DeviceUri;
 use parley_proto::{DeviceId, MessageId, RoomId, UserId};
-use parley_server::config::ServerConfig;
-use parley_server::Server;
+use providers::*;
 use std::collections::{BTreeSet, HashMap, HashSet};
-use std::path::{Path, PathBuf};
-
-const PASSWORD: &str = "password-123";
-
-async fn server(dir: &Path) -> Server {
-    let mut config = ServerConfig {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        data: dir.join("server"),
-        ..Default::default()
-    };
-    config.add_domain("chirp.test");
-    config.add_domain("wave.test");
-    Server::start(config).await.unwrap()
-}
-
-async fn register(dir: &Path, server: &Server, user: &str) -> Device {
-    let user = UserId::parse(user).unwrap();
-    Device::register(
-        &dir.join(user.to_string()),
-        &server.url(),
-        &user,
-        Some(PASSWORD),
-        None,
-        None,
-    )
-    .await
-    .unwrap()
-}
-
-/// A further device of `user`, in the profile directory `dir/name`.
-async fn login(dir: &Path, server: &Server, user: &UserId, name: &str) -> Device {
-    Device::login(&dir.join(name), &server.url(), user, PASSWORD, None)
-        .await
-        .unwrap()
-}
-
-/// Everything a sync returns, failing on entries that could not be processed.
-async fn sync(device: &mut Device) -> Vec<Event> {
-    let events = device.sync(None).await.unwrap();
-    for e in &events {
-        assert!(
-            !matches!(e, Event::Error { .. } | Event::Undecodable { .. }),
-            "{} ({}) could not process an entry: {e:?}",
-            device.user(),
-            device.device_id()
-        );
-    }
-    events
-}
-
-/// The messages of `room` a sync returns: (sender, text).
-async fn read(device: &mut Device, room: &RoomId) -> Vec<(String, String)> {
-    sync(device)
-        .await
-        .into_iter()
-        .filter_map(|e| match e {
-            Event::Message {
-                room: r,
-                sender,
-                text,
-                ..
-            } if &r == room => Some((sender.to_string(), text)),
-            _ => None,
-        })
-        .collect()
-}
-
-fn from(sender: &str, texts: &[&str]) -> Vec<(String, String)> {
-    texts
-        .iter()
-        .map(|t| (sender.to_owned(), t.to_string()))
-        .collect()
-}
+use std::path::PathBuf;
 
 fn joined(events: &[Event]) -> BTreeSet<RoomId> {
     events
@@ -446,9 +375,7 @@ impl Busy {
         let existing = self.alive_of(user);
         self.logins += 1;
         let name = format!("{user}-{}", self.logins);
-        let device = Device::login(&self.dir.join(name), &self.url, user, PASSWORD, None)
-            .await
-            .unwrap();
+        let device = login_at(&self.dir.join(name), &self.url, user).await;
         self.slots.push(Slot {
             device,
             alive: true,

@@ -165,17 +165,8 @@ async fn await_receipts(device: &mut Device, want: &BTreeSet<(UserId, MessageId,
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn receipts_cross_providers() {
     let dir = tempfile::tempdir().unwrap();
-    let net = Providers::federated(
-        dir.path(),
-        &["chirp.test", "wave.test", "ping.test"],
-        |_| {},
-    )
-    .await;
-    let mut alice = net.register("alice@chirp.test").await;
-    let mut bob = net.register("bob@wave.test").await;
-    let mut carol = net.register("carol@ping.test").await;
-    consent(&bob, &alice).await;
-    consent(&carol, &alice).await;
+    let net = Providers::three(dir.path()).await;
+    let (mut alice, mut bob, mut carol) = alice_bob_carol(&net).await;
     let room: RoomId = alice
         .create_room(Some("far"), &[bob.user().clone(), carol.user().clone()])
         .await
@@ -246,12 +237,7 @@ async fn queued_total(net: &Providers, domain: &str) -> u64 {
 async fn typing_reaches_connected_devices_only_and_is_never_stored() {
     use std::time::Duration;
     let dir = tempfile::tempdir().unwrap();
-    let net = Providers::federated(
-        dir.path(),
-        &["chirp.test", "wave.test", "ping.test"],
-        |_| {},
-    )
-    .await;
+    let net = Providers::three(dir.path()).await;
     let mut alice = net.register("alice@chirp.test").await;
     let mut erin = net.register("erin@chirp.test").await;
     let mut bob = net.register("bob@wave.test").await;

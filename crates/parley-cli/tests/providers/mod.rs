@@ -1,6 +1,7 @@
-//! In-process providers for the end-to-end tests of files, receipts and typing: one server
-//! hosting two domains, or independent providers peered over MIMI with mutual TLS from a
-//! `parley dev-ca`; users, consent, rooms, and syncing until something arrives.
+//! In-process servers for the end-to-end tests through the client library: a bare server
+//! hosting two domains, held by the test, or [`Providers`] (one server hosting two domains, or
+//! independent providers peered over MIMI with mutual TLS from a `parley dev-ca`); users,
+//! devices, consent, rooms, checked syncs, and syncing until something arrives.
 #![allow(dead_code)] // each test binary uses a different subset
 
 use parley_client::{Device, Event};
@@ -28,13 +29,9 @@ impl Providers {
     /// provider. `tweak` adjusts the config (limits) before start.
     pub async fn one_server(dir: &Path, tweak: impl Fn(&mut ServerConfig)) -> Self {
         let mut config = ServerConfig {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            data: dir.join("data-server"),
             expiry_sweep_ms: 100,
-            ..Default::default()
+            ..two_domains(dir.join("data-server"))
         };
-        config.add_domain("chirp.test");
-        config.add_domain("wave.test");
         tweak(&mut config);
         let server = Server::start(config).await.unwrap();
         let servers = [("chirp.test", server)].into_iter().collect();
@@ -42,6 +39,11 @@ impl Providers {
             dir: dir.to_owned(),
             servers,
         }
+    }
+
+    /// `chirp.test`, `wave.test` and `ping.test`, each its own provider, peered, untweaked.
+    pub async fn three(dir: &Path) -> Self {
+        Self::federated(dir, &["chirp.test", "wave.test", "ping.test"], |_| {}).await
     }
 
     /// One provider per domain, each peered with the others over mutual TLS.
@@ -111,30 +113,13 @@ impl Providers {
     pub async fn register_as(&self, user: &str, profile: &str) -> Device {
         let user = UserId::parse(user).unwrap();
         let url = self.server_of(user.domain().as_str()).url();
-        Device::register(
-            &self.dir.join(format!("profile-{profile}")),
-            &url,
-            &user,
-            Some(PASSWORD),
-            None,
-            None,
-        )
-        .await
-        .unwrap()
+        register_at(&self.dir.join(format!("profile-{profile}")), &url, &user).await
     }
 
     /// Logs a further device of `user` in, into the profile directory named `profile`.
     pub async fn login(&self, user: &UserId, profile: &str) -> Device {
         let url = self.server_of(user.domain().as_str()).url();
-        Device::login(
-            &self.dir.join(format!("profile-{profile}")),
-            &url,
-            user,
-            PASSWORD,
-            None,
-        )
-        .await
-        .unwrap()
+        login_at(&self.dir.join(format!("profile-{profile}")), &url, user).await
     }
 
     pub async fn shutdown(self) {
@@ -142,6 +127,19 @@ impl Providers {
             server.shutdown().await;
         }
     }
+}
+
+/// A config listening on an ephemeral loopback port, with its data in `data`, hosting
+/// `chirp.test` and `wave.test`.
+fn two_domains(data: PathBuf) -> ServerConfig {
+    let mut config = ServerConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        data,
+        ..Default::default()
+    };
+    config.add_domain("chirp.test");
+    config.add_domain("wave.test");
+    config
 }
 
 fn free_addr() -> SocketAddr {
@@ -168,6 +166,140 @@ fn dev_ca(dir: &Path, domains: &[&str]) -> PathBuf {
         run(&["dev-ca", "issue", ca.to_str().unwrap(), d]);
     }
     ca
+}
+
+// --- a bare server: profiles and data in the test directory, held by the test -------------
+
+/// A server on an ephemeral loopback port hosting `chirp.test` and `wave.test`, with its data
+/// in `dir/server`.
+pub async fn server(dir: &Path) -> Server {
+    server_with(dir, |_| {}).await
+}
+
+/// [`server`], with `tweak` adjusting the config before start.
+pub async fn server_with(dir: &Path, tweak: impl Fn(&mut ServerConfig)) -> Server {
+    let mut config = two_domains(dir.join("server"));
+    tweak(&mut config);
+    Server::start(config).await.unwrap()
+}
+
+/// Where [`register`] keeps the profile of `user`: `dir/handle@domain`.
+pub fn profile_dir(dir: &Path, user: &UserId) -> PathBuf {
+    dir.join(user.to_string())
+}
+
+/// Registers `user` (`handle@domain`) at `server`, with its profile in [`profile_dir`].
+pub async fn register(dir: &Path, server: &Server, user: &str) -> Device {
+    let user = UserId::parse(user).unwrap();
+    register_at(&profile_dir(dir, &user), &server.url(), &user).await
+}
+
+/// A further device of `user`, in the profile directory `dir/name`.
+pub async fn login(dir: &Path, server: &Server, user: &UserId, name: &str) -> Device {
+    login_at(&dir.join(name), &server.url(), user).await
+}
+
+/// Registers `user` at the server at `url`, with [`PASSWORD`], into the profile directory
+/// `profile`.
+pub async fn register_at(profile: &Path, url: &str, user: &UserId) -> Device {
+    Device::register(profile, url, user, Some(PASSWORD), None, None)
+        .await
+        .unwrap()
+}
+
+/// Logs a further device of `user` in at the server at `url`, into the profile directory
+/// `profile`.
+pub async fn login_at(profile: &Path, url: &str, user: &UserId) -> Device {
+    Device::login(profile, url, user, PASSWORD, None)
+        .await
+        .unwrap()
+}
+
+// --- checked syncs ---------------------------------------------------------------------------
+
+/// What a checked sync does with content that did not decode ([`Event::Undecodable`]); an
+/// entry that could not be processed at all ([`Event::Error`]) always fails the test.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Undecodable {
+    Fails,
+    Passes,
+}
+
+/// Everything a sync returns, failing the test on entries that could not be processed and on
+/// content that did not decode.
+pub async fn sync(device: &mut Device) -> Vec<Event> {
+    checked_sync(device, Undecodable::Fails).await
+}
+
+/// Everything a sync returns, failing the test on entries that could not be processed; content
+/// that did not decode passes.
+pub async fn sync_lenient(device: &mut Device) -> Vec<Event> {
+    checked_sync(device, Undecodable::Passes).await
+}
+
+/// The messages of `room` a [`sync`] returns: (sender, text).
+pub async fn read(device: &mut Device, room: &RoomId) -> Vec<(String, String)> {
+    messages_in(sync(device).await, room)
+}
+
+/// The messages of `room` a [`sync_lenient`] returns: (sender, text); content that did not
+/// decode is left out.
+pub async fn read_lenient(device: &mut Device, room: &RoomId) -> Vec<(String, String)> {
+    messages_in(sync_lenient(device).await, room)
+}
+
+async fn checked_sync(device: &mut Device, undecodable: Undecodable) -> Vec<Event> {
+    let events = device.sync(None).await.unwrap();
+    for e in &events {
+        let fails = match e {
+            Event::Error { .. } => true,
+            Event::Undecodable { .. } => undecodable == Undecodable::Fails,
+            _ => false,
+        };
+        assert!(
+            !fails,
+            "{} ({}) could not process an entry: {e:?}",
+            device.user(),
+            device.device_id()
+        );
+    }
+    events
+}
+
+fn messages_in(events: Vec<Event>, room: &RoomId) -> Vec<(String, String)> {
+    events
+        .into_iter()
+        .filter_map(|e| match e {
+            Event::Message {
+                room: r,
+                sender,
+                text,
+                ..
+            } if &r == room => Some((sender.to_string(), text)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The (sender, text) pairs of messages `texts` from `sender`, as [`read`] returns them.
+pub fn from(sender: &str, texts: &[&str]) -> Vec<(String, String)> {
+    texts
+        .iter()
+        .map(|t| (sender.to_owned(), t.to_string()))
+        .collect()
+}
+
+// --- users, consent, rooms -------------------------------------------------------------------
+
+/// alice@chirp.test, bob@wave.test and carol@ping.test, registered in that order; bob and then
+/// carol consent to alice.
+pub async fn alice_bob_carol(net: &Providers) -> (Device, Device, Device) {
+    let alice = net.register("alice@chirp.test").await;
+    let bob = net.register("bob@wave.test").await;
+    let carol = net.register("carol@ping.test").await;
+    consent(&bob, &alice).await;
+    consent(&carol, &alice).await;
+    (alice, bob, carol)
 }
 
 /// `target` consents to `requester` (who asks first), waiting for the request to arrive.
