@@ -5,7 +5,7 @@
 
 mod providers;
 
-use parley_client::{ClientError, Device, Event};
+use parley_client::{ClientError, Device, Event, SentFile};
 use parley_proto::RoomId;
 use providers::*;
 use std::path::{Path, PathBuf};
@@ -167,7 +167,7 @@ async fn file_reaches_everyone(
     from: &mut Device,
     to: &mut [&mut Device],
     seed: u64,
-) {
+) -> SentFile {
     let data = noise(2 * 1024 * 1024 + seed as usize, seed);
     let name = format!("from-{}.bin", from.user().handle().as_str());
     let sent = from
@@ -183,6 +183,12 @@ async fn file_reaches_everyone(
             device.user()
         );
     }
+    sent
+}
+
+/// The asset id at the end of an asset URL: its file name in `DATA/assets/`.
+fn asset_id(sent: &SentFile) -> String {
+    sent.url.rsplit('/').next().unwrap().to_owned()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -200,7 +206,7 @@ async fn files_cross_providers_through_the_rooms_hub() {
 
     // Hosted at ping.test: the hub fetches it from there for alice, and for bob through
     // MIMI proxyDownload (wave.test → chirp.test → ping.test).
-    file_reaches_everyone(
+    let from_carol = file_reaches_everyone(
         dir.path(),
         &room,
         &mut carol,
@@ -209,7 +215,7 @@ async fn files_cross_providers_through_the_rooms_hub() {
     )
     .await;
     // Hosted at wave.test: carol's provider goes through the hub too.
-    file_reaches_everyone(
+    let from_bob = file_reaches_everyone(
         dir.path(),
         &room,
         &mut bob,
@@ -226,5 +232,24 @@ async fn files_cross_providers_through_the_rooms_hub() {
         3,
     )
     .await;
+
+    // Its author deleting the message deletes the upload too: gone from wave.test's store,
+    // no longer downloadable; carol's upload is untouched.
+    assert!(assets_in(&net.data_of("wave.test")).contains(&asset_id(&from_bob)));
+    bob.delete(&room, &from_bob.message.id).await.unwrap();
+    assert!(!assets_in(&net.data_of("wave.test")).contains(&asset_id(&from_bob)));
+    assert!(assets_in(&net.data_of("ping.test")).contains(&asset_id(&from_carol)));
+    for device in [&mut alice, &mut carol] {
+        sync_until(
+            device,
+            |e| matches!(e, Event::Delete { target, .. } if *target == from_bob.message.id),
+        )
+        .await;
+    }
+    let gone = carol.api().download(&from_bob.url, &room, u64::MAX).await;
+    assert!(
+        matches!(&gone, Err(e) if e.to_string().contains("unknown_asset")),
+        "{gone:?}"
+    );
     net.shutdown().await;
 }

@@ -1139,16 +1139,23 @@ impl Device {
         self.post_content(room, content).await
     }
 
-    /// Retracts our message `target`, or removes our reaction `target` (an "unlike").
+    /// Retracts our message `target`, or removes our reaction `target` (an "unlike"). The
+    /// attachment of a retracted message is deleted from our provider too, once the retraction
+    /// is sent (best effort: otherwise it goes at the provider's expiry).
     pub async fn delete(&mut self, room: &RoomId, target: &MessageId) -> Result<SentMessage> {
         self.require_member(room)?;
         self.own(room, target, "delete")?;
+        let attachment = self.profile.asset_url(room, target)?;
         let content = self
             .content_for(room, |me, uri| {
                 MimiContent::delete(rand::random(), me, uri, *target)
             })
             .await?;
-        self.post_content(room, content).await
+        let sent = self.post_content(room, content).await?;
+        if let Some(url) = attachment {
+            self.forget_upload(&url).await;
+        }
+        Ok(sent)
     }
 
     /// `target` must be a message (not deleted, not expired) in the room's history.

@@ -17,118 +17,16 @@ use crate::mls;
 
 /// The database file inside a profile directory.
 pub const DB_FILE: &str = "profile.db";
-/// Version of Parley's own tables (`PRAGMA user_version`).
-const SCHEMA_VERSION: i64 = 5;
 /// How long to wait for another process holding the database lock.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+/// Where refinery records which of `migrations/` a profile has applied.
+const MIGRATION_TABLE: &str = "parley_profile_migrations";
+/// Profiles made before refinery counted their schema version (1 to 5) in `PRAGMA user_version`.
+const LAST_LEGACY_VERSION: i64 = 5;
 
-const SCHEMA: &str = "
-CREATE TABLE parley_account (
-    id INTEGER PRIMARY KEY CHECK (id = 1),
-    server_url TEXT NOT NULL,
-    user TEXT NOT NULL,
-    device_id TEXT NOT NULL,
-    token TEXT NOT NULL,
-    signature_key BLOB NOT NULL
-);
-CREATE TABLE parley_state (
-    key TEXT PRIMARY KEY,
-    value INTEGER NOT NULL
-);
-CREATE TABLE parley_rooms (
-    room_id TEXT PRIMARY KEY,
-    room_uri TEXT,
-    kind TEXT,
-    name TEXT,
-    members TEXT NOT NULL DEFAULT '[]'
-);
-CREATE TABLE parley_pending_commits (
-    room_id TEXT PRIMARY KEY,
-    epoch INTEGER NOT NULL
-);
-CREATE TABLE parley_seen (
-    message_id TEXT PRIMARY KEY
-);
-CREATE TABLE parley_history (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    room_id TEXT NOT NULL,
-    event INTEGER NOT NULL,
-    sender TEXT NOT NULL,
-    message_id TEXT NOT NULL,
-    text TEXT NOT NULL,
-    ts INTEGER NOT NULL
-);
-CREATE INDEX parley_history_by_room ON parley_history (room_id, event);
-CREATE TABLE parley_events (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    event TEXT NOT NULL
-);
-";
-
-/// Version 2: rooms where proposals from other members (leaving) may await our commit.
-const SCHEMA_V2: &str = "
-CREATE TABLE parley_proposal_rooms (
-    room_id TEXT PRIMARY KEY
-);
-";
-
-/// Version 3: rich content. Messages remember what they reply to, when they expire, and
-/// whether they were edited or deleted; reactions get their own table (by their own id, so an
-/// "unlike", which deletes a reaction, can find it).
-const SCHEMA_V3: &str = "
-ALTER TABLE parley_history ADD COLUMN reply_to TEXT;
-ALTER TABLE parley_history ADD COLUMN expires_at INTEGER;
-ALTER TABLE parley_history ADD COLUMN edited INTEGER NOT NULL DEFAULT 0;
-ALTER TABLE parley_history ADD COLUMN deleted INTEGER NOT NULL DEFAULT 0;
-CREATE INDEX parley_history_by_id ON parley_history (room_id, message_id);
-CREATE INDEX parley_history_expiring ON parley_history (expires_at)
-    WHERE expires_at IS NOT NULL;
-CREATE TABLE parley_reactions (
-    message_id TEXT PRIMARY KEY,
-    room_id TEXT NOT NULL,
-    target TEXT NOT NULL,
-    sender TEXT NOT NULL,
-    emoji TEXT NOT NULL,
-    ts INTEGER NOT NULL
-);
-CREATE INDEX parley_reactions_by_target ON parley_reactions (room_id, target);
-";
-
-/// Version 4: files received but not yet downloaded. A message with an attachment waits here
-/// (its content holds the key) until a sync fetches, checks and saves the file, so a download
-/// that fails for want of a network is tried again and one that crashes is not lost.
-const SCHEMA_V4: &str = "
-CREATE TABLE parley_downloads (
-    message_id TEXT PRIMARY KEY,
-    room_id TEXT NOT NULL,
-    event INTEGER NOT NULL,
-    sender TEXT NOT NULL,
-    ts INTEGER NOT NULL,
-    expires_at INTEGER,
-    content BLOB NOT NULL
-);
-";
-
-/// Version 5: receipts (draft-mahy-mimi-message-status). Messages received but not yet
-/// reported delivered wait in `parley_receipts_due` for the end of the sync, which reports them
-/// in one message per room; `parley_receipts` remembers what each user reported (so a report
-/// repeated by another device of theirs is shown once); `read` marks the messages this user
-/// already reported read.
-const SCHEMA_V5: &str = "
-CREATE TABLE parley_receipts_due (
-    room_id TEXT NOT NULL,
-    message_id TEXT NOT NULL,
-    PRIMARY KEY (room_id, message_id)
-);
-CREATE TABLE parley_receipts (
-    room_id TEXT NOT NULL,
-    message_id TEXT NOT NULL,
-    user TEXT NOT NULL,
-    status INTEGER NOT NULL,
-    PRIMARY KEY (room_id, message_id, user, status)
-);
-ALTER TABLE parley_history ADD COLUMN read INTEGER NOT NULL DEFAULT 0;
-";
+mod embedded {
+    refinery::embed_migrations!("migrations");
+}
 
 /// The server account this profile's device belongs to.
 #[derive(Clone, PartialEq, Eq)]
@@ -301,7 +199,7 @@ impl Profile {
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
         mls::init_storage(&mut conn)?;
-        migrate(&conn)?;
+        migrate(&mut conn)?;
         Ok(Self {
             conn,
             dir: dir.to_owned(),
@@ -608,6 +506,29 @@ impl Profile {
             ],
         )?;
         Ok(())
+    }
+
+    /// Remembers where the attachment of message `id` is stored, so that its author deleting
+    /// the message can delete the upload too.
+    pub fn set_asset_url(&self, room: &RoomId, id: &MessageId, url: &str) -> Result<()> {
+        self.conn.execute(
+            "UPDATE parley_history SET asset_url = ?3 WHERE room_id = ?1 AND message_id = ?2",
+            params![room.as_str(), id.to_hex(), url],
+        )?;
+        Ok(())
+    }
+
+    /// Where the attachment of message `id` is stored, if it has one.
+    pub fn asset_url(&self, room: &RoomId, id: &MessageId) -> Result<Option<String>> {
+        let url: Option<Option<String>> = self
+            .conn
+            .query_row(
+                "SELECT asset_url FROM parley_history WHERE room_id = ?1 AND message_id = ?2",
+                params![room.as_str(), id.to_hex()],
+                |row| row.get(0),
+            )
+            .optional()?;
+        Ok(url.flatten())
     }
 
     pub fn add_reaction(&self, reaction: &ReactionRecord) -> Result<()> {
@@ -981,52 +902,44 @@ impl Profile {
     }
 }
 
-fn migrate(conn: &Connection) -> Result<()> {
-    let version =
-        || -> Result<i64> { Ok(conn.pragma_query_value(None, "user_version", |row| row.get(0))?) };
-    match version()? {
-        SCHEMA_VERSION => return Ok(()),
-        v if v > SCHEMA_VERSION => {
-            return Err(ClientError::Storage(format!(
-                "profile schema version {v} is newer than this program understands"
-            )))
-        }
-        _ => {}
-    }
-    // IMMEDIATE, and the version read again inside: another process may be migrating too.
-    conn.execute_batch("BEGIN IMMEDIATE")?;
-    let upgrade = || -> Result<()> {
-        let from = version()?;
-        if from < 1 {
-            conn.execute_batch(SCHEMA)?;
-        }
-        if from < 2 {
-            conn.execute_batch(SCHEMA_V2)?;
-        }
-        if from < 3 {
-            conn.execute_batch(SCHEMA_V3)?;
-        }
-        if from < 4 {
-            conn.execute_batch(SCHEMA_V4)?;
-        }
-        if from < 5 {
-            conn.execute_batch(SCHEMA_V5)?;
-        }
-        conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
-        Ok(())
+/// Brings Parley's tables up to date with `migrations/`, all pending steps in one transaction.
+/// Another process may be migrating the same profile at that moment: whichever commits first
+/// wins, and the other, failing, finds the work done when it looks again.
+fn migrate(conn: &mut Connection) -> Result<()> {
+    adopt_legacy_version(conn)?;
+    let run = |conn: &mut Connection| {
+        embedded::migrations::runner()
+            .set_grouped(true)
+            .set_migration_table_name(MIGRATION_TABLE)
+            .run(conn)
     };
-    match upgrade() {
-        Ok(()) => {
-            conn.execute_batch("COMMIT")?;
-            Ok(())
-        }
-        Err(e) => {
-            if let Err(rollback) = conn.execute_batch("ROLLBACK") {
-                tracing::error!(%rollback, "rollback failed");
-            }
-            Err(e)
-        }
+    if let Err(first) = run(conn) {
+        tracing::debug!("profile migration failed, looking again: {first}");
+        run(conn).map_err(|e| ClientError::Storage(format!("cannot upgrade the profile: {e}")))?;
     }
+    Ok(())
+}
+
+/// A profile from before refinery has its version in `PRAGMA user_version`: record those
+/// steps as applied (without running them again) so refinery carries on from there.
+fn adopt_legacy_version(conn: &mut Connection) -> Result<()> {
+    let legacy: i64 = conn.pragma_query_value(None, "user_version", |row| row.get(0))?;
+    if legacy == 0 {
+        return Ok(());
+    }
+    if !(1..=LAST_LEGACY_VERSION).contains(&legacy) {
+        return Err(ClientError::Storage(format!(
+            "profile schema version {legacy} is not one this program knows"
+        )));
+    }
+    let version = i32::try_from(legacy).expect("checked range");
+    embedded::migrations::runner()
+        .set_target(refinery::Target::FakeVersion(version))
+        .set_migration_table_name(MIGRATION_TABLE)
+        .run(conn)
+        .map_err(|e| ClientError::Storage(format!("cannot adopt the profile's schema: {e}")))?;
+    conn.pragma_update(None, "user_version", 0)?;
+    Ok(())
 }
 
 /// Creates the profile directory readable by its owner only: it holds private keys and a token.
@@ -1433,12 +1346,25 @@ mod tests {
         assert!(profile.proposal_rooms().unwrap().is_empty());
     }
 
+    /// The first two schema steps, as profiles from before refinery were built.
+    const V1_SQL: &str = include_str!("../migrations/V1__profile.sql");
+    const V2_SQL: &str = include_str!("../migrations/V2__proposal_rooms.sql");
+
+    fn newest_migration() -> i64 {
+        embedded::migrations::runner()
+            .get_migrations()
+            .iter()
+            .map(|m| i64::from(m.version()))
+            .max()
+            .unwrap()
+    }
+
     #[test]
     fn version_1_profiles_are_upgraded() {
         let dir = tempfile::tempdir().unwrap();
         {
             let conn = Connection::open(dir.path().join(DB_FILE)).unwrap();
-            conn.execute_batch(&format!("{SCHEMA} PRAGMA user_version = 1;"))
+            conn.execute_batch(&format!("{V1_SQL} PRAGMA user_version = 1;"))
                 .unwrap();
             conn.execute(
                 "INSERT INTO parley_state (key, value) VALUES ('processed_seq', 5)",
@@ -1459,7 +1385,16 @@ mod tests {
             .conn()
             .pragma_query_value(None, "user_version", |r| r.get(0))
             .unwrap();
-        assert_eq!(version, SCHEMA_VERSION);
+        assert_eq!(version, 0, "the legacy counter is retired");
+        let applied: i64 = profile
+            .conn()
+            .query_row(
+                &format!("SELECT max(version) FROM {MIGRATION_TABLE}"),
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(applied, newest_migration());
     }
 
     #[test]
@@ -1468,7 +1403,7 @@ mod tests {
         let room = RoomId::from_random([9; 16]);
         {
             let conn = Connection::open(dir.path().join(DB_FILE)).unwrap();
-            conn.execute_batch(&format!("{SCHEMA} {SCHEMA_V2} PRAGMA user_version = 2;"))
+            conn.execute_batch(&format!("{V1_SQL} {V2_SQL} PRAGMA user_version = 2;"))
                 .unwrap();
             conn.execute(
                 "INSERT INTO parley_history (room_id, event, sender, message_id, text, ts)

@@ -37,6 +37,8 @@ struct SavedFile {
     /// How its message reads as text.
     text: String,
     reply_to: Option<MessageId>,
+    /// Where its ciphertext is stored.
+    url: String,
 }
 
 /// How a message with a file reads as text, in history and in its event.
@@ -115,7 +117,7 @@ impl Device {
     }
 
     /// Best effort: an upload no message refers to is only clutter until it expires.
-    async fn forget_upload(&mut self, url: &str) {
+    pub(super) async fn forget_upload(&mut self, url: &str) {
         if let Err(e) = self.api.delete_asset(url).await {
             tracing::warn!(url, "cannot delete an unused upload: {e}");
         }
@@ -148,6 +150,7 @@ impl Device {
             entry.reply_to = reply_to;
             entry.expires_at = expires_at;
             self.profile.add_history(&entry)?;
+            self.profile.set_asset_url(at.room, &at.id, &file.url)?;
             return Ok(None);
         }
         if let Err(e) = media::check_part(file) {
@@ -203,7 +206,7 @@ impl Device {
             .await?;
         let name = media::safe_file_name(&file.filename);
         let (file, dir, save_as) = (file.clone(), self.downloads_dir(), name.clone());
-        let description = file.description.clone();
+        let (description, url) = (file.description.clone(), file.url.clone());
         let path = tokio::task::spawn_blocking(move || {
             let plaintext = media::open(&file, ciphertext)?;
             media::save(&dir, &save_as, &plaintext)
@@ -212,6 +215,7 @@ impl Device {
         .map_err(|e| ClientError::Storage(format!("file task failed: {e}")))??;
         Ok(SavedFile {
             path,
+            url,
             text: file_text(&name, &description),
             name,
             reply_to,
@@ -244,6 +248,8 @@ impl Device {
         };
         self.profile.transaction(|| {
             self.profile.add_history(&entry)?;
+            self.profile
+                .set_asset_url(&pending.room, &pending.id, &saved.url)?;
             self.profile.remove_download(&pending.id)?;
             self.profile.push_event(&event)
         })
