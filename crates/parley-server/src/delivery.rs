@@ -204,10 +204,11 @@ impl Delivery {
         let device = device.to_owned();
         self.store
             .write(move |c| {
-                Ok(c.execute(
-                    "DELETE FROM queue WHERE device_id = ?1 AND seq <= ?2",
-                    params![device, up_to as i64],
-                )?)
+                // Cached: acks come about once per delivered entry.
+                Ok(
+                    c.prepare_cached("DELETE FROM queue WHERE device_id = ?1 AND seq <= ?2")?
+                        .execute(params![device, up_to as i64])?,
+                )
             })
             .await
     }
