@@ -19,6 +19,8 @@ use crate::mls;
 pub const DB_FILE: &str = "profile.db";
 /// How long to wait for another process holding the database lock.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+/// Lock file held while a profile's schema is brought up to date.
+const MIGRATION_LOCK: &str = "profile.lock";
 /// Where refinery records which of `migrations/` a profile has applied.
 const MIGRATION_TABLE: &str = "parley_profile_migrations";
 /// Profiles made before refinery counted their schema version (1 to 5) in `PRAGMA user_version`.
@@ -198,8 +200,11 @@ impl Profile {
         // readers; FULL sync because losing MLS state after a crash would desynchronise groups.
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
-        mls::init_storage(&mut conn)?;
-        migrate(&mut conn)?;
+        {
+            let _only_us = lock_for_migration(dir)?;
+            mls::init_storage(&mut conn)?;
+            migrate(&mut conn)?;
+        }
         Ok(Self {
             conn,
             dir: dir.to_owned(),
@@ -902,21 +907,32 @@ impl Profile {
     }
 }
 
-/// Brings Parley's tables up to date with `migrations/`, all pending steps in one transaction.
-/// Another process may be migrating the same profile at that moment: whichever commits first
-/// wins, and the other, failing, finds the work done when it looks again.
+/// Takes the profile's migration lock (released when the file is dropped). Two processes
+/// opening a profile at once, say `parley chat` and `parley sync` after an upgrade, would
+/// otherwise both run the same schema steps, and one would fail.
+fn lock_for_migration(dir: &Path) -> Result<std::fs::File> {
+    let path = dir.join(MIGRATION_LOCK);
+    let fail =
+        |e: std::io::Error| ClientError::Storage(format!("cannot lock {}: {e}", path.display()));
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(fail)?;
+    file.lock().map_err(fail)?;
+    Ok(file)
+}
+
+/// Brings Parley's tables up to date with `migrations/`, all pending steps in one transaction
+/// (under [`lock_for_migration`]).
 fn migrate(conn: &mut Connection) -> Result<()> {
     adopt_legacy_version(conn)?;
-    let run = |conn: &mut Connection| {
-        embedded::migrations::runner()
-            .set_grouped(true)
-            .set_migration_table_name(MIGRATION_TABLE)
-            .run(conn)
-    };
-    if let Err(first) = run(conn) {
-        tracing::debug!("profile migration failed, looking again: {first}");
-        run(conn).map_err(|e| ClientError::Storage(format!("cannot upgrade the profile: {e}")))?;
-    }
+    embedded::migrations::runner()
+        .set_grouped(true)
+        .set_migration_table_name(MIGRATION_TABLE)
+        .run(conn)
+        .map_err(|e| ClientError::Storage(format!("cannot upgrade the profile: {e}")))?;
     Ok(())
 }
 
@@ -1395,6 +1411,32 @@ mod tests {
             )
             .unwrap();
         assert_eq!(applied, newest_migration());
+    }
+
+    #[test]
+    fn processes_opening_a_new_profile_at_once_all_succeed() {
+        for _ in 0..5 {
+            let dir = tempfile::tempdir().unwrap();
+            let opened: Vec<_> = std::thread::scope(|s| {
+                let handles: Vec<_> = (0..4)
+                    .map(|_| s.spawn(|| Profile::create_or_open(dir.path()).map(drop)))
+                    .collect();
+                handles.into_iter().map(|h| h.join().unwrap()).collect()
+            });
+            for result in opened {
+                result.unwrap();
+            }
+            let profile = Profile::open_existing(dir.path()).unwrap();
+            let applied: i64 = profile
+                .conn()
+                .query_row(
+                    &format!("SELECT count(*) FROM {MIGRATION_TABLE}"),
+                    [],
+                    |r| r.get(0),
+                )
+                .unwrap();
+            assert_eq!(applied, newest_migration(), "each step recorded once");
+        }
     }
 
     #[test]
