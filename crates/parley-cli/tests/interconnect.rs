@@ -3,220 +3,46 @@
 //! group rooms across providers, store-and-forward while a follower is down, and peers that
 //! misbehave. Servers run in-process on loopback ports; certificates come from the real CLI.
 
+mod providers;
+
 use parley_client::{ClientError, Device, Event};
 use parley_proto::mimi::{
     Body, ConsentEntry, ConsentOperation, FanoutKind, FanoutMessage, IdentifierUri,
     KeyMaterialRequest, KeyMaterialResponse, NotifyEntry, NotifyRequest, SubmitMessageRequest,
     UpdateRequest, UserCode,
 };
-use parley_proto::{RoomId, UserId};
-use parley_server::config::ServerConfig;
-use parley_server::Server;
+use parley_proto::RoomId;
+use parley_server::now_ms;
+use providers::*;
 use reqwest::StatusCode;
-use std::collections::BTreeMap;
-use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
-const DOMAINS: [&str; 3] = ["chirp.test", "wave.test", "ping.test"];
-
-fn free_addr() -> SocketAddr {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap()
-}
-
-/// `parley dev-ca init` + `issue` for every domain (and `evil.test`, for the malicious peer).
-fn dev_ca(dir: &Path) -> PathBuf {
-    let ca = dir.join("ca");
-    let parley = env!("CARGO_BIN_EXE_parley");
-    let ok = |args: &[&str]| {
-        let out = Command::new(parley).args(args).output().unwrap();
-        assert!(
-            out.status.success(),
-            "parley {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
-    ok(&["dev-ca", "init", ca.to_str().unwrap()]);
-    for d in DOMAINS.iter().chain(&["evil.test"]) {
-        ok(&["dev-ca", "issue", ca.to_str().unwrap(), d]);
-    }
-    ca
-}
-
-/// Three providers' settings: fixed loopback ports so they can be stopped and restarted.
-struct Net {
-    dir: PathBuf,
-    ca: PathBuf,
-    api: BTreeMap<&'static str, SocketAddr>,
-    fed: BTreeMap<&'static str, SocketAddr>,
-}
-
-impl Net {
-    fn new(dir: &Path) -> Self {
-        Self::with(dir, &DOMAINS)
-    }
-
-    /// Providers for `domains` (each needs a certificate from [`dev_ca`]).
-    fn with(dir: &Path, domains: &[&'static str]) -> Self {
-        Self {
-            dir: dir.to_owned(),
-            ca: dev_ca(dir),
-            api: domains.iter().map(|d| (*d, free_addr())).collect(),
-            fed: domains.iter().map(|d| (*d, free_addr())).collect(),
-        }
-    }
-
-    fn config(&self, domain: &'static str) -> ServerConfig {
-        let mut config = ServerConfig {
-            listen: self.api[domain],
-            data: self.dir.join(format!("data-{domain}")),
-            federation_listen: Some(self.fed[domain]),
-            federation_cert: vec![self.ca.join(format!("{domain}.crt"))],
-            federation_key: vec![self.ca.join(format!("{domain}.key"))],
-            peer_ca: Some(self.ca.join("ca.crt")),
-            peers: self
-                .fed
-                .iter()
-                .filter(|(d, _)| **d != domain)
-                .map(|(d, a)| (d.to_string(), format!("https://{a}")))
-                .collect(),
-            peer_retry_cap_secs: 1,
-            expiry_sweep_ms: 100,
-            ..Default::default()
-        };
-        config.add_domain(domain);
-        config
-    }
-
-    async fn start(&self, domain: &'static str) -> Server {
-        Server::start(self.config(domain)).await.unwrap()
-    }
-
-    async fn register(&self, user: &str) -> Device {
-        let user = UserId::parse(user).unwrap();
-        let url = format!("http://{}", self.api[user.domain().as_str()]);
-        Device::register(
-            &self.dir.join(format!("profile-{user}")),
-            &url,
-            &user,
-            Some("password-123"),
-            None,
-            None,
-        )
-        .await
-        .unwrap()
-    }
-
-    /// An HTTPS client for the federation listeners with the `as_domain` certificate.
-    fn peer_client(&self, as_domain: &str) -> reqwest::Client {
-        let mut pem = std::fs::read(self.ca.join(format!("{as_domain}.crt"))).unwrap();
-        pem.extend(std::fs::read(self.ca.join(format!("{as_domain}.key"))).unwrap());
-        let ca = std::fs::read(self.ca.join("ca.crt")).unwrap();
-        let mut b = reqwest::Client::builder()
-            .use_rustls_tls()
-            .tls_built_in_root_certs(false)
-            .add_root_certificate(reqwest::Certificate::from_pem(&ca).unwrap())
-            .identity(reqwest::Identity::from_pem(&pem).unwrap());
-        for (d, a) in &self.fed {
-            b = b.resolve(d, *a);
-        }
-        b.build().unwrap()
-    }
-}
-
-/// Syncs (waiting for pushes) until `want` messages of `room` arrived or 20 s passed.
+/// Syncs (waiting for pushes) until `want` messages of `room` arrived or [`PATIENCE`] passed.
 async fn read_n(device: &mut Device, room: &RoomId, want: usize) -> Vec<(String, String)> {
-    let deadline = Instant::now() + Duration::from_secs(20);
+    let deadline = Instant::now() + PATIENCE;
     let mut got = Vec::new();
     while got.len() < want && Instant::now() < deadline {
-        for e in device.sync(Some(Duration::from_millis(500))).await.unwrap() {
-            match e {
-                Event::Message {
-                    room: r,
-                    sender,
-                    text,
-                    ..
-                } if &r == room => got.push((sender.to_string(), text)),
-                Event::Error { detail, .. } => {
-                    panic!("{} failed to process an entry: {detail}", device.user())
-                }
-                _ => {}
-            }
+        let events = device.sync(Some(Duration::from_millis(500))).await.unwrap();
+        if let Some(Event::Error { detail, .. }) =
+            events.iter().find(|e| matches!(e, Event::Error { .. }))
+        {
+            panic!("{} failed to process an entry: {detail}", device.user());
         }
+        got.extend(messages_in(events, room));
     }
     got
 }
 
-/// Syncs until the device has joined `room` (its Welcome arrived), or 20 s passed.
-async fn join(device: &mut Device, room: &RoomId) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while Instant::now() < deadline {
-        for e in device.sync(Some(Duration::from_millis(500))).await.unwrap() {
-            if matches!(&e, Event::Joined { room: r, .. } if r == room) {
-                return;
-            }
-        }
-    }
-    panic!("{} never joined {room}", device.user());
-}
-
-/// Drains what is queued for a device and returns its messages in `room` (no waiting).
+/// Drains what is queued for a device and returns its messages in `room` (no waiting, and no
+/// checks: whatever else the sync returns passes).
 async fn read_now(device: &mut Device, room: &RoomId) -> Vec<(String, String)> {
-    let mut got = Vec::new();
-    for e in device.sync(None).await.unwrap() {
-        if let Event::Message {
-            room: r,
-            sender,
-            text,
-            ..
-        } = e
-        {
-            if &r == room {
-                got.push((sender.to_string(), text));
-            }
-        }
-    }
-    got
-}
-
-fn from(sender: &str, texts: &[&str]) -> Vec<(String, String)> {
-    texts
-        .iter()
-        .map(|t| (sender.to_owned(), t.to_string()))
-        .collect()
-}
-
-/// Waits until `target` sees a pending request from `requester`, then accepts it.
-async fn consent(target: &Device, requester: &Device) {
-    requester
-        .api()
-        .contact_request(target.user())
-        .await
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let pending = target.api().contact_requests().await.unwrap();
-        if pending
-            .iter()
-            .any(|c| c.user == requester.user().to_string())
-        {
-            break;
-        }
-        assert!(Instant::now() < deadline, "contact request never arrived");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    target.api().contact_accept(requester.user()).await.unwrap();
+    messages_in(device.sync(None).await.unwrap(), room)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_providers_consent_direct_and_group_rooms() {
     let dir = tempfile::tempdir().unwrap();
-    let net = Net::new(dir.path());
-    let _chirp = net.start("chirp.test").await;
-    let _wave = net.start("wave.test").await;
-    let _ping = net.start("ping.test").await;
+    let net = Providers::three(dir.path()).await;
     let mut alice = net.register("alice@chirp.test").await;
     let mut bob = net.register("bob@wave.test").await;
     let mut carol = net.register("carol@ping.test").await;
@@ -353,10 +179,7 @@ async fn three_providers_consent_direct_and_group_rooms() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_follower_that_was_down_gets_everything_once_in_order() {
     let dir = tempfile::tempdir().unwrap();
-    let net = Net::new(dir.path());
-    let chirp = net.start("chirp.test").await;
-    let wave = net.start("wave.test").await;
-    let _ping = net.start("ping.test").await;
+    let mut net = Providers::three(dir.path()).await;
     let mut alice = net.register("alice@chirp.test").await;
     let mut bob = net.register("bob@wave.test").await;
     consent(&bob, &alice).await;
@@ -364,13 +187,13 @@ async fn a_follower_that_was_down_gets_everything_once_in_order() {
     alice.send_text(&room, "before").await.unwrap();
     assert_eq!(read_n(&mut bob, &room, 1).await.len(), 1);
 
-    wave.shutdown().await;
+    net.stop("wave.test").await;
     let texts: Vec<String> = (0..50).map(|i| format!("m{i:02}")).collect();
     for t in &texts {
         alice.send_text(&room, t).await.unwrap();
     }
     // The hub holds them durably while the follower is away.
-    let metrics = reqwest::get(format!("{}/metrics", chirp.url()))
+    let metrics = reqwest::get(format!("{}/metrics", net.server_of("chirp.test").url()))
         .await
         .unwrap()
         .text()
@@ -382,7 +205,7 @@ async fn a_follower_that_was_down_gets_everything_once_in_order() {
     );
 
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let _wave = net.start("wave.test").await;
+    net.start("wave.test").await;
     let got = read_n(&mut bob, &room, 50).await;
     let want: Vec<(String, String)> = texts
         .iter()
@@ -396,10 +219,8 @@ async fn a_follower_that_was_down_gets_everything_once_in_order() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malicious_peer_requests_are_refused_and_change_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    let net = Net::new(dir.path());
-    let chirp = net.start("chirp.test").await;
-    let _wave = net.start("wave.test").await;
-    let _ping = net.start("ping.test").await;
+    let net = Providers::three(dir.path()).await;
+    net.certify("evil.test"); // a peer with no provider: the test plays it
     let mut alice = net.register("alice@chirp.test").await;
     let mut bob = net.register("bob@wave.test").await;
     consent(&bob, &alice).await;
@@ -709,7 +530,6 @@ async fn malicious_peer_requests_are_refused_and_change_nothing() {
         read_now(&mut bob, &room).await.is_empty(),
         "the replay delivered nothing"
     );
-    drop(chirp);
 }
 
 /// A follower provider that is itself malicious: evil.test has a real user (eve) in a room hubbed
@@ -718,10 +538,12 @@ async fn malicious_peer_requests_are_refused_and_change_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_forged_key_package_for_someone_elses_client_is_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let net = Net::with(dir.path(), &["chirp.test", "wave.test", "evil.test"]);
-    let _chirp = net.start("chirp.test").await;
-    let _wave = net.start("wave.test").await;
-    let _evil = net.start("evil.test").await;
+    let net = Providers::federated(
+        dir.path(),
+        &["chirp.test", "wave.test", "evil.test"],
+        |_| {},
+    )
+    .await;
     let mut alice = net.register("alice@chirp.test").await;
     let mut bob = net.register("bob@wave.test").await;
     let mut eve = net.register("eve@evil.test").await;
@@ -794,41 +616,11 @@ async fn a_forged_key_package_for_someone_elses_client_is_refused() {
     );
 }
 
-/// Syncs until an event of `room` that `wanted` accepts arrives (or 20 s passed); returns it.
+/// Syncs until an event of `room` that `wanted` accepts arrives (or [`PATIENCE`] passed);
+/// returns it.
 async fn wait_for(device: &mut Device, room: &RoomId, wanted: impl Fn(&Event) -> bool) -> Event {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while Instant::now() < deadline {
-        for e in device.sync(Some(Duration::from_millis(500))).await.unwrap() {
-            if let Event::Error { detail, .. } = &e {
-                panic!("{} failed to process an entry: {detail}", device.user());
-            }
-            if e.room() == Some(room) && wanted(&e) {
-                return e;
-            }
-        }
-    }
-    panic!("{} never got the event it waited for", device.user());
-}
-
-/// The `expires_at` of every queue row a provider holds for `device`.
-fn queued_for(net: &Net, domain: &str, device: &Device) -> Vec<u64> {
-    let db = net.dir.join(format!("data-{domain}")).join("parley.db");
-    let conn = rusqlite::Connection::open(db).unwrap();
-    conn.busy_timeout(Duration::from_secs(5)).unwrap();
-    let mut st = conn
-        .prepare("SELECT expires_at FROM queue WHERE device_id = ?1 ORDER BY seq")
-        .unwrap();
-    st.query_map([device.device_id().as_str()], |r| r.get::<_, i64>(0))
-        .unwrap()
-        .map(|r| r.unwrap() as u64)
-        .collect()
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64
+    let mut seen = sync_until(device, |e| e.room() == Some(room) && wanted(e)).await;
+    seen.pop().unwrap()
 }
 
 /// Replies, reactions, edits, deletes and expiring messages between a hub's user and a
@@ -838,9 +630,7 @@ fn now_ms() -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rich_content_across_providers() {
     let dir = tempfile::tempdir().unwrap();
-    let net = Net::with(dir.path(), &["chirp.test", "wave.test"]);
-    let _chirp = net.start("chirp.test").await;
-    let _wave = net.start("wave.test").await;
+    let net = Providers::federated(dir.path(), &["chirp.test", "wave.test"], |_| {}).await;
     let mut alice = net.register("alice@chirp.test").await;
     let mut bob = net.register("bob@wave.test").await;
     consent(&bob, &alice).await;
@@ -899,14 +689,14 @@ async fn rich_content_across_providers() {
     let soon = now_ms() + 3_000;
     // The hub queued bob's message for alice, and notified wave.test of alice's, each with the
     // hint (the follower writes its row when the notify arrives).
-    let alice_rows = queued_for(&net, "chirp.test", &alice);
+    let alice_rows = queued_for(&net.data_of("chirp.test"), &alice);
     assert!(
         alice_rows.len() == 1 && alice_rows[0] <= soon,
         "{alice_rows:?}"
     );
     let deadline = Instant::now() + Duration::from_secs(10);
     let bob_rows = loop {
-        let rows = queued_for(&net, "wave.test", &bob);
+        let rows = queued_for(&net.data_of("wave.test"), &bob);
         if !rows.is_empty() || Instant::now() > deadline {
             break rows;
         }
@@ -917,8 +707,8 @@ async fn rich_content_across_providers() {
     let expiry = alice_rows[0].max(bob_rows[0]);
     tokio::time::sleep(Duration::from_millis(expiry.saturating_sub(now_ms()) + 50)).await;
     let deadline = Instant::now() + Duration::from_secs(10);
-    while !(queued_for(&net, "chirp.test", &alice).is_empty()
-        && queued_for(&net, "wave.test", &bob).is_empty())
+    while !(queued_for(&net.data_of("chirp.test"), &alice).is_empty()
+        && queued_for(&net.data_of("wave.test"), &bob).is_empty())
     {
         assert!(
             Instant::now() < deadline,
@@ -940,9 +730,10 @@ async fn rich_content_across_providers() {
     }
 }
 
-/// Syncs until the device is in every room of `rooms` (their Welcomes arrived), or 20 s passed.
+/// Syncs until the device is in every room of `rooms` (their Welcomes arrived), or [`PATIENCE`]
+/// passed.
 async fn join_all(device: &mut Device, rooms: &[&RoomId]) {
-    let deadline = Instant::now() + Duration::from_secs(20);
+    let deadline = Instant::now() + PATIENCE;
     while rooms.iter().any(|r| device.room_devices(r).is_err()) {
         assert!(
             Instant::now() < deadline,
@@ -964,9 +755,7 @@ async fn join_all(device: &mut Device, rooms: &[&RoomId]) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_device_on_a_follower_joins_rooms_hubbed_elsewhere() {
     let dir = tempfile::tempdir().unwrap();
-    let net = Net::with(dir.path(), &["chirp.test", "ping.test"]);
-    let _chirp = net.start("chirp.test").await;
-    let _ping = net.start("ping.test").await;
+    let net = Providers::federated(dir.path(), &["chirp.test", "ping.test"], |_| {}).await;
     let mut alice = net.register("alice@chirp.test").await;
     let mut carol = net.register("carol@ping.test").await;
     consent(&carol, &alice).await;
@@ -977,15 +766,7 @@ async fn a_second_device_on_a_follower_joins_rooms_hubbed_elsewhere() {
     let direct = alice.direct_room(carol.user()).await.unwrap();
     join_all(&mut carol, &[&group, &direct]).await;
 
-    let mut phone = Device::login(
-        &net.dir.join("profile-carol-phone"),
-        &format!("http://{}", net.api["ping.test"]),
-        carol.user(),
-        "password-123",
-        None,
-    )
-    .await
-    .unwrap();
+    let mut phone = net.login(carol.user(), "carol-phone").await;
     carol.sync(None).await.unwrap(); // adds the phone to both rooms, through chirp.test
     join_all(&mut phone, &[&group, &direct]).await;
 

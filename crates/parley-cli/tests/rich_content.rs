@@ -204,19 +204,6 @@ async fn replies_reactions_edits_and_deletes_reach_every_member() {
     server.shutdown().await;
 }
 
-/// How many queue rows the server holds for `device` (straight from its database).
-fn queued_for(server_dir: &Path, device: &Device) -> Vec<u64> {
-    let conn = rusqlite::Connection::open(server_dir.join("parley.db")).unwrap();
-    conn.busy_timeout(Duration::from_secs(5)).unwrap();
-    let mut st = conn
-        .prepare("SELECT expires_at FROM queue WHERE device_id = ?1 ORDER BY seq")
-        .unwrap();
-    st.query_map([device.device_id().as_str()], |r| r.get::<_, i64>(0))
-        .unwrap()
-        .map(|r| r.unwrap() as u64)
-        .collect()
-}
-
 /// Waits (briefly) until `check` holds.
 async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(10);

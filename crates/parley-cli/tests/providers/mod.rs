@@ -1,7 +1,8 @@
 //! In-process servers for the end-to-end tests through the client library: a bare server
 //! hosting two domains, held by the test, or [`Providers`] (one server hosting two domains, or
-//! independent providers peered over MIMI with mutual TLS from a `parley dev-ca`); users,
-//! devices, consent, rooms, checked syncs, and syncing until something arrives.
+//! independent providers peered over MIMI with mutual TLS from a `parley dev-ca`, which a test
+//! may stop and start again, or talk to as a peer of its own); users, devices, consent, rooms,
+//! checked syncs, syncing until something arrives, and what a provider queues.
 #![allow(dead_code)] // each test binary uses a different subset
 
 use parley_client::{Device, Event};
@@ -21,7 +22,12 @@ pub const PATIENCE: Duration = Duration::from_secs(20);
 /// Providers in this process: their servers, by domain, and where their data lives.
 pub struct Providers {
     pub dir: PathBuf,
+    /// The running servers (a stopped provider has none until it starts again).
     pub servers: BTreeMap<&'static str, Server>,
+    /// Each federated provider's MIMI listener (none for [`Providers::one_server`]).
+    pub fed: BTreeMap<&'static str, SocketAddr>,
+    /// The config each server started with, its API port the one it bound, to start it again.
+    configs: BTreeMap<&'static str, ServerConfig>,
 }
 
 impl Providers {
@@ -33,12 +39,9 @@ impl Providers {
             ..two_domains(dir.join("data-server"))
         };
         tweak(&mut config);
-        let server = Server::start(config).await.unwrap();
-        let servers = [("chirp.test", server)].into_iter().collect();
-        Self {
-            dir: dir.to_owned(),
-            servers,
-        }
+        let mut net = Self::empty(dir, BTreeMap::new());
+        net.launch("chirp.test", config).await;
+        net
     }
 
     /// `chirp.test`, `wave.test` and `ping.test`, each its own provider, peered, untweaked.
@@ -54,7 +57,7 @@ impl Providers {
     ) -> Self {
         let ca = dev_ca(dir, domains);
         let fed: BTreeMap<&str, SocketAddr> = domains.iter().map(|d| (*d, free_addr())).collect();
-        let mut servers = BTreeMap::new();
+        let mut net = Self::empty(dir, fed.clone());
         for domain in domains {
             let mut config = ServerConfig {
                 listen: "127.0.0.1:0".parse().unwrap(),
@@ -74,34 +77,103 @@ impl Providers {
             };
             config.add_domain(domain);
             tweak(&mut config);
-            servers.insert(*domain, Server::start(config).await.unwrap());
+            net.launch(domain, config).await;
         }
+        net
+    }
+
+    /// No servers yet; `fed`, the federation listeners they are to have.
+    fn empty(dir: &Path, fed: BTreeMap<&'static str, SocketAddr>) -> Self {
         Self {
             dir: dir.to_owned(),
-            servers,
+            servers: BTreeMap::new(),
+            fed,
+            configs: BTreeMap::new(),
         }
+    }
+
+    /// Starts the server for `domain` with `config`, keeping the config (with the API port it
+    /// bound) so that [`Providers::start`] brings it back where its users' devices look for it.
+    async fn launch(&mut self, domain: &'static str, mut config: ServerConfig) {
+        let server = Server::start(config.clone()).await.unwrap();
+        config.listen = server.local_addr();
+        self.configs.insert(domain, config);
+        self.servers.insert(domain, server);
+    }
+
+    /// Shuts the provider hosting `domain` down; its data and ports wait for
+    /// [`Providers::start`].
+    pub async fn stop(&mut self, domain: &str) {
+        let server = self
+            .servers
+            .remove(domain)
+            .unwrap_or_else(|| panic!("no running provider for {domain}"));
+        server.shutdown().await;
+    }
+
+    /// Starts the provider hosting `domain` again after [`Providers::stop`]: same config, data
+    /// and ports.
+    pub async fn start(&mut self, domain: &str) {
+        let (domain, config) = self
+            .configs
+            .get_key_value(domain)
+            .unwrap_or_else(|| panic!("no provider for {domain}"));
+        let (domain, config) = (*domain, config.clone());
+        self.launch(domain, config).await;
+    }
+
+    /// A certificate from the federated providers' CA for `domain`, which has no provider
+    /// here: a peer the test plays itself, through [`Providers::peer_client`].
+    pub fn certify(&self, domain: &str) {
+        issue(&self.ca(), domain);
+    }
+
+    /// An HTTPS client for the federation listeners that presents the certificate of
+    /// `as_domain` (a provider's, or one from [`Providers::certify`]) and finds each provider's
+    /// listener under its domain name.
+    pub fn peer_client(&self, as_domain: &str) -> reqwest::Client {
+        let ca = self.ca();
+        let mut pem = std::fs::read(ca.join(format!("{as_domain}.crt"))).unwrap();
+        pem.extend(std::fs::read(ca.join(format!("{as_domain}.key"))).unwrap());
+        let root = std::fs::read(ca.join("ca.crt")).unwrap();
+        let mut b = reqwest::Client::builder()
+            .use_rustls_tls()
+            .tls_built_in_root_certs(false)
+            .add_root_certificate(reqwest::Certificate::from_pem(&root).unwrap())
+            .identity(reqwest::Identity::from_pem(&pem).unwrap());
+        for (d, a) in &self.fed {
+            b = b.resolve(d, *a);
+        }
+        b.build().unwrap()
+    }
+
+    /// Where [`dev_ca`] put the federated providers' CA and certificates.
+    fn ca(&self) -> PathBuf {
+        self.dir.join("ca")
     }
 
     /// The server hosting `domain` (the only one, for [`Providers::one_server`]).
     pub fn server_of(&self, domain: &str) -> &Server {
-        self.servers
-            .get(domain)
-            .or_else(|| {
-                self.servers
-                    .values()
-                    .next()
-                    .filter(|_| self.servers.len() == 1)
-            })
-            .unwrap_or_else(|| panic!("no provider for {domain}"))
+        let server = if self.is_one_server() {
+            self.servers.values().next()
+        } else {
+            self.servers.get(domain)
+        };
+        server.unwrap_or_else(|| panic!("no running provider for {domain}"))
     }
 
     /// The data directory of the provider hosting `domain`.
     pub fn data_of(&self, domain: &str) -> PathBuf {
-        if self.servers.len() == 1 {
+        if self.is_one_server() {
             self.dir.join("data-server")
         } else {
             self.dir.join(format!("data-{domain}"))
         }
+    }
+
+    /// Whether this is [`Providers::one_server`]: one server hosting every domain, unfederated.
+    fn is_one_server(&self) -> bool {
+        self.fed.is_empty()
     }
 
     /// Registers `user` (`handle@domain`) with a profile of its own under the test directory.
@@ -150,22 +222,29 @@ fn free_addr() -> SocketAddr {
 /// `parley dev-ca init` + `issue` for every domain.
 fn dev_ca(dir: &Path, domains: &[&str]) -> PathBuf {
     let ca = dir.join("ca");
-    let run = |args: &[&str]| {
-        let out = Command::new(env!("CARGO_BIN_EXE_parley"))
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "parley {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
-    run(&["dev-ca", "init", ca.to_str().unwrap()]);
+    parley(&["dev-ca", "init", ca.to_str().unwrap()]);
     for d in domains {
-        run(&["dev-ca", "issue", ca.to_str().unwrap(), d]);
+        issue(&ca, d);
     }
     ca
+}
+
+/// `parley dev-ca issue`: a certificate for `domain` from the CA in `ca`.
+fn issue(ca: &Path, domain: &str) {
+    parley(&["dev-ca", "issue", ca.to_str().unwrap(), domain]);
+}
+
+/// Runs the `parley` CLI, failing the test if it fails.
+fn parley(args: &[&str]) {
+    let out = Command::new(env!("CARGO_BIN_EXE_parley"))
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "parley {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 // --- a bare server: profiles and data in the test directory, held by the test -------------
@@ -266,7 +345,8 @@ async fn checked_sync(device: &mut Device, undecodable: Undecodable) -> Vec<Even
     events
 }
 
-fn messages_in(events: Vec<Event>, room: &RoomId) -> Vec<(String, String)> {
+/// The messages of `room` among `events`: (sender, text).
+pub fn messages_in(events: Vec<Event>, room: &RoomId) -> Vec<(String, String)> {
     events
         .into_iter()
         .filter_map(|e| match e {
@@ -363,4 +443,20 @@ pub fn noise(len: usize, seed: u64) -> Vec<u8> {
     }
     out.truncate(len);
     out
+}
+
+// --- what a provider holds -------------------------------------------------------------------
+
+/// The `expires_at` of every queue row the server with its data in `data` holds for `device`
+/// (straight from its database, in queue order).
+pub fn queued_for(data: &Path, device: &Device) -> Vec<u64> {
+    let conn = rusqlite::Connection::open(data.join("parley.db")).unwrap();
+    conn.busy_timeout(Duration::from_secs(5)).unwrap();
+    let mut st = conn
+        .prepare("SELECT expires_at FROM queue WHERE device_id = ?1 ORDER BY seq")
+        .unwrap();
+    st.query_map([device.device_id().as_str()], |r| r.get::<_, i64>(0))
+        .unwrap()
+        .map(|r| r.unwrap() as u64)
+        .collect()
 }
