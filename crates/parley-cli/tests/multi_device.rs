@@ -108,6 +108,29 @@ async fn a_second_device_joins_every_room_shares_messages_and_can_be_removed() {
         (alice.clone(), "phone, direct")
     );
 
+    // A file alice sends from the phone is saved by the laptop too, and deleting the message
+    // from the laptop deletes the upload (the server's copy) with it.
+    let photo = dir.path().join("photo.jpg");
+    std::fs::write(&photo, noise(10_000, 5)).unwrap();
+    let sent = phone.send_file(&group, &photo).await.unwrap();
+    let is_it = |e: &Event| matches!(e, Event::Message { id, .. } if *id == sent.message.id);
+    sync_until(&mut laptop, is_it).await;
+    sync_until(&mut bob, is_it).await;
+    let upload = dir
+        .path()
+        .join("server/assets")
+        .join(sent.url.rsplit('/').next().unwrap());
+    assert!(upload.is_file());
+    laptop.delete(&group, &sent.message.id).await.unwrap();
+    assert!(!upload.exists(), "the upload goes with its message");
+    for device in [&mut bob, &mut phone] {
+        sync_until(
+            device,
+            |e| matches!(e, Event::Delete { target, .. } if *target == sent.message.id),
+        )
+        .await;
+    }
+
     // Bob cannot take alice's devices out of their direct room; alice can, her own.
     let refused = bob.remove_member(&direct, &alice).await.unwrap_err();
     assert_eq!(refused.code(), Some("policy"), "{refused}");
