@@ -7,7 +7,7 @@ mod providers;
 use parley_client::mls::DeviceMls;
 use parley_client::{ClientError, Device, Event};
 use parley_proto::api::SendRequest;
-use parley_proto::{MessageId, MimiContent, RoomId};
+use parley_proto::{MessageId, MessageStatus, MimiContent, RoomId, StatusReport};
 use providers::*;
 use std::path::Path;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -332,4 +332,105 @@ async fn undecodable_content_is_shown_and_the_room_keeps_working() {
         Err(ClientError::UnknownMessage { .. })
     ));
     server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edit_never_outlives_the_expiring_message_it_edits() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = server_with(dir.path(), |c| c.expiry_sweep_ms = SWEEP_MS).await;
+    let mut alice = register(dir.path(), &server, "alice@chirp.test").await;
+    let mut bob = register(dir.path(), &server, "bob@wave.test").await;
+    let room = alice.direct_room(bob.user()).await.unwrap();
+    events_in(&mut bob, &room).await;
+    let secret = alice
+        .send_expiring(&room, "meet at 5", Duration::from_secs(2))
+        .await
+        .unwrap();
+    assert!(events_in(&mut bob, &room)
+        .await
+        .iter()
+        .any(|e| matches!(e, Event::Message { id, .. } if *id == secret.id)));
+
+    // Edited while it lives; bob is offline until after it expired. The edit expires with
+    // the message: the server drops its queue entry at the message's deadline.
+    alice
+        .edit(&room, &secret.id, "meet at 6, room 12")
+        .await
+        .unwrap();
+    let queued = queued_for(&dir.path().join("server"), &bob);
+    assert_eq!(queued.len(), 1);
+    assert!(queued[0] <= now_ms() + 3000, "{queued:?}");
+    // Deadlines are whole seconds, rounded up: 2 s from now is gone within 3 s.
+    tokio::time::sleep(Duration::from_millis(3200)).await;
+    let late = events_in(&mut bob, &room).await;
+    assert!(
+        !late.iter().any(|e| matches!(e, Event::Edit { .. })),
+        "{late:?}"
+    );
+    assert!(bob.history(&room, 10).unwrap().is_empty());
+    // Neither can a forged edit arriving after the expiry revive the text.
+    let forged = MimiContent::edit(
+        [6; 16],
+        &alice.user().to_uri(),
+        &room_uri(&alice, &room).await,
+        secret.id,
+        "revived",
+    );
+    send_raw(dir.path(), &alice, &room, &forged.encode()).await;
+    alice.send_text(&room, "after").await.unwrap();
+    let after = events_in(&mut bob, &room).await;
+    assert!(
+        matches!(&after[..], [Event::Message { text, .. }] if text == "after"),
+        "{after:?}"
+    );
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn receipts_and_reactions_naming_no_message_here_are_ignored() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = server(dir.path()).await;
+    let mut alice = register(dir.path(), &server, "alice@chirp.test").await;
+    let mut bob = register(dir.path(), &server, "bob@wave.test").await;
+    let room = alice.direct_room(bob.user()).await.unwrap();
+    events_in(&mut bob, &room).await;
+    let real = alice.send_text(&room, "real").await.unwrap();
+    events_in(&mut bob, &room).await;
+    events_in(&mut alice, &room).await;
+
+    // From bob's device, bypassing his client's checks: a read receipt for the real message
+    // and for one that does not exist; a reaction to nothing; an oversized reaction.
+    let uri = room_uri(&bob, &room).await;
+    let ghost = MessageId([7; 32]);
+    let report = StatusReport(vec![
+        (ghost, MessageStatus::Read),
+        (real.id, MessageStatus::Read),
+    ]);
+    let me = bob.user().to_uri();
+    for content in [
+        MimiContent::status([1; 16], &me, &uri, &report),
+        MimiContent::reaction([2; 16], &me, &uri, ghost, "👍"),
+        MimiContent::reaction([3; 16], &me, &uri, real.id, &"👍".repeat(100)),
+    ] {
+        send_raw(dir.path(), &bob, &room, &content.encode()).await;
+    }
+    let got = sync_lenient(&mut alice).await;
+    let receipts: Vec<_> = got
+        .iter()
+        .filter_map(|e| match e {
+            Event::Receipt { target, .. } => Some(*target),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(receipts, vec![real.id], "{got:?}");
+    assert!(
+        !got.iter().any(|e| matches!(e, Event::Reaction { .. })),
+        "{got:?}"
+    );
+    assert!(alice.history(&room, 10).unwrap()[0].reactions.is_empty());
+    server.shutdown().await;
+}
+
+async fn room_uri(device: &Device, room: &RoomId) -> String {
+    device.api().room(room).await.unwrap().room_uri
 }

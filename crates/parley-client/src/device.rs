@@ -1111,6 +1111,7 @@ impl Device {
                 MimiContent::reaction(rand::random(), me, uri, *target, emoji)
             })
             .await?;
+        let content = self.expiring_with(room, target, content)?;
         self.post_content(room, content).await
     }
 
@@ -1136,7 +1137,25 @@ impl Device {
                 MimiContent::edit(rand::random(), me, uri, *target, text)
             })
             .await?;
+        let content = self.expiring_with(room, target, content)?;
         self.post_content(room, content).await
+    }
+
+    /// `content` about message `target` expires with it: the providers then drop its queue
+    /// entries when the message's own go, instead of keeping them for the full retention.
+    fn expiring_with(
+        &self,
+        room: &RoomId,
+        target: &MessageId,
+        content: MimiContent,
+    ) -> Result<MimiContent> {
+        Ok(match self.profile.message_expiry(room, target)? {
+            Some(deadline_ms) => {
+                let secs = u32::try_from(deadline_ms.div_ceil(1000)).unwrap_or(u32::MAX);
+                content.expiring(Expiration::at(secs))
+            }
+            None => content,
+        })
     }
 
     /// Retracts our message `target`, or removes our reaction `target` (an "unlike"). The
@@ -1161,7 +1180,7 @@ impl Device {
     /// `target` must be a message (not deleted, not expired) in the room's history.
     fn require_message(&self, room: &RoomId, target: &MessageId) -> Result<()> {
         self.profile.purge_expired(now_ms())?;
-        match self.profile.authored(room, target)? {
+        match self.profile.authored(room, target, now_ms())? {
             Some(Authored::Message { deleted: false, .. }) => Ok(()),
             _ => Err(ClientError::UnknownMessage {
                 room: room.clone(),
@@ -1177,7 +1196,10 @@ impl Device {
             room: room.clone(),
             id: target.to_hex(),
         };
-        let found = self.profile.authored(room, target)?.ok_or_else(unknown)?;
+        let found = self
+            .profile
+            .authored(room, target, now_ms())?
+            .ok_or_else(unknown)?;
         let author = match &found {
             Authored::Message {
                 deleted: false,
@@ -1633,6 +1655,13 @@ impl Device {
         target: MessageId,
         emoji: &str,
     ) -> Result<Option<Event>> {
+        // The sender's client enforces the same rules; a peer's may not.
+        if check_reaction(emoji).is_err()
+            || !self.profile.knows_message(at.room, &target, at.now)?
+        {
+            tracing::debug!(room = %at.room, %target, by = %at.author, "reaction ignored: oversized, or no message of this room");
+            return Ok(None);
+        }
         self.profile.add_reaction(&ReactionRecord {
             room: at.room.clone(),
             id: at.id,
@@ -1652,7 +1681,7 @@ impl Device {
     /// Only a message's author may edit it (draft-ietf-mimi-content: receivers must not let
     /// anyone else); anything else, including an unknown target, is ignored.
     fn file_edit(&self, at: &Arrival<'_>, target: MessageId, text: &str) -> Result<Option<Event>> {
-        match self.profile.authored(at.room, &target)? {
+        match self.profile.authored(at.room, &target, at.now)? {
             Some(Authored::Message {
                 sender,
                 deleted: false,
@@ -1674,7 +1703,7 @@ impl Device {
 
     /// Only the author of a message (or reaction) may delete it; anything else is ignored.
     fn file_delete(&self, at: &Arrival<'_>, target: MessageId) -> Result<Option<Event>> {
-        match self.profile.authored(at.room, &target)? {
+        match self.profile.authored(at.room, &target, at.now)? {
             Some(Authored::Message {
                 sender,
                 deleted: false,

@@ -552,13 +552,16 @@ impl Profile {
         Ok(())
     }
 
-    /// What `id` is in `room`'s history (a message or a reaction) and who wrote it.
-    pub fn authored(&self, room: &RoomId, id: &MessageId) -> Result<Option<Authored>> {
+    /// What `id` is in `room`'s history (a message or a reaction) and who wrote it. A message
+    /// that expired by `now_ms` is no longer anything: edits, deletes and reactions to it are
+    /// ignored even before the next purge removes it.
+    pub fn authored(&self, room: &RoomId, id: &MessageId, now_ms: u64) -> Result<Option<Authored>> {
         let message: Option<(String, bool)> = self
             .conn
             .query_row(
-                "SELECT sender, deleted FROM parley_history WHERE room_id = ?1 AND message_id = ?2",
-                params![room.as_str(), id.to_hex()],
+                "SELECT sender, deleted FROM parley_history
+                 WHERE room_id = ?1 AND message_id = ?2 AND (expires_at IS NULL OR expires_at > ?3)",
+                params![room.as_str(), id.to_hex(), to_sql_int(now_ms)?],
                 |row| Ok((row.get(0)?, row.get(1)?)),
             )
             .optional()?;
@@ -581,6 +584,37 @@ impl Profile {
                 })
             })
             .transpose()
+    }
+
+    /// When message `id` of `room` expires (milliseconds since the Unix epoch), if it does.
+    pub fn message_expiry(&self, room: &RoomId, id: &MessageId) -> Result<Option<u64>> {
+        let expires: Option<Option<i64>> = self
+            .conn
+            .query_row(
+                "SELECT expires_at FROM parley_history WHERE room_id = ?1 AND message_id = ?2",
+                params![room.as_str(), id.to_hex()],
+                |row| row.get(0),
+            )
+            .optional()?;
+        Ok(expires.flatten().map(|ms| ms.max(0) as u64))
+    }
+
+    /// Whether `id` is a message of `room` this device has: in history and not expired by
+    /// `now_ms`, or a file still waiting to be downloaded.
+    pub fn knows_message(&self, room: &RoomId, id: &MessageId, now_ms: u64) -> Result<bool> {
+        let known: Option<i64> = self
+            .conn
+            .query_row(
+                "SELECT 1 FROM parley_history
+                 WHERE room_id = ?1 AND message_id = ?2 AND (expires_at IS NULL OR expires_at > ?3)
+                 UNION ALL
+                 SELECT 1 FROM parley_downloads WHERE room_id = ?1 AND message_id = ?2
+                 LIMIT 1",
+                params![room.as_str(), id.to_hex(), to_sql_int(now_ms)?],
+                |row| row.get(0),
+            )
+            .optional()?;
+        Ok(known.is_some())
     }
 
     /// The ids in `room`'s history (messages and reactions) that start with `prefix` (hex).
@@ -619,6 +653,10 @@ impl Profile {
             "DELETE FROM parley_reactions WHERE room_id = ?1 AND target = ?2",
             params![room.as_str(), id.to_hex()],
         )?;
+        self.conn.execute(
+            "DELETE FROM parley_receipts WHERE room_id = ?1 AND message_id = ?2",
+            params![room.as_str(), id.to_hex()],
+        )?;
         Ok(())
     }
 
@@ -640,6 +678,13 @@ impl Profile {
                 "DELETE FROM parley_reactions WHERE EXISTS (
                      SELECT 1 FROM parley_history h WHERE h.room_id = parley_reactions.room_id
                        AND h.message_id = parley_reactions.target
+                       AND h.expires_at IS NOT NULL AND h.expires_at <= ?1)",
+                params![now],
+            )?;
+            self.conn.execute(
+                "DELETE FROM parley_receipts WHERE EXISTS (
+                     SELECT 1 FROM parley_history h WHERE h.room_id = parley_receipts.room_id
+                       AND h.message_id = parley_receipts.message_id
                        AND h.expires_at IS NOT NULL AND h.expires_at <= ?1)",
                 params![now],
             )?;
@@ -1201,20 +1246,20 @@ mod tests {
         };
         profile.add_reaction(&like).unwrap();
         assert_eq!(
-            profile.authored(&room, &MessageId([1; 32])).unwrap(),
+            profile.authored(&room, &MessageId([1; 32]), NOW).unwrap(),
             Some(Authored::Message {
                 sender: bob.clone(),
                 deleted: false
             })
         );
         assert_eq!(
-            profile.authored(&room, &like.id).unwrap(),
+            profile.authored(&room, &like.id, NOW).unwrap(),
             Some(Authored::Reaction {
                 sender: alice.clone()
             })
         );
         let elsewhere = RoomId::from_random([5; 16]);
-        assert_eq!(profile.authored(&elsewhere, &like.id).unwrap(), None);
+        assert_eq!(profile.authored(&elsewhere, &like.id, NOW).unwrap(), None);
 
         profile
             .edit_message(&room, &MessageId([2; 32]), "better")
@@ -1244,7 +1289,7 @@ mod tests {
         profile.delete_message(&room, &MessageId([1; 32])).unwrap();
         let first = profile.history(&room, 10, NOW).unwrap().remove(0);
         assert!(first.deleted && first.text.is_empty() && first.reactions.is_empty());
-        assert_eq!(profile.authored(&room, &like.id).unwrap(), None);
+        assert_eq!(profile.authored(&room, &like.id, NOW).unwrap(), None);
     }
 
     #[test]
@@ -1260,7 +1305,7 @@ mod tests {
         assert_eq!(profile.history(&room, 10, NOW + 1000).unwrap().len(), 1);
         assert_eq!(profile.purge_expired(NOW + 999).unwrap(), 0);
         assert_eq!(profile.purge_expired(NOW + 1000).unwrap(), 1);
-        assert_eq!(profile.authored(&room, &brief.id).unwrap(), None);
+        assert_eq!(profile.authored(&room, &brief.id, NOW).unwrap(), None);
         assert_eq!(profile.history(&room, 10, NOW).unwrap().len(), 1);
     }
 

@@ -80,6 +80,11 @@ impl Device {
             let Some(status) = ReceiptStatus::of(status) else {
                 continue;
             };
+            // Only for messages this device has: anything else would be kept, and shown, for
+            // ids that name nothing.
+            if !self.profile.knows_message(at.room, &target, at.now)? {
+                continue;
+            }
             let fresh =
                 self.profile
                     .record_receipt(at.room, &target, at.author, status.status().code())?;
