@@ -7,9 +7,9 @@ mod providers;
 
 use parley_client::{ClientError, Device, Event};
 use parley_proto::mimi::{
-    Body, ConsentEntry, ConsentOperation, FanoutKind, FanoutMessage, IdentifierUri,
-    KeyMaterialRequest, KeyMaterialResponse, NotifyEntry, NotifyRequest, SubmitMessageRequest,
-    UpdateRequest, UserCode,
+    Body, ConsentEntry, ConsentOperation, EphemeralMessage, FanoutKind, FanoutMessage,
+    IdentifierUri, KeyMaterialRequest, KeyMaterialResponse, NotifyEntry, NotifyRequest,
+    SubmitMessageRequest, UpdateRequest, UserCode,
 };
 use parley_proto::RoomId;
 use parley_server::now_ms;
@@ -298,6 +298,29 @@ async fn malicious_peer_requests_are_refused_and_change_nothing() {
         error_code(not_member).await,
         (StatusCode::NOT_FOUND, "unknown_room".into())
     );
+
+    // A typing indicator "from" a chirp.test client: the same answer whether that client is
+    // a member of the room or not, so it reveals nothing about another provider's members.
+    for sender in [
+        alice.device_uri().to_string(),
+        "mimi://chirp.test/d/alice/0000000000000001".to_owned(),
+    ] {
+        let typing = EphemeralMessage {
+            sender: IdentifierUri::new(&sender),
+            recipients: Vec::new(),
+            message: ciphertext.clone().into(),
+        };
+        let resp = post(
+            chirp_fed(&format!("x-parley-ephemeral/{room}")),
+            typing.encode(),
+        )
+        .await;
+        assert_eq!(
+            error_code(resp).await,
+            (StatusCode::NOT_FOUND, "unknown_room".into()),
+            "{sender}"
+        );
+    }
 
     // An expiry hint in the past (or beyond the retention) is refused before anything else.
     for hint in [1, u64::MAX] {
@@ -803,4 +826,26 @@ async fn a_second_device_on_a_follower_joins_rooms_hubbed_elsewhere() {
         read_n(&mut carol, &direct, 1).await,
         from("alice@chirp.test", &["just you now"])
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_provider_is_named_without_transport_details() {
+    let dir = tempfile::tempdir().unwrap();
+    let net = Providers::federated(dir.path(), &["chirp.test"], |_| {}).await;
+    let mut alice = net.register("alice@chirp.test").await;
+    let room = alice.create_room(Some("files"), &[]).await.unwrap();
+    let url = "https://nowhere.test/v1/assets/00112233445566778899aabbccddeeff";
+    let err = alice.api().download(url, &room, 100).await.unwrap_err();
+    assert_eq!(err.code(), Some("peer_unreachable"), "{err}");
+    assert!(err.is_retryable(), "{err}");
+    let text = err.to_string();
+    assert!(
+        text.contains("nowhere.test") && text.contains("try again later"),
+        "{text}"
+    );
+    // DNS, TLS and socket details stay in the provider's log.
+    for detail in ["dns", "error sending request", "lookup", "127.0.0.1"] {
+        assert!(!text.contains(detail), "{text}");
+    }
+    net.shutdown().await;
 }

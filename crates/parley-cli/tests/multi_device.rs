@@ -146,8 +146,23 @@ async fn a_second_device_joins_every_room_shares_messages_and_can_be_removed() {
         laptop.remove_device(&nobody).await,
         Err(ClientError::UnknownDevice(_))
     ));
+    let mut phone_push = phone.api().connect_push_with(true).await.unwrap();
     laptop.remove_device(phone.device_id()).await.unwrap();
     assert_eq!(laptop.devices().await.unwrap().len(), 1);
+    // Its open push connection is closed: no more entries, no typing indicators.
+    let closed = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+        loop {
+            match phone_push.next_push().await {
+                Ok(Some(_)) => continue,
+                end => break end,
+            }
+        }
+    })
+    .await;
+    assert!(
+        matches!(closed, Ok(Ok(None)) | Ok(Err(_))),
+        "still open: {closed:?}"
+    );
     let gone = phone.sync(None).await.unwrap_err();
     assert!(matches!(gone, ClientError::DeviceRemoved), "{gone}");
     assert!(gone.to_string().contains("removed"), "{gone}");

@@ -193,6 +193,8 @@ impl Profile {
 
     fn open_file(dir: &Path) -> Result<Self> {
         let path = dir.join(DB_FILE);
+        // Switching to WAL and migrating both need the database to themselves.
+        let only_us = lock_for_migration(dir)?;
         let mut conn = Connection::open(&path)
             .map_err(|e| ClientError::Storage(format!("cannot open {}: {e}", path.display())))?;
         conn.busy_timeout(BUSY_TIMEOUT)?;
@@ -200,11 +202,9 @@ impl Profile {
         // readers; FULL sync because losing MLS state after a crash would desynchronise groups.
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
-        {
-            let _only_us = lock_for_migration(dir)?;
-            mls::init_storage(&mut conn)?;
-            migrate(&mut conn)?;
-        }
+        mls::init_storage(&mut conn)?;
+        migrate(&mut conn)?;
+        drop(only_us);
         Ok(Self {
             conn,
             dir: dir.to_owned(),
@@ -954,7 +954,7 @@ impl Profile {
 
 /// Takes the profile's migration lock (released when the file is dropped). Two processes
 /// opening a profile at once, say `parley chat` and `parley sync` after an upgrade, would
-/// otherwise both run the same schema steps, and one would fail.
+/// otherwise both switch it to WAL and run the same schema steps, and one would fail.
 fn lock_for_migration(dir: &Path) -> Result<std::fs::File> {
     let path = dir.join(MIGRATION_LOCK);
     let fail =

@@ -461,6 +461,7 @@ impl Accounts {
             caller.user.handle().as_str().to_owned(),
         );
         let d = device.as_str().to_owned();
+        let gone = d.clone();
         let expires_at = self.signal_expiry(&caller.user);
         let push = push.clone();
         let removed = self
@@ -478,7 +479,12 @@ impl Accounts {
                     c.execute("DELETE FROM queue WHERE device_id = ?1", params![d])?;
                     signal_device_change(c, &domain, &handle, expires_at).map(Some)
                 },
-                move |stored: &Option<Vec<Stored>>| push.push(stored.as_deref().unwrap_or(&[])),
+                move |stored: &Option<Vec<Stored>>| {
+                    push.push(stored.as_deref().unwrap_or(&[]));
+                    if stored.is_some() {
+                        push.disconnect(&gone);
+                    }
+                },
             )
             .await?
             .is_some();

@@ -123,6 +123,14 @@ impl PushRegistry {
     }
 
     /// Drops closed subscriptions of a device (called when a connection ends).
+    /// Ends the live connections of a device that was deleted: their sessions see the
+    /// subscription close and hang up.
+    pub fn disconnect(&self, device: &str) {
+        if let Ok(mut subs) = self.subscribers.lock() {
+            subs.remove(device);
+        }
+    }
+
     pub fn prune(&self, device: &str) {
         if let Ok(mut subs) = self.subscribers.lock() {
             if let Some(list) = subs.get_mut(device) {

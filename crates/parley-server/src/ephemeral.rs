@@ -169,16 +169,13 @@ impl Ephemeral {
             .map_err(|e| ServiceError::bad("invalid_body", e.to_string()))?;
         let room = check_message(room, request.message.as_slice())?;
         let sender = client_uri(&request.sender)?;
-        if let Some(targets) = self.hub.ephemeral_recipients(&sender, &room).await? {
-            // A peer speaks only for its own clients.
-            if sender.user.domain() != peer {
-                return Err(ServiceError::forbidden(
-                    "peer_domain_mismatch",
-                    format!("{peer} may not send for {sender}"),
-                ));
+        // To a room hubbed here a peer speaks only for its own clients; checked before any
+        // membership, so its answers reveal nothing about other providers' members.
+        if sender.user.domain() == peer {
+            if let Some(targets) = self.hub.ephemeral_recipients(&sender, &room).await? {
+                self.fan_out(&sender, &room, targets, request.message.into());
+                return Ok(());
             }
-            self.fan_out(&sender, &room, targets, request.message.into());
-            return Ok(());
         }
         match self.remote.hub_of(&room).await? {
             Some(hub) if hub == *peer => self.deliver_here(&sender, &room, &request).await,

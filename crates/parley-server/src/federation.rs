@@ -615,7 +615,7 @@ async fn proxy_download(
     let upstream = peers
         .get_asset(&as_domain, &host, id.as_str())
         .await
-        .map_err(|e| ServiceError::unavailable("peer_unreachable", e.to_string()))?;
+        .map_err(ServiceError::from)?;
     Ok(crate::http::relay_download(upstream)?)
 }
 

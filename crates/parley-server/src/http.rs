@@ -634,7 +634,11 @@ async fn ws_session(app: Arc<App>, me: AuthDevice, socket: WebSocket, ephemeral:
     loop {
         tokio::select! {
             entry = live.recv() => {
-                let Some(first) = entry else { break }; // dropped as too slow: the client reconnects
+                // Dropped as too slow (the client reconnects) or the device was deleted.
+                let Some(first) = entry else {
+                    let _ = sink.send(Message::Close(None)).await;
+                    break;
+                };
                 let mut batch = vec![first];
                 while batch.len() < WS_PAGE {
                     match live.try_recv() {
@@ -790,7 +794,7 @@ async fn download(
             }
         }
     }
-    .map_err(|e| ServiceError::unavailable("peer_unreachable", e.to_string()))?;
+    .map_err(ServiceError::from)?;
     Ok(relay_download(upstream)?)
 }
 

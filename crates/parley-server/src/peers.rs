@@ -33,6 +33,26 @@ pub enum PeerError {
     Credentials(String),
 }
 
+impl From<PeerError> for crate::error::ServiceError {
+    /// What a client is told: which provider failed, retryably. The transport's details (DNS,
+    /// TLS, addresses) go to the log only.
+    fn from(e: PeerError) -> Self {
+        tracing::warn!(error = %e, "peer request failed");
+        let message = match &e {
+            PeerError::NoIdentity(_) | PeerError::Credentials(_) => {
+                "this provider cannot talk to other providers now; try again later".to_owned()
+            }
+            PeerError::BadUrl(peer, _)
+            | PeerError::Unreachable(peer, _)
+            | PeerError::Refused(peer, _)
+            | PeerError::BadDirectory(peer, _) => {
+                format!("the provider {peer} cannot be reached now; try again later")
+            }
+        };
+        Self::unavailable("peer_unreachable", message)
+    }
+}
+
 /// A peer's endpoint directory: endpoint name → URL template.
 #[derive(Debug, Clone)]
 pub struct Directory {

@@ -17,7 +17,7 @@ use crate::delivery::{enqueue, Delivery, Outgoing, Stored};
 use crate::error::{ServiceError, ServiceResult};
 use crate::hub::{check_expiry_hint, no_consent, Hub};
 use crate::mls::validate_key_package;
-use crate::peers::{PeerClient, PeerError};
+use crate::peers::PeerClient;
 use crate::store::{Store, StoreError};
 use parley_proto::api::{
     Accepted, ClaimResponse, ClaimedKeyPackage, EntryKind, RoomInfo, RoomKind,
@@ -89,12 +89,6 @@ fn parse_user(s: &str) -> ServiceResult<UserId> {
     UserId::parse(s).map_err(|e| ServiceError::bad("invalid_user", e.to_string()))
 }
 
-/// Errors talking to another provider, as seen by our client.
-fn peer_failure(e: PeerError) -> ServiceError {
-    tracing::warn!(error = %e, "peer request failed");
-    ServiceError::unavailable("peer_unreachable", e.to_string())
-}
-
 impl Remote {
     pub fn new(
         store: Store,
@@ -139,7 +133,7 @@ impl Remote {
             .peers()?
             .post(as_domain, peer, endpoint, param, body)
             .await
-            .map_err(peer_failure)?;
+            .map_err(ServiceError::from)?;
         if status.is_success() {
             return Ok(answer);
         }
