@@ -15,7 +15,7 @@ use crate::now_ms;
 use crate::store::{Store, StoreError};
 use axum::body::{Body, Bytes};
 use futures_util::{Stream, StreamExt};
-use parley_proto::Domain;
+use parley_proto::{Domain, UserId};
 use rusqlite::{params, OptionalExtension};
 use sha2::{Digest, Sha256};
 use std::path::PathBuf;
@@ -86,13 +86,28 @@ impl Assets {
         self.dir.join(id.as_str())
     }
 
-    fn limit_for(&self, domain: &Domain) -> u64 {
-        self.config
-            .domain(domain.as_str())
-            .map_or(0, |d| d.max_upload_bytes)
+    /// How much `uploader` may upload now: the domain's per-file limit, or what is left of
+    /// the user's storage quota, whichever is smaller.
+    async fn bound_for(&self, uploader: &UserId) -> ServiceResult<UploadBound> {
+        let (max_file, quota) = self
+            .config
+            .domain(uploader.domain().as_str())
+            .map_or((0, 0), |d| {
+                (d.max_upload_bytes, d.max_stored_bytes_per_user)
+            });
+        let user = uploader.to_string();
+        let stored = self
+            .store
+            .read(move |c| stored_by(c, &user, now_ms()))
+            .await?;
+        Ok(UploadBound {
+            max_file,
+            quota,
+            left: quota.saturating_sub(stored),
+        })
     }
 
-    /// `POST /v1/assets`: streams the body to disk, refusing it once it passes the limit (at
+    /// `POST /v1/assets`: streams the body to disk, refusing it once it passes the bound (at
     /// once when `Content-Length` already says so). Acknowledged only once the file is synced
     /// and recorded.
     pub async fn upload(
@@ -101,21 +116,15 @@ impl Assets {
         declared: Option<u64>,
         body: Body,
     ) -> ServiceResult<UploadedAsset> {
-        let limit = self.limit_for(caller.user.domain());
-        let too_large = || {
-            ServiceError::too_large(
-                "asset_too_large",
-                format!("attachments on this domain are limited to {limit} bytes"),
-            )
-        };
+        let bound = self.bound_for(&caller.user).await?;
         let mut stream = body.into_data_stream();
-        if declared.is_some_and(|n| n > limit) {
+        if let Some(n) = declared.filter(|&n| n > bound.bytes()) {
             linger(stream);
-            return Err(too_large());
+            return Err(bound.refusal(Some(n)));
         }
         let id = AssetId(hex::encode(rand::random::<[u8; 16]>()));
         let partial = self.dir.join(format!("{}.partial", id.as_str()));
-        let written = write_stream(&partial, &mut stream, limit).await;
+        let written = write_stream(&partial, &mut stream, bound.bytes()).await;
         let (size, digest) = match written {
             Ok(done) => done,
             Err(e) => {
@@ -123,7 +132,7 @@ impl Assets {
                 return Err(match e {
                     WriteError::TooLarge => {
                         linger(stream);
-                        too_large()
+                        bound.refusal(None)
                     }
                     WriteError::Body(why) => ServiceError::bad("upload_interrupted", why),
                     WriteError::Disk(why) => ServiceError::Internal(why),
@@ -139,24 +148,28 @@ impl Assets {
             .map_or(30, |d| d.retention_days);
         let expires_at = now_ms().saturating_add(days.saturating_mul(DAY_MS));
         let (key, uploader) = (id.as_str().to_owned(), caller.user.to_string());
-        let sha = digest.clone();
-        self.store
-            .write(move |c| {
-                c.execute(
+        let (sha, quota) = (digest.clone(), bound.quota);
+        // The quota again, in the recording transaction: the user's concurrent uploads were
+        // each bounded by what was left before any of them finished.
+        let recorded =
+            self.store
+                .write(move |c| {
+                    let now = now_ms();
+                    if stored_by(c, &uploader, now)?.saturating_add(size) > quota {
+                        return Ok(false);
+                    }
+                    c.execute(
                     "INSERT INTO assets (asset_id, uploader, size, sha256, created_at, expires_at)
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                    params![
-                        key,
-                        uploader,
-                        size as i64,
-                        sha,
-                        now_ms() as i64,
-                        expires_at as i64
-                    ],
+                    params![key, uploader, size as i64, sha, now as i64, expires_at as i64],
                 )?;
-                Ok(())
-            })
-            .await?;
+                    Ok(true)
+                })
+                .await?;
+        if !recorded {
+            let _ = tokio::fs::remove_file(self.path(&id)).await;
+            return Err(quota_exceeded(quota));
+        }
         tracing::info!(asset = id.as_str(), size, uploader = %caller.user, "asset stored");
         Ok(UploadedAsset {
             url: asset_url(caller.user.domain(), &id),
@@ -231,6 +244,56 @@ impl Assets {
 
 fn unknown_asset(id: &AssetId) -> ServiceError {
     ServiceError::not_found("unknown_asset", format!("no asset {}", id.as_str()))
+}
+
+/// Bytes of attachments `uploader` has stored that have not expired by `now`.
+fn stored_by(c: &rusqlite::Connection, uploader: &str, now: u64) -> Result<u64, StoreError> {
+    let total: i64 = c
+        .prepare_cached(
+            "SELECT COALESCE(SUM(size), 0) FROM assets WHERE uploader = ?1 AND expires_at > ?2",
+        )?
+        .query_row(params![uploader, now as i64], |r| r.get(0))?;
+    Ok(total.max(0) as u64)
+}
+
+/// What one upload may take (see [`Assets::bound_for`]).
+struct UploadBound {
+    max_file: u64,
+    quota: u64,
+    left: u64,
+}
+
+impl UploadBound {
+    fn bytes(&self) -> u64 {
+        self.max_file.min(self.left)
+    }
+
+    /// Why an upload over [`UploadBound::bytes`] is refused: the per-file limit when its
+    /// `size` is known to pass it (the file can never be sent), else the tighter of the two.
+    fn refusal(&self, size: Option<u64>) -> ServiceError {
+        let never_fits = size.is_some_and(|n| n > self.max_file);
+        if self.left < self.max_file && !never_fits {
+            quota_exceeded(self.quota)
+        } else {
+            ServiceError::too_large(
+                "asset_too_large",
+                format!(
+                    "attachments on this domain are limited to {} bytes",
+                    self.max_file
+                ),
+            )
+        }
+    }
+}
+
+fn quota_exceeded(quota: u64) -> ServiceError {
+    ServiceError::too_large(
+        "quota_exceeded",
+        format!(
+            "a user's stored attachments on this domain are limited to {quota} bytes; \
+             delete some, or wait for them to expire"
+        ),
+    )
 }
 
 enum WriteError {

@@ -53,6 +53,10 @@ pub struct DomainConfig {
     /// Largest attachment (encrypted) a user of this domain may upload, in bytes.
     #[serde(default = "default_max_upload_bytes")]
     pub max_upload_bytes: u64,
+    /// Most bytes of attachments a user of this domain may have stored at once (until they
+    /// expire or the user deletes them).
+    #[serde(default = "default_max_stored_bytes_per_user")]
+    pub max_stored_bytes_per_user: u64,
 }
 
 impl DomainConfig {
@@ -65,6 +69,7 @@ impl DomainConfig {
             retention_days: default_retention_days(),
             max_room_devices: default_max_room_devices(),
             max_upload_bytes: default_max_upload_bytes(),
+            max_stored_bytes_per_user: default_max_stored_bytes_per_user(),
         }
     }
 }
@@ -135,6 +140,9 @@ fn default_retention_days() -> u64 {
 }
 fn default_max_upload_bytes() -> u64 {
     256 * 1024 * 1024
+}
+fn default_max_stored_bytes_per_user() -> u64 {
+    4 * 1024 * 1024 * 1024
 }
 fn default_max_room_devices() -> usize {
     1000

@@ -11,9 +11,13 @@ use sha2::{Digest, Sha256};
 const KEY: &str = "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="; // 32 zero bytes, base64
 const LIMIT: u64 = 8 * 1024 * 1024;
 
+/// Each user's stored attachments, at most.
+const QUOTA: u64 = 16 * 1024 * 1024;
+
 async fn start(dir: &std::path::Path) -> Server {
     let mut chirp = DomainConfig::with_defaults("chirp.test");
     chirp.max_upload_bytes = LIMIT;
+    chirp.max_stored_bytes_per_user = QUOTA;
     let config = ServerConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
         data: dir.to_owned(),
@@ -179,5 +183,121 @@ async fn uploads_stream_to_disk_within_the_limit_and_download_back() {
             .unwrap();
         assert_eq!(resp.status(), StatusCode::BAD_REQUEST, "{path}");
     }
+    server.shutdown().await;
+}
+
+/// Uploads `len` streamed bytes (no Content-Length); the status and the JSON answer.
+async fn upload(
+    http: &reqwest::Client,
+    base: &str,
+    token: &str,
+    len: usize,
+) -> (StatusCode, Value) {
+    let resp = http
+        .post(format!("{base}/v1/assets"))
+        .bearer_auth(token)
+        .body(reqwest::Body::wrap_stream(chunks(len)))
+        .send()
+        .await
+        .unwrap();
+    (resp.status(), resp.json().await.unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_user_has_a_storage_quota() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path()).await;
+    let base = server.url();
+    let http = reqwest::Client::new();
+    let alice = token(&http, &base, "alice@chirp.test").await;
+    let bob = token(&http, &base, "bob@chirp.test").await;
+    let mib = 1024 * 1024;
+
+    // 7 + 7 MiB fit in alice's 16 MiB; a further 3 MiB does not, streamed or declared.
+    let (status, first) = upload(&http, &base, &alice, 7 * mib).await;
+    assert_eq!(status, StatusCode::CREATED);
+    assert_eq!(
+        upload(&http, &base, &alice, 7 * mib).await.0,
+        StatusCode::CREATED
+    );
+    let (status, refused) = upload(&http, &base, &alice, 3 * mib).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(refused["error"], "quota_exceeded");
+    assert!(
+        refused["message"]
+            .as_str()
+            .unwrap()
+            .contains(&QUOTA.to_string()),
+        "{refused}"
+    );
+    let declared = http
+        .post(format!("{base}/v1/assets"))
+        .bearer_auth(&alice)
+        .header("content-length", (3 * mib).to_string())
+        .body(vec![0u8; 3 * mib])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(declared.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    // Still under the quota: 1 MiB fits. Nothing of the refused uploads is left on disk.
+    assert_eq!(
+        upload(&http, &base, &alice, mib).await.0,
+        StatusCode::CREATED
+    );
+    assert_eq!(
+        std::fs::read_dir(dir.path().join("assets"))
+            .unwrap()
+            .count(),
+        3
+    );
+
+    // The quota is per user: bob has all of his.
+    assert_eq!(
+        upload(&http, &base, &bob, 7 * mib).await.0,
+        StatusCode::CREATED
+    );
+    // A file over the per-file limit is still asset_too_large, quota or not.
+    let (status, big) = upload(&http, &base, &bob, LIMIT as usize + 1).await;
+    assert_eq!(
+        (status, big["error"].as_str()),
+        (StatusCode::PAYLOAD_TOO_LARGE, Some("asset_too_large"))
+    );
+
+    // Declared over the per-file limit: asset_too_large even when the quota is tighter too.
+    let (status, body) = {
+        let resp = http
+            .post(format!("{base}/v1/assets"))
+            .bearer_auth(&alice)
+            .header("content-length", (LIMIT + 1).to_string())
+            .body(vec![0u8; LIMIT as usize + 1])
+            .send()
+            .await
+            .unwrap();
+        (resp.status(), resp.json::<Value>().await.unwrap())
+    };
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (StatusCode::PAYLOAD_TOO_LARGE, Some("asset_too_large"))
+    );
+
+    // Deleting gives the space back.
+    let id = first["url"]
+        .as_str()
+        .unwrap()
+        .rsplit('/')
+        .next()
+        .unwrap()
+        .to_owned();
+    let deleted = http
+        .delete(format!("{base}/v1/assets/{id}"))
+        .bearer_auth(&alice)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(deleted.status(), StatusCode::NO_CONTENT);
+    assert_eq!(
+        upload(&http, &base, &alice, 3 * mib).await.0,
+        StatusCode::CREATED
+    );
     server.shutdown().await;
 }
