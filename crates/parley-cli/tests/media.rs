@@ -5,10 +5,15 @@
 
 mod providers;
 
+use parley_client::media::{self, Sealed};
+use parley_client::mls::DeviceMls;
 use parley_client::{ClientError, Device, Event, SentFile};
-use parley_proto::RoomId;
+use parley_proto::api::SendRequest;
+use parley_proto::content::{ExternalPart, ENC_ALG_AES_128_GCM, HASH_ALG_SHA256};
+use parley_proto::{Expiration, MimiContent, RoomId};
 use providers::*;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 const LIMIT: u64 = 4 * 1024 * 1024;
 
@@ -251,5 +256,281 @@ async fn files_cross_providers_through_the_rooms_hub() {
         matches!(&gone, Err(e) if e.to_string().contains("unknown_asset")),
         "{gone:?}"
     );
+    net.shutdown().await;
+}
+
+// --- files as other clients may send them ----------------------------------------------------
+
+fn now_secs() -> u32 {
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap();
+    u32::try_from(now.as_secs()).unwrap()
+}
+
+/// An external part for `sealed`, stored at `url`, named `name`, without a deadline.
+fn file_part(url: &str, sealed: &Sealed, name: &str) -> ExternalPart {
+    ExternalPart {
+        content_type: "application/octet-stream".into(),
+        url: url.into(),
+        expires: 0,
+        size: sealed.ciphertext.len() as u64,
+        enc_alg: ENC_ALG_AES_128_GCM,
+        key: sealed.key.to_vec(),
+        nonce: sealed.nonce.to_vec(),
+        aad: Vec::new(),
+        hash_alg: HASH_ALG_SHA256,
+        content_hash: sealed.hash.to_vec(),
+        description: String::new(),
+        filename: name.into(),
+    }
+}
+
+/// Sends `part` from `device` (whose profile is in `profile`) as a file message, expiring at
+/// `expires` if given: encrypted through a second connection to its profile, as a client other
+/// than Parley's may build it (a URL anywhere, its own deadlines).
+async fn send_part(
+    profile: &Path,
+    device: &Device,
+    room: &RoomId,
+    part: ExternalPart,
+    expires: Option<Expiration>,
+) {
+    let room_uri = device.api().room(room).await.unwrap().room_uri;
+    let mut content =
+        MimiContent::attachment(rand_salt(), &device.user().to_uri(), &room_uri, part);
+    if let Some(expires) = expires {
+        content = content.expiring(expires);
+    }
+    let key = device
+        .api()
+        .devices()
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|d| d.device_id == device.device_id().as_str())
+        .unwrap()
+        .signature_key;
+    let conn = rusqlite::Connection::open(profile.join(parley_client::profile::DB_FILE)).unwrap();
+    conn.busy_timeout(Duration::from_secs(5)).unwrap();
+    let mls = DeviceMls::load(&conn, device.device_uri().clone(), &key).unwrap();
+    let message = mls.encrypt(&conn, room, &content.encode()).unwrap();
+    let request = SendRequest {
+        message,
+        expires_at: None,
+    };
+    device.api().send_message(room, &request).await.unwrap();
+}
+
+fn rand_salt() -> [u8; 16] {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    nanos.to_le_bytes()
+}
+
+/// How many files `device`'s profile still has to download.
+fn pending_downloads(profile: &Path) -> i64 {
+    let conn = rusqlite::Connection::open(profile.join(parley_client::profile::DB_FILE)).unwrap();
+    conn.busy_timeout(Duration::from_secs(5)).unwrap();
+    conn.query_row("SELECT count(*) FROM parley_downloads", [], |r| r.get(0))
+        .unwrap()
+}
+
+/// The error events among `events`.
+fn errors(events: &[Event]) -> Vec<&str> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Error { detail, .. } => Some(detail.as_str()),
+            _ => None,
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_deleted_before_it_was_fetched_is_a_delete_and_a_vanished_one_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let net = Providers::one_server(dir.path(), |_| {}).await;
+    let mut alice = net.register("alice@chirp.test").await;
+    let mut bob = net.register("bob@wave.test").await;
+    let room = alice.direct_room(bob.user()).await.unwrap();
+    join(&mut bob, &room).await;
+
+    // Sent to the wrong room and deleted at once, before bob synced: bob sees a delete, not
+    // an error, and the message stands deleted in his history as if he had fetched it first.
+    let oops = alice
+        .send_file(&room, &file(dir.path(), "oops.txt", b"wrong room"))
+        .await
+        .unwrap();
+    alice.delete(&room, &oops.message.id).await.unwrap();
+    let events = bob.sync(None).await.unwrap();
+    assert!(errors(&events).is_empty(), "{events:?}");
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(e, Event::Delete { target, .. } if *target == oops.message.id)),
+        "{events:?}"
+    );
+    let history = bob.history(&room, 10).unwrap();
+    assert_eq!(history.len(), 1);
+    assert!(history[0].deleted && history[0].text.is_empty());
+    assert!(downloads(&bob).is_empty());
+    assert_eq!(pending_downloads(&net.dir.join("profile-bob@wave.test")), 0);
+
+    // Its upload gone while the message stands (deleted at the provider, or expired there):
+    // discarded, with an error that says so.
+    let gone = alice
+        .send_file(&room, &file(dir.path(), "gone.txt", b"not for long"))
+        .await
+        .unwrap();
+    alice.api().delete_asset(&gone.url).await.unwrap();
+    let events = bob.sync(None).await.unwrap();
+    let errs = errors(&events);
+    assert_eq!(errs.len(), 1, "{events:?}");
+    assert!(
+        errs[0].contains("gone.txt") && errs[0].contains("no longer available"),
+        "{}",
+        errs[0]
+    );
+    assert!(downloads(&bob).is_empty());
+    assert!(bob.sync(None).await.unwrap().is_empty(), "reported once");
+    net.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_that_cannot_be_fetched_hold_up_no_other_and_are_given_up_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let net = Providers::federated(dir.path(), &["chirp.test"], |_| {}).await;
+    let mut alice = net.register("alice@chirp.test").await;
+    let mut mallory = net.register("mallory@chirp.test").await;
+    let room = mallory
+        .create_room(Some("r"), &[alice.user().clone()])
+        .await
+        .unwrap();
+    join(&mut alice, &room).await;
+    let mallory_profile = net.dir.join("profile-mallory@chirp.test");
+    let alice_profile = net.dir.join("profile-alice@chirp.test");
+
+    // Any member can send a file at a provider that does not exist: every download of it is
+    // `503 peer_unreachable`, "retryable".
+    let sealed = media::seal(b"bait".to_vec()).unwrap();
+    let nowhere = "https://nowhere.test/v1/assets/00112233445566778899aabbccddeeff";
+    send_part(
+        &mallory_profile,
+        &mallory,
+        &room,
+        file_part(nowhere, &sealed, "bait.bin"),
+        None,
+    )
+    .await;
+    // The same, but its provider's deadline has passed: given up on at the first failure.
+    let mut stale = file_part(nowhere, &sealed, "stale.bin");
+    stale.expires = now_secs() - 1;
+    send_part(&mallory_profile, &mallory, &room, stale, None).await;
+    // The same in a message that expires soon: dropped, quietly, with its message.
+    let brief = file_part(nowhere, &sealed, "brief.bin");
+    send_part(
+        &mallory_profile,
+        &mallory,
+        &room,
+        brief,
+        Some(Expiration::at(now_secs() + 2)),
+    )
+    .await;
+    // A genuine file afterwards arrives all the same, at the first sync.
+    let real = mallory
+        .send_file(&room, &file(dir.path(), "real.txt", b"the real thing"))
+        .await
+        .unwrap();
+    let events = alice.sync(None).await.unwrap();
+    assert!(
+        events.iter().any(|e| matches!(e,
+            Event::Message { id, file: Some(_), .. } if *id == real.message.id)),
+        "the genuine file was held up: {events:?}"
+    );
+    let errs = errors(&events);
+    assert_eq!(errs.len(), 1, "{events:?}");
+    assert!(
+        errs[0].contains("stale.bin") && errs[0].contains("expired at its provider"),
+        "{}",
+        errs[0]
+    );
+    assert_eq!(pending_downloads(&alice_profile), 2, "bait and brief wait");
+
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    // The bait is given up on after a bounded number of attempts, with the reason.
+    let mut attempts = 1;
+    let detail = loop {
+        let events = alice.sync(None).await.unwrap();
+        attempts += 1;
+        if let [detail] = errors(&events)[..] {
+            break detail.to_owned();
+        }
+        assert!(events.is_empty(), "{events:?}");
+        assert!(attempts < 20, "never given up on");
+    };
+    assert!(
+        detail.contains("bait.bin") && detail.contains(&format!("after {attempts} attempts")),
+        "{detail}"
+    );
+    assert_eq!(pending_downloads(&alice_profile), 0);
+    assert_eq!(downloads(&alice), vec!["real.txt"]);
+    net.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn received_files_go_with_their_expired_or_deleted_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let net = Providers::one_server(dir.path(), |_| {}).await;
+    let mut alice = net.register("alice@chirp.test").await;
+    let mut bob = net.register("bob@wave.test").await;
+    let room = alice.direct_room(bob.user()).await.unwrap();
+    join(&mut bob, &room).await;
+
+    // A self-destructing photo: saved while its message lives, deleted from disk with it.
+    let sealed = media::seal(b"self-destructing photo".to_vec()).unwrap();
+    let uploaded = alice
+        .api()
+        .upload_asset(sealed.ciphertext.clone())
+        .await
+        .unwrap();
+    send_part(
+        &net.dir.join("profile-alice@chirp.test"),
+        &alice,
+        &room,
+        file_part(&uploaded.url, &sealed, "photo.jpg"),
+        Some(Expiration::at(now_secs() + 2)),
+    )
+    .await;
+    let photo = sync_until(&mut bob, |e| matches!(e, Event::Message { .. })).await;
+    let Some(Event::Message {
+        file: Some(photo), ..
+    }) = photo.last()
+    else {
+        panic!("no file: {photo:?}")
+    };
+    let photo = PathBuf::from(photo);
+    assert!(photo.is_file());
+    // A file of bob's own in the folder, and one received that does not expire.
+    std::fs::write(bob.downloads_dir().join("mine.txt"), b"bob's").unwrap();
+    let kept = alice
+        .send_file(&room, &file(dir.path(), "kept.txt", b"stays"))
+        .await
+        .unwrap();
+    receive_file(&mut bob, &kept.message.id).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    sync(&mut bob).await;
+    assert!(bob.history(&room, 10).unwrap().len() == 1, "expired");
+    assert!(!photo.exists(), "the expired file is still on disk");
+    assert_eq!(downloads(&bob), vec!["kept.txt", "mine.txt"]);
+
+    // Its author retracting a file deletes the receiver's copy too.
+    alice.delete(&room, &kept.message.id).await.unwrap();
+    sync_until(
+        &mut bob,
+        |e| matches!(e, Event::Delete { target, .. } if *target == kept.message.id),
+    )
+    .await;
+    assert_eq!(downloads(&bob), vec!["mine.txt"]);
     net.shutdown().await;
 }

@@ -1701,7 +1701,8 @@ impl Device {
         }
     }
 
-    /// Only the author of a message (or reaction) may delete it; anything else is ignored.
+    /// Only the author of a message (or reaction) may delete it; anything else is ignored. A
+    /// deleted message's received file is deleted from `downloads/` too.
     fn file_delete(&self, at: &Arrival<'_>, target: MessageId) -> Result<Option<Event>> {
         match self.profile.authored(at.room, &target, at.now)? {
             Some(Authored::Message {
@@ -1710,6 +1711,15 @@ impl Device {
             }) if sender == *at.author => self.profile.delete_message(at.room, &target)?,
             Some(Authored::Reaction { sender }) if sender == *at.author => {
                 self.profile.delete_reaction(at.room, &target)?;
+            }
+            // A file not fetched yet: it never will be (its upload went with it).
+            None if self
+                .profile
+                .pending_download_sender(at.room, &target)?
+                .as_ref()
+                == Some(at.author) =>
+            {
+                self.profile.retract_download(at.room, &target)?;
             }
             found => {
                 tracing::debug!(room = %at.room, %target, by = %at.author, ?found, "delete ignored: not a message of its author here");

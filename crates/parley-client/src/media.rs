@@ -21,8 +21,14 @@ pub const NONCE_BYTES: usize = 12;
 pub const TAG_BYTES: usize = 16;
 /// The largest file this device sends or accepts: it is held in memory whole (see above).
 pub const MAX_FILE_BYTES: u64 = 1 << 30;
-/// Longest file name kept from a sender, in characters.
-const MAX_NAME_CHARS: usize = 100;
+/// Longest file name kept from a sender, in UTF-8 bytes: file systems limit names to 255
+/// bytes (not characters), and a copy's ` (NNNN)` must still fit.
+const MAX_NAME_BYTES: usize = 200;
+/// Longest name a file is ever saved under, in bytes (`NAME_MAX` of common file systems).
+const MAX_SAVED_NAME_BYTES: usize = 255;
+/// Longest extension (with its dot, in bytes) kept apart when a name is shortened: anything
+/// longer is no extension worth keeping but part of the name.
+const MAX_EXT_BYTES: usize = 16;
 /// Name used when a sender's file name has nothing usable left.
 const FALLBACK_NAME: &str = "file";
 /// Names tried before giving up on finding a free one (`name (1).ext`, ...).
@@ -135,7 +141,8 @@ pub fn open(file: &ExternalPart, mut data: Vec<u8>) -> Result<Vec<u8>, MediaErro
 
 /// A file name from a peer made safe to save: only its last path component (of either
 /// separator style), without control and reserved characters or leading dots (so neither
-/// `..` nor a hidden dotfile), at most [`MAX_NAME_CHARS`] characters; never empty.
+/// `..` nor a hidden dotfile), at most [`MAX_NAME_BYTES`] bytes (its extension kept); never
+/// empty.
 pub fn safe_file_name(name: &str) -> String {
     let last = name.rsplit(['/', '\\']).next().unwrap_or_default();
     let cleaned: String = last
@@ -143,12 +150,41 @@ pub fn safe_file_name(name: &str) -> String {
         .filter(|c| !c.is_control() && !matches!(c, ':' | '*' | '?' | '"' | '<' | '>' | '|'))
         .collect();
     let trimmed = cleaned.trim().trim_start_matches('.').trim();
-    let kept: String = trimmed.chars().take(MAX_NAME_CHARS).collect();
-    if kept.trim().is_empty() {
+    let (stem, ext) = split_extension(trimmed);
+    let kept = fit_name(stem, "", ext, MAX_NAME_BYTES);
+    if kept.trim().is_empty() || kept.starts_with('.') {
         FALLBACK_NAME.to_owned()
     } else {
-        kept.trim_end().to_owned()
+        kept
     }
+}
+
+/// `name` as stem and extension (with its dot); an extension only if it is short and not the
+/// whole name.
+fn split_extension(name: &str) -> (&str, &str) {
+    match name.rfind('.') {
+        Some(dot) if dot > 0 && name.len() - dot <= MAX_EXT_BYTES => name.split_at(dot),
+        _ => (name, ""),
+    }
+}
+
+/// `stem` + `suffix` + `ext`, with `stem` cut (at a character boundary) so that the whole is at
+/// most `max` bytes.
+fn fit_name(stem: &str, suffix: &str, ext: &str, max: usize) -> String {
+    let room = max.saturating_sub(suffix.len() + ext.len());
+    let kept = if stem.len() <= room {
+        stem
+    } else {
+        let cut = stem
+            .char_indices()
+            .map(|(i, c)| i + c.len_utf8())
+            .take_while(|end| *end <= room)
+            .last()
+            .unwrap_or(0);
+        // No space left dangling before the extension.
+        stem[..cut].trim_end()
+    };
+    format!("{kept}{suffix}{ext}")
 }
 
 /// Writes `data` into `dir` under `name` (already made safe), or `stem (N).ext` if that is
@@ -165,19 +201,18 @@ pub fn save(dir: &Path, name: &str, data: &[u8]) -> Result<PathBuf, MediaError> 
     Ok(path)
 }
 
-/// Creates a new file named `name`, or the first free `stem (N).ext`. `create_new` fails on
-/// anything existing, a symlink included, so nothing outside `dir` is ever written.
+/// Creates a new file named `name`, or the first free `stem (N).ext`, the stem shortened where
+/// needed to stay within [`MAX_SAVED_NAME_BYTES`]. `create_new` fails on anything existing, a
+/// symlink included, so nothing outside `dir` is ever written.
 fn create_unique(dir: &Path, name: &str) -> std::io::Result<(PathBuf, File)> {
-    let (stem, ext) = match name.rfind('.') {
-        Some(dot) if dot > 0 => name.split_at(dot),
-        _ => (name, ""),
-    };
+    let (stem, ext) = split_extension(name);
     for n in 0..MAX_NAME_ATTEMPTS {
-        let candidate = if n == 0 {
-            name.to_owned()
+        let suffix = if n == 0 {
+            String::new()
         } else {
-            format!("{stem} ({n}){ext}")
+            format!(" ({n})")
         };
+        let candidate = fit_name(stem, &suffix, ext, MAX_SAVED_NAME_BYTES);
         let path = dir.join(candidate);
         match OpenOptions::new().write(true).create_new(true).open(&path) {
             Ok(file) => return Ok((path, file)),
@@ -313,10 +348,40 @@ mod tests {
         ] {
             assert_eq!(safe_file_name(given), safe, "{given:?}");
         }
-        assert_eq!(
-            safe_file_name(&"x".repeat(500)).chars().count(),
-            MAX_NAME_CHARS
+        assert_eq!(safe_file_name(&"x".repeat(500)).len(), MAX_NAME_BYTES);
+    }
+
+    #[test]
+    fn long_names_are_cut_by_bytes_keeping_the_extension() {
+        // 90 three-byte characters: under a character limit, over the bytes a name may have.
+        let name = safe_file_name(&format!("{}.pdf", "報".repeat(90)));
+        assert!(name.len() <= MAX_NAME_BYTES, "{} bytes", name.len());
+        assert_eq!(name, format!("{}.pdf", "報".repeat(65)));
+        // A cut never splits a character, and an implausibly long "extension" is name.
+        let odd = safe_file_name(&format!("a.{}", "é".repeat(150)));
+        assert!(
+            odd.len() <= MAX_NAME_BYTES && odd.starts_with("a."),
+            "{odd}"
         );
+    }
+
+    #[test]
+    fn long_non_ascii_file_names_can_be_saved_again_and_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let name = safe_file_name(&format!("{}.pdf", "報".repeat(90)));
+        for _ in 0..3 {
+            save(dir.path(), &name, b"x").unwrap();
+        }
+        // A name that fits once but not as `name (1).ext`: the copy's stem is shortened.
+        let fits = format!("{}.pdf", "報".repeat(83));
+        assert_eq!(fits.len(), 253);
+        let first = save(dir.path(), &fits, b"1").unwrap();
+        let second = save(dir.path(), &fits, b"2").unwrap();
+        assert_eq!(first, dir.path().join(&fits));
+        let second_name = second.file_name().unwrap().to_str().unwrap();
+        assert!(second_name.len() <= MAX_SAVED_NAME_BYTES);
+        assert!(second_name.ends_with(" (1).pdf"), "{second_name}");
+        assert_eq!(std::fs::read(&second).unwrap(), b"2");
     }
 
     #[test]

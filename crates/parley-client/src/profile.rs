@@ -25,6 +25,8 @@ const MIGRATION_LOCK: &str = "profile.lock";
 const MIGRATION_TABLE: &str = "parley_profile_migrations";
 /// Profiles made before refinery counted their schema version (1 to 5) in `PRAGMA user_version`.
 const LAST_LEGACY_VERSION: i64 = 5;
+/// The profile folder received files are saved into.
+pub const DOWNLOADS_DIR: &str = "downloads";
 
 mod embedded {
     refinery::embed_migrations!("migrations");
@@ -154,6 +156,8 @@ pub struct PendingDownload {
     /// When the message stops being shown, as computed on arrival.
     pub expires_at: Option<u64>,
     pub content: Vec<u8>,
+    /// Failed attempts to fetch it so far (ignored by [`Profile::add_download`]).
+    pub attempts: u32,
 }
 
 /// What a MessageId names in a room's local history, and who wrote it: the facts that decide
@@ -213,6 +217,11 @@ impl Profile {
 
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// The folder received files are saved into (`downloads/` in the profile).
+    pub fn downloads_dir(&self) -> PathBuf {
+        self.dir.join(DOWNLOADS_DIR)
     }
 
     /// The connection, shared with openmls's storage.
@@ -643,8 +652,13 @@ impl Profile {
         Ok(())
     }
 
-    /// Marks a message deleted, forgets its text (the point of deleting it) and its reactions.
+    /// Marks a message deleted, forgets its text (the point of deleting it) and its reactions,
+    /// and deletes its received file from `downloads/`.
     pub fn delete_message(&self, room: &RoomId, id: &MessageId) -> Result<()> {
+        self.remove_saved_files(
+            "room_id = ?1 AND message_id = ?2",
+            params![room.as_str(), id.to_hex()],
+        )?;
         self.conn.execute(
             "UPDATE parley_history SET text = '', deleted = 1 WHERE room_id = ?1 AND message_id = ?2",
             params![room.as_str(), id.to_hex()],
@@ -669,11 +683,13 @@ impl Profile {
         Ok(())
     }
 
-    /// Deletes the messages whose expiry is at or before `now_ms` (and their reactions): an
-    /// expiring message is gone from the device, not merely hidden. Returns how many.
+    /// Deletes the messages whose expiry is at or before `now_ms` (and their reactions, their
+    /// received files, and files still waiting to be downloaded for them): an expiring message
+    /// is gone from the device, not merely hidden. Returns how many messages of history.
     pub fn purge_expired(&self, now_ms: u64) -> Result<usize> {
         let now = to_sql_int(now_ms)?;
         self.transaction(|| {
+            self.purge_expired_files(now)?;
             self.conn.execute(
                 "DELETE FROM parley_reactions WHERE EXISTS (
                      SELECT 1 FROM parley_history h WHERE h.room_id = parley_reactions.room_id
@@ -763,6 +779,80 @@ impl Profile {
             .collect()
     }
 
+    // --- received files ------------------------------------------------------------------------
+
+    /// Records that message `id`'s file was saved as `name` in `downloads/`. A name that was
+    /// free to create names no other message's file any more (that one was removed from disk),
+    /// so older records of it are dropped: deleting their message must not take this file.
+    pub fn set_saved_file(&self, room: &RoomId, id: &MessageId, name: &str) -> Result<()> {
+        self.conn.execute(
+            "UPDATE parley_history SET saved_file = NULL WHERE saved_file = ?1",
+            params![name],
+        )?;
+        self.conn.execute(
+            "UPDATE parley_history SET saved_file = ?3 WHERE room_id = ?1 AND message_id = ?2",
+            params![room.as_str(), id.to_hex(), name],
+        )?;
+        Ok(())
+    }
+
+    /// Deletes the received files of expired messages from disk and the files still waiting to
+    /// be downloaded for them.
+    fn purge_expired_files(&self, now: i64) -> Result<()> {
+        self.remove_saved_files("expires_at IS NOT NULL AND expires_at <= ?1", params![now])?;
+        self.conn.execute(
+            "DELETE FROM parley_downloads WHERE expires_at IS NOT NULL AND expires_at <= ?1",
+            params![now],
+        )?;
+        Ok(())
+    }
+
+    /// Deletes from disk the received files of the history rows `filter` selects, and forgets
+    /// them. Files first: a crash in between leaves a record of a missing file, never a file
+    /// nothing refers to.
+    fn remove_saved_files(&self, filter: &str, args: impl rusqlite::Params + Copy) -> Result<()> {
+        let names = {
+            let mut stmt = self.conn.prepare(&format!(
+                "SELECT saved_file FROM parley_history WHERE saved_file IS NOT NULL AND {filter}"
+            ))?;
+            let names = stmt
+                .query_map(args, |row| row.get::<_, String>(0))?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            names
+        };
+        if names.is_empty() {
+            return Ok(());
+        }
+        for name in &names {
+            self.remove_saved_file(name);
+        }
+        self.conn.execute(
+            &format!("UPDATE parley_history SET saved_file = NULL WHERE {filter}"),
+            args,
+        )?;
+        Ok(())
+    }
+
+    /// Deletes `name` from `downloads/`, if it is a plain file name there: a stored name that
+    /// would reach outside the folder is never acted on. Best effort: a file the user already
+    /// moved or deleted is fine, and a failure is logged, not fatal to syncing.
+    fn remove_saved_file(&self, name: &str) {
+        let mut parts = Path::new(name).components();
+        let plain = matches!(
+            (parts.next(), parts.next()),
+            (Some(std::path::Component::Normal(_)), None)
+        );
+        if !plain {
+            tracing::warn!(name, "not removing a stored file name outside downloads/");
+            return;
+        }
+        match std::fs::remove_file(self.downloads_dir().join(name)) {
+            Ok(()) => tracing::debug!(name, "received file removed"),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => tracing::warn!(name, "cannot remove a received file: {e}"),
+        }
+    }
+
     // --- files to download -------------------------------------------------------------------
 
     pub fn add_download(&self, d: &PendingDownload) -> Result<()> {
@@ -783,11 +873,12 @@ impl Profile {
         Ok(())
     }
 
-    /// The files still to download, in the order their messages arrived.
+    /// The files still to download: those tried least often first, then in the order their
+    /// messages arrived (so a file that keeps failing does not hold up newer ones).
     pub fn pending_downloads(&self) -> Result<Vec<PendingDownload>> {
         let mut stmt = self.conn.prepare(
-            "SELECT message_id, room_id, event, sender, ts, expires_at, content
-             FROM parley_downloads ORDER BY rowid",
+            "SELECT message_id, room_id, event, sender, ts, expires_at, content, attempts
+             FROM parley_downloads ORDER BY attempts, rowid",
         )?;
         let raws = stmt
             .query_map([], |row| {
@@ -799,22 +890,26 @@ impl Profile {
                     row.get::<_, i64>(4)?,
                     row.get::<_, Option<i64>>(5)?,
                     row.get::<_, Vec<u8>>(6)?,
+                    row.get::<_, u32>(7)?,
                 ))
             })?
             .collect::<rusqlite::Result<Vec<_>>>()?;
         raws.into_iter()
-            .map(|(id, room, event, sender, ts, expires_at, content)| {
-                Ok(PendingDownload {
-                    id: MessageId::from_hex(&id)
-                        .ok_or_else(|| corrupt(&format!("message id {id:?}")))?,
-                    room: parse_stored(&room, RoomId::parse)?,
-                    event: from_sql_int(event)?,
-                    sender: parse_stored(&sender, UserId::parse)?,
-                    ts: from_sql_int(ts)?,
-                    expires_at: expires_at.map(from_sql_int).transpose()?,
-                    content,
-                })
-            })
+            .map(
+                |(id, room, event, sender, ts, expires_at, content, attempts)| {
+                    Ok(PendingDownload {
+                        id: MessageId::from_hex(&id)
+                            .ok_or_else(|| corrupt(&format!("message id {id:?}")))?,
+                        room: parse_stored(&room, RoomId::parse)?,
+                        event: from_sql_int(event)?,
+                        sender: parse_stored(&sender, UserId::parse)?,
+                        ts: from_sql_int(ts)?,
+                        expires_at: expires_at.map(from_sql_int).transpose()?,
+                        content,
+                        attempts,
+                    })
+                },
+            )
             .collect()
     }
 
@@ -822,6 +917,47 @@ impl Profile {
         self.conn.execute(
             "DELETE FROM parley_downloads WHERE message_id = ?1",
             params![id.to_hex()],
+        )?;
+        Ok(())
+    }
+
+    /// Records how many attempts to fetch file `id` have failed.
+    pub fn set_download_attempts(&self, id: &MessageId, attempts: u32) -> Result<()> {
+        self.conn.execute(
+            "UPDATE parley_downloads SET attempts = ?2 WHERE message_id = ?1",
+            params![id.to_hex(), attempts],
+        )?;
+        Ok(())
+    }
+
+    /// Who sent the file message `id` of `room` that still waits to be downloaded, if one does.
+    pub fn pending_download_sender(&self, room: &RoomId, id: &MessageId) -> Result<Option<UserId>> {
+        let sender: Option<String> = self
+            .conn
+            .query_row(
+                "SELECT sender FROM parley_downloads WHERE room_id = ?1 AND message_id = ?2",
+                params![room.as_str(), id.to_hex()],
+                |row| row.get(0),
+            )
+            .optional()?;
+        sender.map(|s| parse_stored(&s, UserId::parse)).transpose()
+    }
+
+    /// Its author deleted file message `id` before it was downloaded: it goes into history as
+    /// a deleted message, as if it had been fetched first, and is not fetched any more.
+    pub fn retract_download(&self, room: &RoomId, id: &MessageId) -> Result<()> {
+        let id = id.to_hex();
+        let args = params![room.as_str(), id];
+        self.conn.execute(
+            "INSERT INTO parley_history
+                 (room_id, event, sender, message_id, text, ts, expires_at, deleted)
+             SELECT room_id, event, sender, message_id, '', ts, expires_at, 1
+             FROM parley_downloads WHERE room_id = ?1 AND message_id = ?2",
+            args,
+        )?;
+        self.conn.execute(
+            "DELETE FROM parley_downloads WHERE room_id = ?1 AND message_id = ?2",
+            args,
         )?;
         Ok(())
     }
@@ -1524,12 +1660,50 @@ mod tests {
             ts: 9,
             expires_at: Some(99),
             content: vec![1, 2, 3],
+            attempts: 0,
         };
         profile.add_download(&d).unwrap();
         profile.add_download(&d).unwrap();
         assert_eq!(profile.pending_downloads().unwrap(), vec![d.clone()]);
         profile.remove_download(&d.id).unwrap();
         assert!(profile.pending_downloads().unwrap().is_empty());
+    }
+
+    #[test]
+    fn received_files_go_with_their_message_and_nothing_outside_downloads_does() {
+        let dir = tempfile::tempdir().unwrap();
+        let profile = Profile::create_or_open(dir.path()).unwrap();
+        let room = RoomId::from_random([6; 16]);
+        let bob = UserId::parse("bob@wave.test").unwrap();
+        let downloads = profile.downloads_dir();
+        std::fs::create_dir_all(&downloads).unwrap();
+        let outside = dir.path().join("precious.txt");
+        for (n, name) in [
+            (1, "a.txt"),
+            (2, "b.txt"),
+            (3, "../precious.txt"),
+            (4, "c.txt"),
+        ] {
+            let id = MessageId([n; 32]);
+            let mut entry = HistoryEntry::new(room.clone(), 1, bob.clone(), id, "f".into(), 1);
+            entry.expires_at = (n == 2).then_some(NOW);
+            profile.add_history(&entry).unwrap();
+            std::fs::write(downloads.join(name), b"x").unwrap();
+            profile.set_saved_file(&room, &id, name).unwrap();
+        }
+        assert!(outside.is_file());
+        // c.txt was removed by hand and the name reused: the newer message owns it now.
+        profile
+            .set_saved_file(&room, &MessageId([5; 32]), "c.txt")
+            .unwrap();
+        profile.delete_message(&room, &MessageId([1; 32])).unwrap();
+        profile.purge_expired(NOW).unwrap();
+        profile.delete_message(&room, &MessageId([3; 32])).unwrap();
+        profile.delete_message(&room, &MessageId([4; 32])).unwrap();
+        assert!(!downloads.join("a.txt").exists(), "deleted message");
+        assert!(!downloads.join("b.txt").exists(), "expired message");
+        assert!(outside.is_file(), "never outside downloads/");
+        assert!(downloads.join("c.txt").is_file(), "another message's file");
     }
 
     #[test]

@@ -8,13 +8,32 @@ use std::path::{Path, PathBuf};
 use parley_proto::content::{ExternalPart, ENC_ALG_AES_128_GCM, HASH_ALG_SHA256};
 use parley_proto::{Meaning, MessageId, MimiContent, RoomId};
 
-use super::{Arrival, Device, Event, SentMessage};
+use super::{now_ms, Arrival, Device, Event, SentMessage};
 use crate::error::{ClientError, Result};
 use crate::media::{self, Sealed};
 use crate::profile::{HistoryEntry, PendingDownload};
 
-/// The profile folder received files are saved into.
-pub const DOWNLOADS_DIR: &str = "downloads";
+pub use crate::profile::DOWNLOADS_DIR;
+
+/// Failed attempts (one per sync) after which a file that cannot be fetched is given up on:
+/// it may never become fetchable (a URL at a provider that does not exist, say).
+const MAX_DOWNLOAD_ATTEMPTS: u32 = 10;
+/// The error code of a download whose asset its provider does not have (any more).
+const UNKNOWN_ASSET: &str = "unknown_asset";
+
+/// Why a received file was discarded without being fetched.
+#[derive(Debug, thiserror::Error)]
+enum GaveUp {
+    /// Its provider no longer has it, and its message was not deleted (that is no error).
+    #[error("no longer available at its provider (deleted there, or expired); discarded")]
+    Gone,
+    /// The provider's deadline for it passed while it could not be fetched.
+    #[error("expired at its provider before it could be fetched ({0}); discarded")]
+    Expired(ClientError),
+    /// It failed [`MAX_DOWNLOAD_ATTEMPTS`] times in a row; `last` is why, the last time.
+    #[error("still cannot be fetched after {attempts} attempts ({last}); discarded")]
+    TooManyAttempts { attempts: u32, last: ClientError },
+}
 
 /// A file sent by [`Device::send_file`].
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -53,7 +72,7 @@ fn file_text(name: &str, description: &str) -> String {
 impl Device {
     /// The folder received files are saved into (`downloads/` in the profile).
     pub fn downloads_dir(&self) -> PathBuf {
-        self.profile.dir().join(DOWNLOADS_DIR)
+        self.profile.downloads_dir()
     }
 
     /// Sends the file at `path` to the room: encrypted with a fresh key, uploaded to our
@@ -167,38 +186,69 @@ impl Device {
             ts: at.ts,
             expires_at,
             content: content.encode(),
+            attempts: 0,
         })?;
         Ok(None)
     }
 
     /// Downloads, checks, decrypts and saves the files of received messages, then reports each
-    /// as a message event with its path. A file that fails its hash or does not decrypt is
-    /// discarded and reported as an error event; one that cannot be fetched for now (network,
-    /// a provider down) stays pending for the next sync.
+    /// as a message event with its path. A file that fails its hash or does not decrypt, or
+    /// that its provider no longer has, is discarded and reported as an error event. One that
+    /// cannot be fetched for now (network, a provider down) stays pending for the next sync,
+    /// without holding up the others, until [`MAX_DOWNLOAD_ATTEMPTS`] or its provider's
+    /// deadline for it; the files of expired messages are dropped unfetched.
     pub(super) async fn fetch_downloads(&mut self) -> Result<()> {
+        self.profile.purge_expired(now_ms())?;
         for pending in self.profile.pending_downloads()? {
-            match self.fetch_download(&pending).await {
-                Ok(saved) => self.file_downloaded(&pending, saved)?,
-                Err(e @ ClientError::Storage(_)) => return Err(e),
-                Err(e) if e.is_retryable() || matches!(e, ClientError::Unreachable(_)) => {
-                    tracing::warn!(id = %pending.id, "cannot fetch a file yet: {e}");
-                    return Ok(());
-                }
-                Err(e) => self.file_discarded(&pending, &e)?,
+            let Err(e) = self.fetch_download(&pending).await else {
+                continue;
+            };
+            let our_provider_unreachable = matches!(e, ClientError::Unreachable(_));
+            self.download_failed(&pending, e)?;
+            if our_provider_unreachable {
+                // The others would fail alike; they are not to blame, so not tried now.
+                break;
             }
         }
         Ok(())
     }
 
-    /// Fetches, checks, decrypts and saves one pending file.
-    async fn fetch_download(&mut self, pending: &PendingDownload) -> Result<SavedFile> {
-        let content = MimiContent::decode(&pending.content)
-            .map_err(|e| ClientError::Protocol(format!("stored file message: {e}")))?;
-        let Meaning::File { file, reply_to } = content.meaning() else {
-            return Err(ClientError::Protocol(
-                "stored file message holds no file".into(),
-            ));
-        };
+    /// Deals with a failed download: retried later if it may yet work, else discarded.
+    fn download_failed(&self, pending: &PendingDownload, e: ClientError) -> Result<()> {
+        if matches!(e, ClientError::Storage(_)) {
+            return Err(e);
+        }
+        if e.code() == Some(UNKNOWN_ASSET) {
+            return self.file_discarded(pending, &GaveUp::Gone);
+        }
+        if !(e.is_retryable() || matches!(e, ClientError::Unreachable(_))) {
+            return self.file_discarded(pending, &e);
+        }
+        let attempts = pending.attempts.saturating_add(1);
+        if provider_deadline_passed(pending) {
+            return self.file_discarded(pending, &GaveUp::Expired(e));
+        }
+        if attempts >= MAX_DOWNLOAD_ATTEMPTS {
+            return self.file_discarded(pending, &GaveUp::TooManyAttempts { attempts, last: e });
+        }
+        tracing::warn!(id = %pending.id, attempts, "cannot fetch a file yet: {e}");
+        self.profile.set_download_attempts(&pending.id, attempts)
+    }
+
+    /// Fetches, checks, decrypts and saves one pending file, and reports it.
+    async fn fetch_download(&mut self, pending: &PendingDownload) -> Result<()> {
+        let (file, reply_to) = stored_file(pending)?;
+        let saved = self.fetch_file(pending, &file, reply_to).await?;
+        self.file_downloaded(pending, saved)
+    }
+
+    /// Fetches, checks, decrypts and saves the file `file` of a pending download.
+    async fn fetch_file(
+        &mut self,
+        pending: &PendingDownload,
+        file: &ExternalPart,
+        reply_to: Option<MessageId>,
+    ) -> Result<SavedFile> {
         media::check_part(file)?;
         let ciphertext = self
             .api
@@ -234,6 +284,11 @@ impl Device {
         );
         entry.reply_to = saved.reply_to;
         entry.expires_at = pending.expires_at;
+        // Kept with the message, so the file goes when the message expires or is deleted.
+        let saved_file = saved
+            .path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned());
         tracing::info!(id = %pending.id, path = %saved.path.display(), "file received");
         let event = Event::Message {
             room: pending.room.clone(),
@@ -250,22 +305,49 @@ impl Device {
             self.profile.add_history(&entry)?;
             self.profile
                 .set_asset_url(&pending.room, &pending.id, &saved.url)?;
+            if let Some(name) = &saved_file {
+                self.profile
+                    .set_saved_file(&pending.room, &pending.id, name)?;
+            }
             self.profile.remove_download(&pending.id)?;
             self.profile.push_event(&event)
         })
     }
 
-    fn file_discarded(&self, pending: &PendingDownload, e: &ClientError) -> Result<()> {
-        tracing::warn!(id = %pending.id, "file discarded: {e}");
+    fn file_discarded(&self, pending: &PendingDownload, why: &dyn std::fmt::Display) -> Result<()> {
+        tracing::warn!(id = %pending.id, "file discarded: {why}");
+        let name = stored_file(pending).map_or_else(
+            |_| pending.id.to_string(),
+            |(file, _)| media::safe_file_name(&file.filename),
+        );
         let event = Event::Error {
             room: Some(pending.room.clone()),
-            detail: format!("file {} from {}: {e}", pending.id, pending.sender),
+            detail: format!("file {name} from {}: {why}", pending.sender),
         };
         self.profile.transaction(|| {
             self.profile.remove_download(&pending.id)?;
             self.profile.push_event(&event)
         })
     }
+}
+
+/// The file part of a pending download's stored message, and what the message replies to.
+fn stored_file(pending: &PendingDownload) -> Result<(ExternalPart, Option<MessageId>)> {
+    let content = MimiContent::decode(&pending.content)
+        .map_err(|e| ClientError::Protocol(format!("stored file message: {e}")))?;
+    match content.meaning() {
+        Meaning::File { file, reply_to } => Ok((file.clone(), reply_to)),
+        _ => Err(ClientError::Protocol(
+            "stored file message holds no file".into(),
+        )),
+    }
+}
+
+/// Whether the provider's deadline for a pending file (the part's `expires`, seconds since
+/// the epoch, 0 for none) has passed: after it, the file cannot be fetched any more.
+fn provider_deadline_passed(pending: &PendingDownload) -> bool {
+    stored_file(pending)
+        .is_ok_and(|(file, _)| file.expires != 0 && u64::from(file.expires) * 1000 <= now_ms())
 }
 
 /// Reads and encrypts a file off the async runtime (large files take a while).
