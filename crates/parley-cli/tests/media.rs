@@ -336,6 +336,27 @@ fn pending_downloads(profile: &Path) -> i64 {
         .unwrap()
 }
 
+/// The failed attempts of each pending download.
+fn download_attempts(profile: &Path) -> Vec<u32> {
+    let conn = rusqlite::Connection::open(profile.join(parley_client::profile::DB_FILE)).unwrap();
+    conn.busy_timeout(Duration::from_secs(5)).unwrap();
+    let mut st = conn
+        .prepare("SELECT attempts FROM parley_downloads ORDER BY rowid")
+        .unwrap();
+    st.query_map([], |r| r.get(0))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect()
+}
+
+/// As if the waits before retrying failed downloads had passed.
+fn retry_downloads_now(profile: &Path) {
+    let conn = rusqlite::Connection::open(profile.join(parley_client::profile::DB_FILE)).unwrap();
+    conn.busy_timeout(Duration::from_secs(5)).unwrap();
+    conn.execute("UPDATE parley_downloads SET retry_at = 0", [])
+        .unwrap();
+}
+
 /// The error events among `events`.
 fn errors(events: &[Event]) -> Vec<&str> {
     events
@@ -457,10 +478,16 @@ async fn files_that_cannot_be_fetched_hold_up_no_other_and_are_given_up_on() {
     );
     assert_eq!(pending_downloads(&alice_profile), 2, "bait and brief wait");
 
+    // A failed file waits (5 s at first) before it is tried again: syncing at once does not
+    // count as an attempt.
+    alice.sync(None).await.unwrap();
+    assert_eq!(download_attempts(&alice_profile), vec![1, 1], "bait, brief");
     tokio::time::sleep(Duration::from_secs(3)).await;
-    // The bait is given up on after a bounded number of attempts, with the reason.
+    // The bait is given up on after a bounded number of attempts (the waits between them
+    // skipped here), with the reason.
     let mut attempts = 1;
     let detail = loop {
+        retry_downloads_now(&alice_profile);
         let events = alice.sync(None).await.unwrap();
         attempts += 1;
         if let [detail] = errors(&events)[..] {

@@ -873,15 +873,16 @@ impl Profile {
         Ok(())
     }
 
-    /// The files still to download: those tried least often first, then in the order their
-    /// messages arrived (so a file that keeps failing does not hold up newer ones).
-    pub fn pending_downloads(&self) -> Result<Vec<PendingDownload>> {
+    /// The files to download now (not waiting to be retried after `now_ms`): those tried least
+    /// often first, then in the order their messages arrived (so a file that keeps failing
+    /// does not hold up newer ones).
+    pub fn pending_downloads(&self, now_ms: u64) -> Result<Vec<PendingDownload>> {
         let mut stmt = self.conn.prepare(
             "SELECT message_id, room_id, event, sender, ts, expires_at, content, attempts
-             FROM parley_downloads ORDER BY attempts, rowid",
+             FROM parley_downloads WHERE retry_at <= ?1 ORDER BY attempts, rowid",
         )?;
         let raws = stmt
-            .query_map([], |row| {
+            .query_map(params![to_sql_int(now_ms)?], |row| {
                 Ok((
                     row.get::<_, String>(0)?,
                     row.get::<_, String>(1)?,
@@ -921,11 +922,16 @@ impl Profile {
         Ok(())
     }
 
-    /// Records how many attempts to fetch file `id` have failed.
-    pub fn set_download_attempts(&self, id: &MessageId, attempts: u32) -> Result<()> {
+    /// Records how many attempts to fetch file `id` have failed, and when to try again.
+    pub fn set_download_attempts(
+        &self,
+        id: &MessageId,
+        attempts: u32,
+        retry_at: u64,
+    ) -> Result<()> {
         self.conn.execute(
-            "UPDATE parley_downloads SET attempts = ?2 WHERE message_id = ?1",
-            params![id.to_hex(), attempts],
+            "UPDATE parley_downloads SET attempts = ?2, retry_at = ?3 WHERE message_id = ?1",
+            params![id.to_hex(), attempts, to_sql_int(retry_at)?],
         )?;
         Ok(())
     }
@@ -1664,9 +1670,9 @@ mod tests {
         };
         profile.add_download(&d).unwrap();
         profile.add_download(&d).unwrap();
-        assert_eq!(profile.pending_downloads().unwrap(), vec![d.clone()]);
+        assert_eq!(profile.pending_downloads(NOW).unwrap(), vec![d.clone()]);
         profile.remove_download(&d.id).unwrap();
-        assert!(profile.pending_downloads().unwrap().is_empty());
+        assert!(profile.pending_downloads(NOW).unwrap().is_empty());
     }
 
     #[test]

@@ -4,6 +4,7 @@
 //! provider, check the hash, decrypt, and save it into the profile's `downloads/` folder.
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use parley_proto::content::{ExternalPart, ENC_ALG_AES_128_GCM, HASH_ALG_SHA256};
 use parley_proto::{Meaning, MessageId, MimiContent, RoomId};
@@ -15,9 +16,13 @@ use crate::profile::{HistoryEntry, PendingDownload};
 
 pub use crate::profile::DOWNLOADS_DIR;
 
-/// Failed attempts (one per sync) after which a file that cannot be fetched is given up on:
-/// it may never become fetchable (a URL at a provider that does not exist, say).
-const MAX_DOWNLOAD_ATTEMPTS: u32 = 10;
+/// Failed attempts after which a file that cannot be fetched is given up on: it may never
+/// become fetchable (a URL at a provider that does not exist, say).
+const MAX_DOWNLOAD_ATTEMPTS: u32 = 15;
+/// Wait before the second attempt at a file; it doubles with each failure, up to
+/// [`MAX_RETRY_DELAY`]: the attempts span about five hours, however often the device syncs.
+const FIRST_RETRY_DELAY: Duration = Duration::from_secs(5);
+const MAX_RETRY_DELAY: Duration = Duration::from_secs(3600);
 /// The error code of a download whose asset its provider does not have (any more).
 const UNKNOWN_ASSET: &str = "unknown_asset";
 
@@ -199,7 +204,7 @@ impl Device {
     /// deadline for it; the files of expired messages are dropped unfetched.
     pub(super) async fn fetch_downloads(&mut self) -> Result<()> {
         self.profile.purge_expired(now_ms())?;
-        for pending in self.profile.pending_downloads()? {
+        for pending in self.profile.pending_downloads(now_ms())? {
             let Err(e) = self.fetch_download(&pending).await else {
                 continue;
             };
@@ -231,8 +236,11 @@ impl Device {
         if attempts >= MAX_DOWNLOAD_ATTEMPTS {
             return self.file_discarded(pending, &GaveUp::TooManyAttempts { attempts, last: e });
         }
-        tracing::warn!(id = %pending.id, attempts, "cannot fetch a file yet: {e}");
-        self.profile.set_download_attempts(&pending.id, attempts)
+        let wait = retry_delay(attempts);
+        tracing::warn!(id = %pending.id, attempts, ?wait, "cannot fetch a file yet: {e}");
+        let retry_at = now_ms().saturating_add(wait.as_millis() as u64);
+        self.profile
+            .set_download_attempts(&pending.id, attempts, retry_at)
     }
 
     /// Fetches, checks, decrypts and saves one pending file, and reports it.
@@ -350,6 +358,12 @@ fn provider_deadline_passed(pending: &PendingDownload) -> bool {
         .is_ok_and(|(file, _)| file.expires != 0 && u64::from(file.expires) * 1000 <= now_ms())
 }
 
+/// How long to wait after the `failures`-th failed attempt at a file.
+fn retry_delay(failures: u32) -> Duration {
+    let doubled = FIRST_RETRY_DELAY.saturating_mul(1 << failures.saturating_sub(1).min(16));
+    doubled.min(MAX_RETRY_DELAY)
+}
+
 /// Reads and encrypts a file off the async runtime (large files take a while).
 async fn seal_in_background(path: PathBuf) -> Result<Sealed> {
     let sealed = tokio::task::spawn_blocking(move || media::seal_file(&path))
@@ -361,6 +375,16 @@ async fn seal_in_background(path: PathBuf) -> Result<Sealed> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn retries_double_up_to_an_hour_and_span_hours_in_all() {
+        assert_eq!(retry_delay(1), FIRST_RETRY_DELAY);
+        assert_eq!(retry_delay(2), FIRST_RETRY_DELAY * 2);
+        assert_eq!(retry_delay(40), MAX_RETRY_DELAY);
+        let span: Duration = (1..MAX_DOWNLOAD_ATTEMPTS).map(retry_delay).sum();
+        assert!(span > Duration::from_secs(4 * 3600), "{span:?}");
+        assert!(span < Duration::from_secs(8 * 3600), "{span:?}");
+    }
 
     #[test]
     fn files_read_as_their_name_or_description() {
