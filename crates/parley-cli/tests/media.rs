@@ -6,9 +6,7 @@
 mod providers;
 
 use parley_client::media::{self, Sealed};
-use parley_client::mls::DeviceMls;
 use parley_client::{ClientError, Device, Event, SentFile};
-use parley_proto::api::SendRequest;
 use parley_proto::content::{ExternalPart, ENC_ALG_AES_128_GCM, HASH_ALG_SHA256};
 use parley_proto::{Expiration, MimiContent, RoomId};
 use providers::*;
@@ -300,24 +298,7 @@ async fn send_part(
     if let Some(expires) = expires {
         content = content.expiring(expires);
     }
-    let key = device
-        .api()
-        .devices()
-        .await
-        .unwrap()
-        .into_iter()
-        .find(|d| d.device_id == device.device_id().as_str())
-        .unwrap()
-        .signature_key;
-    let conn = rusqlite::Connection::open(profile.join(parley_client::profile::DB_FILE)).unwrap();
-    conn.busy_timeout(Duration::from_secs(5)).unwrap();
-    let mls = DeviceMls::load(&conn, device.device_uri().clone(), &key).unwrap();
-    let message = mls.encrypt(&conn, room, &content.encode()).unwrap();
-    let request = SendRequest {
-        message,
-        expires_at: None,
-    };
-    device.api().send_message(room, &request).await.unwrap();
+    send_raw(profile, device, room, &content.encode()).await;
 }
 
 fn rand_salt() -> [u8; 16] {

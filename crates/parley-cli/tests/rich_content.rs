@@ -4,7 +4,6 @@
 
 mod providers;
 
-use parley_client::mls::DeviceMls;
 use parley_client::{ClientError, Device, Event};
 use parley_proto::api::SendRequest;
 use parley_proto::{MessageId, MessageStatus, MimiContent, RoomId, StatusReport};
@@ -33,28 +32,9 @@ async fn events_in(device: &mut Device, room: &RoomId) -> Vec<Event> {
         .collect()
 }
 
-/// Encrypts `plaintext` as `device` would, through a second connection to its profile, and
-/// posts it: content the `Device` API would never build (forged edits, garbage).
-async fn send_raw(dir: &Path, device: &Device, room: &RoomId, plaintext: &[u8]) {
-    let key = device
-        .api()
-        .devices()
-        .await
-        .unwrap()
-        .into_iter()
-        .find(|d| d.device_id == device.device_id().as_str())
-        .unwrap()
-        .signature_key;
-    let path = profile_dir(dir, device.user()).join(parley_client::profile::DB_FILE);
-    let conn = rusqlite::Connection::open(path).unwrap();
-    conn.busy_timeout(Duration::from_secs(5)).unwrap();
-    let mls = DeviceMls::load(&conn, device.device_uri().clone(), &key).unwrap();
-    let message = mls.encrypt(&conn, room, plaintext).unwrap();
-    let request = SendRequest {
-        message,
-        expires_at: None,
-    };
-    device.api().send_message(room, &request).await.unwrap();
+/// [`send_raw`] from `device`'s profile in `dir`.
+async fn send_raw_in(dir: &Path, device: &Device, room: &RoomId, plaintext: &[u8]) {
+    send_raw(&profile_dir(dir, device.user()), device, room, plaintext).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -151,8 +131,8 @@ async fn replies_reactions_edits_and_deletes_reach_every_member() {
     let room_uri = room.to_uri(alice.user().domain());
     let forged_edit = MimiContent::edit([1; 16], &bob_uri, &room_uri, hello.id, "hijacked");
     let forged_delete = MimiContent::delete([2; 16], &bob_uri, &room_uri, like.id);
-    send_raw(dir.path(), &bob, &room, &forged_edit.encode()).await;
-    send_raw(dir.path(), &bob, &room, &forged_delete.encode()).await;
+    send_raw_in(dir.path(), &bob, &room, &forged_edit.encode()).await;
+    send_raw_in(dir.path(), &bob, &room, &forged_delete.encode()).await;
     for d in [&mut alice, &mut carol] {
         assert!(events_in(d, &room).await.is_empty());
         let first = d.history(&room, 10).unwrap().remove(0);
@@ -305,7 +285,7 @@ async fn undecodable_content_is_shown_and_the_room_keeps_working() {
     let mut truncated = MimiContent::text([5; 16], &alice.user().to_uri(), "x", "hi").encode();
     truncated.truncate(truncated.len() / 2);
     for garbage in [vec![0xff, 0x00, 0x13], valid_but_wrong, truncated] {
-        send_raw(dir.path(), &alice, &room, &garbage).await;
+        send_raw_in(dir.path(), &alice, &room, &garbage).await;
     }
     alice.send_text(&room, "still fine").await.unwrap();
     let got = bob.sync(None).await.unwrap();
@@ -376,7 +356,7 @@ async fn an_edit_never_outlives_the_expiring_message_it_edits() {
         secret.id,
         "revived",
     );
-    send_raw(dir.path(), &alice, &room, &forged.encode()).await;
+    send_raw_in(dir.path(), &alice, &room, &forged.encode()).await;
     alice.send_text(&room, "after").await.unwrap();
     let after = events_in(&mut bob, &room).await;
     assert!(
@@ -412,7 +392,7 @@ async fn receipts_and_reactions_naming_no_message_here_are_ignored() {
         MimiContent::reaction([2; 16], &me, &uri, ghost, "👍"),
         MimiContent::reaction([3; 16], &me, &uri, real.id, &"👍".repeat(100)),
     ] {
-        send_raw(dir.path(), &bob, &room, &content.encode()).await;
+        send_raw_in(dir.path(), &bob, &room, &content.encode()).await;
     }
     let got = sync_lenient(&mut alice).await;
     let receipts: Vec<_> = got

@@ -460,3 +460,28 @@ pub fn queued_for(data: &Path, device: &Device) -> Vec<u64> {
         .map(|r| r.unwrap() as u64)
         .collect()
 }
+
+/// Encrypts `plaintext` as `device` would, through a second connection to its profile (in
+/// `profile`), and posts it: content the `Device` API would never build (forged edits,
+/// garbage, files at any URL with their own deadlines).
+pub async fn send_raw(profile: &Path, device: &Device, room: &RoomId, plaintext: &[u8]) {
+    let key = device
+        .api()
+        .devices()
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|d| d.device_id == device.device_id().as_str())
+        .unwrap()
+        .signature_key;
+    let conn = rusqlite::Connection::open(profile.join(parley_client::profile::DB_FILE)).unwrap();
+    conn.busy_timeout(Duration::from_secs(5)).unwrap();
+    let mls =
+        parley_client::mls::DeviceMls::load(&conn, device.device_uri().clone(), &key).unwrap();
+    let message = mls.encrypt(&conn, room, plaintext).unwrap();
+    let request = parley_proto::api::SendRequest {
+        message,
+        expires_at: None,
+    };
+    device.api().send_message(room, &request).await.unwrap();
+}
