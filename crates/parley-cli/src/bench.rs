@@ -72,6 +72,15 @@ fn unlimited(config: &mut ServerConfig) {
     l.peer_request_burst = 1e9;
 }
 
+/// A load-tool device of `user` at `server`, its profile in `profile`.
+async fn register(
+    profile: &std::path::Path,
+    server: &str,
+    user: &UserId,
+) -> anyhow::Result<Device> {
+    Ok(Device::register(profile, server, user, Some("bench-password"), None, None).await?)
+}
+
 /// One room under load: the sender's authenticated API client and its pre-encrypted message.
 struct Lane {
     api: ApiClient,
@@ -217,25 +226,9 @@ async fn setup(
     for i in 0..args.pairs {
         let sender_id = UserId::parse(&format!("s{run_id}-{i}@{}", senders.1))?;
         let receiver_id = UserId::parse(&format!("r{run_id}-{i}@{}", receivers_at.1))?;
-        let pw = Some("bench-password");
-        let mut sender = Device::register(
-            &dir.join(format!("s{i}")),
-            senders.0,
-            &sender_id,
-            pw,
-            None,
-            None,
-        )
-        .await?;
-        let mut receiver = Device::register(
-            &dir.join(format!("r{i}")),
-            receivers_at.0,
-            &receiver_id,
-            pw,
-            None,
-            None,
-        )
-        .await?;
+        let mut sender = register(&dir.join(format!("s{i}")), senders.0, &sender_id).await?;
+        let mut receiver =
+            register(&dir.join(format!("r{i}")), receivers_at.0, &receiver_id).await?;
         if senders.1 != receivers_at.1 {
             // Consent first: the receiver accepts the sender (the answer is the receiver's
             // provider's to give, so no waiting for the request to travel).
@@ -528,15 +521,7 @@ async fn asset_transfer(mb: u64) -> anyhow::Result<()> {
     let server = ChildServer::spawn_with(&tmp.path().join("server"), &domain)?;
     let pid = server.child.id();
     let user = UserId::parse("media@bench.test")?;
-    let device = Device::register(
-        &tmp.path().join("media"),
-        &server.url,
-        &user,
-        Some("bench-password"),
-        None,
-        None,
-    )
-    .await?;
+    let device = register(&tmp.path().join("media"), &server.url, &user).await?;
     let api = device.api().clone();
     tokio::time::sleep(Duration::from_millis(500)).await;
     let before = server.rss_kib()?;
@@ -607,15 +592,7 @@ async fn idle_memory(connections: usize) -> anyhow::Result<()> {
     let tmp = tempfile::tempdir()?;
     let server = ChildServer::spawn(&tmp.path().join("server"))?;
     let user = UserId::parse("idle@bench.test")?;
-    let device = Device::register(
-        &tmp.path().join("idle"),
-        &server.url,
-        &user,
-        Some("bench-password"),
-        None,
-        None,
-    )
-    .await?;
+    let device = register(&tmp.path().join("idle"), &server.url, &user).await?;
     // Warm up allocator and runtime with a first batch, then measure from there.
     let warmup = 100.min(connections);
     let mut open = Vec::with_capacity(connections);

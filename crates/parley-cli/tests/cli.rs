@@ -24,42 +24,9 @@ fn register_users(server: &ServerProcess) -> Users {
         dir.path().join("bob"),
         dir.path().join("carol"),
     );
-    ok(
-        &alice,
-        &[
-            "account",
-            "register",
-            "alice@chirp.test",
-            "--server",
-            &server.url,
-            "--password",
-            "alice-secret",
-        ],
-    );
-    ok(
-        &bob,
-        &[
-            "account",
-            "register",
-            "bob@wave.test",
-            "--server",
-            &server.url,
-            "--password",
-            "bob-secret",
-        ],
-    );
-    ok(
-        &carol,
-        &[
-            "account",
-            "register",
-            "carol@chirp.test",
-            "--server",
-            &server.url,
-            "--password",
-            "carol-secret",
-        ],
-    );
+    register(&alice, &server.url, "alice@chirp.test", "alice-secret");
+    register(&bob, &server.url, "bob@wave.test", "bob-secret");
+    register(&carol, &server.url, "carol@chirp.test", "carol-secret");
     Users {
         _dir: dir,
         alice,

@@ -82,18 +82,8 @@ impl Providers {
 
     fn register(&self, user: &str, i: usize) -> PathBuf {
         let profile = self.dir.join(user);
-        ok(
-            &profile,
-            &[
-                "account",
-                "register",
-                user,
-                "--server",
-                &format!("http://{}", self.api[i]),
-                "--password",
-                "secret-password",
-            ],
-        );
+        let url = format!("http://{}", self.api[i]);
+        register(&profile, &url, user, "secret-password");
         profile
     }
 }

@@ -9,21 +9,6 @@ use common::*;
 
 const LIMIT: usize = 1024 * 1024;
 
-fn register(profile: &Path, server: &ServerProcess, user: &str) {
-    ok(
-        profile,
-        &[
-            "account",
-            "register",
-            user,
-            "--server",
-            &server.url,
-            "--password",
-            "secret-password",
-        ],
-    );
-}
-
 #[test]
 fn send_file_reaches_the_other_domain_and_oversized_files_are_refused() {
     let data = tempfile::tempdir().unwrap();
@@ -41,10 +26,11 @@ fn send_file_reaches_the_other_domain_and_oversized_files_are_refused() {
         "127.0.0.1:0",
         &["--config", config.to_str().unwrap()],
     );
-    let users = tempfile::tempdir().unwrap();
-    let (alice, bob) = (users.path().join("alice"), users.path().join("bob"));
-    register(&alice, &server, "alice@chirp.test");
-    register(&bob, &server, "bob@wave.test");
+    let AliceAndBob {
+        dir: users,
+        alice,
+        bob,
+    } = alice_and_bob(&server);
     ok(&alice, &["send", "bob@wave.test", "a file is coming"]);
     assert_eq!(messages(&sync_json(&bob)).len(), 1);
 

@@ -6,21 +6,6 @@ use std::path::Path;
 mod common;
 use common::*;
 
-fn register(profile: &Path, server: &ServerProcess, user: &str) {
-    ok(
-        profile,
-        &[
-            "account",
-            "register",
-            user,
-            "--server",
-            &server.url,
-            "--password",
-            "secret-password",
-        ],
-    );
-}
-
 /// The `sync --json` lines of type `receipt`, exactly as printed.
 fn receipt_lines(profile: &Path) -> Vec<String> {
     ok(profile, &["sync", "--json"])
@@ -34,10 +19,11 @@ fn receipt_lines(profile: &Path) -> Vec<String> {
 fn delivered_and_read_receipts_from_the_cli() {
     let data = tempfile::tempdir().unwrap();
     let server = ServerProcess::start(data.path(), "127.0.0.1:0");
-    let users = tempfile::tempdir().unwrap();
-    let (alice, bob) = (users.path().join("alice"), users.path().join("bob"));
-    register(&alice, &server, "alice@chirp.test");
-    register(&bob, &server, "bob@wave.test");
+    let AliceAndBob {
+        dir: _users,
+        alice,
+        bob,
+    } = alice_and_bob(&server);
 
     let out = ok(&alice, &["send", "bob@wave.test", "did you get this?"]);
     let mut words = out.split_whitespace().skip(1);
@@ -150,10 +136,11 @@ impl Chat {
 fn chat_shows_who_is_typing() {
     let data = tempfile::tempdir().unwrap();
     let server = ServerProcess::start(data.path(), "127.0.0.1:0");
-    let users = tempfile::tempdir().unwrap();
-    let (alice, bob) = (users.path().join("alice"), users.path().join("bob"));
-    register(&alice, &server, "alice@chirp.test");
-    register(&bob, &server, "bob@wave.test");
+    let AliceAndBob {
+        dir: _users,
+        alice,
+        bob,
+    } = alice_and_bob(&server);
     let out = ok(&alice, &["send", "bob@wave.test", "chat with me"]);
     let room = out.split_whitespace().nth(3).unwrap().to_owned();
     ok(&bob, &["sync"]);

@@ -226,8 +226,9 @@ fn create_unique(dir: &Path, name: &str) -> std::io::Result<(PathBuf, File)> {
     ))
 }
 
-/// The downloads folder holds what peers sent: readable by its owner only, like the profile.
-fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+/// Creates `dir` readable by its owner only: the profile (keys, token) and its downloads
+/// folder (what peers sent).
+pub(crate) fn create_private_dir(dir: &Path) -> std::io::Result<()> {
     if dir.is_dir() {
         return Ok(());
     }

@@ -315,15 +315,7 @@ impl Profile {
 
     /// The highest queue `seq` already processed (0 if none).
     pub fn processed_seq(&self) -> Result<u64> {
-        let value: Option<i64> = self
-            .conn
-            .query_row(
-                "SELECT value FROM parley_state WHERE key = 'processed_seq'",
-                [],
-                |row| row.get(0),
-            )
-            .optional()?;
-        from_sql_int(value.unwrap_or(0))
+        from_sql_int(self.state_value("processed_seq")?.unwrap_or(0))
     }
 
     /// Raises the processed mark to `seq` (never lowers it).
@@ -341,15 +333,19 @@ impl Profile {
     /// Whether this user's devices may differ from those in our rooms, so the next sync must
     /// compare them. True until first checked, so a profile from before multi-device checks once.
     pub fn devices_stale(&self) -> Result<bool> {
-        let in_step: Option<i64> = self
+        Ok(self.state_value("devices_in_step")? != Some(1))
+    }
+
+    /// A value of `parley_state`, if set.
+    fn state_value(&self, key: &str) -> Result<Option<i64>> {
+        Ok(self
             .conn
             .query_row(
-                "SELECT value FROM parley_state WHERE key = 'devices_in_step'",
-                [],
+                "SELECT value FROM parley_state WHERE key = ?1",
+                params![key],
                 |row| row.get(0),
             )
-            .optional()?;
-        Ok(in_step != Some(1))
+            .optional()?)
     }
 
     pub fn set_devices_stale(&self, stale: bool) -> Result<()> {
@@ -534,15 +530,27 @@ impl Profile {
 
     /// Where the attachment of message `id` is stored, if it has one.
     pub fn asset_url(&self, room: &RoomId, id: &MessageId) -> Result<Option<String>> {
-        let url: Option<Option<String>> = self
+        self.history_field(room, id, "asset_url")
+    }
+
+    /// One nullable column of message `id`'s history row (`None` also when there is no row).
+    fn history_field<T: rusqlite::types::FromSql>(
+        &self,
+        room: &RoomId,
+        id: &MessageId,
+        column: &'static str,
+    ) -> Result<Option<T>> {
+        let value: Option<Option<T>> = self
             .conn
             .query_row(
-                "SELECT asset_url FROM parley_history WHERE room_id = ?1 AND message_id = ?2",
+                &format!(
+                    "SELECT {column} FROM parley_history WHERE room_id = ?1 AND message_id = ?2"
+                ),
                 params![room.as_str(), id.to_hex()],
                 |row| row.get(0),
             )
             .optional()?;
-        Ok(url.flatten())
+        Ok(value.flatten())
     }
 
     pub fn add_reaction(&self, reaction: &ReactionRecord) -> Result<()> {
@@ -597,15 +605,8 @@ impl Profile {
 
     /// When message `id` of `room` expires (milliseconds since the Unix epoch), if it does.
     pub fn message_expiry(&self, room: &RoomId, id: &MessageId) -> Result<Option<u64>> {
-        let expires: Option<Option<i64>> = self
-            .conn
-            .query_row(
-                "SELECT expires_at FROM parley_history WHERE room_id = ?1 AND message_id = ?2",
-                params![room.as_str(), id.to_hex()],
-                |row| row.get(0),
-            )
-            .optional()?;
-        Ok(expires.flatten().map(|ms| ms.max(0) as u64))
+        let expires: Option<i64> = self.history_field(room, id, "expires_at")?;
+        Ok(expires.map(|ms| ms.max(0) as u64))
     }
 
     /// Whether `id` is a message of `room` this device has: in history and not expired by
@@ -1147,20 +1148,12 @@ fn adopt_legacy_version(conn: &mut Connection) -> Result<()> {
 
 /// Creates the profile directory readable by its owner only: it holds private keys and a token.
 fn create_private_dir(dir: &Path) -> Result<()> {
-    let fail = |e: std::io::Error| {
+    crate::media::create_private_dir(dir).map_err(|e| {
         ClientError::Storage(format!(
             "cannot create profile directory {}: {e}",
             dir.display()
         ))
-    };
-    if dir.is_dir() {
-        return Ok(());
-    }
-    let mut builder = std::fs::DirBuilder::new();
-    builder.recursive(true);
-    #[cfg(unix)]
-    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
-    builder.create(dir).map_err(fail)
+    })
 }
 
 /// A `parley_history` row as stored.

@@ -110,6 +110,38 @@ pub fn ok(profile: &Path, args: &[&str]) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
+/// `parley account register USER --server URL --password PASSWORD` with `profile`.
+pub fn register(profile: &Path, server_url: &str, user: &str, password: &str) {
+    ok(
+        profile,
+        &[
+            "account",
+            "register",
+            user,
+            "--server",
+            server_url,
+            "--password",
+            password,
+        ],
+    );
+}
+
+/// Profiles of alice@chirp.test and bob@wave.test, registered at one server, in a temporary
+/// folder (removed on drop).
+pub struct AliceAndBob {
+    pub dir: tempfile::TempDir,
+    pub alice: std::path::PathBuf,
+    pub bob: std::path::PathBuf,
+}
+
+pub fn alice_and_bob(server: &ServerProcess) -> AliceAndBob {
+    let dir = tempfile::tempdir().unwrap();
+    let (alice, bob) = (dir.path().join("alice"), dir.path().join("bob"));
+    register(&alice, &server.url, "alice@chirp.test", "secret-password");
+    register(&bob, &server.url, "bob@wave.test", "secret-password");
+    AliceAndBob { dir, alice, bob }
+}
+
 /// Runs a command that must fail with one clear line on stderr; returns that line.
 pub fn fails(profile: &Path, args: &[&str]) -> String {
     let out = parley(profile, args);
