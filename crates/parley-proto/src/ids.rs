@@ -15,9 +15,9 @@ pub enum IdError {
     Handle(String),
     #[error("invalid user {0:?}: expected user@domain or mimi://domain/u/user")]
     User(String),
-    #[error("invalid device id {0:?}: expected 16 lowercase hex characters")]
+    #[error("invalid device id {0:?}: expected 1-64 characters A-Z a-z 0-9 . _ ~ -")]
     Device(String),
-    #[error("invalid room id {0:?}: expected 32 lowercase hex characters")]
+    #[error("invalid room {0:?}: expected mimi://HUB/r/NAME (NAME: 1-128 characters A-Z a-z 0-9 . _ ~ -)")]
     Room(String),
     #[error("invalid device URI {0:?}: expected mimi://domain/d/user/device")]
     DeviceUri(String),
@@ -139,19 +139,16 @@ impl FromStr for UserId {
     }
 }
 
-fn is_lower_hex(s: &str, len: usize) -> bool {
-    s.len() == len
-        && s.bytes()
-            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-}
-
-/// A device (MIMI "client") of a user: 16 lowercase hex characters chosen by its provider.
+/// A device (MIMI "client") of a user. Parley's own providers pick 16 lowercase hex characters;
+/// other providers' clients may use 1-64 of `A-Z a-z 0-9 . _ ~ -` (docs/mimi-profile.md §1).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct DeviceId(String);
 
 impl DeviceId {
+    pub const MAX_LEN: usize = 64;
+
     pub fn parse(s: &str) -> Result<Self, IdError> {
-        if is_lower_hex(s, 16) {
+        if is_unreserved(s, Self::MAX_LEN) {
             Ok(Self(s.to_owned()))
         } else {
             Err(IdError::Device(s.to_owned()))
@@ -218,58 +215,99 @@ impl fmt::Display for DeviceUri {
     }
 }
 
-/// A room (one MLS group): 32 lowercase hex characters; its bytes are the MLS group id.
+/// A room: MIMI's room URI `mimi://HUB/r/NAME`, where `HUB` is the domain of the provider that
+/// owns it. Rooms Parley creates have a 32-lowercase-hex `NAME`; other hubs may pick any name of
+/// 1-128 characters `A-Z a-z 0-9 . _ ~ -` (docs/mimi-profile.md §1).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct RoomId(String);
+pub struct RoomId {
+    /// The full URI; `hub` and `name` are views of it.
+    uri: String,
+    hub: Domain,
+    name_start: usize,
+}
 
 impl RoomId {
+    pub const MAX_NAME: usize = 128;
+
+    pub fn new(hub: &Domain, name: &str) -> Result<Self, IdError> {
+        if !is_unreserved(name, Self::MAX_NAME) {
+            return Err(IdError::Room(name.to_owned()));
+        }
+        let uri = format!("mimi://{hub}/r/{name}");
+        Ok(Self {
+            name_start: uri.len() - name.len(),
+            uri,
+            hub: hub.clone(),
+        })
+    }
+
+    /// Parses the URI `mimi://HUB/r/NAME`, or the form request paths use, `HUB/r/NAME`.
     pub fn parse(s: &str) -> Result<Self, IdError> {
-        if is_lower_hex(s, 32) {
-            Ok(Self(s.to_owned()))
-        } else {
-            Err(IdError::Room(s.to_owned()))
+        let err = || IdError::Room(s.to_owned());
+        let rest = s.strip_prefix("mimi://").unwrap_or(s);
+        let (domain, path) = rest.split_once('/').ok_or_else(err)?;
+        let name = path.strip_prefix("r/").ok_or_else(err)?;
+        let hub = Domain::parse(domain).map_err(|_| err())?;
+        Self::new(&hub, name).map_err(|_| err())
+    }
+
+    /// A new room at `hub` named by 16 random bytes supplied by the caller.
+    pub fn from_random(hub: &Domain, bytes: [u8; 16]) -> Self {
+        let name = hex::encode(bytes);
+        let uri = format!("mimi://{hub}/r/{name}");
+        Self {
+            name_start: uri.len() - name.len(),
+            uri,
+            hub: hub.clone(),
         }
     }
 
-    /// Builds a room id from 16 random bytes supplied by the caller.
-    pub fn from_random(bytes: [u8; 16]) -> Self {
-        Self(hex::encode(bytes))
+    /// The domain of the room's hub.
+    pub fn hub(&self) -> &Domain {
+        &self.hub
     }
 
-    /// The MLS group id of this room's group.
-    pub fn group_id_bytes(&self) -> &[u8] {
-        self.0.as_bytes()
+    pub fn name(&self) -> &str {
+        &self.uri[self.name_start..]
     }
 
-    /// Recovers a room id from an MLS group id.
-    pub fn from_group_id(bytes: &[u8]) -> Result<Self, IdError> {
-        let s = std::str::from_utf8(bytes).map_err(|_| IdError::Room(hex::encode(bytes)))?;
-        Self::parse(s)
-    }
-
-    /// MIMI's room URI; the hub domain is the domain of the provider that owns the room.
-    pub fn to_uri(&self, hub: &Domain) -> String {
-        format!("mimi://{hub}/r/{}", self.0)
-    }
-
-    /// Parses `mimi://hub/r/id` into the hub domain and the room id.
-    pub fn parse_uri(s: &str) -> Result<(Domain, Self), IdError> {
-        let err = || IdError::Room(s.to_owned());
-        let rest = s.strip_prefix("mimi://").ok_or_else(err)?;
-        let (domain, path) = rest.split_once('/').ok_or_else(err)?;
-        let id = path.strip_prefix("r/").ok_or_else(err)?;
-        Ok((Domain::parse(domain)?, Self::parse(id)?))
-    }
-
+    /// The room URI, `mimi://HUB/r/NAME`.
     pub fn as_str(&self) -> &str {
-        &self.0
+        &self.uri
+    }
+
+    /// The URI without `mimi://`, as the draft's examples put a room into a request path.
+    pub fn path_form(&self) -> &str {
+        &self.uri["mimi://".len()..]
+    }
+
+    /// The MLS group id of a room Parley creates: the bytes of `mimi://HUB/g/NAME` (the draft's
+    /// example). A room hubbed elsewhere may use any group id.
+    pub fn parley_group_id(&self) -> Vec<u8> {
+        format!("mimi://{}/g/{}", self.hub, self.name()).into_bytes()
     }
 }
 
 impl fmt::Display for RoomId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
+        f.write_str(&self.uri)
     }
+}
+
+impl FromStr for RoomId {
+    type Err = IdError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::parse(s)
+    }
+}
+
+/// 1..=max characters of RFC 3986's unreserved set.
+fn is_unreserved(s: &str, max: usize) -> bool {
+    !s.is_empty()
+        && s.len() <= max
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'~' | b'-'))
 }
 
 #[cfg(test)]
@@ -288,17 +326,31 @@ mod tests {
     #[test]
     fn room_uris_round_trip() {
         let hub = Domain::parse("chirp.test").unwrap();
-        let room = RoomId::from_random([7; 16]);
-        let uri = room.to_uri(&hub);
-        assert_eq!(RoomId::parse_uri(&uri).unwrap(), (hub, room));
+        let room = RoomId::from_random(&hub, [7; 16]);
+        let uri = room.to_string();
+        assert_eq!(uri, format!("mimi://chirp.test/r/{}", "07".repeat(16)));
+        assert_eq!(RoomId::parse(&uri).unwrap(), room);
+        assert_eq!(RoomId::parse(room.path_form()).unwrap(), room);
+        assert_eq!(room.hub(), &hub);
+        assert_eq!(room.name(), "07".repeat(16));
+        let foreign = RoomId::parse("mimi://indie.test/r/Club_house~1").unwrap();
+        assert_eq!(foreign.name(), "Club_house~1");
+        assert_eq!(
+            foreign.parley_group_id(),
+            b"mimi://indie.test/g/Club_house~1"
+        );
         for bad in [
             "",
             "mimi://chirp.test/u/x",
-            "mimi://chirp.test/r/XY",
+            "mimi://chirp.test/r/",
+            "mimi://chirp.test/r/a/b",
+            "mimi://chirp.test/r/a%20b",
+            "mimi://Chirp.test/r/x",
             "https://a/r/00",
         ] {
-            assert!(RoomId::parse_uri(bad).is_err(), "{bad}");
+            assert!(RoomId::parse(bad).is_err(), "{bad}");
         }
+        assert!(RoomId::new(&hub, &"x".repeat(129)).is_err());
     }
 
     #[test]
@@ -332,10 +384,12 @@ mod tests {
     }
 
     #[test]
-    fn room_id_is_its_group_id() {
-        let r = RoomId::from_random([7; 16]);
-        assert_eq!(RoomId::from_group_id(r.group_id_bytes()).unwrap(), r);
-        assert!(RoomId::from_group_id(&[0xff, 0xfe]).is_err());
+    fn device_ids_of_other_providers_may_use_unreserved_characters() {
+        assert!(DeviceId::parse("ClientA1").is_ok());
+        assert!(DeviceId::parse(&"a".repeat(64)).is_ok());
+        for bad in ["", "a/b", "a b", &"a".repeat(65)] {
+            assert!(DeviceId::parse(bad).is_err(), "{bad}");
+        }
     }
 
     proptest! {
