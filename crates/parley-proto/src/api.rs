@@ -181,15 +181,12 @@ impl RoomKind {
 }
 
 /// `POST /v1/rooms`: register a freshly created MLS group (epoch 0, creator only) with its hub.
+/// Kind, name and participants are read from the group's GroupContext components
+/// (docs/mimi-profile.md §4); the group id must be the room's Parley group id.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CreateRoomRequest {
+    /// The room URI, `mimi://<caller's domain>/r/<name>`.
     pub room_id: String,
-    pub kind: RoomKind,
-    #[serde(default)]
-    pub name: Option<String>,
-    /// For a direct room, the other participant (membership is fixed to the two).
-    #[serde(default)]
-    pub peer: Option<String>,
     /// TLS-encoded MlsMessage carrying the group's GroupInfo.
     #[serde(with = "b64")]
     pub group_info: Vec<u8>,
@@ -198,34 +195,70 @@ pub struct CreateRoomRequest {
     pub ratchet_tree: Vec<u8>,
 }
 
-/// A room as `GET /v1/rooms` and `GET /v1/rooms/{id}` show it.
+/// A room as `GET /v1/rooms` and `GET /v1/rooms/{id}` show it. The hub of a room reads kind,
+/// name, epoch, members and admins from the group's public state; a provider following a room
+/// hubbed elsewhere keeps no group state and knows only `room_id` and `hub` (clients read the
+/// rest from their own MLS group).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct RoomInfo {
+    /// The room URI.
     pub room_id: String,
-    pub room_uri: String,
-    pub kind: RoomKind,
+    /// The hub's domain.
+    pub hub: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<RoomKind>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
-    pub epoch: u64,
-    /// Member users (`user@domain`), sorted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epoch: Option<u64>,
+    /// Member users (`user@domain`), sorted (empty where unknown).
+    #[serde(default)]
     pub members: Vec<String>,
-    /// Admin users (may add, remove and promote), sorted. Direct rooms have none.
+    /// Admin users, sorted. Direct rooms have none.
     #[serde(default)]
     pub admins: Vec<String>,
 }
 
-/// `POST /v1/rooms/{id}/admins`: make a member user an admin.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct PromoteRequest {
-    pub user: String,
+/// `GET /v1/provider`: what a client needs to create rooms here.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ProviderInfo {
+    /// The caller's domain, the hub of the rooms it creates.
+    pub domain: String,
+    /// The TLS-encoded MLS `ExternalSender` (signature key and credential `mimi://DOMAIN`) of
+    /// the hub, which every room's `external_senders` extension must hold.
+    #[serde(with = "b64")]
+    pub external_sender: Vec<u8>,
 }
 
-/// `POST /v1/rooms/{id}/commits`: a Commit (as a PublicMessage) plus the Welcome for added devices.
+/// `POST /v1/users/{user}/key-packages/claim`: one KeyPackage per device of `user`, for `room`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ClaimRequest {
+    /// The room URI the packages are for.
+    pub room: String,
+    /// Only this device's package (multi-device: adding the user's new device).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<String>,
+    /// The TLS-encoded MIMI `KeyMaterialRequest` for (caller's user, `user`, `room`), signed by
+    /// the calling device (docs/mimi-profile.md §5); forwarded unchanged to other providers.
+    #[serde(with = "b64")]
+    pub key_material_request: Vec<u8>,
+}
+
+/// `POST /v1/rooms/{id}/commits`: a Commit (as a PublicMessage), the Welcome for added devices,
+/// and the committer's GroupInfo and ratchet tree of the new epoch (what MIMI `update` carries).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CommitRequest {
     #[serde(with = "b64")]
     pub commit: Vec<u8>,
+    /// An MlsMessage (Welcome), without ratchet tree.
     #[serde(default, with = "b64::opt", skip_serializing_if = "Option::is_none")]
     pub welcome: Option<Vec<u8>>,
+    /// An MlsMessage (GroupInfo of the new epoch, signed by the committer, without tree).
+    #[serde(with = "b64")]
+    pub group_info: Vec<u8>,
+    /// The new epoch's ratchet tree (`optional<Node> ratchet_tree<V>`).
+    #[serde(with = "b64")]
+    pub ratchet_tree: Vec<u8>,
 }
 
 /// `POST /v1/rooms/{id}/proposals`: a member's self-removal (leaving), as a PublicMessage.
@@ -235,16 +268,13 @@ pub struct ProposalRequest {
     pub proposal: Vec<u8>,
 }
 
-/// `POST /v1/rooms/{id}/messages`: an MLS PrivateMessage carrying MIMI content.
+/// `POST /v1/rooms/{id}/messages`: an MLS PrivateMessage carrying MIMI content. An expiring
+/// message carries its expiry in its cleartext authenticated data (Safe AAD
+/// `parley_expires_at`, docs/mimi-profile.md §4), where every provider reads it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SendRequest {
     #[serde(with = "b64")]
     pub message: Vec<u8>,
-    /// When the message expires (milliseconds since the Unix epoch), as the `expires` inside
-    /// the encrypted content says. The providers cannot read that, so the client repeats it
-    /// here and they drop the message's queue entries by then.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub expires_at: Option<u64>,
 }
 
 /// `POST /v1/rooms/{id}/ephemeral`: an MLS PrivateMessage (a typing indicator) for the room's
@@ -296,6 +326,10 @@ pub struct QueueEntry {
     pub ts: u64,
     #[serde(with = "b64")]
     pub data: Vec<u8>,
+    /// For a Welcome: the group's ratchet tree (`optional<Node> ratchet_tree<V>`), which the
+    /// Welcome does not carry.
+    #[serde(default, with = "b64::opt", skip_serializing_if = "Option::is_none")]
+    pub ratchet_tree: Option<Vec<u8>>,
 }
 
 /// Answer to `GET /v1/queue`.
@@ -340,6 +374,7 @@ mod tests {
             event: 9,
             ts: 1,
             data: vec![0, 1, 2, 250],
+            ratchet_tree: None,
         };
         let json = serde_json::to_string(&WsFrame::Entries {
             entries: vec![e.clone()],
@@ -368,25 +403,25 @@ mod tests {
     }
 
     #[test]
-    fn the_expiry_hint_is_optional() {
-        let plain: SendRequest = serde_json::from_str(r#"{"message":"AAE="}"#).unwrap();
-        assert_eq!((plain.message, plain.expires_at), (vec![0, 1], None));
-        let hinted = SendRequest {
-            message: vec![0],
-            expires_at: Some(1_764_201_818_437),
+    fn welcome_entries_carry_the_ratchet_tree_others_omit_it() {
+        let mut e = QueueEntry {
+            seq: 1,
+            room_id: "mimi://chirp.test/r/x".into(),
+            kind: EntryKind::Welcome,
+            event: 2,
+            ts: 3,
+            data: vec![1],
+            ratchet_tree: Some(vec![2]),
         };
-        assert_eq!(
-            serde_json::to_string(&hinted).unwrap(),
-            r#"{"message":"AA==","expires_at":1764201818437}"#
-        );
-        let without = SendRequest {
-            expires_at: None,
-            ..hinted
-        };
-        assert_eq!(
-            serde_json::to_string(&without).unwrap(),
-            r#"{"message":"AA=="}"#
-        );
+        let json = serde_json::to_string(&e).unwrap();
+        assert!(json.contains(r#""ratchet_tree":"Ag==""#), "{json}");
+        e.ratchet_tree = None;
+        assert!(!serde_json::to_string(&e).unwrap().contains("ratchet_tree"));
+        let back: QueueEntry = serde_json::from_str(
+            r#"{"seq":1,"room_id":"r","kind":"message","event":2,"ts":3,"data":"AQ=="}"#,
+        )
+        .unwrap();
+        assert_eq!(back.ratchet_tree, None);
     }
 
     #[test]
