@@ -2,8 +2,8 @@
 //! error mapping. Handlers only translate; the services do the work.
 
 use crate::accounts::AuthDevice;
-use crate::assets::{parse_asset_url, AssetId};
-use crate::error::ServiceError;
+use crate::assets::{asset_response, parse_asset_url, relay_download, AssetId};
+use crate::error::{error_response, ApiError, ServiceError};
 use crate::hub::Origin;
 use crate::App;
 use axum::extract::rejection::{JsonRejection, QueryRejection};
@@ -16,9 +16,8 @@ use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use futures_util::{SinkExt, StreamExt};
 use parley_proto::api::{
-    AckRequest, CommitRequest, CreateRoomRequest, EphemeralRequest, ErrorBody, LoginRequest,
-    ProposalRequest, QueuePage, RegisterRequest, SendRequest, SessionResponse, UploadKeyPackages,
-    WsFrame,
+    AckRequest, CommitRequest, CreateRoomRequest, EphemeralRequest, LoginRequest, ProposalRequest,
+    QueuePage, RegisterRequest, SendRequest, SessionResponse, UploadKeyPackages, WsFrame,
 };
 use parley_proto::api::{ContactInfo, ContactState, PromoteRequest};
 use parley_proto::mimi::UpdateRequest;
@@ -36,58 +35,6 @@ const WS_READ_BUFFER: usize = 4 * 1024;
 const WS_PAGE: usize = 256;
 
 type AppState = State<Arc<App>>;
-
-/// A service error on its way out: status + JSON body. Internal detail goes to the log only.
-pub struct ApiError(pub ServiceError);
-
-impl From<ServiceError> for ApiError {
-    fn from(e: ServiceError) -> Self {
-        Self(e)
-    }
-}
-
-impl From<crate::store::StoreError> for ApiError {
-    fn from(e: crate::store::StoreError) -> Self {
-        Self(e.into())
-    }
-}
-
-fn error_response(status: StatusCode, code: &str, message: String, retryable: bool) -> Response {
-    let body = ErrorBody {
-        error: code.to_owned(),
-        message,
-        retryable,
-    };
-    (status, Json(body)).into_response()
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let message = self.0.to_string();
-        let (status, code, retryable) = match self.0 {
-            ServiceError::BadRequest { code, .. } => (StatusCode::BAD_REQUEST, code, false),
-            ServiceError::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized", false),
-            ServiceError::Forbidden { code, .. } => (StatusCode::FORBIDDEN, code, false),
-            ServiceError::NotFound { code, .. } => (StatusCode::NOT_FOUND, code, false),
-            ServiceError::Conflict {
-                code, retryable, ..
-            } => (StatusCode::CONFLICT, code, retryable),
-            ServiceError::TooLarge { code, .. } => (StatusCode::PAYLOAD_TOO_LARGE, code, false),
-            ServiceError::RateLimited(_) => (StatusCode::TOO_MANY_REQUESTS, "rate_limited", true),
-            ServiceError::Unavailable { code, .. } => (StatusCode::SERVICE_UNAVAILABLE, code, true),
-            ServiceError::Internal(detail) => {
-                tracing::error!(%detail, "internal error");
-                return error_response(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "internal",
-                    "internal server error".into(),
-                    true,
-                );
-            }
-        };
-        error_response(status, code, message, retryable)
-    }
-}
 
 type ApiResult<T> = Result<T, ApiError>;
 
@@ -796,43 +743,6 @@ async fn download(
     }
     .map_err(ServiceError::from)?;
     Ok(relay_download(upstream)?)
-}
-
-/// Streams a peer's download answer on (status errors become ours).
-pub fn relay_download(upstream: reqwest::Response) -> Result<Response, ServiceError> {
-    match upstream.status().as_u16() {
-        200 => {}
-        404 => {
-            return Err(ServiceError::not_found(
-                "unknown_asset",
-                "no such asset (expired or deleted)",
-            ))
-        }
-        s => {
-            return Err(ServiceError::unavailable(
-                "peer_refused",
-                format!("the asset's provider answered HTTP {s}"),
-            ))
-        }
-    }
-    let size = upstream.content_length();
-    Ok(asset_response(
-        axum::body::Body::from_stream(upstream.bytes_stream()),
-        size,
-    ))
-}
-
-pub fn asset_response(body: axum::body::Body, size: Option<u64>) -> Response {
-    let mut resp = Response::new(body);
-    let headers = resp.headers_mut();
-    headers.insert(
-        header::CONTENT_TYPE,
-        header::HeaderValue::from_static("application/octet-stream"),
-    );
-    if let Some(size) = size {
-        headers.insert(header::CONTENT_LENGTH, header::HeaderValue::from(size));
-    }
-    resp
 }
 
 /// `POST /v1/rooms/{room}/admins`: an admin makes another member an admin.

@@ -24,6 +24,7 @@ pub mod outbox;
 pub mod peers;
 pub mod remote;
 pub mod store;
+pub mod tls;
 
 use accounts::Accounts;
 use assets::Assets;
@@ -79,7 +80,7 @@ pub enum ServerError {
     #[error("cannot listen on {0}: {1}")]
     Bind(SocketAddr, std::io::Error),
     #[error(transparent)]
-    Tls(#[from] net::TlsError),
+    Tls(#[from] tls::TlsError),
     #[error(transparent)]
     Peers(#[from] PeerError),
 }
@@ -98,7 +99,7 @@ impl Server {
     pub async fn start(mut config: ServerConfig) -> Result<Self, ServerError> {
         config.validate()?;
         let tls = match (&config.tls_cert, &config.tls_key) {
-            (Some(cert), Some(key)) => Some(net::tls_acceptor(cert, key)?),
+            (Some(cert), Some(key)) => Some(tls::tls_acceptor(cert, key)?),
             _ => None,
         };
         let store = Store::open(&config.data)?;
@@ -173,7 +174,7 @@ impl Server {
         let mut tasks = Vec::new();
         let federation_addr = match config.federation_listen {
             Some(fed) => {
-                let acceptor = federation::tls_acceptor(&config)?;
+                let acceptor = tls::federation_acceptor(&config)?;
                 let listener = TcpListener::bind(fed)
                     .await
                     .map_err(|e| ServerError::Bind(fed, e))?;

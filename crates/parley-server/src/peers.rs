@@ -6,7 +6,7 @@
 //! wave.test=https://127.0.0.1:8421` still requires a certificate for `wave.test`.
 
 use crate::config::ServerConfig;
-use crate::federation::certificate_names;
+use crate::tls::certificate_names;
 use parley_proto::Domain;
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
