@@ -9,9 +9,9 @@
 //! domain's retention and may be deleted earlier by their uploader.
 
 use crate::accounts::AuthDevice;
+use crate::clock::now_ms;
 use crate::config::ServerConfig;
 use crate::error::{ServiceError, ServiceResult};
-use crate::now_ms;
 use crate::store::{Store, StoreError};
 use axum::body::{Body, Bytes};
 use axum::http::header;

@@ -8,12 +8,12 @@
 //! (identifierQuery). Protocol outcomes are MIMI bodies; malformed or unauthorized requests get
 //! an HTTP error status with a JSON error body.
 
+use crate::app::App;
 use crate::assets::{asset_response, parse_asset_url, relay_download, AssetId};
 use crate::error::{ApiError, ServiceError};
 use crate::hub::{device_of, Origin};
 use crate::peers::MIMI_CONTENT_TYPE;
 use crate::tls::{certificate_names, PeerCertificate};
-use crate::App;
 use axum::body::Bytes;
 use axum::extract::Path as Param;
 use axum::extract::{Request, State};

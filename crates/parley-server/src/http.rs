@@ -2,10 +2,10 @@
 //! error mapping. Handlers only translate; the services do the work.
 
 use crate::accounts::AuthDevice;
+use crate::app::App;
 use crate::assets::{asset_response, parse_asset_url, relay_download, AssetId};
 use crate::error::{error_response, ApiError, ServiceError};
 use crate::hub::Origin;
-use crate::App;
 use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{FromRequest, FromRequestParts, Path, Query, Request, State};

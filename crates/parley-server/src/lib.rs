@@ -8,7 +8,9 @@
 //! forwards ciphertext and public group state only.
 
 pub mod accounts;
+pub mod app;
 pub mod assets;
+pub mod clock;
 pub mod config;
 pub mod consent;
 pub mod delivery;
@@ -27,6 +29,7 @@ pub mod store;
 pub mod tls;
 
 use accounts::Accounts;
+use app::App;
 use assets::Assets;
 use config::{ConfigError, ServerConfig};
 use consent::Consent;
@@ -44,32 +47,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-/// Milliseconds since the Unix epoch.
-pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
-/// The services a request can reach.
-pub struct App {
-    pub config: Arc<ServerConfig>,
-    pub accounts: Arc<Accounts>,
-    pub hub: Arc<Hub>,
-    pub delivery: Arc<Delivery>,
-    pub consent: Arc<Consent>,
-    pub remote: Arc<Remote>,
-    pub outbox: Arc<Outbox>,
-    pub assets: Arc<Assets>,
-    /// Typing indicators and other messages for connected devices only.
-    pub ephemeral: Arc<ephemeral::Ephemeral>,
-    /// Outbound MIMI client (`None` without federation settings).
-    pub peers: Option<Arc<PeerClient>>,
-    /// MIMI requests per peer provider.
-    pub peer_requests: RateLimiter,
-    pub shutdown: watch::Receiver<bool>,
-}
+pub use clock::now_ms;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {

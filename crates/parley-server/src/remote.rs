@@ -11,6 +11,7 @@
 //!   which keys it was given for the room; the user's provider answers only with consent.
 
 use crate::accounts::{unknown_device, Accounts, AuthDevice};
+use crate::clock::now_ms;
 use crate::config::ServerConfig;
 use crate::consent::Consent;
 use crate::delivery::{enqueue, Delivery, Outgoing, Stored};
@@ -234,8 +235,7 @@ impl Remote {
         message: Vec<u8>,
         expires_at: Option<u64>,
     ) -> ServiceResult<Accepted> {
-        let expires_at =
-            check_expiry_hint(&self.config, &caller.user, expires_at, crate::now_ms())?;
+        let expires_at = check_expiry_hint(&self.config, &caller.user, expires_at, now_ms())?;
         let max = self
             .config
             .domain(caller.user.domain().as_str())
@@ -606,7 +606,7 @@ impl Remote {
             .write(move |c| {
                 c.execute(
                     "INSERT OR IGNORE INTO room_hub_claims (room_id, hub_domain, claimed_at) VALUES (?1, ?2, ?3)",
-                    params![room, hub, crate::now_ms() as i64],
+                    params![room, hub, now_ms() as i64],
                 )?;
                 Ok(())
             })
@@ -685,7 +685,7 @@ impl Remote {
                 FanoutKind::Commit => EntryKind::Commit,
             };
             let data = Arc::new(entry.fanout.message.as_slice().to_vec());
-            let now = crate::now_ms();
+            let now = now_ms();
             if entry.expiry().is_some_and(|at| at <= now) {
                 // An expiring message that spent its life in the hub's outbox: nobody may
                 // read it any more, so it is not queued (its sequence still counts).
