@@ -7,11 +7,12 @@ use crate::config::ServerConfig;
 use crate::consent::Consent;
 use crate::delivery::Delivery;
 use crate::ephemeral::Ephemeral;
+use crate::follower::Follower;
 use crate::hub::Hub;
+use crate::key_material::KeyMaterial;
 use crate::limits::RateLimiter;
 use crate::outbox::Outbox;
 use crate::peers::PeerClient;
-use crate::remote::Remote;
 use std::sync::Arc;
 use tokio::sync::watch;
 
@@ -22,7 +23,10 @@ pub struct App {
     pub hub: Arc<Hub>,
     pub delivery: Arc<Delivery>,
     pub consent: Arc<Consent>,
-    pub remote: Arc<Remote>,
+    /// Rooms hubbed elsewhere.
+    pub follower: Arc<Follower>,
+    /// KeyPackage claims across providers and MIMI `keyMaterial`.
+    pub key_material: Arc<KeyMaterial>,
     pub outbox: Arc<Outbox>,
     pub assets: Arc<Assets>,
     /// Typing indicators and other messages for connected devices only.

@@ -1,16 +1,21 @@
-//! The provider-to-provider (MIMI) listener: always mutual TLS. A peer's certificate must chain to
-//! the configured peer CA, and every request names its source provider in `From: mimi@<domain>`,
-//! which the certificate must prove; a request may only speak for what that domain may.
+//! The provider-to-provider (MIMI) listener: always mutual TLS (`tls::federation_acceptor`). A
+//! peer's certificate must chain to the configured peer CA, and every request names its source
+//! provider in `From: mimi@<domain>`, which the certificate must prove; a request may only speak
+//! for what that domain may.
 //!
 //! Handlers only translate between MIMI bodies (TLS presentation language) and the services:
-//! `hub` (update, submitMessage, reportAbuse for rooms hubbed here), `remote` (notify for rooms
-//! followed here, keyMaterial), `consent` (requestConsent, updateConsent), `accounts`
-//! (identifierQuery). Protocol outcomes are MIMI bodies; malformed or unauthorized requests get
-//! an HTTP error status with a JSON error body.
+//! `hub` (update, submitMessage, reportAbuse, x-parley-promote for rooms hubbed here),
+//! `follower` (notify for rooms followed here), `key_material` (keyMaterial), `consent`
+//! (requestConsent, updateConsent), `accounts` (identifierQuery), `assets` (assets,
+//! proxyDownload), `ephemeral` (x-parley-ephemeral). Never the client API (`http`): what both
+//! need lives below them. Protocol outcomes are MIMI bodies; malformed or unauthorized requests
+//! get an HTTP error status with a JSON error body (`error::ApiError`).
 
 use crate::app::App;
 use crate::assets::{asset_response, parse_asset_url, relay_download, AssetId};
+use crate::ephemeral::EPHEMERAL;
 use crate::error::{ApiError, ServiceError};
+use crate::follower::PROMOTE;
 use crate::hub::{device_of, Origin};
 use crate::peers::MIMI_CONTENT_TYPE;
 use crate::tls::{certificate_names, PeerCertificate};
@@ -44,9 +49,9 @@ const ENDPOINTS: [(&str, &str); 12] = [
     ("reportAbuse", "reportAbuse/{roomId}"),
     ("proxyDownload", "proxyDownload/{downloadUrl}"),
     // Parley extension: room roles until they travel as AppSync proposals.
-    (crate::remote::PROMOTE, "x-parley-promote/{roomId}"),
+    (PROMOTE, "x-parley-promote/{roomId}"),
     // Parley extension: typing indicators for connected clients, never stored.
-    (crate::ephemeral::EPHEMERAL, "x-parley-ephemeral/{roomId}"),
+    (EPHEMERAL, "x-parley-ephemeral/{roomId}"),
 ];
 
 /// The peer provider a request was authenticated as.
@@ -206,7 +211,7 @@ async fn key_material(
     body: Bytes,
 ) -> FedResult {
     let request: KeyMaterialRequest = decode(&body)?;
-    let answer = app.remote.key_material(&peer, &target, request).await?;
+    let answer = app.key_material.on_request(&peer, &target, request).await?;
     Ok(mimi(StatusCode::OK, answer))
 }
 
@@ -332,7 +337,7 @@ async fn notify(
     Param(room): Param<String>,
     body: Bytes,
 ) -> FedResult {
-    app.remote.notify(&peer, &room, &body).await?;
+    app.follower.notify(&peer, &room, &body).await?;
     Ok(StatusCode::CREATED.into_response())
 }
 

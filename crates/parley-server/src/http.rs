@@ -1,9 +1,11 @@
-//! The client API's HTTP surface (docs/client-api.md): routing, authentication, JSON bodies and
-//! error mapping. Handlers only translate; the services do the work.
+//! The client API's HTTP surface (docs/client-api.md): routing, authentication and JSON bodies;
+//! service errors become responses through `error::ApiError`. Handlers only translate; the
+//! services do the work. Never the MIMI listener (`federation`): what both need lives below them.
 
 use crate::accounts::AuthDevice;
 use crate::app::App;
 use crate::assets::{asset_response, parse_asset_url, relay_download, AssetId};
+use crate::ephemeral::EphemeralFrame;
 use crate::error::{error_response, ApiError, ServiceError};
 use crate::hub::Origin;
 use axum::extract::rejection::{JsonRejection, QueryRejection};
@@ -311,7 +313,9 @@ async fn claim_key_packages(
         .map(DeviceId::parse)
         .transpose()
         .map_err(|e| ServiceError::bad("invalid_device", e.to_string()))?;
-    Ok(Json(app.remote.claim(&me, &user, room, device).await?))
+    Ok(Json(
+        app.key_material.claim(&me, &user, room, device).await?,
+    ))
 }
 
 fn parse_room(room: &str) -> Result<RoomId, ServiceError> {
@@ -329,7 +333,7 @@ async fn room_home(app: &App, room: &str) -> Result<RoomHome, ApiError> {
     if app.hub.hosts_room(&id).await? {
         return Ok(RoomHome::Here);
     }
-    match app.remote.hub_of(&id).await? {
+    match app.follower.hub_of(&id).await? {
         Some(hub) => Ok(RoomHome::Remote(id, hub)),
         None => Ok(RoomHome::Here), // the hub answers unknown_room
     }
@@ -386,7 +390,7 @@ async fn create_room(
     ApiJson(req): ApiJson<CreateRoomRequest>,
 ) -> ApiResult<impl IntoResponse> {
     if app
-        .remote
+        .follower
         .hub_of(&parse_room(&req.room_id)?)
         .await?
         .is_some()
@@ -406,7 +410,7 @@ async fn create_room(
 /// `GET /v1/rooms`
 async fn list_rooms(State(app): AppState, Authed(me): Authed) -> ApiResult<impl IntoResponse> {
     let mut rooms = app.hub.rooms_of(&me).await?;
-    rooms.extend(app.remote.rooms_of(&me).await?);
+    rooms.extend(app.follower.rooms_of(&me).await?);
     rooms.sort_by(|a, b| a.room_id.cmp(&b.room_id));
     Ok(Json(rooms))
 }
@@ -419,7 +423,7 @@ async fn room_info(
 ) -> ApiResult<impl IntoResponse> {
     Ok(Json(match room_home(&app, &room).await? {
         RoomHome::Here => app.hub.room_info(&me, &room).await?,
-        RoomHome::Remote(id, _) => app.remote.room_info(&me, &id).await?,
+        RoomHome::Remote(id, _) => app.follower.room_info(&me, &id).await?,
     }))
 }
 
@@ -438,7 +442,7 @@ async fn commit(
         }
         RoomHome::Remote(id, hub) => {
             let update = UpdateRequest::commit(req.commit, req.welcome);
-            app.remote.relay_update(&me, &id, &hub, update).await?
+            app.follower.relay_update(&me, &id, &hub, update).await?
         }
     }))
 }
@@ -457,7 +461,7 @@ async fn send(
                 .await?
         }
         RoomHome::Remote(id, hub) => {
-            app.remote
+            app.follower
                 .relay_send(&me, &id, &hub, req.message, req.expires_at)
                 .await?
         }
@@ -479,7 +483,7 @@ async fn propose(
         }
         RoomHome::Remote(id, hub) => {
             let update = UpdateRequest::proposal(req.proposal);
-            app.remote.relay_update(&me, &id, &hub, update).await?
+            app.follower.relay_update(&me, &id, &hub, update).await?
         }
     }))
 }
@@ -636,8 +640,8 @@ async fn ws_session(app: Arc<App>, me: AuthDevice, socket: WebSocket, ephemeral:
 
 /// The next ephemeral frame, or never for a connection that did not ask for them.
 async fn next_ephemeral(
-    subscription: &mut Option<tokio::sync::mpsc::Receiver<Arc<crate::ephemeral::EphemeralFrame>>>,
-) -> Option<Arc<crate::ephemeral::EphemeralFrame>> {
+    subscription: &mut Option<tokio::sync::mpsc::Receiver<Arc<EphemeralFrame>>>,
+) -> Option<Arc<EphemeralFrame>> {
     match subscription {
         Some(rx) => rx.recv().await,
         None => std::future::pending().await,
@@ -646,7 +650,7 @@ async fn next_ephemeral(
 
 async fn send_ephemeral_frame(
     sink: &mut futures_util::stream::SplitSink<WebSocket, Message>,
-    frame: &crate::ephemeral::EphemeralFrame,
+    frame: &EphemeralFrame,
 ) -> Result<(), axum::Error> {
     let frame = WsFrame::Ephemeral {
         room: frame.room.clone(),
@@ -733,7 +737,7 @@ async fn download(
             peers.get_asset(me.user.domain(), &host, id.as_str()).await
         }
         RoomHome::Remote(room, hub) => {
-            app.remote.room_info(&me, &room).await?; // members only
+            app.follower.room_info(&me, &room).await?; // members only
             if hub == host {
                 peers.get_asset(me.user.domain(), &host, id.as_str()).await
             } else {
@@ -759,6 +763,6 @@ async fn promote(
             app.hub.room_info(&me, &room).await?; // the calling device must be in the room
             app.hub.promote(&me.user, &room, &target).await?
         }
-        RoomHome::Remote(id, hub) => app.remote.relay_promote(&me, &id, &hub, &target).await?,
+        RoomHome::Remote(id, hub) => app.follower.relay_promote(&me, &id, &hub, &target).await?,
     }))
 }

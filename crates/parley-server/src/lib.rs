@@ -17,14 +17,15 @@ pub mod delivery;
 pub mod ephemeral;
 pub mod error;
 pub mod federation;
+pub mod follower;
 pub mod http;
 pub mod hub;
+pub mod key_material;
 pub mod limits;
 pub mod mls;
 pub mod net;
 pub mod outbox;
 pub mod peers;
-pub mod remote;
 pub mod store;
 pub mod tls;
 
@@ -34,11 +35,12 @@ use assets::Assets;
 use config::{ConfigError, ServerConfig};
 use consent::Consent;
 use delivery::Delivery;
+use follower::Follower;
 use hub::Hub;
+use key_material::KeyMaterial;
 use limits::RateLimiter;
 use outbox::Outbox;
 use peers::{PeerClient, PeerError};
-use remote::Remote;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -108,12 +110,19 @@ impl Server {
             outbox.clone(),
             consent.clone(),
         ));
-        let remote = Arc::new(Remote::new(
+        let follower = Arc::new(Follower::new(
             store,
             config.clone(),
-            accounts.clone(),
             delivery.clone(),
             hub.clone(),
+            consent.clone(),
+            peers.clone(),
+        ));
+        let key_material = Arc::new(KeyMaterial::new(
+            config.clone(),
+            accounts.clone(),
+            hub.clone(),
+            follower.clone(),
             consent.clone(),
             peers.clone(),
         ));
@@ -121,7 +130,7 @@ impl Server {
         let ephemeral = Arc::new(ephemeral::Ephemeral::new(
             config.clone(),
             hub.clone(),
-            remote.clone(),
+            follower.clone(),
             consent.clone(),
             peers.clone(),
         ));
@@ -132,7 +141,8 @@ impl Server {
             hub,
             delivery: delivery.clone(),
             consent,
-            remote,
+            follower,
+            key_material,
             outbox,
             assets: assets.clone(),
             ephemeral,
