@@ -1,8 +1,17 @@
 //! The Parley provider server: accounts and devices, KeyPackages, the hub of each room it
 //! created, and durable per-device delivery queues, behind an HTTP + WebSocket client API.
 //!
-//! Layout: `http` (routes, auth, errors) → services `accounts`, `hub`, `delivery` → `store`
-//! (SQLite with group commit). `mls` is the hub's window on MLS public state.
+//! Layout: imports point one way only, down this list (ARCHITECTURE.md lists every module's).
+//! - Edges, which never import each other: `http` (the client API) and `federation` (the MIMI
+//!   listener for peers), both reaching the services through `app::App`.
+//! - Services, each owning its tables; each imports only services after it here: `key_material`,
+//!   `ephemeral`, `follower` (rooms hubbed elsewhere), `hub`, `consent`, `assets`, `outbox`,
+//!   `accounts`.
+//! - Infrastructure, likewise: `peers` (the outbound MIMI client), `delivery` (queues and push),
+//!   `error` (`ServiceError`, and `ApiError` for both edges), `store` (SQLite with group commit),
+//!   `tls`, `config`, `limits`, `mls` (the hub's window on MLS public state), `clock`.
+//!
+//! This root builds it all (`Server::start`) and hands the routers to `net`.
 //!
 //! **Architecture invariant:** the server never sees plaintext or MLS secrets; it stores and
 //! forwards ciphertext and public group state only.
