@@ -57,7 +57,7 @@ pub struct Accounts {
 }
 
 fn now_ms() -> u64 {
-    crate::now_ms()
+    crate::clock::now_ms()
 }
 
 fn token_hash(token: &str) -> [u8; 32] {

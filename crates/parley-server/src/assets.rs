@@ -9,11 +9,13 @@
 //! domain's retention and may be deleted earlier by their uploader.
 
 use crate::accounts::AuthDevice;
+use crate::clock::now_ms;
 use crate::config::ServerConfig;
 use crate::error::{ServiceError, ServiceResult};
-use crate::now_ms;
 use crate::store::{Store, StoreError};
 use axum::body::{Body, Bytes};
+use axum::http::header;
+use axum::response::Response;
 use futures_util::{Stream, StreamExt};
 use parley_proto::{Domain, UserId};
 use rusqlite::{params, OptionalExtension};
@@ -331,6 +333,44 @@ async fn write_stream(
     }
     file.sync_all().await.map_err(disk)?;
     Ok((size, hash.finalize().to_vec()))
+}
+
+/// Streams a peer's download answer on (status errors become ours).
+pub fn relay_download(upstream: reqwest::Response) -> Result<Response, ServiceError> {
+    match upstream.status().as_u16() {
+        200 => {}
+        404 => {
+            return Err(ServiceError::not_found(
+                "unknown_asset",
+                "no such asset (expired or deleted)",
+            ))
+        }
+        s => {
+            return Err(ServiceError::unavailable(
+                "peer_refused",
+                format!("the asset's provider answered HTTP {s}"),
+            ))
+        }
+    }
+    let size = upstream.content_length();
+    Ok(asset_response(
+        axum::body::Body::from_stream(upstream.bytes_stream()),
+        size,
+    ))
+}
+
+/// An asset's bytes as a download answer.
+pub fn asset_response(body: axum::body::Body, size: Option<u64>) -> Response {
+    let mut resp = Response::new(body);
+    let headers = resp.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/octet-stream"),
+    );
+    if let Some(size) = size {
+        headers.insert(header::CONTENT_LENGTH, header::HeaderValue::from(size));
+    }
+    resp
 }
 
 #[cfg(test)]

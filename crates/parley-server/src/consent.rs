@@ -7,10 +7,10 @@
 //! as one provider and need no consent between them.
 
 use crate::accounts::AuthDevice;
+use crate::clock::now_ms;
 use crate::config::ServerConfig;
 use crate::error::{ServiceError, ServiceResult};
 use crate::limits::RateLimiter;
-use crate::now_ms;
 use crate::outbox::{self, Outbox, OutboxItem};
 use crate::store::{Store, StoreError};
 use parley_proto::api::{ContactDirection, ContactInfo, ContactState};

@@ -4,6 +4,7 @@
 //! are pushed to connected devices from the storage writer right after that transaction commits,
 //! so a device sees entries in exactly the order they became durable.
 
+use crate::clock::now_ms;
 use crate::store::{Store, StoreError};
 use parley_proto::api::{EntryKind, QueueEntry};
 use rusqlite::{params, Connection, OptionalExtension};
@@ -172,7 +173,7 @@ impl Delivery {
         after: u64,
         limit: usize,
     ) -> Result<Vec<QueueEntry>, StoreError> {
-        self.page_at(device, after, limit, crate::now_ms()).await
+        self.page_at(device, after, limit, now_ms()).await
     }
 
     async fn page_at(

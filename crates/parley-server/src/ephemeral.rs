@@ -13,11 +13,11 @@ use crate::accounts::AuthDevice;
 use crate::config::ServerConfig;
 use crate::consent::Consent;
 use crate::error::{ServiceError, ServiceResult};
+use crate::follower::Follower;
 use crate::hub::{EphemeralRecipients, Hub};
 use crate::limits::RateLimiter;
 use crate::mls::application_header;
 use crate::peers::PeerClient;
-use crate::remote::Remote;
 use parley_proto::ids::DeviceUri;
 use parley_proto::mimi::{Body, EphemeralMessage, IdentifierUri};
 use parley_proto::{Domain, RoomId};
@@ -92,7 +92,7 @@ pub struct Ephemeral {
     pub subscribers: Subscribers,
     config: Arc<ServerConfig>,
     hub: Arc<Hub>,
-    remote: Arc<Remote>,
+    follower: Arc<Follower>,
     consent: Arc<Consent>,
     peers: Option<Arc<PeerClient>>,
     rate: RateLimiter,
@@ -109,7 +109,7 @@ impl Ephemeral {
     pub fn new(
         config: Arc<ServerConfig>,
         hub: Arc<Hub>,
-        remote: Arc<Remote>,
+        follower: Arc<Follower>,
         consent: Arc<Consent>,
         peers: Option<Arc<PeerClient>>,
     ) -> Self {
@@ -121,7 +121,7 @@ impl Ephemeral {
             subscribers: Subscribers::default(),
             config,
             hub,
-            remote,
+            follower,
             consent,
             peers,
             rate,
@@ -148,11 +148,11 @@ impl Ephemeral {
             return Ok(());
         }
         let hub = self
-            .remote
+            .follower
             .hub_of(&room)
             .await?
             .ok_or_else(|| unknown_room(&room))?;
-        self.remote.room_info(caller, &room).await?; // members only
+        self.follower.room_info(caller, &room).await?; // members only
         let body = EphemeralMessage {
             sender: IdentifierUri::new(&sender.to_string()),
             recipients: Vec::new(),
@@ -177,7 +177,7 @@ impl Ephemeral {
                 return Ok(());
             }
         }
-        match self.remote.hub_of(&room).await? {
+        match self.follower.hub_of(&room).await? {
             Some(hub) if hub == *peer => self.deliver_here(&sender, &room, &request).await,
             Some(_) => Err(ServiceError::forbidden(
                 "not_hub",
@@ -195,8 +195,12 @@ impl Ephemeral {
         room: &RoomId,
         request: &EphemeralMessage,
     ) -> ServiceResult<()> {
-        let members: BTreeSet<String> =
-            self.remote.local_devices(room).await?.into_iter().collect();
+        let members: BTreeSet<String> = self
+            .follower
+            .local_devices(room)
+            .await?
+            .into_iter()
+            .collect();
         let mut devices = Vec::new();
         for recipient in &request.recipients {
             let client = client_uri(recipient)?;

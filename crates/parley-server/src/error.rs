@@ -1,7 +1,12 @@
-//! Service-level errors: what went wrong, grouped by who is at fault. The HTTP layer maps them to
-//! status codes (`http.rs`); storage errors never leak their detail to clients.
+//! Service-level errors: what went wrong, grouped by who is at fault, and [`ApiError`], the one
+//! place they become HTTP statuses and JSON bodies (for both edges, `http` and `federation`);
+//! storage errors never leak their detail to clients.
 
 use crate::store::StoreError;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use parley_proto::api::ErrorBody;
 
 /// Why a request could not be served.
 #[derive(Debug, thiserror::Error)]
@@ -104,3 +109,61 @@ impl From<StoreError> for ServiceError {
 }
 
 pub type ServiceResult<T> = Result<T, ServiceError>;
+
+/// A service error on its way out: status + JSON body. Internal detail goes to the log only.
+pub struct ApiError(pub ServiceError);
+
+impl From<ServiceError> for ApiError {
+    fn from(e: ServiceError) -> Self {
+        Self(e)
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        Self(e.into())
+    }
+}
+
+/// A JSON error body with `status`.
+pub fn error_response(
+    status: StatusCode,
+    code: &str,
+    message: String,
+    retryable: bool,
+) -> Response {
+    let body = ErrorBody {
+        error: code.to_owned(),
+        message,
+        retryable,
+    };
+    (status, Json(body)).into_response()
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let message = self.0.to_string();
+        let (status, code, retryable) = match self.0 {
+            ServiceError::BadRequest { code, .. } => (StatusCode::BAD_REQUEST, code, false),
+            ServiceError::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized", false),
+            ServiceError::Forbidden { code, .. } => (StatusCode::FORBIDDEN, code, false),
+            ServiceError::NotFound { code, .. } => (StatusCode::NOT_FOUND, code, false),
+            ServiceError::Conflict {
+                code, retryable, ..
+            } => (StatusCode::CONFLICT, code, retryable),
+            ServiceError::TooLarge { code, .. } => (StatusCode::PAYLOAD_TOO_LARGE, code, false),
+            ServiceError::RateLimited(_) => (StatusCode::TOO_MANY_REQUESTS, "rate_limited", true),
+            ServiceError::Unavailable { code, .. } => (StatusCode::SERVICE_UNAVAILABLE, code, true),
+            ServiceError::Internal(detail) => {
+                tracing::error!(%detail, "internal error");
+                return error_response(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal",
+                    "internal server error".into(),
+                    true,
+                );
+            }
+        };
+        error_response(status, code, message, retryable)
+    }
+}

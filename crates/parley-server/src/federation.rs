@@ -1,20 +1,24 @@
-//! The provider-to-provider (MIMI) listener: always mutual TLS. A peer's certificate must chain to
-//! the configured peer CA, and every request names its source provider in `From: mimi@<domain>`,
-//! which the certificate must prove; a request may only speak for what that domain may.
+//! The provider-to-provider (MIMI) listener: always mutual TLS (`tls::federation_acceptor`). A
+//! peer's certificate must chain to the configured peer CA, and every request names its source
+//! provider in `From: mimi@<domain>`, which the certificate must prove; a request may only speak
+//! for what that domain may.
 //!
 //! Handlers only translate between MIMI bodies (TLS presentation language) and the services:
-//! `hub` (update, submitMessage, reportAbuse for rooms hubbed here), `remote` (notify for rooms
-//! followed here, keyMaterial), `consent` (requestConsent, updateConsent), `accounts`
-//! (identifierQuery). Protocol outcomes are MIMI bodies; malformed or unauthorized requests get
-//! an HTTP error status with a JSON error body.
+//! `hub` (update, submitMessage, reportAbuse, x-parley-promote for rooms hubbed here),
+//! `follower` (notify for rooms followed here), `key_material` (keyMaterial), `consent`
+//! (requestConsent, updateConsent), `accounts` (identifierQuery), `assets` (assets,
+//! proxyDownload), `ephemeral` (x-parley-ephemeral). Never the client API (`http`): what both
+//! need lives below them. Protocol outcomes are MIMI bodies; malformed or unauthorized requests
+//! get an HTTP error status with a JSON error body (`error::ApiError`).
 
-use crate::config::ServerConfig;
-use crate::error::ServiceError;
-use crate::http::ApiError;
+use crate::app::App;
+use crate::assets::{asset_response, parse_asset_url, relay_download, AssetId};
+use crate::ephemeral::EPHEMERAL;
+use crate::error::{ApiError, ServiceError};
+use crate::follower::PROMOTE;
 use crate::hub::{device_of, Origin};
-use crate::net::TlsError;
 use crate::peers::MIMI_CONTENT_TYPE;
-use crate::App;
+use crate::tls::{certificate_names, PeerCertificate};
 use axum::body::Bytes;
 use axum::extract::Path as Param;
 use axum::extract::{Request, State};
@@ -30,13 +34,7 @@ use parley_proto::mimi::{
     UpdateRequest, UpdateResponse, SEARCH_HANDLE,
 };
 use parley_proto::{Domain, RoomId, UserId};
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
-use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
-use rustls::sign::CertifiedKey;
-use std::collections::HashMap;
-use std::path::Path;
 use std::sync::Arc;
-use tokio_rustls::TlsAcceptor;
 
 /// The MIMI endpoints, as named in the directory (draft-ietf-mimi-protocol §5.1).
 const ENDPOINTS: [(&str, &str); 12] = [
@@ -51,113 +49,14 @@ const ENDPOINTS: [(&str, &str); 12] = [
     ("reportAbuse", "reportAbuse/{roomId}"),
     ("proxyDownload", "proxyDownload/{downloadUrl}"),
     // Parley extension: room roles until they travel as AppSync proposals.
-    (crate::remote::PROMOTE, "x-parley-promote/{roomId}"),
+    (PROMOTE, "x-parley-promote/{roomId}"),
     // Parley extension: typing indicators for connected clients, never stored.
-    (crate::ephemeral::EPHEMERAL, "x-parley-ephemeral/{roomId}"),
+    (EPHEMERAL, "x-parley-ephemeral/{roomId}"),
 ];
-
-/// The TLS client certificate of the connection a request came on (set by `net`).
-#[derive(Clone, Default)]
-pub struct PeerCertificate(pub Option<Arc<CertificateDer<'static>>>);
 
 /// The peer provider a request was authenticated as.
 #[derive(Clone, Debug)]
 pub struct PeerDomain(pub Domain);
-
-fn read_pem(path: &Path) -> Result<Vec<u8>, TlsError> {
-    std::fs::read(path).map_err(|e| TlsError::Read(path.display().to_string(), e))
-}
-
-fn load_chain(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let pem = read_pem(path)?;
-    let certs: Vec<_> = rustls_pemfile::certs(&mut pem.as_slice())
-        .collect::<Result<_, _>>()
-        .map_err(|e| TlsError::Read(path.display().to_string(), e))?;
-    if certs.is_empty() {
-        return Err(TlsError::NoCert(path.display().to_string()));
-    }
-    Ok(certs)
-}
-
-fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
-    let pem = read_pem(path)?;
-    rustls_pemfile::private_key(&mut pem.as_slice())
-        .map_err(|e| TlsError::Read(path.display().to_string(), e))?
-        .ok_or_else(|| TlsError::NoKey(path.display().to_string()))
-}
-
-/// Whether a certificate is valid for `domain` (its SAN names it).
-pub fn certificate_names(cert: &CertificateDer<'_>, domain: &str) -> bool {
-    let Ok(name) = ServerName::try_from(domain) else {
-        return false;
-    };
-    webpki::EndEntityCert::try_from(cert)
-        .map(|ee| ee.verify_is_valid_for_subject_name(&name).is_ok())
-        .unwrap_or(false)
-}
-
-/// Picks this provider's certificate by SNI; without SNI (a peer dialling an IP), the first one.
-#[derive(Debug)]
-struct DomainCertificates {
-    by_domain: HashMap<String, Arc<CertifiedKey>>,
-    default: Arc<CertifiedKey>,
-}
-
-impl ResolvesServerCert for DomainCertificates {
-    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        let chosen = hello.server_name().and_then(|sni| self.by_domain.get(sni));
-        Some(chosen.unwrap_or(&self.default).clone())
-    }
-}
-
-/// Mutual TLS for the federation listener: our certificates for our domains, peers verified
-/// against the peer CA (a peer without a valid client certificate cannot even connect).
-pub fn tls_acceptor(config: &ServerConfig) -> Result<TlsAcceptor, TlsError> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut keys = Vec::new();
-    for (cert, key) in config.federation_cert.iter().zip(&config.federation_key) {
-        let chain = load_chain(cert)?;
-        let signing = provider
-            .key_provider
-            .load_private_key(load_key(key)?)
-            .map_err(TlsError::Rustls)?;
-        keys.push(Arc::new(CertifiedKey::new(chain, signing)));
-    }
-    let default = keys
-        .first()
-        .cloned()
-        .ok_or_else(|| TlsError::NoCert("--federation-cert".into()))?;
-    let by_domain = config
-        .domains
-        .iter()
-        .filter_map(|d| {
-            keys.iter()
-                .find(|k| {
-                    k.cert
-                        .first()
-                        .is_some_and(|c| certificate_names(c, &d.name))
-                })
-                .map(|k| (d.name.clone(), k.clone()))
-        })
-        .collect();
-    let mut roots = rustls::RootCertStore::empty();
-    let ca_path = config
-        .peer_ca
-        .as_deref()
-        .ok_or_else(|| TlsError::NoCert("--peer-ca".into()))?;
-    for ca in load_chain(ca_path)? {
-        roots.add(ca).map_err(TlsError::Rustls)?;
-    }
-    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-        .build()
-        .map_err(|e| TlsError::Verifier(e.to_string()))?;
-    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()?
-        .with_client_cert_verifier(verifier)
-        .with_cert_resolver(Arc::new(DomainCertificates { by_domain, default }));
-    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(TlsAcceptor::from(Arc::new(tls)))
-}
 
 pub fn router(app: Arc<App>) -> Router {
     Router::new()
@@ -176,7 +75,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/x-parley-promote/{room}", post(promote))
         .route("/v1/x-parley-ephemeral/{room}", post(ephemeral))
         .fallback(|| async {
-            ApiError(crate::error::ServiceError::not_found(
+            ApiError(ServiceError::not_found(
                 "not_found",
                 "no such MIMI endpoint",
             ))
@@ -312,7 +211,7 @@ async fn key_material(
     body: Bytes,
 ) -> FedResult {
     let request: KeyMaterialRequest = decode(&body)?;
-    let answer = app.remote.key_material(&peer, &target, request).await?;
+    let answer = app.key_material.on_request(&peer, &target, request).await?;
     Ok(mimi(StatusCode::OK, answer))
 }
 
@@ -438,7 +337,7 @@ async fn notify(
     Param(room): Param<String>,
     body: Bytes,
 ) -> FedResult {
-    app.remote.notify(&peer, &room, &body).await?;
+    app.follower.notify(&peer, &room, &body).await?;
     Ok(StatusCode::CREATED.into_response())
 }
 
@@ -582,11 +481,8 @@ async fn not_implemented() -> Response {
 /// `GET /v1/assets/{id}`: an asset hosted here, for a peer (a hub proxying, or a follower whose
 /// room is hubbed here). Asset ids are unguessable; only authenticated peers reach this.
 async fn serve_asset(State(app): State<Arc<App>>, Param(id): Param<String>) -> FedResult {
-    let (body, size) = app
-        .assets
-        .read(&crate::assets::AssetId::parse(&id)?)
-        .await?;
-    Ok(crate::http::asset_response(body, Some(size)))
+    let (body, size) = app.assets.read(&AssetId::parse(&id)?).await?;
+    Ok(asset_response(body, Some(size)))
 }
 
 /// `GET /v1/proxyDownload/{downloadUrl}`: as a hub, fetch an asset for a follower from the
@@ -597,10 +493,10 @@ async fn proxy_download(
     Extension(PeerDomain(peer)): Extension<PeerDomain>,
     Param(url): Param<String>,
 ) -> FedResult {
-    let (host, id) = crate::assets::parse_asset_url(&url)?;
+    let (host, id) = parse_asset_url(&url)?;
     if app.config.hosts(host.as_str()) {
         let (body, size) = app.assets.read(&id).await?;
-        return Ok(crate::http::asset_response(body, Some(size)));
+        return Ok(asset_response(body, Some(size)));
     }
     if host == peer {
         return Err(ServiceError::bad("own_asset", "fetch your own assets yourself").into());
@@ -616,7 +512,7 @@ async fn proxy_download(
         .get_asset(&as_domain, &host, id.as_str())
         .await
         .map_err(ServiceError::from)?;
-    Ok(crate::http::relay_download(upstream)?)
+    Ok(relay_download(upstream)?)
 }
 
 /// `POST /v1/x-parley-ephemeral/{roomId}` (Parley extension): a typing indicator, relayed by

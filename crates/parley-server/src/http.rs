@@ -1,11 +1,13 @@
-//! The client API's HTTP surface (docs/client-api.md): routing, authentication, JSON bodies and
-//! error mapping. Handlers only translate; the services do the work.
+//! The client API's HTTP surface (docs/client-api.md): routing, authentication and JSON bodies;
+//! service errors become responses through `error::ApiError`. Handlers only translate; the
+//! services do the work. Never the MIMI listener (`federation`): what both need lives below them.
 
 use crate::accounts::AuthDevice;
-use crate::assets::{parse_asset_url, AssetId};
-use crate::error::ServiceError;
+use crate::app::App;
+use crate::assets::{asset_response, parse_asset_url, relay_download, AssetId};
+use crate::ephemeral::EphemeralFrame;
+use crate::error::{error_response, ApiError, ServiceError};
 use crate::hub::Origin;
-use crate::App;
 use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{FromRequest, FromRequestParts, Path, Query, Request, State};
@@ -16,9 +18,8 @@ use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use futures_util::{SinkExt, StreamExt};
 use parley_proto::api::{
-    AckRequest, CommitRequest, CreateRoomRequest, EphemeralRequest, ErrorBody, LoginRequest,
-    ProposalRequest, QueuePage, RegisterRequest, SendRequest, SessionResponse, UploadKeyPackages,
-    WsFrame,
+    AckRequest, CommitRequest, CreateRoomRequest, EphemeralRequest, LoginRequest, ProposalRequest,
+    QueuePage, RegisterRequest, SendRequest, SessionResponse, UploadKeyPackages, WsFrame,
 };
 use parley_proto::api::{ContactInfo, ContactState, PromoteRequest};
 use parley_proto::mimi::UpdateRequest;
@@ -36,58 +37,6 @@ const WS_READ_BUFFER: usize = 4 * 1024;
 const WS_PAGE: usize = 256;
 
 type AppState = State<Arc<App>>;
-
-/// A service error on its way out: status + JSON body. Internal detail goes to the log only.
-pub struct ApiError(pub ServiceError);
-
-impl From<ServiceError> for ApiError {
-    fn from(e: ServiceError) -> Self {
-        Self(e)
-    }
-}
-
-impl From<crate::store::StoreError> for ApiError {
-    fn from(e: crate::store::StoreError) -> Self {
-        Self(e.into())
-    }
-}
-
-fn error_response(status: StatusCode, code: &str, message: String, retryable: bool) -> Response {
-    let body = ErrorBody {
-        error: code.to_owned(),
-        message,
-        retryable,
-    };
-    (status, Json(body)).into_response()
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let message = self.0.to_string();
-        let (status, code, retryable) = match self.0 {
-            ServiceError::BadRequest { code, .. } => (StatusCode::BAD_REQUEST, code, false),
-            ServiceError::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized", false),
-            ServiceError::Forbidden { code, .. } => (StatusCode::FORBIDDEN, code, false),
-            ServiceError::NotFound { code, .. } => (StatusCode::NOT_FOUND, code, false),
-            ServiceError::Conflict {
-                code, retryable, ..
-            } => (StatusCode::CONFLICT, code, retryable),
-            ServiceError::TooLarge { code, .. } => (StatusCode::PAYLOAD_TOO_LARGE, code, false),
-            ServiceError::RateLimited(_) => (StatusCode::TOO_MANY_REQUESTS, "rate_limited", true),
-            ServiceError::Unavailable { code, .. } => (StatusCode::SERVICE_UNAVAILABLE, code, true),
-            ServiceError::Internal(detail) => {
-                tracing::error!(%detail, "internal error");
-                return error_response(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "internal",
-                    "internal server error".into(),
-                    true,
-                );
-            }
-        };
-        error_response(status, code, message, retryable)
-    }
-}
 
 type ApiResult<T> = Result<T, ApiError>;
 
@@ -364,7 +313,9 @@ async fn claim_key_packages(
         .map(DeviceId::parse)
         .transpose()
         .map_err(|e| ServiceError::bad("invalid_device", e.to_string()))?;
-    Ok(Json(app.remote.claim(&me, &user, room, device).await?))
+    Ok(Json(
+        app.key_material.claim(&me, &user, room, device).await?,
+    ))
 }
 
 fn parse_room(room: &str) -> Result<RoomId, ServiceError> {
@@ -382,7 +333,7 @@ async fn room_home(app: &App, room: &str) -> Result<RoomHome, ApiError> {
     if app.hub.hosts_room(&id).await? {
         return Ok(RoomHome::Here);
     }
-    match app.remote.hub_of(&id).await? {
+    match app.follower.hub_of(&id).await? {
         Some(hub) => Ok(RoomHome::Remote(id, hub)),
         None => Ok(RoomHome::Here), // the hub answers unknown_room
     }
@@ -439,7 +390,7 @@ async fn create_room(
     ApiJson(req): ApiJson<CreateRoomRequest>,
 ) -> ApiResult<impl IntoResponse> {
     if app
-        .remote
+        .follower
         .hub_of(&parse_room(&req.room_id)?)
         .await?
         .is_some()
@@ -459,7 +410,7 @@ async fn create_room(
 /// `GET /v1/rooms`
 async fn list_rooms(State(app): AppState, Authed(me): Authed) -> ApiResult<impl IntoResponse> {
     let mut rooms = app.hub.rooms_of(&me).await?;
-    rooms.extend(app.remote.rooms_of(&me).await?);
+    rooms.extend(app.follower.rooms_of(&me).await?);
     rooms.sort_by(|a, b| a.room_id.cmp(&b.room_id));
     Ok(Json(rooms))
 }
@@ -472,7 +423,7 @@ async fn room_info(
 ) -> ApiResult<impl IntoResponse> {
     Ok(Json(match room_home(&app, &room).await? {
         RoomHome::Here => app.hub.room_info(&me, &room).await?,
-        RoomHome::Remote(id, _) => app.remote.room_info(&me, &id).await?,
+        RoomHome::Remote(id, _) => app.follower.room_info(&me, &id).await?,
     }))
 }
 
@@ -491,7 +442,7 @@ async fn commit(
         }
         RoomHome::Remote(id, hub) => {
             let update = UpdateRequest::commit(req.commit, req.welcome);
-            app.remote.relay_update(&me, &id, &hub, update).await?
+            app.follower.relay_update(&me, &id, &hub, update).await?
         }
     }))
 }
@@ -510,7 +461,7 @@ async fn send(
                 .await?
         }
         RoomHome::Remote(id, hub) => {
-            app.remote
+            app.follower
                 .relay_send(&me, &id, &hub, req.message, req.expires_at)
                 .await?
         }
@@ -532,7 +483,7 @@ async fn propose(
         }
         RoomHome::Remote(id, hub) => {
             let update = UpdateRequest::proposal(req.proposal);
-            app.remote.relay_update(&me, &id, &hub, update).await?
+            app.follower.relay_update(&me, &id, &hub, update).await?
         }
     }))
 }
@@ -689,8 +640,8 @@ async fn ws_session(app: Arc<App>, me: AuthDevice, socket: WebSocket, ephemeral:
 
 /// The next ephemeral frame, or never for a connection that did not ask for them.
 async fn next_ephemeral(
-    subscription: &mut Option<tokio::sync::mpsc::Receiver<Arc<crate::ephemeral::EphemeralFrame>>>,
-) -> Option<Arc<crate::ephemeral::EphemeralFrame>> {
+    subscription: &mut Option<tokio::sync::mpsc::Receiver<Arc<EphemeralFrame>>>,
+) -> Option<Arc<EphemeralFrame>> {
     match subscription {
         Some(rx) => rx.recv().await,
         None => std::future::pending().await,
@@ -699,7 +650,7 @@ async fn next_ephemeral(
 
 async fn send_ephemeral_frame(
     sink: &mut futures_util::stream::SplitSink<WebSocket, Message>,
-    frame: &crate::ephemeral::EphemeralFrame,
+    frame: &EphemeralFrame,
 ) -> Result<(), axum::Error> {
     let frame = WsFrame::Ephemeral {
         room: frame.room.clone(),
@@ -786,7 +737,7 @@ async fn download(
             peers.get_asset(me.user.domain(), &host, id.as_str()).await
         }
         RoomHome::Remote(room, hub) => {
-            app.remote.room_info(&me, &room).await?; // members only
+            app.follower.room_info(&me, &room).await?; // members only
             if hub == host {
                 peers.get_asset(me.user.domain(), &host, id.as_str()).await
             } else {
@@ -796,43 +747,6 @@ async fn download(
     }
     .map_err(ServiceError::from)?;
     Ok(relay_download(upstream)?)
-}
-
-/// Streams a peer's download answer on (status errors become ours).
-pub fn relay_download(upstream: reqwest::Response) -> Result<Response, ServiceError> {
-    match upstream.status().as_u16() {
-        200 => {}
-        404 => {
-            return Err(ServiceError::not_found(
-                "unknown_asset",
-                "no such asset (expired or deleted)",
-            ))
-        }
-        s => {
-            return Err(ServiceError::unavailable(
-                "peer_refused",
-                format!("the asset's provider answered HTTP {s}"),
-            ))
-        }
-    }
-    let size = upstream.content_length();
-    Ok(asset_response(
-        axum::body::Body::from_stream(upstream.bytes_stream()),
-        size,
-    ))
-}
-
-pub fn asset_response(body: axum::body::Body, size: Option<u64>) -> Response {
-    let mut resp = Response::new(body);
-    let headers = resp.headers_mut();
-    headers.insert(
-        header::CONTENT_TYPE,
-        header::HeaderValue::from_static("application/octet-stream"),
-    );
-    if let Some(size) = size {
-        headers.insert(header::CONTENT_LENGTH, header::HeaderValue::from(size));
-    }
-    resp
 }
 
 /// `POST /v1/rooms/{room}/admins`: an admin makes another member an admin.
@@ -849,6 +763,6 @@ async fn promote(
             app.hub.room_info(&me, &room).await?; // the calling device must be in the room
             app.hub.promote(&me.user, &room, &target).await?
         }
-        RoomHome::Remote(id, hub) => app.remote.relay_promote(&me, &id, &hub, &target).await?,
+        RoomHome::Remote(id, hub) => app.follower.relay_promote(&me, &id, &hub, &target).await?,
     }))
 }

@@ -3,6 +3,7 @@
 //! queues of the room's member devices, and nobody else. Owns `rooms` and `room_members`.
 
 use crate::accounts::{Accounts, AuthDevice};
+use crate::clock::now_ms;
 use crate::config::ServerConfig;
 use crate::consent::Consent;
 use crate::delivery::{enqueue, Delivery, Outgoing, Stored};
@@ -11,7 +12,6 @@ use crate::limits::RateLimiter;
 use crate::mls::{
     application_header, check_welcome, message_epoch, CommitEffect, LeafDevice, PublicState,
 };
-use crate::now_ms;
 use crate::outbox::{self, Outbox, OutboxItem};
 use crate::store::{Store, StoreError};
 use parley_proto::api::{Accepted, CreateRoomRequest, EntryKind, RoomInfo, RoomKind};

@@ -1,40 +1,55 @@
 //! The Parley provider server: accounts and devices, KeyPackages, the hub of each room it
 //! created, and durable per-device delivery queues, behind an HTTP + WebSocket client API.
 //!
-//! Layout: `http` (routes, auth, errors) → services `accounts`, `hub`, `delivery` → `store`
-//! (SQLite with group commit). `mls` is the hub's window on MLS public state.
+//! Layout: imports point one way only, down this list (ARCHITECTURE.md lists every module's).
+//! - Edges, which never import each other: `http` (the client API) and `federation` (the MIMI
+//!   listener for peers), both reaching the services through `app::App`.
+//! - Services, each owning its tables; each imports only services after it here: `key_material`,
+//!   `ephemeral`, `follower` (rooms hubbed elsewhere), `hub`, `consent`, `assets`, `outbox`,
+//!   `accounts`.
+//! - Infrastructure, likewise: `peers` (the outbound MIMI client), `delivery` (queues and push),
+//!   `error` (`ServiceError`, and `ApiError` for both edges), `store` (SQLite with group commit),
+//!   `tls`, `config`, `limits`, `mls` (the hub's window on MLS public state), `clock`.
+//!
+//! This root builds it all (`Server::start`) and hands the routers to `net`.
 //!
 //! **Architecture invariant:** the server never sees plaintext or MLS secrets; it stores and
 //! forwards ciphertext and public group state only.
 
 pub mod accounts;
+pub mod app;
 pub mod assets;
+pub mod clock;
 pub mod config;
 pub mod consent;
 pub mod delivery;
 pub mod ephemeral;
 pub mod error;
 pub mod federation;
+pub mod follower;
 pub mod http;
 pub mod hub;
+pub mod key_material;
 pub mod limits;
 pub mod mls;
 pub mod net;
 pub mod outbox;
 pub mod peers;
-pub mod remote;
 pub mod store;
+pub mod tls;
 
 use accounts::Accounts;
+use app::App;
 use assets::Assets;
 use config::{ConfigError, ServerConfig};
 use consent::Consent;
 use delivery::Delivery;
+use follower::Follower;
 use hub::Hub;
+use key_material::KeyMaterial;
 use limits::RateLimiter;
 use outbox::Outbox;
 use peers::{PeerClient, PeerError};
-use remote::Remote;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -43,32 +58,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-/// Milliseconds since the Unix epoch.
-pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
-/// The services a request can reach.
-pub struct App {
-    pub config: Arc<ServerConfig>,
-    pub accounts: Arc<Accounts>,
-    pub hub: Arc<Hub>,
-    pub delivery: Arc<Delivery>,
-    pub consent: Arc<Consent>,
-    pub remote: Arc<Remote>,
-    pub outbox: Arc<Outbox>,
-    pub assets: Arc<Assets>,
-    /// Typing indicators and other messages for connected devices only.
-    pub ephemeral: Arc<ephemeral::Ephemeral>,
-    /// Outbound MIMI client (`None` without federation settings).
-    pub peers: Option<Arc<PeerClient>>,
-    /// MIMI requests per peer provider.
-    pub peer_requests: RateLimiter,
-    pub shutdown: watch::Receiver<bool>,
-}
+pub use clock::now_ms;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -79,7 +69,7 @@ pub enum ServerError {
     #[error("cannot listen on {0}: {1}")]
     Bind(SocketAddr, std::io::Error),
     #[error(transparent)]
-    Tls(#[from] net::TlsError),
+    Tls(#[from] tls::TlsError),
     #[error(transparent)]
     Peers(#[from] PeerError),
 }
@@ -98,7 +88,7 @@ impl Server {
     pub async fn start(mut config: ServerConfig) -> Result<Self, ServerError> {
         config.validate()?;
         let tls = match (&config.tls_cert, &config.tls_key) {
-            (Some(cert), Some(key)) => Some(net::tls_acceptor(cert, key)?),
+            (Some(cert), Some(key)) => Some(tls::tls_acceptor(cert, key)?),
             _ => None,
         };
         let store = Store::open(&config.data)?;
@@ -129,12 +119,19 @@ impl Server {
             outbox.clone(),
             consent.clone(),
         ));
-        let remote = Arc::new(Remote::new(
+        let follower = Arc::new(Follower::new(
             store,
             config.clone(),
-            accounts.clone(),
             delivery.clone(),
             hub.clone(),
+            consent.clone(),
+            peers.clone(),
+        ));
+        let key_material = Arc::new(KeyMaterial::new(
+            config.clone(),
+            accounts.clone(),
+            hub.clone(),
+            follower.clone(),
             consent.clone(),
             peers.clone(),
         ));
@@ -142,7 +139,7 @@ impl Server {
         let ephemeral = Arc::new(ephemeral::Ephemeral::new(
             config.clone(),
             hub.clone(),
-            remote.clone(),
+            follower.clone(),
             consent.clone(),
             peers.clone(),
         ));
@@ -153,7 +150,8 @@ impl Server {
             hub,
             delivery: delivery.clone(),
             consent,
-            remote,
+            follower,
+            key_material,
             outbox,
             assets: assets.clone(),
             ephemeral,
@@ -173,7 +171,7 @@ impl Server {
         let mut tasks = Vec::new();
         let federation_addr = match config.federation_listen {
             Some(fed) => {
-                let acceptor = federation::tls_acceptor(&config)?;
+                let acceptor = tls::federation_acceptor(&config)?;
                 let listener = TcpListener::bind(fed)
                     .await
                     .map_err(|e| ServerError::Bind(fed, e))?;

@@ -1,11 +1,10 @@
-//! Accepting connections: optional TLS (rustls), HTTP/1.1 with WebSocket upgrades, a cap on
-//! concurrent connections, and graceful shutdown.
+//! Accepting connections: optional TLS (an acceptor from `tls`), HTTP/1.1 with WebSocket
+//! upgrades, a cap on concurrent connections, and graceful shutdown.
 
-use crate::federation::PeerCertificate;
+use crate::tls::PeerCertificate;
 use axum::{Extension, Router};
 use hyper_util::rt::TokioIo;
 use hyper_util::service::TowerToHyperService;
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
@@ -14,44 +13,6 @@ use tokio_rustls::TlsAcceptor;
 
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
-
-#[derive(Debug, thiserror::Error)]
-pub enum TlsError {
-    #[error("cannot read {0}: {1}")]
-    Read(String, std::io::Error),
-    #[error("no certificate in {0}")]
-    NoCert(String),
-    #[error("no private key in {0}")]
-    NoKey(String),
-    #[error("bad TLS setup: {0}")]
-    Rustls(#[from] rustls::Error),
-    #[error("bad peer CA: {0}")]
-    Verifier(String),
-}
-
-/// Builds a TLS acceptor from PEM files (certificate chain, private key).
-pub fn tls_acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, TlsError> {
-    let read = |p: &Path| std::fs::read(p).map_err(|e| TlsError::Read(p.display().to_string(), e));
-    let cert_pem = read(cert)?;
-    let key_pem = read(key)?;
-    let certs: Vec<_> = rustls_pemfile::certs(&mut cert_pem.as_slice())
-        .collect::<Result<_, _>>()
-        .map_err(|e| TlsError::Read(cert.display().to_string(), e))?;
-    if certs.is_empty() {
-        return Err(TlsError::NoCert(cert.display().to_string()));
-    }
-    let key_der = rustls_pemfile::private_key(&mut key_pem.as_slice())
-        .map_err(|e| TlsError::Read(key.display().to_string(), e))?
-        .ok_or_else(|| TlsError::NoKey(key.display().to_string()))?;
-    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()?
-    .with_no_client_auth()
-    .with_single_cert(certs, key_der)?;
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(TlsAcceptor::from(Arc::new(config)))
-}
 
 /// Serves `router` on `listener` until `shutdown` turns true, then drains open requests.
 pub async fn serve(

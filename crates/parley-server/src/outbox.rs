@@ -9,7 +9,7 @@
 //! returning peer is served within a minute. Followers drop repeats by sequence, so a retry
 //! after a lost answer delivers exactly once.
 
-use crate::now_ms;
+use crate::clock::now_ms;
 use crate::peers::{PeerClient, PeerError};
 use crate::store::{Store, StoreError};
 use parley_proto::mimi::{Body, NotifyEntry, NotifyRequest};

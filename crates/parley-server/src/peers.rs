@@ -4,9 +4,13 @@
 //! A peer is reached at its `[peers]` URL, else `https://DOMAIN`. Its certificate is always checked
 //! against the peer's *domain*, whatever host or address the URL names, so `--peer
 //! wave.test=https://127.0.0.1:8421` still requires a certificate for `wave.test`.
+//!
+//! What a failed or refused call means for a local client (a `ServiceError`, retryable when the
+//! peer is out of reach) is decided here too, once for every service that calls peers.
 
 use crate::config::ServerConfig;
-use crate::federation::certificate_names;
+use crate::error::{ServiceError, ServiceResult};
+use crate::tls::certificate_names;
 use parley_proto::Domain;
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -33,7 +37,7 @@ pub enum PeerError {
     Credentials(String),
 }
 
-impl From<PeerError> for crate::error::ServiceError {
+impl From<PeerError> for ServiceError {
     /// What a client is told: which provider failed, retryably. The transport's details (DNS,
     /// TLS, addresses) go to the log only.
     fn from(e: PeerError) -> Self {
@@ -269,6 +273,26 @@ impl PeerClient {
         }
         Ok((status, bytes.to_vec()))
     }
+
+    /// POSTs a MIMI body to a peer and returns the answer when it is a success; a refusal
+    /// becomes the error a local client is told.
+    pub async fn call(
+        &self,
+        as_domain: &Domain,
+        peer: &Domain,
+        endpoint: &str,
+        param: &str,
+        body: Vec<u8>,
+    ) -> ServiceResult<Vec<u8>> {
+        let (status, answer) = self
+            .post(as_domain, peer, endpoint, param, body)
+            .await
+            .map_err(ServiceError::from)?;
+        if status.is_success() {
+            return Ok(answer);
+        }
+        Err(relayed_error(status.as_u16(), &answer, peer))
+    }
 }
 
 impl PeerClient {
@@ -335,6 +359,47 @@ const ASSET_TIMEOUT: Duration = Duration::from_secs(3600);
 pub const MIMI_CONTENT_TYPE: &str = "application/mimi-protocol";
 /// Largest answer read from a peer.
 const MAX_ANSWER_BYTES: usize = parley_proto::mimi::MAX_BODY;
+
+/// The outbound client, or the refusal a local client gets when this provider does not talk to
+/// other providers.
+pub fn required(peers: Option<&PeerClient>) -> ServiceResult<&PeerClient> {
+    peers.ok_or_else(|| {
+        ServiceError::forbidden(
+            "federation_disabled",
+            "this provider is not configured to talk to other providers",
+        )
+    })
+}
+
+/// A peer answer that is not the MIMI body it should be.
+pub fn hub_garbled(peer: &Domain, e: impl std::fmt::Display) -> ServiceError {
+    ServiceError::unavailable(
+        "peer_protocol_error",
+        format!("{peer} answered with an invalid body: {e}"),
+    )
+}
+
+/// A peer's HTTP error (JSON `{error, message}` from a Parley peer) for our client.
+fn relayed_error(status: u16, body: &[u8], peer: &Domain) -> ServiceError {
+    let parsed: Option<parley_proto::api::ErrorBody> = serde_json::from_slice(body).ok();
+    let message = parsed
+        .as_ref()
+        .map(|b| format!("{peer}: {}", b.message))
+        .unwrap_or_else(|| format!("{peer} answered HTTP {status}"));
+    match status {
+        404 => ServiceError::not_found("unknown_room", message),
+        403 => ServiceError::forbidden("not_allowed", message),
+        409 => ServiceError::Conflict {
+            code: "conflict",
+            message,
+            retryable: parsed.is_some_and(|b| b.retryable),
+        },
+        413 => ServiceError::too_large("too_large", message),
+        429 => ServiceError::RateLimited(message),
+        400..=499 => ServiceError::bad("peer_refused", message),
+        _ => ServiceError::unavailable("peer_unavailable", message),
+    }
+}
 
 /// `https://host:port/path` → (host, port, path without trailing slash).
 fn url_parts(url: &str) -> Option<(String, u16, String)> {

@@ -1,43 +1,36 @@
-//! This provider's side of rooms hubbed elsewhere, and key material across providers.
-//! Owns `remote_rooms` and `remote_room_devices`.
+//! This provider's side of rooms hubbed elsewhere (it *follows* them). Owns `remote_rooms`,
+//! `remote_room_devices` and `room_hub_claims`.
 //!
-//! - **Follower:** `notify` from a room's hub lands here: each entry is delivered once (by
-//!   sequence) to the listed local devices' queues, in the same transaction that records the
-//!   sequence and the room snapshot. Local clients' messages, commits and proposals for such rooms
-//!   are relayed to the hub (`submitMessage`, `update`) and acknowledged only when the hub
-//!   accepted them (so they are durable there).
-//! - **Key material:** claims for another provider's user go to the room's hub when the room is
-//!   hubbed elsewhere, else straight to the user's provider (`keyMaterial`), and the hub records
-//!   which keys it was given for the room; the user's provider answers only with consent.
+//! `notify` from a room's hub lands here: each entry is delivered once (by sequence) to the
+//! listed local devices' queues, in the same transaction that records the sequence and the room
+//! snapshot. Only a hub that fetched one of our users' KeyPackages for the room (recorded by
+//! `key_material` through [`Follower::expect_hub`]) may start notifying us about it. Local
+//! clients' messages, commits, proposals and promotions for such rooms are relayed to the hub
+//! (`submitMessage`, `update`, `x-parley-promote`) and acknowledged only when the hub accepted
+//! them (so they are durable there).
 
-use crate::accounts::{unknown_device, Accounts, AuthDevice};
+use crate::accounts::AuthDevice;
+use crate::clock::now_ms;
 use crate::config::ServerConfig;
 use crate::consent::Consent;
 use crate::delivery::{enqueue, Delivery, Outgoing, Stored};
 use crate::error::{ServiceError, ServiceResult};
 use crate::hub::{check_expiry_hint, no_consent, Hub};
-use crate::mls::validate_key_package;
-use crate::peers::PeerClient;
+use crate::peers::{self, hub_garbled, PeerClient};
 use crate::store::{Store, StoreError};
-use parley_proto::api::{
-    Accepted, ClaimResponse, ClaimedKeyPackage, EntryKind, RoomInfo, RoomKind,
-};
+use parley_proto::api::{Accepted, EntryKind, RoomInfo, RoomKind};
 use parley_proto::ids::DeviceUri;
 use parley_proto::mimi::{
-    Body, ClientMaterial, FanoutKind, IdentifierUri, KeyMaterialRequest, KeyMaterialResponse,
-    NotifyEntry, NotifyRequest, SubmitMessageRequest, SubmitResponse, UpdateRequest,
-    UpdateResponse, UserCode,
+    Body, FanoutKind, IdentifierUri, NotifyEntry, NotifyRequest, SubmitMessageRequest,
+    SubmitResponse, UpdateRequest, UpdateResponse,
 };
-use parley_proto::{DeviceId, Domain, RoomId, UserId};
+use parley_proto::{Domain, RoomId, UserId};
 use rusqlite::{params, Connection, OptionalExtension};
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
 /// The Parley extension endpoint a follower uses to relay a promotion to the hub.
 pub const PROMOTE: &str = "x-parley-promote";
-
-/// MLS_128_DHKEMX25519_AES128GCM_SHA256_Ed25519.
-const CIPHERSUITE: u16 = 1;
 
 /// A room hubbed elsewhere, as its hub last described it.
 #[derive(Debug, Clone)]
@@ -65,10 +58,9 @@ impl RemoteRoom {
     }
 }
 
-pub struct Remote {
+pub struct Follower {
     store: Store,
     config: Arc<ServerConfig>,
-    accounts: Arc<Accounts>,
     delivery: Arc<Delivery>,
     hub: Arc<Hub>,
     consent: Arc<Consent>,
@@ -89,11 +81,10 @@ fn parse_user(s: &str) -> ServiceResult<UserId> {
     UserId::parse(s).map_err(|e| ServiceError::bad("invalid_user", e.to_string()))
 }
 
-impl Remote {
+impl Follower {
     pub fn new(
         store: Store,
         config: Arc<ServerConfig>,
-        accounts: Arc<Accounts>,
         delivery: Arc<Delivery>,
         hub: Arc<Hub>,
         consent: Arc<Consent>,
@@ -102,7 +93,6 @@ impl Remote {
         Self {
             store,
             config,
-            accounts,
             delivery,
             hub,
             consent,
@@ -112,32 +102,7 @@ impl Remote {
     }
 
     fn peers(&self) -> ServiceResult<&PeerClient> {
-        self.peers.as_deref().ok_or_else(|| {
-            ServiceError::forbidden(
-                "federation_disabled",
-                "this provider is not configured to talk to other providers",
-            )
-        })
-    }
-
-    /// POSTs a MIMI body to a peer and returns the answer when it is a success.
-    async fn call(
-        &self,
-        as_domain: &Domain,
-        peer: &Domain,
-        endpoint: &str,
-        param: &str,
-        body: Vec<u8>,
-    ) -> ServiceResult<Vec<u8>> {
-        let (status, answer) = self
-            .peers()?
-            .post(as_domain, peer, endpoint, param, body)
-            .await
-            .map_err(ServiceError::from)?;
-        if status.is_success() {
-            return Ok(answer);
-        }
-        Err(relayed_error(status.as_u16(), &answer, peer))
+        peers::required(self.peers.as_deref())
     }
 
     /// The hub of a room this provider follows (`None` for rooms hubbed here or unknown).
@@ -222,7 +187,7 @@ impl Remote {
         Ok(self.member_room(caller, room).await?.info(room))
     }
 
-    // --- relaying a local client's traffic to a remote hub -----------------------------------
+    // --- relaying a local client's traffic to the hub ----------------------------------------
 
     /// `POST /v1/rooms/{id}/messages` for a room hubbed elsewhere: MIMI `submitMessage`, with
     /// the sender's expiry hint (checked here too, so a bad one never leaves the provider).
@@ -234,8 +199,7 @@ impl Remote {
         message: Vec<u8>,
         expires_at: Option<u64>,
     ) -> ServiceResult<Accepted> {
-        let expires_at =
-            check_expiry_hint(&self.config, &caller.user, expires_at, crate::now_ms())?;
+        let expires_at = check_expiry_hint(&self.config, &caller.user, expires_at, now_ms())?;
         let max = self
             .config
             .domain(caller.user.domain().as_str())
@@ -261,6 +225,7 @@ impl Remote {
             .expiring_at(expires_at)
             .encode();
         let answer = self
+            .peers()?
             .call(
                 caller.user.domain(),
                 hub,
@@ -298,6 +263,7 @@ impl Remote {
     ) -> ServiceResult<Accepted> {
         let state = self.member_room(caller, room).await?;
         let answer = self
+            .peers()?
             .call(
                 caller.user.domain(),
                 hub,
@@ -350,7 +316,8 @@ impl Remote {
             target: IdentifierUri::new(&target.to_uri()),
         }
         .encode();
-        self.call(caller.user.domain(), hub, PROMOTE, room.as_str(), body)
+        self.peers()?
+            .call(caller.user.domain(), hub, PROMOTE, room.as_str(), body)
             .await?;
         let name = target.to_string();
         if !state.admins.contains(&name) {
@@ -373,197 +340,7 @@ impl Remote {
         Ok(state.info(room))
     }
 
-    // --- key material ------------------------------------------------------------------------
-
-    /// `POST /v1/users/{user}/key-packages/claim?room=[&device=]` from a local client. With
-    /// `device`, only that device's package is answered. Locally only that one is consumed;
-    /// through another provider all of the user's devices' packages are (MIMI `keyMaterial`
-    /// names a user, not a client), and the others are dropped here.
-    pub async fn claim(
-        &self,
-        requester: &AuthDevice,
-        target: &UserId,
-        room: Option<RoomId>,
-        device: Option<DeviceId>,
-    ) -> ServiceResult<ClaimResponse> {
-        let remote_hub = match &room {
-            Some(r) => self.hub_of(r).await?,
-            None => None,
-        };
-        if remote_hub.is_none() && self.config.hosts(target.domain().as_str()) {
-            return self
-                .accounts
-                .claim_key_packages(target, device.as_ref())
-                .await;
-        }
-        let claim = self
-            .claim_across(requester, target, room, remote_hub)
-            .await?;
-        match device {
-            Some(device) => only_device(target, claim, &device),
-            None => Ok(claim),
-        }
-    }
-
-    /// A claim that involves another provider: through the room's hub when the room is hubbed
-    /// elsewhere, else from the target's provider as the room's (future) hub.
-    async fn claim_across(
-        &self,
-        requester: &AuthDevice,
-        target: &UserId,
-        room: Option<RoomId>,
-        remote_hub: Option<Domain>,
-    ) -> ServiceResult<ClaimResponse> {
-        if let (Some(hub), Some(room)) = (remote_hub, &room) {
-            // The room's hub must see (and remember) every key used in its room.
-            let request = KeyMaterialRequest::new(
-                &requester.user.to_uri(),
-                &target.to_uri(),
-                &room.to_uri(&hub),
-                CIPHERSUITE,
-            );
-            let answer = self
-                .call(
-                    requester.user.domain(),
-                    &hub,
-                    "keyMaterial",
-                    &target.to_uri(),
-                    request.encode(),
-                )
-                .await?;
-            let response =
-                KeyMaterialResponse::decode(&answer).map_err(|e| hub_garbled(&hub, e))?;
-            return Ok(claim_of(target, &response)?.0);
-        }
-        let room = room.ok_or_else(|| {
-            ServiceError::bad(
-                "missing_room",
-                "claiming KeyPackages of another provider's user needs ?room=ROOM_ID",
-            )
-        })?;
-        let hub_domain = match self.hub.hub_domain_of(&room).await? {
-            Some(d) => d,
-            None => requester.user.domain().clone(), // a room about to be created here
-        };
-        self.fetch_for_hub(&requester.user, target, &room, &hub_domain)
-            .await
-    }
-
-    /// As the (future) hub of `room`: claims `target`'s KeyPackages from its provider and records
-    /// them, so the commit adding them can be checked.
-    async fn fetch_for_hub(
-        &self,
-        requester: &UserId,
-        target: &UserId,
-        room: &RoomId,
-        hub_domain: &Domain,
-    ) -> ServiceResult<ClaimResponse> {
-        let request = KeyMaterialRequest::new(
-            &requester.to_uri(),
-            &target.to_uri(),
-            &room.to_uri(hub_domain),
-            CIPHERSUITE,
-        );
-        let answer = self
-            .call(
-                hub_domain,
-                target.domain(),
-                "keyMaterial",
-                &target.to_uri(),
-                request.encode(),
-            )
-            .await?;
-        let response =
-            KeyMaterialResponse::decode(&answer).map_err(|e| hub_garbled(target.domain(), e))?;
-        let (claim, keys) = claim_of(target, &response)?;
-        self.hub.record_remote_claims(room, keys).await?;
-        Ok(claim)
-    }
-
-    /// MIMI `keyMaterial/{targetUser}` from `peer`.
-    pub async fn key_material(
-        &self,
-        peer: &Domain,
-        target_param: &str,
-        request: KeyMaterialRequest,
-    ) -> ServiceResult<KeyMaterialResponse> {
-        request.check().map_err(bad_body)?;
-        let target = parse_user(uri_text(&request.target_user)?)?;
-        if parse_user(target_param)? != target {
-            return Err(ServiceError::bad(
-                "target_mismatch",
-                "the path and the body name different users",
-            ));
-        }
-        let requester = parse_user(uri_text(&request.requesting_user)?)?;
-        let (room_hub, room) = RoomId::parse_uri(uri_text(&request.room_id)?)
-            .map_err(|e| ServiceError::bad("invalid_room", e.to_string()))?;
-        if requester.domain() != peer && room_hub != *peer {
-            return Err(ServiceError::forbidden(
-                "peer_domain_mismatch",
-                format!("{peer} may not ask on behalf of {requester}"),
-            ));
-        }
-        let target_uri = target.to_uri();
-        if self.config.hosts(target.domain().as_str()) {
-            if !self.consent.allows(&requester, &target).await? {
-                tracing::info!(%requester, %target, "keyMaterial refused: no consent");
-                return Ok(KeyMaterialResponse::refused(
-                    UserCode::NoConsent,
-                    &target_uri,
-                ));
-            }
-            return Ok(
-                match self.accounts.claim_key_packages(&target, None).await {
-                    Ok(claim) => {
-                        self.expect_hub(&room, &room_hub).await?;
-                        material_of(&target, claim)
-                    }
-                    Err(ServiceError::NotFound { .. }) => {
-                        KeyMaterialResponse::refused(UserCode::UserUnknown, &target_uri)
-                    }
-                    Err(ServiceError::Conflict { .. }) => {
-                        KeyMaterialResponse::refused(UserCode::NoCompatibleMaterial, &target_uri)
-                    }
-                    Err(e) => return Err(e),
-                },
-            );
-        }
-        // Relaying as the room's hub for a follower's user.
-        let hubbed_here = self.config.hosts(room_hub.as_str())
-            && self.hub.hub_domain_of(&room).await? == Some(room_hub.clone());
-        if !hubbed_here || requester.domain() != peer {
-            return Ok(KeyMaterialResponse::refused(
-                UserCode::UserUnknown,
-                &target_uri,
-            ));
-        }
-        if !self.hub.has_member_user(&room, &requester).await? {
-            return Err(ServiceError::forbidden(
-                "not_member",
-                format!("{requester} is not in room {room}"),
-            ));
-        }
-        match self
-            .fetch_for_hub(&requester, &target, &room, &room_hub)
-            .await
-        {
-            Ok(claim) => Ok(material_of(&target, claim)),
-            Err(ServiceError::Forbidden {
-                code: "no_consent", ..
-            }) => Ok(KeyMaterialResponse::refused(
-                UserCode::NoConsent,
-                &target_uri,
-            )),
-            Err(ServiceError::NotFound { .. }) => Ok(KeyMaterialResponse::refused(
-                UserCode::UserUnknown,
-                &target_uri,
-            )),
-            Err(e) => Err(e),
-        }
-    }
-
-    // --- notify (follower) --------------------------------------------------------------------
+    // --- notify from the hub ------------------------------------------------------------------
 
     /// MIMI `notify/{roomId}` from `peer`, the room's hub.
     pub async fn notify(&self, peer: &Domain, room: &str, body: &[u8]) -> ServiceResult<()> {
@@ -597,7 +374,7 @@ impl Remote {
 
     /// Remembers that `hub` fetched one of our users' KeyPackages for `room`: it may then start
     /// notifying us about that room (and nobody else may).
-    async fn expect_hub(&self, room: &RoomId, hub: &Domain) -> ServiceResult<()> {
+    pub async fn expect_hub(&self, room: &RoomId, hub: &Domain) -> ServiceResult<()> {
         if self.config.hosts(hub.as_str()) {
             return Ok(());
         }
@@ -606,7 +383,7 @@ impl Remote {
             .write(move |c| {
                 c.execute(
                     "INSERT OR IGNORE INTO room_hub_claims (room_id, hub_domain, claimed_at) VALUES (?1, ?2, ?3)",
-                    params![room, hub, crate::now_ms() as i64],
+                    params![room, hub, now_ms() as i64],
                 )?;
                 Ok(())
             })
@@ -685,7 +462,7 @@ impl Remote {
                 FanoutKind::Commit => EntryKind::Commit,
             };
             let data = Arc::new(entry.fanout.message.as_slice().to_vec());
-            let now = crate::now_ms();
+            let now = now_ms();
             if entry.expiry().is_some_and(|at| at <= now) {
                 // An expiring message that spent its life in the hub's outbox: nobody may
                 // read it any more, so it is not queued (its sequence still counts).
@@ -877,123 +654,6 @@ fn load_room(c: &Connection, room: &str) -> Result<Option<RemoteRoom>, StoreErro
     }))
 }
 
-/// Clients and the signature keys of the KeyPackages claimed for them.
-type ClaimedKeys = Vec<(DeviceUri, Vec<u8>)>;
-
-/// A claim answer from a `KeyMaterialResponse`: only packages that validate and belong to the
-/// client the response names, a client of `target`. Also returns (client, key) for recording.
-fn claim_of(
-    target: &UserId,
-    response: &KeyMaterialResponse,
-) -> ServiceResult<(ClaimResponse, ClaimedKeys)> {
-    match response.code() {
-        Some(UserCode::Success | UserCode::PartialSuccess) => {}
-        Some(UserCode::NoConsent | UserCode::NoConsentForThisRoom) => {
-            return Err(no_consent(target))
-        }
-        Some(UserCode::UserUnknown | UserCode::UserDeleted) => {
-            return Err(ServiceError::not_found(
-                "unknown_user",
-                format!("no such user {target}"),
-            ))
-        }
-        _ => {
-            return Err(ServiceError::conflict(
-                "no_key_packages",
-                format!("{target} has no usable KeyPackages"),
-            ))
-        }
-    }
-    let mut claimed = Vec::new();
-    let mut keys = Vec::new();
-    for client in &response.clients {
-        let ClientMaterial::Success {
-            client_uri,
-            key_package,
-        } = client
-        else {
-            continue;
-        };
-        let Ok(uri) = client_uri.as_str() else {
-            continue;
-        };
-        let Ok(device) = DeviceUri::parse(uri) else {
-            continue;
-        };
-        let Ok(leaf) = validate_key_package(key_package.as_slice()) else {
-            tracing::warn!(%device, "peer sent an invalid KeyPackage; skipped");
-            continue;
-        };
-        if device.user != *target || leaf.device != device {
-            tracing::warn!(%device, "peer sent a KeyPackage for another client; skipped");
-            continue;
-        }
-        claimed.push(ClaimedKeyPackage {
-            device_id: device.device.as_str().to_owned(),
-            key_package: key_package.as_slice().to_vec(),
-        });
-        keys.push((device, leaf.signature_key));
-    }
-    if claimed.is_empty() {
-        return Err(ServiceError::conflict(
-            "no_key_packages",
-            format!("{target} has no usable KeyPackages"),
-        ));
-    }
-    Ok((
-        ClaimResponse {
-            user: target.to_string(),
-            key_packages: claimed,
-        },
-        keys,
-    ))
-}
-
-/// The part of `claim` for `device` alone.
-fn only_device(
-    target: &UserId,
-    mut claim: ClaimResponse,
-    device: &DeviceId,
-) -> ServiceResult<ClaimResponse> {
-    claim
-        .key_packages
-        .retain(|k| k.device_id == device.as_str());
-    if claim.key_packages.is_empty() {
-        return Err(unknown_device(target, device));
-    }
-    Ok(claim)
-}
-
-/// A local claim as a `KeyMaterialResponse`.
-fn material_of(target: &UserId, claim: ClaimResponse) -> KeyMaterialResponse {
-    let clients = claim
-        .key_packages
-        .into_iter()
-        .map(|k| ClientMaterial::Success {
-            client_uri: IdentifierUri::new(&format!(
-                "mimi://{}/d/{}/{}",
-                target.domain(),
-                target.handle().as_str(),
-                k.device_id
-            )),
-            key_package: k.key_package.into(),
-        })
-        .collect();
-    KeyMaterialResponse {
-        protocol: parley_proto::mimi::MLS10,
-        user_status: UserCode::Success as u8,
-        user_uri: IdentifierUri::new(&target.to_uri()),
-        clients,
-    }
-}
-
-fn hub_garbled(peer: &Domain, e: impl std::fmt::Display) -> ServiceError {
-    ServiceError::unavailable(
-        "peer_protocol_error",
-        format!("{peer} answered with an invalid body: {e}"),
-    )
-}
-
 /// `"code: message"` (how Parley hubs describe refusals) into its parts.
 fn split_description(desc: &[u8]) -> (&'static str, String) {
     let text = String::from_utf8_lossy(desc).into_owned();
@@ -1008,26 +668,4 @@ fn split_description(desc: &[u8]) -> (&'static str, String) {
         _ => "not_allowed",
     };
     (code, text)
-}
-
-/// A peer's HTTP error (JSON `{error, message}` from a Parley peer) for our client.
-fn relayed_error(status: u16, body: &[u8], peer: &Domain) -> ServiceError {
-    let parsed: Option<parley_proto::api::ErrorBody> = serde_json::from_slice(body).ok();
-    let message = parsed
-        .as_ref()
-        .map(|b| format!("{peer}: {}", b.message))
-        .unwrap_or_else(|| format!("{peer} answered HTTP {status}"));
-    match status {
-        404 => ServiceError::not_found("unknown_room", message),
-        403 => ServiceError::forbidden("not_allowed", message),
-        409 => ServiceError::Conflict {
-            code: "conflict",
-            message,
-            retryable: parsed.is_some_and(|b| b.retryable),
-        },
-        413 => ServiceError::too_large("too_large", message),
-        429 => ServiceError::RateLimited(message),
-        400..=499 => ServiceError::bad("peer_refused", message),
-        _ => ServiceError::unavailable("peer_unavailable", message),
-    }
 }
