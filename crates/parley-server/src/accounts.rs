@@ -676,6 +676,7 @@ fn signal_device_change(
             event: 0,
             ts: now,
             data: data.clone(),
+            ratchet_tree: None,
             expires_at,
         })
         .collect();

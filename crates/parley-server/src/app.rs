@@ -5,6 +5,7 @@ use crate::accounts::Accounts;
 use crate::assets::Assets;
 use crate::config::ServerConfig;
 use crate::consent::Consent;
+use crate::crypto::HubKeys;
 use crate::delivery::Delivery;
 use crate::ephemeral::Ephemeral;
 use crate::follower::Follower;
@@ -31,6 +32,8 @@ pub struct App {
     pub assets: Arc<Assets>,
     /// Typing indicators and other messages for connected devices only.
     pub ephemeral: Arc<Ephemeral>,
+    /// The hub signing keys (MLS external senders) of the hosted domains.
+    pub keys: Arc<HubKeys>,
     /// Outbound MIMI client (`None` without federation settings).
     pub peers: Option<Arc<PeerClient>>,
     /// MIMI requests per peer provider.

@@ -162,6 +162,7 @@ impl Consent {
             endpoint: outbox::REQUEST_CONSENT,
             param: other.domain().to_string(),
             body: entry.encode(),
+            expires_at: None,
         };
         self.store
             .write(move |c| {
@@ -201,6 +202,30 @@ impl Consent {
             .collect())
     }
 
+    /// `GET /v1/contacts/blocked`: the users the caller's user blocked.
+    pub async fn blocked_by(&self, me: &AuthDevice) -> ServiceResult<Vec<ContactInfo>> {
+        let target = me.user.to_string();
+        let blocked: Vec<String> = self
+            .store
+            .read(move |c| {
+                let mut st = c.prepare(
+                    "SELECT requester FROM consent WHERE target = ?1 AND state = 'blocked'
+                     ORDER BY requester",
+                )?;
+                let rows = st.query_map(params![target], |r| r.get(0))?;
+                Ok(rows.collect::<Result<_, _>>()?)
+            })
+            .await?;
+        Ok(blocked
+            .into_iter()
+            .map(|user| ContactInfo {
+                user,
+                direction: ContactDirection::Incoming,
+                state: ContactState::Blocked,
+            })
+            .collect())
+    }
+
     /// `POST /v1/contacts/{user}/accept` and `…/block`: the caller's answer to `other`.
     pub async fn answer(
         &self,
@@ -222,6 +247,7 @@ impl Consent {
             endpoint: outbox::UPDATE_CONSENT,
             param: other.domain().to_string(),
             body: ConsentEntry::new(op, &other.to_uri(), &me.user.to_uri()).encode(),
+            expires_at: None,
         });
         let (requester, target) = (other.to_string(), me.user.to_string());
         let queued = item.is_some();
@@ -276,7 +302,7 @@ impl Consent {
             ));
         }
         let (r, t) = (requester.to_string(), target.to_string());
-        match entry.operation() {
+        match Some(entry.operation) {
             Some(ConsentOperation::Request) => {
                 self.store
                     .write(move |c| {
@@ -325,7 +351,7 @@ impl Consent {
                 format!("this provider does not host {}", requester.domain()),
             ));
         }
-        let state = match entry.operation() {
+        let state = match Some(entry.operation) {
             Some(ConsentOperation::Grant) => ContactState::Granted,
             Some(ConsentOperation::Revoke) => ContactState::Blocked,
             _ => {

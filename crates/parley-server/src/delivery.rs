@@ -44,6 +44,8 @@ pub struct Outgoing {
     pub event: u64,
     pub ts: u64,
     pub data: Arc<Vec<u8>>,
+    /// For a Welcome: the group's ratchet tree.
+    pub ratchet_tree: Option<Arc<Vec<u8>>>,
     pub expires_at: u64,
 }
 
@@ -57,8 +59,8 @@ pub fn enqueue(c: &Connection, items: &[Outgoing]) -> Result<Vec<Stored>, StoreE
         "UPDATE devices SET next_seq = next_seq + 1 WHERE device_id = ?1 RETURNING next_seq - 1",
     )?;
     let mut insert = c.prepare_cached(
-        "INSERT INTO queue (device_id, seq, room_id, kind, event, ts, data, expires_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+        "INSERT INTO queue (device_id, seq, room_id, kind, event, ts, data, expires_at, ratchet_tree)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
     )?;
     let mut stored = Vec::with_capacity(items.len());
     for it in items {
@@ -76,7 +78,8 @@ pub fn enqueue(c: &Connection, items: &[Outgoing]) -> Result<Vec<Stored>, StoreE
             it.event as i64,
             it.ts as i64,
             it.data.as_slice(),
-            it.expires_at as i64
+            it.expires_at as i64,
+            it.ratchet_tree.as_deref().map(Vec::as_slice),
         ])?;
         stored.push((
             it.device.clone(),
@@ -87,6 +90,7 @@ pub fn enqueue(c: &Connection, items: &[Outgoing]) -> Result<Vec<Stored>, StoreE
                 event: it.event,
                 ts: it.ts,
                 data: it.data.to_vec(),
+                ratchet_tree: it.ratchet_tree.as_deref().cloned(),
             }),
         ));
     }
@@ -187,7 +191,7 @@ impl Delivery {
         self.store
             .read(move |c| {
                 let mut st = c.prepare_cached(
-                    "SELECT seq, room_id, kind, event, ts, data FROM queue
+                    "SELECT seq, room_id, kind, event, ts, data, ratchet_tree FROM queue
                      WHERE device_id = ?1 AND seq > ?2 AND expires_at > ?4 ORDER BY seq LIMIT ?3",
                 )?;
                 let rows = st.query_map(
@@ -200,6 +204,7 @@ impl Delivery {
                             event: r.get::<_, i64>(3)? as u64,
                             ts: r.get::<_, i64>(4)? as u64,
                             data: r.get(5)?,
+                            ratchet_tree: r.get(6)?,
                         })
                     },
                 )?;
@@ -262,6 +267,7 @@ mod tests {
             event,
             ts: 1,
             data: Arc::new(vec![event as u8]),
+            ratchet_tree: None,
             expires_at,
         };
         let mut gone = item(9, 1);

@@ -19,7 +19,7 @@ use crate::limits::RateLimiter;
 use crate::mls::application_header;
 use crate::peers::PeerClient;
 use parley_proto::ids::DeviceUri;
-use parley_proto::mimi::{Body, EphemeralMessage, IdentifierUri};
+use parley_proto::mimi::{Body, EphemeralMessage, IdentifierUri, MlsMessage};
 use parley_proto::{Domain, RoomId};
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
@@ -133,57 +133,64 @@ impl Ephemeral {
     pub async fn send(
         &self,
         caller: &AuthDevice,
-        room: &str,
+        room: &RoomId,
         message: Vec<u8>,
     ) -> ServiceResult<()> {
         let sender = caller.uri();
-        let room = check_message(room, &message)?;
+        let group_id = check_message(&message)?;
         if !self.rate.allow(&sender.to_string()) {
             return Err(ServiceError::RateLimited(
                 "this device sends ephemeral messages too fast".into(),
             ));
         }
-        if let Some(targets) = self.hub.ephemeral_recipients(&sender, &room).await? {
-            self.fan_out(&sender, &room, targets, message);
+        if let Some(targets) = self
+            .hub
+            .ephemeral_recipients(&sender, room, &group_id)
+            .await?
+        {
+            self.fan_out(&sender, room, targets, message);
             return Ok(());
         }
         let hub = self
             .follower
-            .hub_of(&room)
-            .await?
-            .ok_or_else(|| unknown_room(&room))?;
-        self.follower.room_info(caller, &room).await?; // members only
+            .hub_of(room)
+            .ok_or_else(|| unknown_room(room))?;
+        self.follower.room_info(caller, room).await?; // members only
         let body = EphemeralMessage {
             sender: IdentifierUri::new(&sender.to_string()),
             recipients: Vec::new(),
-            message: message.into(),
+            message: mls_message(message)?,
         };
-        self.post_later(caller.user.domain().clone(), hub, &room, body);
+        self.post_later(caller.user.domain().clone(), hub, room, body);
         Ok(())
     }
 
     /// `POST /v1/x-parley-ephemeral/{roomId}` from `peer`: a follower relaying its client's
     /// message to us as the hub, or the hub handing one to us as a follower.
-    pub async fn receive(&self, peer: &Domain, room: &str, body: &[u8]) -> ServiceResult<()> {
+    pub async fn receive(&self, peer: &Domain, room: &RoomId, body: &[u8]) -> ServiceResult<()> {
         let request = EphemeralMessage::decode(body)
             .map_err(|e| ServiceError::bad("invalid_body", e.to_string()))?;
-        let room = check_message(room, request.message.as_slice())?;
+        let group_id = check_message(request.message.bytes())?;
         let sender = client_uri(&request.sender)?;
         // To a room hubbed here a peer speaks only for its own clients; checked before any
         // membership, so its answers reveal nothing about other providers' members.
         if sender.user.domain() == peer {
-            if let Some(targets) = self.hub.ephemeral_recipients(&sender, &room).await? {
-                self.fan_out(&sender, &room, targets, request.message.into());
+            if let Some(targets) = self
+                .hub
+                .ephemeral_recipients(&sender, room, &group_id)
+                .await?
+            {
+                self.fan_out(&sender, room, targets, request.message.into_bytes());
                 return Ok(());
             }
         }
-        match self.follower.hub_of(&room).await? {
-            Some(hub) if hub == *peer => self.deliver_here(&sender, &room, &request).await,
+        match self.follower.hub_of(room) {
+            Some(hub) if hub == *peer => self.deliver_here(&sender, room, &request).await,
             Some(_) => Err(ServiceError::forbidden(
                 "not_hub",
                 format!("{peer} is not the hub of room {room}"),
             )),
-            None => Err(unknown_room(&room)),
+            None => Err(unknown_room(room)),
         }
     }
 
@@ -212,7 +219,7 @@ impl Ephemeral {
         }
         let frame = Arc::new(EphemeralFrame {
             room: room.to_string(),
-            data: request.message.as_slice().to_vec(),
+            data: request.message.bytes().to_vec(),
         });
         let delivered = self
             .subscribers
@@ -250,10 +257,13 @@ impl Ephemeral {
             let Ok(peer) = Domain::parse(&domain) else {
                 continue;
             };
+            let Ok(message) = mls_message(frame.data.clone()) else {
+                return;
+            };
             let body = EphemeralMessage {
                 sender: IdentifierUri::new(&sender.to_string()),
                 recipients: clients.iter().map(|c| IdentifierUri::new(c)).collect(),
-                message: frame.data.clone().into(),
+                message,
             };
             self.post_later(hub_domain.clone(), peer, room, body);
         }
@@ -264,7 +274,7 @@ impl Ephemeral {
         let Some(peers) = self.peers.clone() else {
             return;
         };
-        let room = room.to_string();
+        let room = room.path_form().to_owned();
         tokio::spawn(async move {
             let post = peers.post(&as_domain, &peer, EPHEMERAL, &room, body.encode());
             match tokio::time::timeout(PEER_TIMEOUT, post).await {
@@ -279,9 +289,9 @@ impl Ephemeral {
     }
 }
 
-/// The room, once the message is small enough and an MLS application message for it.
-fn check_message(room: &str, message: &[u8]) -> ServiceResult<RoomId> {
-    let room = RoomId::parse(room).map_err(|e| ServiceError::bad("invalid_room", e.to_string()))?;
+/// The message's MLS group id, once it is small enough and an MLS application message (the hub
+/// checks the group is the room's).
+fn check_message(message: &[u8]) -> ServiceResult<Vec<u8>> {
     if message.len() > MAX_EPHEMERAL_BYTES {
         return Err(ServiceError::too_large(
             "message_too_large",
@@ -290,13 +300,11 @@ fn check_message(room: &str, message: &[u8]) -> ServiceResult<RoomId> {
     }
     let header = application_header(message)
         .map_err(|e| ServiceError::bad("invalid_message", e.to_string()))?;
-    if header.room != room {
-        return Err(ServiceError::bad(
-            "invalid_message",
-            "the message is for another room",
-        ));
-    }
-    Ok(room)
+    Ok(header.group_id)
+}
+
+fn mls_message(bytes: Vec<u8>) -> ServiceResult<MlsMessage> {
+    MlsMessage::from_bytes(bytes).map_err(|e| ServiceError::bad("invalid_message", e.to_string()))
 }
 
 fn client_uri(uri: &IdentifierUri) -> ServiceResult<DeviceUri> {

@@ -38,6 +38,9 @@ pub enum ServiceError {
     /// Over a rate limit (429).
     #[error("{0}")]
     RateLimited(String),
+    /// A MIMI request whose `Host` is not a domain hosted here (421).
+    #[error("{0}")]
+    Misdirected(String),
     /// Another provider this request depends on (a room's hub, a user's provider) cannot be
     /// reached or failed (503); retrying later can succeed.
     #[error("{message}")]
@@ -104,7 +107,10 @@ impl ServiceError {
 
 impl From<StoreError> for ServiceError {
     fn from(e: StoreError) -> Self {
-        Self::Internal(e.to_string())
+        match e {
+            StoreError::Refused(message) => Self::forbidden("refused", message),
+            e => Self::Internal(e.to_string()),
+        }
     }
 }
 
@@ -153,6 +159,11 @@ impl IntoResponse for ApiError {
             } => (StatusCode::CONFLICT, code, retryable),
             ServiceError::TooLarge { code, .. } => (StatusCode::PAYLOAD_TOO_LARGE, code, false),
             ServiceError::RateLimited(_) => (StatusCode::TOO_MANY_REQUESTS, "rate_limited", true),
+            ServiceError::Misdirected(_) => (
+                StatusCode::MISDIRECTED_REQUEST,
+                "misdirected_request",
+                false,
+            ),
             ServiceError::Unavailable { code, .. } => (StatusCode::SERVICE_UNAVAILABLE, code, true),
             ServiceError::Internal(detail) => {
                 tracing::error!(%detail, "internal error");

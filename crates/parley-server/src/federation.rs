@@ -1,23 +1,22 @@
 //! The provider-to-provider (MIMI) listener: always mutual TLS (`tls::federation_acceptor`). A
-//! peer's certificate must chain to the configured peer CA, and every request names its source
-//! provider in `From: mimi@<domain>`, which the certificate must prove; a request may only speak
-//! for what that domain may.
+//! peer's certificate must chain to the configured peer CA, every request names its source
+//! provider in `From: mimi@<domain>`, which the certificate must prove, and its `Host` one of the
+//! domains hosted here; a request may only speak for what its domain may.
 //!
-//! Handlers only translate between MIMI bodies (TLS presentation language) and the services:
-//! `hub` (update, submitMessage, reportAbuse, x-parley-promote for rooms hubbed here),
-//! `follower` (notify for rooms followed here), `key_material` (keyMaterial), `consent`
-//! (requestConsent, updateConsent), `accounts` (identifierQuery), `assets` (assets,
-//! proxyDownload), `ephemeral` (x-parley-ephemeral). Never the client API (`http`): what both
-//! need lives below them. Protocol outcomes are MIMI bodies; malformed or unauthorized requests
-//! get an HTTP error status with a JSON error body (`error::ApiError`).
+//! Handlers only translate between MIMI bodies (draft-ietf-mimi-protocol-06, TLS presentation
+//! language, docs/mimi-profile.md) and the services: `hub` (update, submitMessage, groupInfo,
+//! reportAbuse for rooms hubbed here), `follower` (notify for rooms followed here),
+//! `key_material` (keyMaterial), `consent` (requestConsent, updateConsent), `accounts`
+//! (identifierQuery), `assets` (assets, proxyDownload), `ephemeral` (x-parley-ephemeral). Never
+//! the client API (`http`): what both need lives below them. Protocol outcomes are MIMI bodies;
+//! malformed or unauthorized requests get an HTTP error status with a JSON error body
+//! (`error::ApiError`).
 
 use crate::app::App;
 use crate::assets::{asset_response, parse_asset_url, relay_download, AssetId};
 use crate::ephemeral::EPHEMERAL;
 use crate::error::{ApiError, ServiceError};
-use crate::follower::PROMOTE;
-use crate::hub::{device_of, Origin};
-use crate::peers::MIMI_CONTENT_TYPE;
+use crate::hub::{welcome_message, CommitBundle, MessageSender, Origin};
 use crate::tls::{certificate_names, PeerCertificate};
 use axum::body::Bytes;
 use axum::extract::Path as Param;
@@ -29,27 +28,26 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
 use parley_proto::mimi::{
-    AbuseReport, Body, ConsentEntry, HandshakeBundle, IdentifierRequest, IdentifierResponse,
-    IdentifierUri, KeyMaterialRequest, QueryCode, SubmitMessageRequest, SubmitResponse,
-    UpdateRequest, UpdateResponse, SEARCH_HANDLE,
+    self, AbuseReport, Body, ConsentEntry, GroupInfoOption, GroupInfoRequest, HandshakeBundle,
+    IdentifierRequest, IdentifierResponse, IdentifierUri, KeyMaterialRequest, QueryCode,
+    SubmitMessageRequest, SubmitMessageResponse, SubmitStatus, UpdateRequest, UpdateRoomResponse,
+    SEARCH_HANDLE,
 };
 use parley_proto::{Domain, RoomId, UserId};
 use std::sync::Arc;
 
 /// The MIMI endpoints, as named in the directory (draft-ietf-mimi-protocol §5.1).
-const ENDPOINTS: [(&str, &str); 12] = [
+const ENDPOINTS: [(&str, &str); 11] = [
     ("keyMaterial", "keyMaterial/{targetUser}"),
     ("update", "update/{roomId}"),
     ("notify", "notify/{roomId}"),
     ("submitMessage", "submitMessage/{roomId}"),
     ("groupInfo", "groupInfo/{roomId}"),
-    ("requestConsent", "requestConsent/{targetUser}"),
-    ("updateConsent", "updateConsent/{requesterUser}"),
+    ("requestConsent", "requestConsent/{targetDomain}"),
+    ("updateConsent", "updateConsent/{requesterDomain}"),
     ("identifierQuery", "identifierQuery/{domain}"),
     ("reportAbuse", "reportAbuse/{roomId}"),
     ("proxyDownload", "proxyDownload/{downloadUrl}"),
-    // Parley extension: room roles until they travel as AppSync proposals.
-    (PROMOTE, "x-parley-promote/{roomId}"),
     // Parley extension: typing indicators for connected clients, never stored.
     (EPHEMERAL, "x-parley-ephemeral/{roomId}"),
 ];
@@ -58,22 +56,23 @@ const ENDPOINTS: [(&str, &str); 12] = [
 #[derive(Clone, Debug)]
 pub struct PeerDomain(pub Domain);
 
+/// Room and user parameters are URIs without `mimi://` spanning several path segments
+/// (`chirp.test/r/NAME`, the draft's examples), or one percent-encoded segment: a wildcard.
 pub fn router(app: Arc<App>) -> Router {
     Router::new()
         .route("/.well-known/mimi-protocol-directory", get(directory))
-        .route("/v1/keyMaterial/{target}", post(key_material))
-        .route("/v1/update/{room}", post(update))
-        .route("/v1/submitMessage/{room}", post(submit_message))
-        .route("/v1/notify/{room}", post(notify))
+        .route("/v1/keyMaterial/{*target}", post(key_material))
+        .route("/v1/update/{*room}", post(update))
+        .route("/v1/submitMessage/{*room}", post(submit_message))
+        .route("/v1/notify/{*room}", post(notify))
+        .route("/v1/groupInfo/{*room}", post(group_info))
         .route("/v1/requestConsent/{domain}", post(request_consent))
         .route("/v1/updateConsent/{domain}", post(update_consent))
         .route("/v1/identifierQuery/{domain}", post(identifier_query))
-        .route("/v1/reportAbuse/{room}", post(report_abuse))
-        .route("/v1/groupInfo/{room}", post(not_implemented))
+        .route("/v1/reportAbuse/{*room}", post(report_abuse))
         .route("/v1/proxyDownload/{url}", get(proxy_download))
         .route("/v1/assets/{id}", get(serve_asset))
-        .route("/v1/x-parley-promote/{room}", post(promote))
-        .route("/v1/x-parley-ephemeral/{room}", post(ephemeral))
+        .route("/v1/x-parley-ephemeral/{*room}", post(ephemeral))
         .fallback(|| async {
             ApiError(ServiceError::not_found(
                 "not_found",
@@ -84,8 +83,11 @@ pub fn router(app: Arc<App>) -> Router {
             app.clone(),
             limit_peer,
         ))
-        .layer(axum::middleware::from_fn(authenticate_peer))
-        // Peers batch notify entries up to 1 MiB and a Welcome for a large group is big: allow
+        .layer(axum::middleware::from_fn_with_state(
+            app.clone(),
+            authenticate_peer,
+        ))
+        // Peers batch notify messages up to 1 MiB and a Welcome for a large group is big: allow
         // the protocol maximum, never less than the client API's limit.
         .layer(axum::extract::DefaultBodyLimit::max(
             app.config
@@ -99,12 +101,17 @@ pub fn router(app: Arc<App>) -> Router {
 /// How much of a refused request's body is read before answering.
 const REFUSED_BODY_DRAIN: usize = 1 << 20;
 
-/// Every federation request: `From: mimi@<domain>` must be proven by the TLS client certificate.
+/// Every federation request: `From: mimi@<domain>` must be proven by the TLS client certificate,
+/// and `Host` (its port ignored) must be a domain hosted here.
 async fn authenticate_peer(
+    State(app): State<Arc<App>>,
     Extension(peer): Extension<PeerCertificate>,
     mut request: Request,
     next: Next,
 ) -> Response {
+    if let Err(e) = check_host(&app, request.headers()) {
+        return refuse(request, e).await;
+    }
     match peer_domain(request.headers(), &peer) {
         Ok(domain) => {
             request.extensions_mut().insert(PeerDomain(domain));
@@ -169,8 +176,25 @@ fn peer_domain(headers: &HeaderMap, peer: &PeerCertificate) -> Result<Domain, Ap
     Ok(domain)
 }
 
+/// `Host` names the target provider (draft §4.1): one of ours.
+fn check_host(app: &App, headers: &HeaderMap) -> Result<(), ApiError> {
+    let host = headers
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .map(|h| h.rsplit_once(':').map_or(h, |(name, _)| name))
+        .unwrap_or_default();
+    if app.config.hosts(host) {
+        Ok(())
+    } else {
+        Err(ServiceError::Misdirected(format!(
+            "this provider does not host {host:?}; send MIMI requests to the target's provider"
+        ))
+        .into())
+    }
+}
+
 /// `GET /.well-known/mimi-protocol-directory`: where each MIMI endpoint is.
-async fn directory(State(_app): State<Arc<App>>, headers: HeaderMap) -> impl IntoResponse {
+async fn directory(headers: HeaderMap) -> impl IntoResponse {
     let host = headers
         .get(header::HOST)
         .and_then(|h| h.to_str().ok())
@@ -190,10 +214,10 @@ async fn directory(State(_app): State<Arc<App>>, headers: HeaderMap) -> impl Int
 type FedResult = Result<Response, ApiError>;
 
 /// A MIMI body answer.
-fn mimi(status: StatusCode, body: impl Body) -> Response {
+fn mimi_body(status: StatusCode, body: impl Body) -> Response {
     (
         status,
-        [(header::CONTENT_TYPE, MIMI_CONTENT_TYPE)],
+        [(header::CONTENT_TYPE, mimi::CONTENT_TYPE)],
         body.encode(),
     )
         .into_response()
@@ -201,6 +225,10 @@ fn mimi(status: StatusCode, body: impl Body) -> Response {
 
 fn decode<T: Body>(bytes: &[u8]) -> Result<T, ApiError> {
     T::decode(bytes).map_err(|e| ServiceError::bad("invalid_body", e.to_string()).into())
+}
+
+fn room_param(room: &str) -> Result<RoomId, ApiError> {
+    RoomId::parse(room).map_err(|e| ServiceError::bad("invalid_room", e.to_string()).into())
 }
 
 /// `POST /v1/keyMaterial/{targetUser}`
@@ -211,123 +239,153 @@ async fn key_material(
     body: Bytes,
 ) -> FedResult {
     let request: KeyMaterialRequest = decode(&body)?;
+    let target = if target.starts_with("mimi://") {
+        target
+    } else {
+        format!("mimi://{target}")
+    };
     let answer = app.key_material.on_request(&peer, &target, request).await?;
-    Ok(mimi(StatusCode::OK, answer))
+    Ok(mimi_body(StatusCode::OK, answer))
 }
 
 /// `"code: message"`, how refusals travel in `errorDescription`.
-fn describe(code: &str, e: &ServiceError) -> parley_proto::mimi::VlBytes {
+fn describe(code: &str, e: &ServiceError) -> tls_codec::VLBytes {
     format!("{code}: {e}").into_bytes().into()
 }
 
-/// `POST /v1/update/{roomId}`: a follower relays a commit or proposal to this hub.
+/// `POST /v1/update/{roomId}`: a follower relays a commit (also an external commit) or a
+/// proposal to this hub.
 async fn update(
     State(app): State<Arc<App>>,
     Extension(PeerDomain(peer)): Extension<PeerDomain>,
     Param(room): Param<String>,
     body: Bytes,
 ) -> FedResult {
+    let room = room_param(&room)?;
     let request: UpdateRequest = decode(&body)?;
-    request
-        .check()
-        .map_err(|e| ServiceError::bad("invalid_body", e.to_string()))?;
     let origin = Origin::Peer(peer);
-    let outcome = match request.bundle {
+    let outcome = match request {
         HandshakeBundle::Commit {
-            commit, welcome, ..
+            commit,
+            welcome,
+            group_info,
+            ..
         } => {
-            app.hub
-                .commit(
-                    &origin,
-                    &room,
-                    commit.as_slice().to_vec(),
-                    welcome.map(|w| w.as_slice().to_vec()),
-                )
-                .await
+            let group_info = match group_info {
+                GroupInfoOption::Full { group_info } => group_info.into_bytes(),
+                GroupInfoOption::Partial { .. } => {
+                    let refusal = ServiceError::forbidden(
+                        "policy",
+                        "a partial GroupInfo is not supported; send the full GroupInfo",
+                    );
+                    return Ok(mimi_body(
+                        StatusCode::OK,
+                        UpdateRoomResponse::NotAllowed {
+                            error_description: describe("policy", &refusal),
+                        },
+                    ));
+                }
+            };
+            let welcome = welcome
+                .map(|w| welcome_message(w.into_bytes()))
+                .transpose()?;
+            let bundle = CommitBundle {
+                commit: commit.into_bytes(),
+                welcome,
+                group_info: Some(group_info),
+            };
+            app.hub.commit(&origin, &room, bundle).await
         }
-        HandshakeBundle::Proposal { proposal, .. } => {
-            app.hub
-                .leave(&origin, &room, proposal.as_slice().to_vec())
-                .await
+        HandshakeBundle::Proposal {
+            proposal,
+            more_proposals,
+        } => {
+            if !more_proposals.is_empty() {
+                return Err(ServiceError::forbidden(
+                    "policy",
+                    "only a member's own removal (leaving) may be proposed, alone",
+                )
+                .into());
+            }
+            app.hub.leave(&origin, &room, proposal.into_bytes()).await
         }
     };
     let answer = match outcome {
-        Ok(accepted) => UpdateResponse::Success {
+        Ok(accepted) => UpdateRoomResponse::Success {
             error_description: Vec::new().into(),
             accepted_timestamp: accepted.ts,
         },
         Err(ServiceError::Conflict {
             code: "wrong_epoch",
             ..
-        }) => UpdateResponse::WrongEpoch {
+        }) => UpdateRoomResponse::WrongEpoch {
             error_description: b"wrong_epoch".to_vec().into(),
-            current_epoch: current_epoch(&app, &room).await?,
+            current_epoch: app.hub.epoch_of(&room).await?.unwrap_or(0),
         },
-        Err(e @ ServiceError::Conflict { code, .. }) => UpdateResponse::InvalidProposal {
+        Err(e @ ServiceError::Conflict { code, .. }) => UpdateRoomResponse::InvalidProposal {
             error_description: describe(code, &e),
             invalid_proposals: Vec::new(),
         },
-        Err(e @ ServiceError::Forbidden { code, .. }) => UpdateResponse::NotAllowed {
+        Err(e @ ServiceError::Forbidden { code, .. }) => UpdateRoomResponse::NotAllowed {
             error_description: describe(code, &e),
         },
         Err(e) => return Err(e.into()),
     };
-    Ok(mimi(StatusCode::OK, answer))
+    Ok(mimi_body(StatusCode::OK, answer))
 }
 
-async fn current_epoch(app: &App, room: &str) -> Result<u64, ApiError> {
-    let id = RoomId::parse(room).map_err(|e| ServiceError::bad("invalid_room", e.to_string()))?;
-    Ok(app.hub.epoch_of(&id).await?.unwrap_or(0))
-}
-
-/// `POST /v1/submitMessage/{roomId}`: a follower relays an application message to this hub.
+/// `POST /v1/submitMessage/{roomId}`: a follower relays an application message to this hub;
+/// `sendingUri` (a user or client URI) must be of the calling peer's domain.
 async fn submit_message(
     State(app): State<Arc<App>>,
     Extension(PeerDomain(peer)): Extension<PeerDomain>,
     Param(room): Param<String>,
     body: Bytes,
 ) -> FedResult {
+    let room = room_param(&room)?;
     let request: SubmitMessageRequest = decode(&body)?;
     request
         .check()
-        .map_err(|e| ServiceError::bad("invalid_body", e.to_string()))?;
-    let sender = device_of(
+        .map_err(|e| ServiceError::bad("unsupported_protocol", e.to_string()))?;
+    let sender = MessageSender::from_uri(
         request
             .sending_uri
             .as_str()
             .map_err(|e| ServiceError::bad("invalid_body", e.to_string()))?,
     )?;
-    if sender.user.domain() != &peer {
+    let domain = match &sender {
+        MessageSender::Device(d) => d.user.domain(),
+        MessageSender::User(u) => u.domain(),
+    };
+    if domain != &peer {
         return Err(ServiceError::forbidden(
             "peer_domain_mismatch",
-            format!("{peer} may not send as {}", sender.user),
+            format!("{peer} may not send for another provider's user"),
         )
         .into());
     }
-    let answer = match app
+    let status = match app
         .hub
-        .send(
-            &sender,
-            &room,
-            request.app_message.as_slice().to_vec(),
-            request.expiry(),
-        )
+        .send(&sender, &room, request.app_message.into_bytes())
         .await
     {
-        Ok(accepted) => SubmitResponse::Accepted {
+        Ok(accepted) => SubmitStatus::Accepted {
             accepted_timestamp: accepted.ts,
             frank: None,
         },
         Err(ServiceError::Conflict {
             code: "wrong_epoch",
             ..
-        }) => SubmitResponse::EpochTooOld {
-            current_epoch: current_epoch(&app, &room).await?,
+        }) => SubmitStatus::EpochTooOld {
+            current_epoch: app.hub.epoch_of(&room).await?.unwrap_or(0),
         },
-        Err(ServiceError::Forbidden { .. }) => SubmitResponse::NotAllowed,
+        Err(ServiceError::Forbidden { .. }) => SubmitStatus::NotAllowed,
         Err(e) => return Err(e.into()),
     };
-    Ok(mimi(StatusCode::OK, answer))
+    Ok(mimi_body(
+        StatusCode::OK,
+        SubmitMessageResponse::new(status),
+    ))
 }
 
 /// `POST /v1/notify/{roomId}`: this provider follows the room; the peer must be its hub.
@@ -337,8 +395,22 @@ async fn notify(
     Param(room): Param<String>,
     body: Bytes,
 ) -> FedResult {
+    let room = room_param(&room)?;
     app.follower.notify(&peer, &room, &body).await?;
     Ok(StatusCode::CREATED.into_response())
+}
+
+/// `POST /v1/groupInfo/{roomId}`: the room's GroupInfo for a client joining by external commit.
+async fn group_info(
+    State(app): State<Arc<App>>,
+    Extension(PeerDomain(peer)): Extension<PeerDomain>,
+    Param(room): Param<String>,
+    body: Bytes,
+) -> FedResult {
+    let room = room_param(&room)?;
+    let request: GroupInfoRequest = decode(&body)?;
+    let answer = app.hub.group_info(Some(&peer), &room, request).await?;
+    Ok(mimi_body(StatusCode::OK, answer))
 }
 
 fn check_domain_param(app: &App, domain: &str) -> Result<(), ApiError> {
@@ -400,13 +472,13 @@ async fn identifier_query(
     check_domain_param(&app, &domain)?;
     let request: IdentifierRequest = decode(&body)?;
     let [element] = request.query_elements.as_slice() else {
-        return Ok(mimi(
+        return Ok(mimi_body(
             StatusCode::OK,
             IdentifierResponse::new(QueryCode::UnsupportedField, Vec::new()),
         ));
     };
     if element.search_type != SEARCH_HANDLE {
-        return Ok(mimi(
+        return Ok(mimi_body(
             StatusCode::OK,
             IdentifierResponse::new(QueryCode::UnsupportedField, Vec::new()),
         ));
@@ -425,7 +497,7 @@ async fn identifier_query(
         }
         None => IdentifierResponse::new(QueryCode::NotFound, Vec::new()),
     };
-    Ok(mimi(StatusCode::OK, answer))
+    Ok(mimi_body(StatusCode::OK, answer))
 }
 
 /// `POST /v1/reportAbuse/{roomId}`: logged and counted for the operator (no franking yet).
@@ -436,11 +508,11 @@ async fn report_abuse(
     body: Bytes,
 ) -> FedResult {
     let report: AbuseReport = decode(&body)?;
-    let id = RoomId::parse(&room).map_err(|e| ServiceError::bad("invalid_room", e.to_string()))?;
+    let id = room_param(&room)?;
     if !app.hub.hosts_room(&id).await? {
         return Err(ServiceError::not_found(
             "unknown_room",
-            format!("no room {room} is hubbed here"),
+            format!("no room {id} is hubbed here"),
         )
         .into());
     }
@@ -461,21 +533,8 @@ async fn report_abuse(
         .counters
         .abuse_reports
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    tracing::warn!(%room, %peer, reporter = %reporter, alleged = %text(&report.alleged_abuser_uri), messages = report.messages.len(), "abuse report");
+    tracing::warn!(room = %id, %peer, reporter = %reporter, alleged = %text(&report.alleged_abuser_uri), messages = report.messages.len(), "abuse report");
     Ok(StatusCode::CREATED.into_response())
-}
-
-/// Endpoints Parley does not offer yet (see docs/mimi-conformance.md).
-async fn not_implemented() -> Response {
-    (
-        StatusCode::NOT_IMPLEMENTED,
-        Json(parley_proto::api::ErrorBody {
-            error: "not_implemented".into(),
-            message: "this MIMI endpoint is not implemented by this provider yet".into(),
-            retryable: false,
-        }),
-    )
-        .into_response()
 }
 
 /// `GET /v1/assets/{id}`: an asset hosted here, for a peer (a hub proxying, or a follower whose
@@ -523,33 +582,7 @@ async fn ephemeral(
     Param(room): Param<String>,
     body: Bytes,
 ) -> FedResult {
+    let room = room_param(&room)?;
     app.ephemeral.receive(&peer, &room, &body).await?;
     Ok(StatusCode::ACCEPTED.into_response())
-}
-
-/// `POST /v1/x-parley-promote/{roomId}` (Parley extension): a follower relays its admin user's
-/// promotion of another member; the requester must be a user of the calling peer's domain.
-async fn promote(
-    State(app): State<Arc<App>>,
-    Extension(PeerDomain(peer)): Extension<PeerDomain>,
-    Param(room): Param<String>,
-    body: Bytes,
-) -> FedResult {
-    let request: parley_proto::mimi::PromoteRequest = decode(&body)?;
-    let user = |u: &IdentifierUri| {
-        u.as_str()
-            .ok()
-            .and_then(|s| UserId::parse(s).ok())
-            .ok_or_else(|| ServiceError::bad("invalid_body", "not a user URI"))
-    };
-    let (requester, target) = (user(&request.requester)?, user(&request.target)?);
-    if requester.domain() != &peer {
-        return Err(ServiceError::forbidden(
-            "peer_domain_mismatch",
-            format!("{peer} may not act for {requester}"),
-        )
-        .into());
-    }
-    app.hub.promote(&requester, &room, &target).await?;
-    Ok(StatusCode::CREATED.into_response())
 }

@@ -1,84 +1,65 @@
-//! This provider's side of rooms hubbed elsewhere (it *follows* them). Owns `remote_rooms`,
-//! `remote_room_devices` and `room_hub_claims`.
+//! This provider's side of rooms hubbed elsewhere (MIMI's follower role). Owns `remote_rooms`,
+//! `remote_room_devices`, `handed_out_key_packages`, `notify_seen` and `relays`.
 //!
-//! `notify` from a room's hub lands here: each entry is delivered once (by sequence) to the
-//! listed local devices' queues, in the same transaction that records the sequence and the room
-//! snapshot. Only a hub that fetched one of our users' KeyPackages for the room (recorded by
-//! `key_material` through [`Follower::expect_hub`]) may start notifying us about it. Local
-//! clients' messages, commits, proposals and promotions for such rooms are relayed to the hub
-//! (`submitMessage`, `update`, `x-parley-promote`) and acknowledged only when the hub accepted
-//! them (so they are durable there).
+//! A follower keeps no MLS state (docs/mimi-profile.md §5): it delivers a room's Welcome to the
+//! local clients whose KeyPackageRefs the Welcome names (KeyPackages this provider handed out
+//! for that room), and every other message of the room to the local clients it welcomed, until
+//! a client reports that it left. Each `notify` message is applied once: its digest is kept,
+//! and a message seen before is accepted and ignored. Local clients' messages, commits and
+//! proposals go to the hub (`submitMessage`, `update`) and are acknowledged only when the hub
+//! accepted them; the follower then delivers them to its other member clients itself, and
+//! recognises the hub's echo (if the hub sends one) by the digest it recorded before relaying.
 
 use crate::accounts::AuthDevice;
 use crate::clock::now_ms;
 use crate::config::ServerConfig;
-use crate::consent::Consent;
 use crate::delivery::{enqueue, Delivery, Outgoing, Stored};
 use crate::error::{ServiceError, ServiceResult};
-use crate::hub::{check_expiry_hint, no_consent, Hub};
-use crate::peers::{self, hub_garbled, PeerClient};
+use crate::hub::check_expiry_hint;
+use crate::mls::application_header;
+use crate::peers::{hub_garbled, required, PeerClient};
 use crate::store::{Store, StoreError};
-use parley_proto::api::{Accepted, EntryKind, RoomInfo, RoomKind};
-use parley_proto::ids::DeviceUri;
+use parley_proto::api::{Accepted, CommitRequest, EntryKind, RoomInfo};
 use parley_proto::mimi::{
-    Body, FanoutKind, IdentifierUri, NotifyEntry, NotifyRequest, SubmitMessageRequest,
-    SubmitResponse, UpdateRequest, UpdateResponse,
+    self, Body, FanoutExtra, FanoutMessage, GroupInfoOption, HandshakeBundle, MlsKind, MlsMessage,
+    NotifyRequest, RatchetTreeOption, SubmitMessageRequest, SubmitMessageResponse, SubmitStatus,
+    UpdateRoomResponse,
 };
-use parley_proto::{Domain, RoomId, UserId};
+use parley_proto::{Domain, RoomId};
 use rusqlite::{params, Connection, OptionalExtension};
-use std::collections::HashMap;
-use std::sync::{Arc, RwLock};
+use sha2::{Digest, Sha256};
+use std::sync::Arc;
 
-/// The Parley extension endpoint a follower uses to relay a promotion to the hub.
-pub const PROMOTE: &str = "x-parley-promote";
-
-/// A room hubbed elsewhere, as its hub last described it.
-#[derive(Debug, Clone)]
-struct RemoteRoom {
-    hub: Domain,
-    kind: RoomKind,
-    name: Option<String>,
-    epoch: u64,
-    users: Vec<String>,
-    admins: Vec<String>,
-    last_sequence: u64,
-}
-
-impl RemoteRoom {
-    fn info(&self, id: &RoomId) -> RoomInfo {
-        RoomInfo {
-            room_id: id.to_string(),
-            room_uri: id.to_uri(&self.hub),
-            kind: self.kind,
-            name: self.name.clone(),
-            epoch: self.epoch,
-            members: self.users.clone(),
-            admins: self.admins.clone(),
-        }
-    }
-}
+/// How long a notify digest is remembered (a hub retries within this).
+const SEEN_FOR_MS: u64 = 30 * 24 * 3600 * 1000;
 
 pub struct Follower {
     store: Store,
     config: Arc<ServerConfig>,
     delivery: Arc<Delivery>,
-    hub: Arc<Hub>,
-    consent: Arc<Consent>,
     peers: Option<Arc<PeerClient>>,
-    /// Room → hub domain, for rooms this provider follows (filled on first lookup).
-    hubs: RwLock<HashMap<RoomId, Domain>>,
 }
 
 fn bad_body(e: impl std::fmt::Display) -> ServiceError {
     ServiceError::bad("invalid_body", e.to_string())
 }
 
-fn uri_text(u: &IdentifierUri) -> ServiceResult<&str> {
-    u.as_str().map_err(bad_body)
+fn digest(bytes: &[u8]) -> Vec<u8> {
+    Sha256::digest(bytes).to_vec()
 }
 
-fn parse_user(s: &str) -> ServiceResult<UserId> {
-    UserId::parse(s).map_err(|e| ServiceError::bad("invalid_user", e.to_string()))
+fn unknown_room(room: &RoomId) -> ServiceError {
+    ServiceError::not_found(
+        "unknown_room",
+        format!("no room {room} that you are a member of"),
+    )
+}
+
+/// A relayed handshake or message, as the follower delivers it locally once the hub took it.
+struct Relayed {
+    kind: EntryKind,
+    data: Vec<u8>,
+    expires_at: Option<u64>,
 }
 
 impl Follower {
@@ -86,120 +67,137 @@ impl Follower {
         store: Store,
         config: Arc<ServerConfig>,
         delivery: Arc<Delivery>,
-        hub: Arc<Hub>,
-        consent: Arc<Consent>,
         peers: Option<Arc<PeerClient>>,
     ) -> Self {
         Self {
             store,
             config,
             delivery,
-            hub,
-            consent,
             peers,
-            hubs: RwLock::new(HashMap::new()),
         }
     }
 
-    fn peers(&self) -> ServiceResult<&PeerClient> {
-        peers::required(self.peers.as_deref())
+    /// The hub of a room hubbed elsewhere (a room URI names its hub); `None` for rooms of the
+    /// domains hosted here.
+    pub fn hub_of(&self, room: &RoomId) -> Option<Domain> {
+        (!self.config.hosts(room.hub().as_str())).then(|| room.hub().clone())
     }
 
-    /// The hub of a room this provider follows (`None` for rooms hubbed here or unknown).
-    pub async fn hub_of(&self, room: &RoomId) -> ServiceResult<Option<Domain>> {
-        if let Some(d) = self.hubs.read().ok().and_then(|m| m.get(room).cloned()) {
-            return Ok(Some(d));
-        }
-        let key = room.to_string();
-        let hub: Option<String> = self
+    async fn is_member(&self, caller: &AuthDevice, room: &RoomId) -> ServiceResult<bool> {
+        let (key, device) = (room.to_string(), caller.device.as_str().to_owned());
+        Ok(self
             .store
             .read(move |c| {
                 Ok(c.query_row(
-                    "SELECT hub_domain FROM remote_rooms WHERE room_id = ?1",
-                    params![key],
-                    |r| r.get(0),
+                    "SELECT 1 FROM remote_room_devices WHERE room_id = ?1 AND device_id = ?2",
+                    params![key, device],
+                    |_| Ok(()),
                 )
-                .optional()?)
+                .optional()?
+                .is_some())
             })
-            .await?;
-        let hub = hub.and_then(|h| Domain::parse(&h).ok());
-        if let (Some(h), Ok(mut m)) = (&hub, self.hubs.write()) {
-            m.insert(room.clone(), h.clone());
+            .await?)
+    }
+
+    async fn require_member(&self, caller: &AuthDevice, room: &RoomId) -> ServiceResult<()> {
+        if self.is_member(caller, room).await? {
+            Ok(())
+        } else {
+            Err(unknown_room(room))
         }
-        Ok(hub)
     }
 
-    async fn member_room(&self, caller: &AuthDevice, room: &RoomId) -> ServiceResult<RemoteRoom> {
-        let (key, device) = (room.to_string(), caller.device.as_str().to_owned());
-        let found = self
-            .store
-            .read(move |c| {
-                let member = c
-                    .query_row(
-                        "SELECT 1 FROM remote_room_devices WHERE room_id = ?1 AND device_id = ?2",
-                        params![key, device],
-                        |_| Ok(()),
-                    )
-                    .optional()?
-                    .is_some();
-                if !member {
-                    return Ok(None);
-                }
-                load_room(c, &key)
-            })
-            .await?;
-        found.ok_or_else(|| {
-            ServiceError::not_found(
-                "unknown_room",
-                format!("no room {room} that you are a member of"),
-            )
-        })
-    }
-
-    /// Rooms hubbed elsewhere that the calling device is in.
+    /// Rooms hubbed elsewhere that the calling device is in (what a follower knows: URI, hub).
     pub async fn rooms_of(&self, caller: &AuthDevice) -> ServiceResult<Vec<RoomInfo>> {
         let device = caller.device.as_str().to_owned();
-        let rooms: Vec<(String, RemoteRoom)> = self
+        let rooms: Vec<String> = self
             .store
             .read(move |c| {
                 let mut st = c.prepare(
                     "SELECT room_id FROM remote_room_devices WHERE device_id = ?1 ORDER BY room_id",
                 )?;
-                let ids: Vec<String> = st
-                    .query_map(params![device], |r| r.get(0))?
-                    .collect::<Result<_, _>>()?;
-                let mut out = Vec::new();
-                for id in ids {
-                    if let Some(room) = load_room(c, &id)? {
-                        out.push((id, room));
-                    }
-                }
-                Ok(out)
+                let rows = st.query_map(params![device], |r| r.get(0))?;
+                Ok(rows.collect::<Result<_, _>>()?)
             })
             .await?;
         Ok(rooms
-            .into_iter()
-            .filter_map(|(id, room)| RoomId::parse(&id).ok().map(|id| room.info(&id)))
+            .iter()
+            .filter_map(|r| RoomId::parse(r).ok())
+            .map(|r| bare_info(&r))
             .collect())
     }
 
     pub async fn room_info(&self, caller: &AuthDevice, room: &RoomId) -> ServiceResult<RoomInfo> {
-        Ok(self.member_room(caller, room).await?.info(room))
+        self.require_member(caller, room).await?;
+        Ok(bare_info(room))
     }
 
-    // --- relaying a local client's traffic to the hub ----------------------------------------
+    /// `POST /v1/rooms/{id}/left`: the device left the room or was removed by a commit; its
+    /// provider stops delivering the room to it.
+    pub async fn left(&self, caller: &AuthDevice, room: &RoomId) -> ServiceResult<()> {
+        let (key, device) = (room.to_string(), caller.device.as_str().to_owned());
+        let removed = self
+            .store
+            .write(move |c| {
+                Ok(c.execute(
+                    "DELETE FROM remote_room_devices WHERE room_id = ?1 AND device_id = ?2",
+                    params![key, device],
+                )?)
+            })
+            .await?;
+        if removed == 0 {
+            return Err(unknown_room(room));
+        }
+        tracing::info!(%room, device = %caller.device, "device left a followed room");
+        Ok(())
+    }
 
-    /// `POST /v1/rooms/{id}/messages` for a room hubbed elsewhere: MIMI `submitMessage`, with
-    /// the sender's expiry hint (checked here too, so a bad one never leaves the provider).
+    /// Remembers KeyPackages this provider handed out for `room` (MIMI `keyMaterial`): the room's
+    /// Welcome is routed to these devices by KeyPackageRef, and only then does the room's hub
+    /// become able to notify us about it.
+    pub async fn record_handed_out(
+        &self,
+        room: &RoomId,
+        handed: Vec<(Vec<u8>, String)>,
+    ) -> ServiceResult<()> {
+        if handed.is_empty() || self.hub_of(room).is_none() {
+            return Ok(());
+        }
+        let room = room.to_string();
+        self.store
+            .write(move |c| {
+                let mut st = c.prepare_cached(
+                    "INSERT OR REPLACE INTO handed_out_key_packages (key_package_ref, room_id, device_id, handed_out_at)
+                     VALUES (?1, ?2, ?3, ?4)",
+                )?;
+                for (reference, device) in handed {
+                    st.execute(params![reference, room, device, now_ms() as i64])?;
+                }
+                Ok(())
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// The local member devices of a room hubbed elsewhere (for ephemeral messages, which
+    /// bypass the queues and so this module's notify path).
+    pub async fn local_devices(&self, room: &RoomId) -> ServiceResult<Vec<String>> {
+        let key = room.to_string();
+        Ok(self.store.read(move |c| member_devices(c, &key)).await?)
+    }
+
+    // --- relaying a local client's traffic to the hub --------------------------------------------
+
+    /// `POST /v1/rooms/{id}/messages` for a room hubbed elsewhere: MIMI `submitMessage`, named by
+    /// the sender's user URI. The expiry hint (Safe AAD) is checked here too, so a bad one never
+    /// leaves the provider.
     pub async fn relay_send(
         &self,
         caller: &AuthDevice,
         room: &RoomId,
-        hub: &Domain,
         message: Vec<u8>,
-        expires_at: Option<u64>,
     ) -> ServiceResult<Accepted> {
-        let expires_at = check_expiry_hint(&self.config, &caller.user, expires_at, now_ms())?;
+        let hub = self.hub_of(room).ok_or_else(|| unknown_room(room))?;
         let max = self
             .config
             .domain(caller.user.domain().as_str())
@@ -210,87 +208,142 @@ impl Follower {
                 format!("messages are limited to {max} bytes"),
             ));
         }
-        let state = self.member_room(caller, room).await?;
-        if state.kind == RoomKind::Direct {
-            let me = caller.user.to_string();
-            for other in state.users.iter().filter(|u| **u != me) {
-                if let Ok(other) = UserId::parse(other) {
-                    if self.consent.blocked(&caller.user, &other) {
-                        return Err(no_consent(&other));
-                    }
-                }
-            }
-        }
-        let body = SubmitMessageRequest::new(message, &caller.uri().to_string())
-            .expiring_at(expires_at)
-            .encode();
+        let header = application_header(&message)
+            .map_err(|e| ServiceError::bad("invalid_message", e.to_string()))?;
+        let expires_at =
+            check_expiry_hint(&self.config, &caller.user, header.expires_at, now_ms())?;
+        self.require_member(caller, room).await?;
+        let mls = MlsMessage::from_bytes(message.clone())
+            .map_err(|e| ServiceError::bad("invalid_message", e.to_string()))?;
+        let body = SubmitMessageRequest::new(mls, &caller.user.to_uri()).encode();
+        let relayed = Relayed {
+            kind: EntryKind::Message,
+            data: message,
+            expires_at,
+        };
         let answer = self
-            .peers()?
-            .call(
-                caller.user.domain(),
-                hub,
-                "submitMessage",
-                room.as_str(),
-                body,
-            )
+            .relay(caller, room, &hub, "submitMessage", body, &relayed)
             .await?;
-        match SubmitResponse::decode(&answer).map_err(|e| hub_garbled(hub, e))? {
-            SubmitResponse::Accepted {
+        let response = SubmitMessageResponse::decode(&answer).map_err(|e| hub_garbled(&hub, e));
+        let outcome = match response.map(|r| r.status) {
+            Ok(SubmitStatus::Accepted {
                 accepted_timestamp, ..
-            } => Ok(Accepted {
+            }) => Ok(Accepted {
                 event: 0,
                 ts: accepted_timestamp,
-                epoch: state.epoch,
+                epoch: header.epoch,
             }),
-            SubmitResponse::NotAllowed => Err(ServiceError::forbidden(
+            Ok(SubmitStatus::NotAllowed) => Err(ServiceError::forbidden(
                 "not_allowed",
                 format!("the room's hub {hub} refused the message"),
             )),
-            SubmitResponse::EpochTooOld { current_epoch } => Err(ServiceError::wrong_epoch(
-                current_epoch,
-                current_epoch.saturating_sub(1),
-            )),
-        }
+            Ok(SubmitStatus::EpochTooOld { current_epoch }) => {
+                Err(ServiceError::wrong_epoch(current_epoch, header.epoch))
+            }
+            Err(e) => Err(e),
+        };
+        self.settle_relay(caller, room, &relayed, outcome.as_ref().ok())
+            .await?;
+        outcome
     }
 
-    /// Commits and proposals for a room hubbed elsewhere: MIMI `update`.
-    pub async fn relay_update(
+    /// Commits for a room hubbed elsewhere: MIMI `update` with the commit, the Welcome (bare),
+    /// the committer's GroupInfo and the ratchet tree.
+    pub async fn relay_commit(
         &self,
         caller: &AuthDevice,
         room: &RoomId,
-        hub: &Domain,
-        request: UpdateRequest,
+        req: CommitRequest,
     ) -> ServiceResult<Accepted> {
-        let state = self.member_room(caller, room).await?;
+        let invalid =
+            |what: &'static str| move |e: mimi::WireError| ServiceError::bad(what, e.to_string());
+        let commit =
+            MlsMessage::from_bytes(req.commit.clone()).map_err(invalid("invalid_commit"))?;
+        let welcome = match req.welcome {
+            Some(w) => Some(
+                MlsMessage::from_bytes(w)
+                    .ok()
+                    .and_then(|m| m.to_welcome())
+                    .ok_or_else(|| {
+                        ServiceError::bad("invalid_welcome", "welcome is not an MLS Welcome")
+                    })?,
+            ),
+            None => None,
+        };
+        let group_info = bare_group_info(req.group_info)?;
+        let bundle = HandshakeBundle::Commit {
+            commit,
+            welcome,
+            group_info: GroupInfoOption::Full { group_info },
+            ratchet_tree: RatchetTreeOption::Full {
+                ratchet_tree: mimi::RatchetTree::from_bytes(req.ratchet_tree)
+                    .map_err(invalid("invalid_ratchet_tree"))?,
+            },
+        };
+        let epoch = crate::mls::message_epoch(&req.commit).unwrap_or(0);
+        let relayed = Relayed {
+            kind: EntryKind::Commit,
+            data: req.commit,
+            expires_at: None,
+        };
+        self.relay_update(caller, room, bundle, relayed, epoch + 1)
+            .await
+    }
+
+    /// A member's self-removal (leaving) for a room hubbed elsewhere: MIMI `update`.
+    pub async fn relay_proposal(
+        &self,
+        caller: &AuthDevice,
+        room: &RoomId,
+        proposal: Vec<u8>,
+    ) -> ServiceResult<Accepted> {
+        let message = MlsMessage::from_bytes(proposal.clone())
+            .map_err(|e| ServiceError::bad("invalid_proposal", e.to_string()))?;
+        let epoch = crate::mls::message_epoch(&proposal).unwrap_or(0);
+        let bundle = HandshakeBundle::Proposal {
+            proposal: message,
+            more_proposals: Vec::new(),
+        };
+        let relayed = Relayed {
+            kind: EntryKind::Proposal,
+            data: proposal,
+            expires_at: None,
+        };
+        self.relay_update(caller, room, bundle, relayed, epoch)
+            .await
+    }
+
+    async fn relay_update(
+        &self,
+        caller: &AuthDevice,
+        room: &RoomId,
+        bundle: HandshakeBundle,
+        relayed: Relayed,
+        epoch_after: u64,
+    ) -> ServiceResult<Accepted> {
+        let hub = self.hub_of(room).ok_or_else(|| unknown_room(room))?;
+        self.require_member(caller, room).await?;
         let answer = self
-            .peers()?
-            .call(
-                caller.user.domain(),
-                hub,
-                "update",
-                room.as_str(),
-                request.encode(),
-            )
+            .relay(caller, room, &hub, "update", bundle.encode(), &relayed)
             .await?;
-        match UpdateResponse::decode(&answer).map_err(|e| hub_garbled(hub, e))? {
-            UpdateResponse::Success {
+        let outcome = match UpdateRoomResponse::decode(&answer).map_err(|e| hub_garbled(&hub, e)) {
+            Ok(UpdateRoomResponse::Success {
                 accepted_timestamp, ..
-            } => Ok(Accepted {
+            }) => Ok(Accepted {
                 event: 0,
                 ts: accepted_timestamp,
-                epoch: state.epoch,
+                epoch: epoch_after,
             }),
-            UpdateResponse::WrongEpoch { current_epoch, .. } => Err(ServiceError::wrong_epoch(
-                current_epoch,
-                state.epoch.min(current_epoch.saturating_sub(1)),
-            )),
-            UpdateResponse::NotAllowed { error_description } => {
+            Ok(UpdateRoomResponse::WrongEpoch { current_epoch, .. }) => Err(
+                ServiceError::wrong_epoch(current_epoch, epoch_after.saturating_sub(1)),
+            ),
+            Ok(UpdateRoomResponse::NotAllowed { error_description }) => {
                 let (code, message) = split_description(error_description.as_slice());
                 Err(ServiceError::forbidden(code, message))
             }
-            UpdateResponse::InvalidProposal {
+            Ok(UpdateRoomResponse::InvalidProposal {
                 error_description, ..
-            } => {
+            }) => {
                 let (code, message) = split_description(error_description.as_slice());
                 Err(ServiceError::Conflict {
                     code,
@@ -298,360 +351,434 @@ impl Follower {
                     retryable: code == "pending_proposals",
                 })
             }
-        }
+            Err(e) => Err(e),
+        };
+        self.settle_relay(caller, room, &relayed, outcome.as_ref().ok())
+            .await?;
+        outcome
     }
 
-    /// `POST /v1/rooms/{id}/admins` for a room hubbed elsewhere: the Parley extension
-    /// `x-parley-promote` to the hub; on success the local snapshot learns the new admin.
-    pub async fn relay_promote(
+    /// Posts a relayed body to the hub, having recorded (room, digest, sending device) so that
+    /// the hub's echo of it skips the sender.
+    async fn relay(
         &self,
         caller: &AuthDevice,
         room: &RoomId,
         hub: &Domain,
-        target: &UserId,
-    ) -> ServiceResult<RoomInfo> {
-        let mut state = self.member_room(caller, room).await?;
-        let body = parley_proto::mimi::PromoteRequest {
-            requester: IdentifierUri::new(&caller.user.to_uri()),
-            target: IdentifierUri::new(&target.to_uri()),
-        }
-        .encode();
-        self.peers()?
-            .call(caller.user.domain(), hub, PROMOTE, room.as_str(), body)
-            .await?;
-        let name = target.to_string();
-        if !state.admins.contains(&name) {
-            state.admins.push(name);
-            state.admins.sort();
-            let (key, json) = (
-                room.to_string(),
-                serde_json::to_string(&state.admins).unwrap_or_else(|_| "[]".into()),
-            );
-            self.store
-                .write(move |c| {
-                    c.execute(
-                        "UPDATE remote_rooms SET admins = ?2 WHERE room_id = ?1",
-                        params![key, json],
-                    )?;
-                    Ok(())
-                })
-                .await?;
-        }
-        Ok(state.info(room))
-    }
-
-    // --- notify from the hub ------------------------------------------------------------------
-
-    /// MIMI `notify/{roomId}` from `peer`, the room's hub.
-    pub async fn notify(&self, peer: &Domain, room: &str, body: &[u8]) -> ServiceResult<()> {
-        let room =
-            RoomId::parse(room).map_err(|e| ServiceError::bad("invalid_room", e.to_string()))?;
-        let request = NotifyRequest::decode(body).map_err(bad_body)?;
-        if self.hub.hosts_room(&room).await? {
-            return Err(ServiceError::forbidden(
-                "not_hub",
-                format!("room {room} is hubbed here, not by {peer}"),
-            ));
-        }
-        let plan = self.plan_notify(peer, &room, request).await?;
-        if plan.entries.is_empty() && plan.snapshot.is_none() {
-            return Ok(()); // all duplicates
-        }
-        let push = self.delivery.push.clone();
-        let stored = self
-            .store
-            .write_then(
-                move |c| plan.apply(c),
-                move |stored: &Vec<Stored>| push.push(stored),
-            )
-            .await?;
-        if let Ok(mut m) = self.hubs.write() {
-            m.insert(room.clone(), peer.clone());
-        }
-        tracing::debug!(%room, hub = %peer, delivered = stored.len(), "notify accepted");
-        Ok(())
-    }
-
-    /// Remembers that `hub` fetched one of our users' KeyPackages for `room`: it may then start
-    /// notifying us about that room (and nobody else may).
-    pub async fn expect_hub(&self, room: &RoomId, hub: &Domain) -> ServiceResult<()> {
-        if self.config.hosts(hub.as_str()) {
-            return Ok(());
-        }
-        let (room, hub) = (room.to_string(), hub.to_string());
+        endpoint: &str,
+        body: Vec<u8>,
+        relayed: &Relayed,
+    ) -> ServiceResult<Vec<u8>> {
+        let peers = required(self.peers.as_deref())?;
+        let (key, hash, device) = (
+            room.to_string(),
+            digest(&relayed.data),
+            caller.device.as_str().to_owned(),
+        );
         self.store
             .write(move |c| {
                 c.execute(
-                    "INSERT OR IGNORE INTO room_hub_claims (room_id, hub_domain, claimed_at) VALUES (?1, ?2, ?3)",
-                    params![room, hub, now_ms() as i64],
+                    "INSERT OR REPLACE INTO relays (room_id, digest, device_id) VALUES (?1, ?2, ?3)",
+                    params![key, hash, device],
                 )?;
                 Ok(())
             })
             .await?;
+        let answer = peers
+            .call(caller.user.domain(), hub, endpoint, room.path_form(), body)
+            .await;
+        if answer.is_err() {
+            self.settle_relay(caller, room, relayed, None).await?;
+        }
+        answer
+    }
+
+    /// After the hub answered: if it accepted, delivers what was relayed to the room's other
+    /// local member devices (unless the hub's echo already did), in one transaction with the
+    /// digest; always forgets the pending relay.
+    async fn settle_relay(
+        &self,
+        caller: &AuthDevice,
+        room: &RoomId,
+        relayed: &Relayed,
+        accepted: Option<&Accepted>,
+    ) -> ServiceResult<()> {
+        let key = room.to_string();
+        let hash = digest(&relayed.data);
+        let sender = caller.device.as_str().to_owned();
+        let deliver = accepted.map(|a| {
+            let retained =
+                a.ts.max(now_ms())
+                    .saturating_add(self.config.retention_ms(caller.user.domain().as_str()));
+            (
+                a.ts,
+                relayed.expires_at.map_or(retained, |at| at.min(retained)),
+                relayed.kind,
+                Arc::new(relayed.data.clone()),
+            )
+        });
+        let push = self.delivery.push.clone();
+        self.store
+            .write_then(
+                move |c| {
+                    c.execute(
+                        "DELETE FROM relays WHERE room_id = ?1 AND digest = ?2 AND device_id = ?3",
+                        params![key, hash, sender],
+                    )?;
+                    let Some((ts, expires_at, kind, data)) = deliver else {
+                        return Ok(Vec::new());
+                    };
+                    if seen(c, &key, &hash)? {
+                        return Ok(Vec::new()); // the hub's echo came first and was delivered
+                    }
+                    mark_seen(c, &key, &hash)?;
+                    let entries: Vec<Outgoing> = member_devices(c, &key)?
+                        .into_iter()
+                        .filter(|d| *d != sender)
+                        .map(|device| Outgoing {
+                            device,
+                            room_id: key.clone(),
+                            kind,
+                            event: 0,
+                            ts,
+                            data: data.clone(),
+                            ratchet_tree: None,
+                            expires_at,
+                        })
+                        .collect();
+                    enqueue(c, &entries)
+                },
+                move |stored: &Vec<Stored>| push.push(stored),
+            )
+            .await?;
         Ok(())
     }
 
-    async fn hub_was_expected(&self, room: &RoomId, hub: &Domain) -> ServiceResult<bool> {
-        let (room, hub) = (room.to_string(), hub.to_string());
-        Ok(self
-            .store
-            .read(move |c| {
-                Ok(c.query_row(
-                    "SELECT 1 FROM room_hub_claims WHERE room_id = ?1 AND hub_domain = ?2",
-                    params![room, hub],
-                    |_| Ok(()),
-                )
-                .optional()?
-                .is_some())
-            })
-            .await?)
-    }
+    // --- notify ----------------------------------------------------------------------------------
 
-    /// Checks a notify request and works out what to store, without writing anything.
-    async fn plan_notify(
-        &self,
-        peer: &Domain,
-        room: &RoomId,
-        request: NotifyRequest,
-    ) -> ServiceResult<NotifyPlan> {
-        let key = room.to_string();
-        let existing = self.store.read(move |c| load_room(c, &key)).await?;
-        if let Some(existing) = &existing {
-            if existing.hub != *peer {
-                return Err(ServiceError::forbidden(
-                    "not_hub",
-                    format!("room {room} is hubbed by {}, not {peer}", existing.hub),
-                ));
-            }
-        }
-        if existing.is_none() && !self.hub_was_expected(room, peer).await? {
+    /// MIMI `notify/{roomId}` from `peer`, which must be the room's hub (the room URI names it).
+    /// Everything in the request is stored in one transaction before the `201`.
+    pub async fn notify(&self, peer: &Domain, room: &RoomId, body: &[u8]) -> ServiceResult<()> {
+        let request = NotifyRequest::decode(body).map_err(bad_body)?;
+        if self.config.hosts(room.hub().as_str()) || room.hub() != peer {
             return Err(ServiceError::forbidden(
                 "not_hub",
-                format!("{peer} never claimed key material here for room {room}"),
+                format!("room {room} is hubbed by {}, not {peer}", room.hub()),
             ));
         }
-        let mut last = existing.as_ref().map_or(0, |r| r.last_sequence);
-        let mut known = existing.is_some();
-        let mut plan = NotifyPlan {
-            room: room.to_string(),
-            hub: peer.to_string(),
-            entries: Vec::new(),
-            snapshot: None,
-            last_sequence: last,
-            added_devices: Vec::new(),
-        };
-        for entry in request.entries {
-            if entry.sequence <= last {
-                continue; // a repeat: accepted and ignored
-            }
-            let sender = parse_user(uri_text(&entry.sender)?)?;
-            if let Some(snapshot) = &entry.room {
-                plan.snapshot = Some(self.snapshot_of(snapshot)?);
-                known = true;
-            }
-            if !known {
-                return Err(ServiceError::not_found(
-                    "unknown_room",
-                    format!("no room {room} here; a first notify must carry the room"),
-                ));
-            }
-            let kind = match entry.fanout.kind {
-                FanoutKind::Application => EntryKind::Message,
-                FanoutKind::Welcome => EntryKind::Welcome,
-                FanoutKind::Proposal => EntryKind::Proposal,
-                FanoutKind::Commit => EntryKind::Commit,
+        let now = now_ms();
+        let plan = self.plan_notify(room, request, now)?;
+        let (key, hub) = (room.to_string(), peer.to_string());
+        let push = self.delivery.push.clone();
+        let config = self.config.clone();
+        let stored = self
+            .store
+            .write_then(
+                move |c| apply_notify(c, &config, &key, &hub, plan, now),
+                move |stored: &Vec<Stored>| push.push(stored),
+            )
+            .await
+            .map_err(|e| match e {
+                StoreError::Refused(message) => ServiceError::forbidden("not_hub", message),
+                e => e.into(),
+            })?;
+        tracing::debug!(%room, hub = %peer, delivered = stored.len(), "notify accepted");
+        Ok(())
+    }
+
+    /// Checks a notify request's messages and works out what each is, without storage.
+    fn plan_notify(
+        &self,
+        room: &RoomId,
+        request: NotifyRequest,
+        now: u64,
+    ) -> ServiceResult<Vec<Planned>> {
+        let mut out = Vec::with_capacity(request.messages.len());
+        for FanoutMessage {
+            timestamp,
+            message,
+            extra,
+        } in request.messages
+        {
+            let hash = digest(message.bytes());
+            let planned = match (message.kind(), extra) {
+                (MlsKind::Welcome, FanoutExtra::Welcome { ratchet_tree }) => {
+                    let welcome = message
+                        .to_welcome()
+                        .and_then(|w| w.parse().ok())
+                        .ok_or_else(|| bad_body("an undecodable Welcome"))?;
+                    let refs = welcome
+                        .secrets()
+                        .iter()
+                        .map(|s| s.new_member().as_slice().to_vec())
+                        .collect();
+                    let tree = match ratchet_tree {
+                        RatchetTreeOption::Full { ratchet_tree } => Some(ratchet_tree.into_bytes()),
+                        _ => None,
+                    };
+                    Planned::Welcome {
+                        timestamp,
+                        hash,
+                        data: message.into_bytes(),
+                        refs,
+                        tree,
+                    }
+                }
+                (kind, _) => {
+                    let entry_kind = match kind {
+                        MlsKind::Application => EntryKind::Message,
+                        MlsKind::Proposal => EntryKind::Proposal,
+                        MlsKind::Commit => EntryKind::Commit,
+                        _ => return Err(bad_body("not a message a hub fans out")),
+                    };
+                    let expires_at = (entry_kind == EntryKind::Message)
+                        .then(|| application_header(message.bytes()).ok())
+                        .flatten()
+                        .and_then(|h| h.expires_at);
+                    if expires_at.is_some_and(|at| at <= now) {
+                        // An expiring message that spent its life in the hub's outbox: nobody
+                        // may read it any more, so it is not queued.
+                        tracing::debug!(%room, "dropped an expired notification");
+                    }
+                    Planned::Message {
+                        timestamp,
+                        hash,
+                        kind: entry_kind,
+                        data: message.into_bytes(),
+                        expires_at,
+                    }
+                }
             };
-            let data = Arc::new(entry.fanout.message.as_slice().to_vec());
-            let now = now_ms();
-            if entry.expiry().is_some_and(|at| at <= now) {
-                // An expiring message that spent its life in the hub's outbox: nobody may
-                // read it any more, so it is not queued (its sequence still counts).
-                tracing::debug!(%room, sequence = entry.sequence, "dropped an expired entry");
-                last = entry.sequence;
-                plan.last_sequence = last;
-                continue;
-            }
-            for recipient in &entry.recipients {
-                let device = DeviceUri::parse(uri_text(recipient)?)
-                    .map_err(|e| ServiceError::bad("invalid_uri", e.to_string()))?;
-                if !self.config.hosts(device.user.domain().as_str()) {
-                    return Err(ServiceError::forbidden(
-                        "not_local",
-                        format!("{device} is not a client of this provider"),
-                    ));
-                }
-                // Only messages are hidden: handshake messages keep the group state intact.
-                if kind == EntryKind::Message && self.consent.blocked(&sender, &device.user) {
-                    continue;
-                }
-                if kind == EntryKind::Welcome {
-                    plan.added_devices.push(device.device.as_str().to_owned());
-                }
-                plan.entries.push(Outgoing {
-                    device: device.device.as_str().to_owned(),
-                    room_id: room.to_string(),
-                    kind,
-                    event: entry.event,
-                    ts: entry.fanout.timestamp,
-                    data: data.clone(),
-                    expires_at: self.queue_expiry(&device.user, &entry, now),
-                });
-            }
-            last = entry.sequence;
-            plan.last_sequence = last;
+            out.push(planned);
         }
-        Ok(plan)
+        Ok(out)
     }
 
-    /// When a queue entry made from `entry` for `user` expires: after the retention of the
-    /// user's domain, counted from its arrival here, or at the sender's expiry hint if sooner.
-    fn queue_expiry(&self, user: &UserId, entry: &NotifyEntry, now: u64) -> u64 {
-        let retained = entry
-            .fanout
-            .timestamp
-            .max(now)
-            .saturating_add(self.config.retention_ms(user.domain().as_str()));
-        entry.expiry().map_or(retained, |hint| hint.min(retained))
-    }
-
-    fn snapshot_of(&self, s: &parley_proto::mimi::RoomSnapshot) -> ServiceResult<Snapshot> {
-        let users = s
-            .users
-            .iter()
-            .map(|u| uri_text(u).and_then(parse_user).map(|u| u.to_string()))
-            .collect::<ServiceResult<Vec<_>>>()?;
-        let mut devices = Vec::new();
-        for c in &s.local_clients {
-            let d = DeviceUri::parse(uri_text(c)?)
-                .map_err(|e| ServiceError::bad("invalid_uri", e.to_string()))?;
-            if !self.config.hosts(d.user.domain().as_str()) {
-                return Err(ServiceError::forbidden(
-                    "not_local",
-                    format!("{d} is not a client of this provider"),
-                ));
-            }
-            devices.push(d.device.as_str().to_owned());
-        }
-        let name = match &s.name {
-            Some(n) => Some(String::from_utf8(n.as_slice().to_vec()).map_err(bad_body)?),
-            None => None,
-        };
-        Ok(Snapshot {
-            kind: if s.kind == 1 { "direct" } else { "group" },
-            name,
-            creator: parse_user(uri_text(&s.creator)?)?.to_string(),
-            epoch: s.epoch,
-            users,
-            admins: s
-                .admins
-                .iter()
-                .map(|u| uri_text(u).and_then(parse_user).map(|u| u.to_string()))
-                .collect::<ServiceResult<Vec<_>>>()?,
-            devices,
-        })
-    }
-
-    /// The local member devices of a room hubbed elsewhere (for ephemeral messages, which
-    /// bypass the queues and so this module's notify path).
-    pub async fn local_devices(&self, room: &RoomId) -> ServiceResult<Vec<String>> {
-        let key = room.to_string();
+    /// Forgets notify digests and handed-out KeyPackages older than they can matter.
+    pub async fn prune(&self, now: u64) -> ServiceResult<usize> {
+        let before = now.saturating_sub(SEEN_FOR_MS) as i64;
         Ok(self
             .store
-            .read(move |c| {
-                let mut st = c.prepare_cached(
-                    "SELECT device_id FROM remote_room_devices WHERE room_id = ?1",
+            .write(move |c| {
+                let seen = c.execute(
+                    "DELETE FROM notify_seen WHERE seen_at < ?1",
+                    params![before],
                 )?;
-                let rows = st.query_map(params![key], |r| r.get(0))?;
-                Ok(rows.collect::<Result<Vec<String>, _>>()?)
+                let handed = c.execute(
+                    "DELETE FROM handed_out_key_packages WHERE handed_out_at < ?1",
+                    params![before],
+                )?;
+                Ok(seen + handed)
             })
             .await?)
     }
 }
 
-/// The room state a notify carries, checked.
-struct Snapshot {
-    kind: &'static str,
-    name: Option<String>,
-    creator: String,
-    epoch: u64,
-    users: Vec<String>,
-    admins: Vec<String>,
-    devices: Vec<String>,
+/// One checked message of a notify request.
+enum Planned {
+    Welcome {
+        timestamp: u64,
+        hash: Vec<u8>,
+        data: Vec<u8>,
+        refs: Vec<Vec<u8>>,
+        tree: Option<Vec<u8>>,
+    },
+    Message {
+        timestamp: u64,
+        hash: Vec<u8>,
+        kind: EntryKind,
+        data: Vec<u8>,
+        expires_at: Option<u64>,
+    },
 }
 
-/// What one notify request stores, in one transaction.
-struct NotifyPlan {
-    room: String,
-    hub: String,
-    entries: Vec<Outgoing>,
-    snapshot: Option<Snapshot>,
-    last_sequence: u64,
-    added_devices: Vec<String>,
-}
-
-impl NotifyPlan {
-    fn apply(self, c: &Connection) -> Result<Vec<Stored>, StoreError> {
-        if let Some(s) = &self.snapshot {
-            let users =
-                serde_json::to_string(&s.users).map_err(|e| StoreError::Task(e.to_string()))?;
-            let admins =
-                serde_json::to_string(&s.admins).map_err(|e| StoreError::Task(e.to_string()))?;
-            c.execute(
-                "INSERT INTO remote_rooms (room_id, hub_domain, kind, name, creator, epoch, users, last_sequence, admins)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 0, ?8)
-                 ON CONFLICT (room_id) DO UPDATE SET kind = excluded.kind, name = excluded.name,
-                   creator = excluded.creator, epoch = excluded.epoch, users = excluded.users,
-                   admins = excluded.admins",
-                params![self.room, self.hub, s.kind, s.name, s.creator, s.epoch as i64, users, admins],
-            )?;
-            c.execute(
-                "DELETE FROM remote_room_devices WHERE room_id = ?1",
-                params![self.room],
-            )?;
-            let mut st = c.prepare_cached(
-                "INSERT OR IGNORE INTO remote_room_devices (room_id, device_id) VALUES (?1, ?2)",
-            )?;
-            for d in &s.devices {
-                st.execute(params![self.room, d])?;
+/// Stores one notify request (inside the writer's transaction): new messages only, Welcomes to
+/// the devices their refs name, the rest to the room's local members (minus a device that relayed
+/// the message itself). A room is followed only from a Welcome for our devices.
+fn apply_notify(
+    c: &Connection,
+    config: &ServerConfig,
+    room: &str,
+    hub: &str,
+    plan: Vec<Planned>,
+    now: u64,
+) -> Result<Vec<Stored>, StoreError> {
+    let mut entries = Vec::new();
+    let mut followed = c
+        .query_row(
+            "SELECT 1 FROM remote_rooms WHERE room_id = ?1",
+            params![room],
+            |_| Ok(()),
+        )
+        .optional()?
+        .is_some();
+    let retained =
+        |user_domain: &str, ts: u64| ts.max(now).saturating_add(config.retention_ms(user_domain));
+    let domain_of = |device: &str| -> Result<String, StoreError> {
+        Ok(c.query_row(
+            "SELECT domain FROM devices WHERE device_id = ?1",
+            params![device],
+            |r| r.get(0),
+        )
+        .optional()?
+        .unwrap_or_default())
+    };
+    for item in plan {
+        match item {
+            Planned::Welcome {
+                timestamp,
+                hash,
+                data,
+                refs,
+                tree,
+            } => {
+                if seen(c, room, &hash)? {
+                    continue;
+                }
+                let mut devices = Vec::new();
+                let mut st = c.prepare_cached(
+                    "SELECT device_id FROM handed_out_key_packages WHERE room_id = ?1 AND key_package_ref = ?2",
+                )?;
+                for r in &refs {
+                    if let Some(d) = st
+                        .query_row(params![room, r], |row| row.get::<_, String>(0))
+                        .optional()?
+                    {
+                        devices.push(d);
+                    }
+                }
+                if devices.is_empty() {
+                    if !followed {
+                        return Err(StoreError::Refused(format!(
+                            "no KeyPackages of this provider were handed out for room {room}"
+                        )));
+                    }
+                    tracing::warn!(%room, "a Welcome for none of our devices; ignored");
+                    mark_seen(c, room, &hash)?;
+                    continue;
+                }
+                if !followed {
+                    c.execute(
+                        "INSERT OR IGNORE INTO remote_rooms (room_id, hub_domain, joined_at) VALUES (?1, ?2, ?3)",
+                        params![room, hub, now as i64],
+                    )?;
+                    followed = true;
+                }
+                let data = Arc::new(data);
+                let tree = tree.map(Arc::new);
+                for device in devices {
+                    c.execute(
+                        "INSERT OR IGNORE INTO remote_room_devices (room_id, device_id) VALUES (?1, ?2)",
+                        params![room, device],
+                    )?;
+                    let expires_at = retained(&domain_of(&device)?, timestamp);
+                    entries.push(Outgoing {
+                        device,
+                        room_id: room.to_owned(),
+                        kind: EntryKind::Welcome,
+                        event: 0,
+                        ts: timestamp,
+                        data: data.clone(),
+                        ratchet_tree: tree.clone(),
+                        expires_at,
+                    });
+                }
+                mark_seen(c, room, &hash)?;
+            }
+            Planned::Message {
+                timestamp,
+                hash,
+                kind,
+                data,
+                expires_at,
+            } => {
+                if !followed {
+                    return Err(StoreError::Refused(format!(
+                        "room {room} is not followed here: its first notify must be a Welcome for our devices"
+                    )));
+                }
+                if seen(c, room, &hash)? {
+                    continue;
+                }
+                mark_seen(c, room, &hash)?;
+                if expires_at.is_some_and(|at| at <= now) {
+                    continue;
+                }
+                let relayed_by: Vec<String> = {
+                    let mut st = c.prepare_cached(
+                        "SELECT device_id FROM relays WHERE room_id = ?1 AND digest = ?2",
+                    )?;
+                    let rows = st.query_map(params![room, hash], |r| r.get(0))?;
+                    rows.collect::<Result<_, _>>()?
+                };
+                let data = Arc::new(data);
+                for device in member_devices(c, room)? {
+                    if relayed_by.contains(&device) {
+                        continue;
+                    }
+                    let kept = retained(&domain_of(&device)?, timestamp);
+                    entries.push(Outgoing {
+                        device,
+                        room_id: room.to_owned(),
+                        kind,
+                        event: 0,
+                        ts: timestamp,
+                        data: data.clone(),
+                        ratchet_tree: None,
+                        expires_at: expires_at.map_or(kept, |at| at.min(kept)),
+                    });
+                }
             }
         }
-        let mut st = c.prepare_cached(
-            "INSERT OR IGNORE INTO remote_room_devices (room_id, device_id) VALUES (?1, ?2)",
-        )?;
-        for d in &self.added_devices {
-            st.execute(params![self.room, d])?;
-        }
-        c.execute(
-            "UPDATE remote_rooms SET last_sequence = MAX(last_sequence, ?2) WHERE room_id = ?1",
-            params![self.room, self.last_sequence as i64],
-        )?;
-        enqueue(c, &self.entries)
+    }
+    enqueue(c, &entries)
+}
+
+fn seen(c: &Connection, room: &str, hash: &[u8]) -> Result<bool, StoreError> {
+    Ok(
+        c.prepare_cached("SELECT 1 FROM notify_seen WHERE room_id = ?1 AND digest = ?2")?
+            .query_row(params![room, hash], |_| Ok(()))
+            .optional()?
+            .is_some(),
+    )
+}
+
+fn mark_seen(c: &Connection, room: &str, hash: &[u8]) -> Result<(), StoreError> {
+    c.prepare_cached(
+        "INSERT OR IGNORE INTO notify_seen (room_id, digest, seen_at) VALUES (?1, ?2, ?3)",
+    )?
+    .execute(params![room, hash, now_ms() as i64])?;
+    Ok(())
+}
+
+fn member_devices(c: &Connection, room: &str) -> Result<Vec<String>, StoreError> {
+    let mut st =
+        c.prepare_cached("SELECT device_id FROM remote_room_devices WHERE room_id = ?1")?;
+    let rows = st.query_map(params![room], |r| r.get(0))?;
+    Ok(rows.collect::<Result<Vec<String>, _>>()?)
+}
+
+/// What a follower can say about a room: its URI and hub.
+fn bare_info(room: &RoomId) -> RoomInfo {
+    RoomInfo {
+        room_id: room.to_string(),
+        hub: room.hub().to_string(),
+        kind: None,
+        name: None,
+        epoch: None,
+        members: Vec::new(),
+        admins: Vec::new(),
     }
 }
 
-fn load_room(c: &Connection, room: &str) -> Result<Option<RemoteRoom>, StoreError> {
-    type Row = (String, String, Option<String>, i64, String, i64, String);
-    let row: Option<Row> = c
-        .query_row(
-            "SELECT hub_domain, kind, name, epoch, users, last_sequence, admins FROM remote_rooms WHERE room_id = ?1",
-            params![room],
-            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?)),
-        )
-        .optional()?;
-    let Some((hub, kind, name, epoch, users, last, admins)) = row else {
-        return Ok(None);
-    };
-    let corrupt =
-        |what: &str| StoreError::Task(format!("remote room {room}: stored {what} is corrupt"));
-    Ok(Some(RemoteRoom {
-        hub: Domain::parse(&hub).map_err(|_| corrupt("hub"))?,
-        kind: RoomKind::parse(&kind).ok_or_else(|| corrupt("kind"))?,
-        name,
-        epoch: epoch as u64,
-        users: serde_json::from_str(&users).map_err(|_| corrupt("users"))?,
-        admins: serde_json::from_str(&admins).map_err(|_| corrupt("admins"))?,
-        last_sequence: last as u64,
-    }))
+/// A client's GroupInfo (an MlsMessage) as MIMI carries it (bare).
+fn bare_group_info(bytes: Vec<u8>) -> ServiceResult<mimi::GroupInfo> {
+    let bad = || ServiceError::bad("invalid_group_info", "group_info is not an MLS GroupInfo");
+    let message = MlsMessage::from_bytes(bytes).map_err(|_| bad())?;
+    if message.kind() != MlsKind::GroupInfo {
+        return Err(bad());
+    }
+    mimi::GroupInfo::from_bytes(message.bytes()[4..].to_vec()).map_err(|_| bad())
 }
 
 /// `"code: message"` (how Parley hubs describe refusals) into its parts.
@@ -660,11 +787,13 @@ fn split_description(desc: &[u8]) -> (&'static str, String) {
     let code = match text.split_once(':').map(|(c, _)| c.trim()) {
         Some("pending_proposals") => "pending_proposals",
         Some("policy") => "policy",
+        Some("not_admin") => "not_admin",
         Some("not_committer") => "not_committer",
         Some("not_proposer") => "not_proposer",
         Some("unknown_device") => "unknown_device",
         Some("room_full") => "room_full",
         Some("no_consent") => "no_consent",
+        Some("invalid_commit") => "invalid_commit",
         _ => "not_allowed",
     };
     (code, text)

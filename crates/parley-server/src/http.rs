@@ -7,7 +7,7 @@ use crate::app::App;
 use crate::assets::{asset_response, parse_asset_url, relay_download, AssetId};
 use crate::ephemeral::EphemeralFrame;
 use crate::error::{error_response, ApiError, ServiceError};
-use crate::hub::Origin;
+use crate::hub::{CommitBundle, MessageSender, Origin};
 use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{FromRequest, FromRequestParts, Path, Query, Request, State};
@@ -18,12 +18,12 @@ use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use futures_util::{SinkExt, StreamExt};
 use parley_proto::api::{
-    AckRequest, CommitRequest, CreateRoomRequest, EphemeralRequest, LoginRequest, ProposalRequest,
-    QueuePage, RegisterRequest, SendRequest, SessionResponse, UploadKeyPackages, WsFrame,
+    AckRequest, ClaimRequest, CommitRequest, CreateRoomRequest, EphemeralRequest, LoginRequest,
+    ProposalRequest, ProviderInfo, QueuePage, RegisterRequest, SendRequest, SessionResponse,
+    UploadKeyPackages, WsFrame,
 };
-use parley_proto::api::{ContactInfo, ContactState, PromoteRequest};
-use parley_proto::mimi::UpdateRequest;
-use parley_proto::{DeviceId, Domain, RoomId, UserId};
+use parley_proto::api::{ContactInfo, ContactState};
+use parley_proto::{RoomId, UserId};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use std::sync::atomic::Ordering;
@@ -118,7 +118,9 @@ pub fn router(app: Arc<App>) -> Router {
             "/v1/users/{user}/key-packages/claim",
             post(claim_key_packages),
         )
+        .route("/v1/provider", get(provider))
         .route("/v1/contacts/requests", get(contact_requests))
+        .route("/v1/contacts/blocked", get(contacts_blocked))
         .route("/v1/contacts/{user}/request", post(contact_request))
         .route("/v1/contacts/{user}/accept", post(contact_accept))
         .route("/v1/contacts/{user}/block", post(contact_block))
@@ -128,7 +130,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/rooms/{room}/messages", post(send))
         .route("/v1/rooms/{room}/proposals", post(propose))
         .route("/v1/rooms/{room}/ephemeral", post(send_ephemeral))
-        .route("/v1/rooms/{room}/admins", post(promote))
+        .route("/v1/rooms/{room}/left", post(left))
         .route("/v1/queue", get(queue))
         .route("/v1/queue/ack", post(ack))
         .route("/v1/ws", get(ws))
@@ -290,32 +292,30 @@ async fn user_devices(
     Ok(Json(app.accounts.devices(&user).await?))
 }
 
-#[derive(Deserialize)]
-struct ClaimQuery {
-    room: Option<String>,
-    device: Option<String>,
-}
-
-/// `POST /v1/users/{user}/key-packages/claim?room=ROOM[&device=ID]`
+/// `POST /v1/users/{user}/key-packages/claim`
 async fn claim_key_packages(
     State(app): AppState,
     Authed(me): Authed,
     Path(user): Path<String>,
-    query: Result<Query<ClaimQuery>, QueryRejection>,
+    ApiJson(req): ApiJson<ClaimRequest>,
 ) -> ApiResult<impl IntoResponse> {
-    let Query(q) = query.map_err(|e| ServiceError::bad("invalid_query", e.body_text()))?;
     let user =
         UserId::parse(&user).map_err(|e| ServiceError::bad("invalid_user", e.to_string()))?;
-    let room = q.room.as_deref().map(parse_room).transpose()?;
-    let device = q
-        .device
-        .as_deref()
-        .map(DeviceId::parse)
-        .transpose()
-        .map_err(|e| ServiceError::bad("invalid_device", e.to_string()))?;
-    Ok(Json(
-        app.key_material.claim(&me, &user, room, device).await?,
-    ))
+    Ok(Json(app.key_material.claim(&me, &user, req).await?))
+}
+
+/// `GET /v1/provider`: the caller's domain and its hub's MLS external sender.
+async fn provider(State(app): AppState, Authed(me): Authed) -> ApiResult<impl IntoResponse> {
+    let domain = me.user.domain().to_string();
+    let external_sender = app
+        .keys
+        .external_sender(&domain)
+        .map_err(|e| ServiceError::Internal(e.to_string()))?
+        .to_vec();
+    Ok(Json(ProviderInfo {
+        domain,
+        external_sender,
+    }))
 }
 
 fn parse_room(room: &str) -> Result<RoomId, ServiceError> {
@@ -324,19 +324,24 @@ fn parse_room(room: &str) -> Result<RoomId, ServiceError> {
 
 /// Where a room's handshake messages and messages go: this provider's hub, or a remote hub.
 enum RoomHome {
-    Here,
-    Remote(RoomId, Domain),
+    Here(RoomId),
+    Remote(RoomId),
 }
 
 async fn room_home(app: &App, room: &str) -> Result<RoomHome, ApiError> {
     let id = parse_room(room)?;
-    if app.hub.hosts_room(&id).await? {
-        return Ok(RoomHome::Here);
-    }
-    match app.follower.hub_of(&id).await? {
-        Some(hub) => Ok(RoomHome::Remote(id, hub)),
-        None => Ok(RoomHome::Here), // the hub answers unknown_room
-    }
+    Ok(match app.follower.hub_of(&id) {
+        Some(_) => RoomHome::Remote(id),
+        None => RoomHome::Here(id), // the hub answers unknown_room if it has no such room
+    })
+}
+
+/// `GET /v1/contacts/blocked`
+async fn contacts_blocked(
+    State(app): AppState,
+    Authed(me): Authed,
+) -> ApiResult<impl IntoResponse> {
+    Ok(Json(app.consent.blocked_by(&me).await?))
 }
 
 /// `GET /v1/contacts/requests`
@@ -389,18 +394,6 @@ async fn create_room(
     Authed(me): Authed,
     ApiJson(req): ApiJson<CreateRoomRequest>,
 ) -> ApiResult<impl IntoResponse> {
-    if app
-        .follower
-        .hub_of(&parse_room(&req.room_id)?)
-        .await?
-        .is_some()
-    {
-        return Err(ServiceError::conflict(
-            "room_exists",
-            format!("room {} already exists", req.room_id),
-        )
-        .into());
-    }
     Ok((
         StatusCode::CREATED,
         Json(app.hub.create_room(&me, req).await?),
@@ -422,8 +415,8 @@ async fn room_info(
     Path(room): Path<String>,
 ) -> ApiResult<impl IntoResponse> {
     Ok(Json(match room_home(&app, &room).await? {
-        RoomHome::Here => app.hub.room_info(&me, &room).await?,
-        RoomHome::Remote(id, _) => app.follower.room_info(&me, &id).await?,
+        RoomHome::Here(id) => app.hub.room_info(&me, &id).await?,
+        RoomHome::Remote(id) => app.follower.room_info(&me, &id).await?,
     }))
 }
 
@@ -435,15 +428,15 @@ async fn commit(
     ApiJson(req): ApiJson<CommitRequest>,
 ) -> ApiResult<impl IntoResponse> {
     Ok(Json(match room_home(&app, &room).await? {
-        RoomHome::Here => {
-            app.hub
-                .commit(&Origin::Client(me), &room, req.commit, req.welcome)
-                .await?
+        RoomHome::Here(id) => {
+            let bundle = CommitBundle {
+                commit: req.commit,
+                welcome: req.welcome,
+                group_info: Some(req.group_info),
+            };
+            app.hub.commit(&Origin::Client(me), &id, bundle).await?
         }
-        RoomHome::Remote(id, hub) => {
-            let update = UpdateRequest::commit(req.commit, req.welcome);
-            app.follower.relay_update(&me, &id, &hub, update).await?
-        }
+        RoomHome::Remote(id) => app.follower.relay_commit(&me, &id, req).await?,
     }))
 }
 
@@ -455,16 +448,12 @@ async fn send(
     ApiJson(req): ApiJson<SendRequest>,
 ) -> ApiResult<impl IntoResponse> {
     Ok(Json(match room_home(&app, &room).await? {
-        RoomHome::Here => {
+        RoomHome::Here(id) => {
             app.hub
-                .send(&me, &room, req.message, req.expires_at)
+                .send(&MessageSender::Device(me), &id, req.message)
                 .await?
         }
-        RoomHome::Remote(id, hub) => {
-            app.follower
-                .relay_send(&me, &id, &hub, req.message, req.expires_at)
-                .await?
-        }
+        RoomHome::Remote(id) => app.follower.relay_send(&me, &id, req.message).await?,
     }))
 }
 
@@ -476,16 +465,33 @@ async fn propose(
     ApiJson(req): ApiJson<ProposalRequest>,
 ) -> ApiResult<impl IntoResponse> {
     Ok(Json(match room_home(&app, &room).await? {
-        RoomHome::Here => {
+        RoomHome::Here(id) => {
             app.hub
-                .leave(&Origin::Client(me), &room, req.proposal)
+                .leave(&Origin::Client(me), &id, req.proposal)
                 .await?
         }
-        RoomHome::Remote(id, hub) => {
-            let update = UpdateRequest::proposal(req.proposal);
-            app.follower.relay_update(&me, &id, &hub, update).await?
-        }
+        RoomHome::Remote(id) => app.follower.relay_proposal(&me, &id, req.proposal).await?,
     }))
+}
+
+/// `POST /v1/rooms/{room}/left`: the device left the room or processed its own removal.
+async fn left(
+    State(app): AppState,
+    Authed(me): Authed,
+    Path(room): Path<String>,
+) -> ApiResult<StatusCode> {
+    match room_home(&app, &room).await? {
+        // The hub follows membership from the commits themselves.
+        RoomHome::Here(id) => {
+            if !app.hub.hosts_room(&id).await? {
+                return Err(
+                    ServiceError::not_found("unknown_room", format!("no room {id}")).into(),
+                );
+            }
+        }
+        RoomHome::Remote(id) => app.follower.left(&me, &id).await?,
+    }
+    Ok(StatusCode::NO_CONTENT)
 }
 
 /// `POST /v1/rooms/{room}/ephemeral`: a typing indicator for the members connected now.
@@ -495,7 +501,9 @@ async fn send_ephemeral(
     Path(room): Path<String>,
     ApiJson(req): ApiJson<EphemeralRequest>,
 ) -> ApiResult<StatusCode> {
-    app.ephemeral.send(&me, &room, req.message).await?;
+    app.ephemeral
+        .send(&me, &parse_room(&room)?, req.message)
+        .await?;
     Ok(StatusCode::ACCEPTED)
 }
 
@@ -724,7 +732,6 @@ async fn download(
         let (body, size) = app.assets.read(&id).await?;
         return Ok(asset_response(body, Some(size)));
     }
-    let room = parse_room(&q.room)?;
     let peers = app.peers.as_deref().ok_or_else(|| {
         ServiceError::not_found(
             "unknown_asset",
@@ -732,12 +739,13 @@ async fn download(
         )
     })?;
     let upstream = match room_home(&app, &q.room).await? {
-        RoomHome::Here => {
-            app.hub.room_info(&me, room.as_str()).await?; // members only
+        RoomHome::Here(room) => {
+            app.hub.room_info(&me, &room).await?; // members only
             peers.get_asset(me.user.domain(), &host, id.as_str()).await
         }
-        RoomHome::Remote(room, hub) => {
+        RoomHome::Remote(room) => {
             app.follower.room_info(&me, &room).await?; // members only
+            let hub = room.hub().clone();
             if hub == host {
                 peers.get_asset(me.user.domain(), &host, id.as_str()).await
             } else {
@@ -747,22 +755,4 @@ async fn download(
     }
     .map_err(ServiceError::from)?;
     Ok(relay_download(upstream)?)
-}
-
-/// `POST /v1/rooms/{room}/admins`: an admin makes another member an admin.
-async fn promote(
-    State(app): AppState,
-    Authed(me): Authed,
-    Path(room): Path<String>,
-    ApiJson(req): ApiJson<PromoteRequest>,
-) -> ApiResult<impl IntoResponse> {
-    let target =
-        UserId::parse(&req.user).map_err(|e| ServiceError::bad("invalid_user", e.to_string()))?;
-    Ok(Json(match room_home(&app, &room).await? {
-        RoomHome::Here => {
-            app.hub.room_info(&me, &room).await?; // the calling device must be in the room
-            app.hub.promote(&me.user, &room, &target).await?
-        }
-        RoomHome::Remote(id, hub) => app.follower.relay_promote(&me, &id, &hub, &target).await?,
-    }))
 }

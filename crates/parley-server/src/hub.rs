@@ -1,29 +1,36 @@
 //! The hub: owns the rooms this provider created. It orders each room's handshake messages,
-//! follows the group's public state, enforces room policy, and fans every message out to the
-//! queues of the room's member devices, and nobody else. Owns `rooms` and `room_members`.
+//! follows the group's public state (and with it the room's state in the GroupContext), enforces
+//! room policy, and fans every message out to the queues of the room's member devices and, as
+//! MIMI `FanoutMessage`s through the durable outbox, to the other providers with members. It
+//! answers MIMI `groupInfo` for external joins. Owns `rooms` and `room_members`.
 
 use crate::accounts::{Accounts, AuthDevice};
 use crate::clock::now_ms;
 use crate::config::ServerConfig;
 use crate::consent::Consent;
+use crate::crypto::{self, HubKeys};
 use crate::delivery::{enqueue, Delivery, Outgoing, Stored};
 use crate::error::{ServiceError, ServiceResult};
 use crate::limits::RateLimiter;
 use crate::mls::{
-    application_header, check_welcome, message_epoch, CommitEffect, LeafDevice, PublicState,
+    application_header, check_group_info, check_welcome, credential_device, message_epoch,
+    CommitEffect, LeafDevice, PublicState,
 };
 use crate::outbox::{self, Outbox, OutboxItem};
 use crate::store::{Store, StoreError};
 use parley_proto::api::{Accepted, CreateRoomRequest, EntryKind, RoomInfo, RoomKind};
 use parley_proto::ids::DeviceUri;
+use parley_proto::mimi::room_state::RoomState as RoomFacts;
 use parley_proto::mimi::{
-    Body, FanoutKind, FanoutMessage, IdentifierUri, NotifyEntry, RoomSnapshot, NO_EXPIRY,
+    self, signing, Body, FanoutExtra, FanoutMessage, GroupInfoRatchetTreeTbe, GroupInfoRequest,
+    GroupInfoResponse, GroupInfoResult, MlsKind, MlsMessage, PendingProposal, RatchetTreeOption,
 };
 use parley_proto::{Domain, RoomId, UserId};
 use rusqlite::{params, Connection, OptionalExtension};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use tls_codec::{Deserialize as _, Serialize as _};
 use tokio::sync::RwLock;
 
 const MAX_ROOM_NAME: usize = 128;
@@ -60,22 +67,26 @@ impl From<&LeafDevice> for MemberDevice {
 }
 
 /// What the hub keeps in memory about one room (mirrors its `rooms` row).
-struct RoomState {
+struct HubRoom {
     id: RoomId,
-    hub_domain: String,
-    kind: RoomKind,
-    name: Option<String>,
-    creator: UserId,
-    direct_peer: Option<UserId>,
+    group_id: Vec<u8>,
+    /// Kind, name, participants and roles, from the GroupContext.
+    facts: RoomFacts,
     epoch: u64,
     next_event: AtomicU64,
     members: Vec<MemberDevice>,
-    /// Users who may add, remove and promote (room policy); empty for direct rooms.
-    admins: BTreeSet<UserId>,
     public: PublicState,
+    /// The last committer's GroupInfo (bare, without tree), served by `groupInfo`.
+    group_info: Option<Vec<u8>>,
+    /// Proposals accepted in the current epoch (members leaving).
+    pending: Vec<PendingProposal>,
 }
 
-impl RoomState {
+impl HubRoom {
+    fn hub_domain(&self) -> &str {
+        self.id.hub().as_str()
+    }
+
     /// Refuses (retryably) an MLS message built for another epoch than the room's.
     fn check_epoch(&self, message_epoch: Option<u64>) -> ServiceResult<()> {
         match message_epoch {
@@ -101,77 +112,70 @@ impl RoomState {
         self.members.iter().any(|m| m.is(device))
     }
 
-    /// The other user of a direct room, seen from `user`.
-    fn direct_other(&self, user: &UserId) -> Option<&UserId> {
-        if self.kind != RoomKind::Direct {
-            return None;
-        }
-        if *user == self.creator {
-            self.direct_peer.as_ref()
+    fn has_member_user(&self, user: &UserId) -> bool {
+        self.members.iter().any(|m| m.user == *user)
+    }
+
+    fn kind(&self) -> RoomKind {
+        if self.facts.direct {
+            RoomKind::Direct
         } else {
-            Some(&self.creator)
+            RoomKind::Group
         }
     }
 
-    /// What followers at `domain` are told about the room (with `members` as its devices).
-    fn snapshot(&self, members: &[MemberDevice], domain: &str) -> RoomSnapshot {
-        let users: BTreeSet<String> = members.iter().map(|m| m.user.to_uri()).collect();
-        RoomSnapshot {
-            kind: u8::from(self.kind == RoomKind::Direct),
-            name: self.name.as_ref().map(|n| n.as_bytes().to_vec().into()),
-            creator: IdentifierUri::new(&self.creator.to_uri()),
-            epoch: self.epoch,
-            users: users.iter().map(|u| IdentifierUri::new(u)).collect(),
-            local_clients: members
-                .iter()
-                .filter(|m| m.user.domain().as_str() == domain)
-                .map(|m| IdentifierUri::new(&m.uri()))
-                .collect(),
-            admins: self
-                .admins
-                .iter()
-                .map(|u| IdentifierUri::new(&u.to_uri()))
-                .collect(),
+    /// The other user of a direct room, seen from `user`.
+    fn direct_other(&self, user: &UserId) -> Option<&UserId> {
+        if !self.facts.direct {
+            return None;
         }
+        self.facts.participants.keys().find(|u| *u != user)
     }
 
     fn info(&self) -> RoomInfo {
         let users: BTreeSet<String> = self.members.iter().map(|m| m.user.to_string()).collect();
         RoomInfo {
             room_id: self.id.to_string(),
-            room_uri: self.id.to_uri(
-                &parley_proto::Domain::parse(&self.hub_domain)
-                    .unwrap_or_else(|_| self.creator.domain().clone()),
-            ),
-            kind: self.kind,
-            name: self.name.clone(),
-            epoch: self.epoch,
+            hub: self.hub_domain().to_owned(),
+            kind: Some(self.kind()),
+            name: (!self.facts.name.is_empty()).then(|| self.facts.name.clone()),
+            epoch: Some(self.epoch),
             members: users.into_iter().collect(),
-            admins: self.admins.iter().map(ToString::to_string).collect(),
+            admins: self.facts.admins().map(ToString::to_string).collect(),
         }
     }
 
-    fn admins_json(&self) -> String {
-        admins_json(&self.admins)
-    }
-
-    /// Room policy for a group room's commit: adding a user who is not in the room yet, or
-    /// removing another user's devices (other than ones that asked to leave), takes an admin.
-    /// Anyone may add devices of users already in the room (their new devices) and remove their
-    /// own devices.
+    /// Room policy for a group room's commit: adding a participant, removing another user's
+    /// devices (other than ones that asked to leave), removing a participant who did not leave,
+    /// and changing a role take an administrator. Anyone may add devices of users already in the
+    /// room (their new devices) and remove their own.
     fn check_roles(&self, effect: &CommitEffect) -> ServiceResult<()> {
-        if self.kind != RoomKind::Group || self.admins.contains(&effect.committer.user) {
+        let (before, after) = (&effect.state_before, &effect.state_after);
+        if before.direct || before.is_admin(&effect.committer.user) {
             return Ok(());
         }
-        let present: BTreeSet<&UserId> = self.members.iter().map(|m| &m.user).collect();
-        if let Some(newcomer) = effect
-            .added
-            .iter()
-            .find(|l| !present.contains(&l.device.user))
+        if let Some(newcomer) = after
+            .participants
+            .keys()
+            .find(|u| !before.is_participant(u))
         {
             return Err(not_admin(format!(
-                "only an admin may add {} to this room",
-                newcomer.device.user
+                "only an admin may add {newcomer} to this room"
+            )));
+        }
+        for (user, role) in &after.participants {
+            if before.participants.get(user) != Some(role) {
+                return Err(not_admin(format!(
+                    "only an admin may change the role of {user}"
+                )));
+            }
+        }
+        let left_users: BTreeSet<&UserId> = effect.left.iter().map(|d| &d.user).collect();
+        if let Some(gone) = before.participants.keys().find(|u| {
+            !after.is_participant(u) && **u != effect.committer.user && !left_users.contains(u)
+        }) {
+            return Err(not_admin(format!(
+                "only an admin may remove {gone} from this room"
             )));
         }
         let removes_other = effect
@@ -187,36 +191,20 @@ impl RoomState {
         }
         Ok(())
     }
-
-    /// Admins after a commit leaves `members`: departed users lose the role, and a group is never
-    /// left without an admin (if the last one left, every remaining user becomes one).
-    fn admins_after(&self, members: &[MemberDevice]) -> BTreeSet<UserId> {
-        if self.kind != RoomKind::Group {
-            return BTreeSet::new();
-        }
-        let users: BTreeSet<UserId> = members.iter().map(|m| m.user.clone()).collect();
-        let kept: BTreeSet<UserId> = self.admins.intersection(&users).cloned().collect();
-        if kept.is_empty() {
-            users
-        } else {
-            kept
-        }
-    }
-}
-
-fn admins_json(admins: &BTreeSet<UserId>) -> String {
-    let list: Vec<String> = admins.iter().map(ToString::to_string).collect();
-    serde_json::to_string(&list).unwrap_or_else(|_| "[]".into())
 }
 
 fn not_admin(message: String) -> ServiceError {
     ServiceError::forbidden("not_admin", message)
 }
 
-type RoomHandle = Arc<RwLock<RoomState>>;
+fn policy(message: impl Into<String>) -> ServiceError {
+    ServiceError::forbidden("policy", message.into())
+}
 
-/// Who hands the hub a handshake message: a local client, or a peer provider relaying one of
-/// its users' (the signer must then belong to that peer's domain).
+type RoomHandle = Arc<RwLock<HubRoom>>;
+
+/// Who hands the hub a message: a local client, or a peer provider relaying one of its users'
+/// (the signer must then belong to that peer's domain).
 pub enum Origin {
     Client(AuthDevice),
     Peer(Domain),
@@ -232,9 +220,53 @@ impl Origin {
     }
 }
 
+/// Who sent an application message, as far as the hub can tell: a client, or (MIMI
+/// `submitMessage` names a user URI) a participant user of the relaying peer.
+pub enum MessageSender {
+    Device(AuthDevice),
+    User(UserId),
+}
+
+impl MessageSender {
+    fn user(&self) -> &UserId {
+        match self {
+            MessageSender::Device(d) => &d.user,
+            MessageSender::User(u) => u,
+        }
+    }
+
+    fn rate_key(&self) -> String {
+        match self {
+            MessageSender::Device(d) => d.uri().to_string(),
+            MessageSender::User(u) => u.to_uri(),
+        }
+    }
+
+    /// Parses MIMI `sendingUri`: a user URI or a client URI.
+    pub fn from_uri(uri: &str) -> ServiceResult<Self> {
+        if let Ok(d) = DeviceUri::parse(uri) {
+            return Ok(MessageSender::Device(AuthDevice {
+                device: d.device,
+                user: d.user,
+            }));
+        }
+        UserId::parse(uri)
+            .map(MessageSender::User)
+            .map_err(|e| ServiceError::bad("invalid_uri", e.to_string()))
+    }
+}
+
+/// A commit as a client or peer hands it in: the commit, the Welcome (an MlsMessage) for added
+/// devices, the committer's GroupInfo of the new epoch. (The tree is the hub's own.)
+pub struct CommitBundle {
+    pub commit: Vec<u8>,
+    pub welcome: Option<Vec<u8>>,
+    pub group_info: Option<Vec<u8>>,
+}
+
 /// One accepted event on its way out: what fan-out queues for devices and notifies to peers.
 struct EventOut {
-    kind: FanoutKind,
+    kind: EntryKind,
     /// The room's event number.
     event: u64,
     /// The hub's acceptance time.
@@ -258,6 +290,7 @@ pub struct Hub {
     config: Arc<ServerConfig>,
     outbox: Arc<Outbox>,
     consent: Arc<Consent>,
+    keys: Arc<HubKeys>,
     rooms: Mutex<HashMap<RoomId, RoomHandle>>,
     sends: RateLimiter,
     pub counters: HubCounters,
@@ -272,15 +305,15 @@ pub struct HubCounters {
     pub abuse_reports: AtomicU64,
 }
 
-fn parse_room(room: &str) -> ServiceResult<RoomId> {
-    RoomId::parse(room).map_err(|e| ServiceError::bad("invalid_room", e.to_string()))
-}
-
 fn unknown_room(room: &RoomId) -> ServiceError {
     ServiceError::not_found(
         "unknown_room",
         format!("no room {room} that you are a member of"),
     )
+}
+
+fn invalid_group_info(message: impl Into<String>) -> ServiceError {
+    ServiceError::bad("invalid_group_info", message.into())
 }
 
 impl Hub {
@@ -291,6 +324,7 @@ impl Hub {
         config: Arc<ServerConfig>,
         outbox: Arc<Outbox>,
         consent: Arc<Consent>,
+        keys: Arc<HubKeys>,
     ) -> Self {
         let limits = &config.limits;
         Self {
@@ -301,6 +335,7 @@ impl Hub {
             config,
             outbox,
             consent,
+            keys,
             rooms: Mutex::new(HashMap::new()),
             counters: HubCounters::default(),
         }
@@ -310,8 +345,8 @@ impl Hub {
         now.saturating_add(self.config.retention_ms(user.domain().as_str()))
     }
 
-    fn check_rate(&self, sender: &DeviceUri) -> ServiceResult<()> {
-        if self.sends.allow(&sender.to_string()) {
+    fn check_rate(&self, key: &str) -> ServiceResult<()> {
+        if self.sends.allow(key) {
             Ok(())
         } else {
             Err(ServiceError::RateLimited(
@@ -325,6 +360,9 @@ impl Hub {
         if let Some(h) = self.rooms.lock().ok().and_then(|r| r.get(id).cloned()) {
             return Ok(Some(h));
         }
+        if !self.config.hosts(id.hub().as_str()) {
+            return Ok(None);
+        }
         let key = id.as_str().to_owned();
         let loaded = self.store.read(move |c| load_room(c, &key)).await?;
         let Some(state) = loaded else {
@@ -336,7 +374,7 @@ impl Hub {
     /// Puts a room into the in-memory cache (another request's copy wins if it got there first),
     /// first evicting idle rooms when the cache is full. Evicting is safe: every change is in the
     /// database before it is in memory, and a room in use (its handle held elsewhere) is kept.
-    fn cache_room(&self, id: &RoomId, state: RoomState) -> ServiceResult<RoomHandle> {
+    fn cache_room(&self, id: &RoomId, state: HubRoom) -> ServiceResult<RoomHandle> {
         let mut rooms = self
             .rooms
             .lock()
@@ -359,38 +397,25 @@ impl Hub {
             .clone())
     }
 
-    async fn member_room(&self, caller: &AuthDevice, room: &str) -> ServiceResult<RoomHandle> {
-        let id = parse_room(room)?;
-        let handle = self.room(&id).await?.ok_or_else(|| unknown_room(&id))?;
+    async fn member_room(&self, caller: &AuthDevice, id: &RoomId) -> ServiceResult<RoomHandle> {
+        let handle = self.room(id).await?.ok_or_else(|| unknown_room(id))?;
         if !handle.read().await.is_member(&caller.uri()) {
-            return Err(unknown_room(&id));
+            return Err(unknown_room(id));
         }
         Ok(handle)
     }
 
     /// The room as the target of a handshake message from `origin`.
-    async fn origin_room(&self, origin: &Origin, room: &str) -> ServiceResult<RoomHandle> {
+    async fn origin_room(&self, origin: &Origin, id: &RoomId) -> ServiceResult<RoomHandle> {
         match origin {
-            Origin::Client(caller) => self.member_room(caller, room).await,
-            Origin::Peer(_) => {
-                let id = parse_room(room)?;
-                self.room(&id).await?.ok_or_else(|| unknown_room(&id))
-            }
+            Origin::Client(caller) => self.member_room(caller, id).await,
+            Origin::Peer(_) => self.room(id).await?.ok_or_else(|| unknown_room(id)),
         }
     }
 
     /// Whether this provider is the hub of `room`.
     pub async fn hosts_room(&self, room: &RoomId) -> ServiceResult<bool> {
         Ok(self.room(room).await?.is_some())
-    }
-
-    /// The hub domain of a room hubbed here, if `room` is one.
-    pub async fn hub_domain_of(&self, room: &RoomId) -> ServiceResult<Option<Domain>> {
-        let Some(handle) = self.room(room).await? else {
-            return Ok(None);
-        };
-        let domain = handle.read().await.hub_domain.clone();
-        Ok(Domain::parse(&domain).ok())
     }
 
     /// The current epoch of a room hubbed here.
@@ -401,107 +426,57 @@ impl Hub {
         })
     }
 
-    /// `POST /v1/rooms/{id}/admins`, and the `x-parley-promote` extension from a follower: an
-    /// admin of a group room makes another member user an admin. `requester` has been
-    /// authenticated by the caller (a local member device, or a peer speaking for its own user).
-    pub async fn promote(
-        &self,
-        requester: &UserId,
-        room: &str,
-        target: &UserId,
-    ) -> ServiceResult<RoomInfo> {
-        let id = parse_room(room)?;
-        let handle = self.room(&id).await?.ok_or_else(|| unknown_room(&id))?;
-        let mut state = handle.write().await;
-        let is_member = |u: &UserId| state.members.iter().any(|m| m.user == *u);
-        if !is_member(requester) {
-            return Err(unknown_room(&id));
-        }
-        if state.kind == RoomKind::Direct {
-            return Err(ServiceError::forbidden(
-                "policy",
-                "a direct room has fixed membership and no roles",
-            ));
-        }
-        if !state.admins.contains(requester) {
-            return Err(not_admin("only an admin may promote members".into()));
-        }
-        if !is_member(target) {
-            return Err(ServiceError::bad(
-                "not_member",
-                format!("{target} is not a member of room {id}"),
-            ));
-        }
-        let mut admins = state.admins.clone();
-        admins.insert(target.clone());
-        let (key, json) = (id.to_string(), admins_json(&admins));
-        self.store
-            .write(move |c| {
-                c.execute(
-                    "UPDATE rooms SET admins = ?2 WHERE room_id = ?1",
-                    params![key, json],
-                )?;
-                Ok(())
-            })
-            .await?;
-        state.admins = admins;
-        tracing::info!(room = %id, admin = %target, by = %requester, "member promoted");
-        Ok(state.info())
-    }
-
     /// Whether `user` has a device in a room hubbed here.
     pub async fn has_member_user(&self, room: &RoomId, user: &UserId) -> ServiceResult<bool> {
         let Some(handle) = self.room(room).await? else {
             return Ok(false);
         };
         let state = handle.read().await;
-        Ok(state.members.iter().any(|m| m.user == *user))
+        Ok(state.has_member_user(user))
     }
 
-    /// `POST /v1/rooms`.
+    /// The signature key of `device` in a room hubbed here, if it is a member.
+    pub async fn member_key(
+        &self,
+        room: &RoomId,
+        device: &DeviceUri,
+    ) -> ServiceResult<Option<Vec<u8>>> {
+        let Some(handle) = self.room(room).await? else {
+            return Ok(None);
+        };
+        let state = handle.read().await;
+        if !state.is_member(device) {
+            return Ok(None);
+        }
+        let members = state
+            .public
+            .members()
+            .map_err(|e| ServiceError::Internal(e.to_string()))?;
+        Ok(members
+            .into_iter()
+            .find(|m| m.device == *device)
+            .map(|m| m.signature_key))
+    }
+
+    /// `POST /v1/rooms`: a new room hubbed here, described by its group's GroupContext.
     pub async fn create_room(
         &self,
         caller: &AuthDevice,
         req: CreateRoomRequest,
     ) -> ServiceResult<RoomInfo> {
-        let id = parse_room(&req.room_id)?;
-        if let Some(name) = &req.name {
-            if name.chars().count() > MAX_ROOM_NAME || name.chars().any(char::is_control) {
-                return Err(ServiceError::bad(
-                    "invalid_name",
-                    format!("room names are at most {MAX_ROOM_NAME} printable characters"),
-                ));
-            }
-        }
-        let direct_peer = match (req.kind, &req.peer) {
-            (RoomKind::Direct, Some(peer)) => {
-                let peer = UserId::parse(peer)
-                    .map_err(|e| ServiceError::bad("invalid_user", e.to_string()))?;
-                if peer == caller.user {
-                    return Err(ServiceError::bad(
-                        "invalid_peer",
-                        "a direct room needs another user",
-                    ));
-                }
-                if self.config.hosts(peer.domain().as_str()) {
-                    self.accounts.devices(&peer).await?; // 404 if unknown
-                } // A remote peer is checked by its provider when its key material is claimed.
-                Some(peer)
-            }
-            (RoomKind::Direct, None) => {
-                return Err(ServiceError::bad(
-                    "invalid_peer",
-                    "a direct room needs a peer",
-                ));
-            }
-            (RoomKind::Group, _) => None,
-        };
-        let (public, epoch, members) = PublicState::create(&req.group_info, &req.ratchet_tree)
-            .map_err(|e| ServiceError::bad("invalid_group_info", e.to_string()))?;
-        if public.group_id_bytes() != id.group_id_bytes() || epoch != 0 {
+        let id = RoomId::parse(&req.room_id)
+            .map_err(|e| ServiceError::bad("invalid_room", e.to_string()))?;
+        if id.hub() != caller.user.domain() {
             return Err(ServiceError::bad(
-                "invalid_group_info",
-                "the group id must be the room id and the group at epoch 0",
+                "invalid_room",
+                format!("rooms you create are hubbed at {}", caller.user.domain()),
+            ));
+        }
+        let (public, epoch, members) = PublicState::create(&req.group_info, &req.ratchet_tree)
+            .map_err(|e| invalid_group_info(e.to_string()))?;
+        if public.group_id_bytes() != id.parley_group_id() || epoch != 0 {
+            return Err(invalid_group_info(
+                "the group id must be the room's (mimi://HUB/g/NAME) and the group at epoch 0",
             ));
         }
         let registered = self.accounts.device_key(&caller.uri()).await?;
@@ -509,26 +484,24 @@ impl Hub {
             && members[0].device == caller.uri()
             && Some(&members[0].signature_key) == registered.as_ref();
         if !only_caller {
-            return Err(ServiceError::bad(
-                "invalid_group_info",
+            return Err(invalid_group_info(
                 "a new room's group must hold exactly the creating device, with its registered key",
             ));
         }
-        let state = RoomState {
+        let facts = public
+            .room_state()
+            .map_err(|e| invalid_group_info(e.to_string()))?;
+        self.check_new_room(caller, &id, &facts, &public).await?;
+        let state = HubRoom {
             id: id.clone(),
-            hub_domain: caller.user.domain().to_string(),
-            kind: req.kind,
-            name: req.name,
-            creator: caller.user.clone(),
-            direct_peer,
+            group_id: public.group_id_bytes().to_vec(),
+            facts,
             epoch: 0,
             next_event: AtomicU64::new(1),
             members: members.iter().map(MemberDevice::from).collect(),
-            admins: match req.kind {
-                RoomKind::Group => BTreeSet::from([caller.user.clone()]),
-                RoomKind::Direct => BTreeSet::new(),
-            },
             public,
+            group_info: None,
+            pending: Vec::new(),
         };
         let row = RoomRow::of(&state)?;
         let created = self.store.write(move |c| insert_room(c, &row)).await?;
@@ -540,8 +513,66 @@ impl Hub {
         }
         let info = state.info();
         self.cache_room(&id, state)?;
-        tracing::info!(room = %info.room_id, kind = info.kind.as_str(), creator = %caller.user, "room created");
+        tracing::info!(room = %id, kind = ?info.kind, creator = %caller.user, "room created");
         Ok(info)
+    }
+
+    /// A new room's GroupContext: its metadata names this room, it lists the hub as external
+    /// sender, a group room has its creator as admin and only participant, a direct room lists
+    /// exactly the creator and one other (existing) user.
+    async fn check_new_room(
+        &self,
+        caller: &AuthDevice,
+        id: &RoomId,
+        facts: &RoomFacts,
+        public: &PublicState,
+    ) -> ServiceResult<()> {
+        if facts.room != *id {
+            return Err(invalid_group_info(format!(
+                "the room_metadata names {}, not {id}",
+                facts.room
+            )));
+        }
+        if facts.name.chars().count() > MAX_ROOM_NAME || facts.name.chars().any(char::is_control) {
+            return Err(ServiceError::bad(
+                "invalid_name",
+                format!("room names are at most {MAX_ROOM_NAME} printable characters"),
+            ));
+        }
+        let hub_sender = self
+            .keys
+            .external_sender(id.hub().as_str())
+            .map_err(|e| ServiceError::Internal(e.to_string()))?;
+        let senders = public
+            .external_senders()
+            .map_err(|e| invalid_group_info(e.to_string()))?;
+        if !senders.iter().any(|s| s == hub_sender) {
+            return Err(invalid_group_info(
+                "the group's external_senders must hold this hub's (GET /v1/provider)",
+            ));
+        }
+        let me = &caller.user;
+        if facts.direct {
+            let others: Vec<&UserId> = facts.participants.keys().filter(|u| *u != me).collect();
+            let [peer] = others.as_slice() else {
+                return Err(invalid_group_info(
+                    "a direct room lists exactly its creator and one other user",
+                ));
+            };
+            if facts.participants.len() != 2 || facts.admins().next().is_some() {
+                return Err(invalid_group_info(
+                    "a direct room lists exactly its two users, without admins",
+                ));
+            }
+            if self.config.hosts(peer.domain().as_str()) {
+                self.accounts.devices(peer).await?; // 404 if unknown
+            } // A remote peer is checked by its provider when its key material is claimed.
+        } else if facts.participants.len() != 1 || !facts.is_admin(me) {
+            return Err(invalid_group_info(
+                "a new group room lists its creator as its only participant, an admin",
+            ));
+        }
+        Ok(())
     }
 
     /// `GET /v1/rooms`: the rooms the calling device is a member of.
@@ -559,6 +590,7 @@ impl Hub {
             .await?;
         let mut out = Vec::with_capacity(ids.len());
         for id in ids {
+            let Ok(id) = RoomId::parse(&id) else { continue };
             if let Ok(handle) = self.member_room(caller, &id).await {
                 out.push(handle.read().await.info());
             }
@@ -567,26 +599,28 @@ impl Hub {
     }
 
     /// `GET /v1/rooms/{id}`.
-    pub async fn room_info(&self, caller: &AuthDevice, room: &str) -> ServiceResult<RoomInfo> {
+    pub async fn room_info(&self, caller: &AuthDevice, room: &RoomId) -> ServiceResult<RoomInfo> {
         Ok(self.member_room(caller, room).await?.read().await.info())
     }
 
-    /// `POST /v1/rooms/{id}/commits`, and MIMI `update` with a commit from a follower.
+    /// `POST /v1/rooms/{id}/commits`, and MIMI `update` with a commit from a follower (also an
+    /// external commit of a joining client).
     pub async fn commit(
         &self,
         origin: &Origin,
-        room: &str,
-        commit: Vec<u8>,
-        welcome: Option<Vec<u8>>,
+        room: &RoomId,
+        bundle: CommitBundle,
     ) -> ServiceResult<Accepted> {
         if let Origin::Client(caller) = origin {
-            self.check_rate(&caller.uri())?;
+            self.check_rate(&caller.uri().to_string())?;
         }
         let handle = self.origin_room(origin, room).await?;
         let mut state = handle.write().await;
-        if let Origin::Client(caller) = origin {
-            state.require_member(caller)?;
-        }
+        let CommitBundle {
+            commit,
+            welcome,
+            group_info,
+        } = bundle;
         state.check_epoch(message_epoch(&commit))?;
         let effect = state
             .public
@@ -598,8 +632,10 @@ impl Hub {
                 "the commit must be signed by the device sending it",
             ));
         }
-        if let Origin::Peer(_) = origin {
-            self.check_rate(&effect.committer)?;
+        match origin {
+            Origin::Client(caller) if !effect.external => state.require_member(caller)?,
+            Origin::Peer(_) => self.check_rate(&effect.committer.to_string())?,
+            Origin::Client(_) => {}
         }
         if effect.misses_pending {
             return Err(ServiceError::Conflict {
@@ -610,25 +646,32 @@ impl Hub {
             });
         }
         if effect.has_other_proposals {
-            return Err(ServiceError::forbidden(
-                "policy",
-                "only add, remove and update proposals are allowed",
+            return Err(policy(
+                "only add, remove, update and group-context-extension proposals are allowed",
             ));
         }
+        self.check_external_join(&state, &effect).await?;
         state.check_roles(&effect)?;
         self.check_added_devices(&state.id, &effect.added).await?;
         self.check_policy(&state, &effect)?;
-        check_welcome_matches(welcome.as_deref(), !effect.added.is_empty())?;
+        let welcome = check_welcome_matches(welcome.as_deref(), !effect.added.is_empty())?;
+        let group_info = match group_info {
+            Some(gi) => Some(
+                check_group_info(&gi, &state.group_id, effect.epoch)
+                    .map_err(|e| invalid_group_info(e.to_string()))?,
+            ),
+            None => None,
+        };
+        let tree = effect
+            .next
+            .ratchet_tree()
+            .map_err(|e| ServiceError::Internal(e.to_string()))?;
 
         let ts = now_ms();
         let event = state.next_event.fetch_add(1, Ordering::SeqCst);
         let members: Vec<MemberDevice> = effect.members.iter().map(MemberDevice::from).collect();
-        // Snapshots sent with this commit carry the admins as they are after it.
-        let next_admins = state.admins_after(&members);
-        let previous_admins = std::mem::replace(&mut state.admins, next_admins);
-        let next_epoch = effect.epoch;
         let out = EventOut {
-            kind: FanoutKind::Commit,
+            kind: EntryKind::Commit,
             event,
             ts,
             data: Arc::new(commit),
@@ -636,25 +679,17 @@ impl Hub {
         };
         let mut fanout = self.fan_out(
             &state,
-            &effect.committer,
+            (Some(&effect.committer), &effect.committer.user),
             &out,
-            Some((&members, next_epoch)),
         );
         if let Some(welcome) = welcome {
             let added: Vec<MemberDevice> = effect.added.iter().map(MemberDevice::from).collect();
             let welcome = EventOut {
-                kind: FanoutKind::Welcome,
+                kind: EntryKind::Welcome,
                 data: Arc::new(welcome),
                 ..out
             };
-            self.route_welcome(
-                &state,
-                &effect.committer,
-                &added,
-                (&members, next_epoch),
-                &welcome,
-                &mut fanout,
-            );
+            self.route_welcome(&state, &added, &welcome, &tree, &mut fanout)?;
         }
         let update = RoomUpdate {
             room_id: state.id.to_string(),
@@ -665,17 +700,20 @@ impl Hub {
                 .encode()
                 .map_err(|e| ServiceError::Internal(e.to_string()))?,
             members: member_rows(&members),
-            admins: state.admins_json(),
+            group_info: group_info.clone().or_else(|| state.group_info.clone()),
+            pending: Vec::new(),
         };
-        if let Err(e) = self.persist(RoomWrite::State(update), fanout).await {
-            state.admins = previous_admins;
-            return Err(e);
-        }
+        self.persist(RoomWrite::State(update), fanout).await?;
         state.epoch = effect.epoch;
         state.members = members;
         state.public = effect.next;
+        state.facts = effect.state_after;
+        state.pending.clear();
+        if group_info.is_some() {
+            state.group_info = group_info;
+        }
         self.counters.commits.fetch_add(1, Ordering::Relaxed);
-        tracing::info!(room = %state.id, epoch = state.epoch, added = effect.added.len(), removed = effect.removed.len(), "commit accepted");
+        tracing::info!(room = %state.id, epoch = state.epoch, added = effect.added.len(), removed = effect.removed.len(), external = effect.external, "commit accepted");
         Ok(Accepted {
             event,
             ts,
@@ -683,40 +721,91 @@ impl Hub {
         })
     }
 
-    /// Queues the Welcome for the added devices: local ones directly, remote ones by notify to
-    /// their providers (with the room as it is after the commit).
-    fn route_welcome(
+    /// An external commit (a client joining by itself, after `groupInfo`) may only bring in a
+    /// client of a participant user, change nothing in the room's state, and remove nobody but
+    /// its own user's devices (a resync). A local client must join with its registered key.
+    async fn check_external_join(
         &self,
-        state: &RoomState,
-        committer: &DeviceUri,
-        added: &[MemberDevice],
-        after: (&[MemberDevice], u64),
-        welcome: &EventOut,
-        fanout: &mut Fanout,
-    ) {
-        let mut remote: BTreeMap<String, Vec<&MemberDevice>> = BTreeMap::new();
-        for m in added {
-            if self.config.hosts(m.user.domain().as_str()) {
-                fanout.local.push(self.queue_entry(state, m, welcome));
-            } else {
-                remote
-                    .entry(m.user.domain().to_string())
-                    .or_default()
-                    .push(m);
-            }
+        state: &HubRoom,
+        effect: &CommitEffect,
+    ) -> ServiceResult<()> {
+        if !effect.external {
+            return Ok(());
         }
-        for (domain, devices) in remote {
-            let mut snapshot = state.snapshot(after.0, &domain);
-            snapshot.epoch = after.1;
-            fanout.remote.push(self.notify_item(
-                state,
-                &domain,
-                committer,
-                devices.iter().map(|m| m.uri()).collect(),
-                Some(snapshot),
-                welcome,
+        let joiner = &effect.committer;
+        if !state.facts.is_participant(&joiner.user) {
+            return Err(policy(format!(
+                "{} is not a participant of this room",
+                joiner.user
+            )));
+        }
+        if effect.state_after != effect.state_before {
+            return Err(policy("an external commit may not change the room's state"));
+        }
+        if effect.removed.iter().any(|d| d.user != joiner.user) || !effect.added.is_empty() {
+            return Err(policy(
+                "an external commit may only add the joining client (and remove its own old ones)",
             ));
         }
+        if self.config.hosts(joiner.user.domain().as_str()) {
+            let registered = self.accounts.device_key(joiner).await?;
+            let leaf_key = effect
+                .members
+                .iter()
+                .find(|m| m.device == *joiner)
+                .map(|m| m.signature_key.clone());
+            if registered.is_none() || registered != leaf_key {
+                return Err(ServiceError::forbidden(
+                    "unknown_device",
+                    format!("{joiner} is not a device with that key"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Queues the Welcome for the added devices: local ones directly, each other provider with
+    /// added devices one `FanoutMessage` (the Welcome and the ratchet tree), which that provider
+    /// routes by the KeyPackageRefs in it.
+    fn route_welcome(
+        &self,
+        state: &HubRoom,
+        added: &[MemberDevice],
+        welcome: &EventOut,
+        tree: &[u8],
+        fanout: &mut Fanout,
+    ) -> ServiceResult<()> {
+        let tree = Arc::new(tree.to_vec());
+        let mut remote: BTreeSet<String> = BTreeSet::new();
+        for m in added {
+            if self.config.hosts(m.user.domain().as_str()) {
+                let mut entry = self.queue_entry(state, m, welcome);
+                entry.ratchet_tree = Some(tree.clone());
+                fanout.local.push(entry);
+            } else {
+                remote.insert(m.user.domain().to_string());
+            }
+        }
+        if remote.is_empty() {
+            return Ok(());
+        }
+        let internal = |e: mimi::WireError| ServiceError::Internal(e.to_string());
+        let message = FanoutMessage {
+            timestamp: welcome.ts,
+            message: MlsMessage::from_bytes(welcome.data.to_vec()).map_err(internal)?,
+            extra: FanoutExtra::Welcome {
+                ratchet_tree: RatchetTreeOption::Full {
+                    ratchet_tree: mimi::RatchetTree::from_bytes(tree.to_vec()).map_err(internal)?,
+                },
+            },
+        };
+        let body = message.encode();
+        for domain in remote {
+            fanout
+                .remote
+                .push(notify_item(state, &domain, body.clone()));
+        }
+        Ok(())
     }
 
     /// `POST /v1/rooms/{id}/proposals`, and MIMI `update` with a proposal: a member leaves. The
@@ -725,28 +814,25 @@ impl Hub {
     pub async fn leave(
         &self,
         origin: &Origin,
-        room: &str,
+        room: &RoomId,
         proposal: Vec<u8>,
     ) -> ServiceResult<Accepted> {
         if let Origin::Client(caller) = origin {
-            self.check_rate(&caller.uri())?;
+            self.check_rate(&caller.uri().to_string())?;
         }
         let handle = self.origin_room(origin, room).await?;
-        let state = handle.write().await;
+        let mut state = handle.write().await;
         if let Origin::Client(caller) = origin {
             state.require_member(caller)?;
         }
-        if state.kind == RoomKind::Direct {
-            return Err(ServiceError::forbidden(
-                "policy",
-                "a direct room has fixed membership",
-            ));
+        if state.facts.direct {
+            return Err(policy("a direct room has fixed membership"));
         }
         state.check_epoch(message_epoch(&proposal))?;
         let effect = state
             .public
             .apply_leave(&proposal)
-            .map_err(|e| ServiceError::forbidden("policy", e.to_string()))?;
+            .map_err(|e| policy(e.to_string()))?;
         if !origin.may_speak_for(&effect.leaver) {
             return Err(ServiceError::forbidden(
                 "not_proposer",
@@ -754,8 +840,7 @@ impl Hub {
             ));
         }
         if effect.remaining == 0 {
-            return Err(ServiceError::forbidden(
-                "policy",
+            return Err(policy(
                 "the last member cannot leave: nobody would remain to commit it",
             ));
         }
@@ -769,14 +854,20 @@ impl Hub {
             });
         }
         let event = state.next_event.fetch_add(1, Ordering::SeqCst);
+        let mut pending = state.pending.clone();
+        pending.push(PendingProposal {
+            proposal: MlsMessage::from_bytes(proposal.clone())
+                .map_err(|e| ServiceError::bad("invalid_proposal", e.to_string()))?,
+            hub_accepted_time: ts,
+        });
         let out = EventOut {
-            kind: FanoutKind::Proposal,
+            kind: EntryKind::Proposal,
             event,
             ts,
             data: Arc::new(proposal),
             expires_at: None,
         };
-        let fanout = self.fan_out(&state, &effect.leaver, &out, None);
+        let fanout = self.fan_out(&state, (Some(&effect.leaver), &effect.leaver.user), &out);
         let update = RoomUpdate {
             room_id: state.id.to_string(),
             epoch: state.epoch,
@@ -786,11 +877,12 @@ impl Hub {
                 .encode()
                 .map_err(|e| ServiceError::Internal(e.to_string()))?,
             members: state.member_rows(),
-            admins: state.admins_json(),
+            group_info: state.group_info.clone(),
+            pending: pending.clone(),
         };
         self.persist(RoomWrite::State(update), fanout).await?;
-        let mut state = state;
         state.public = effect.next;
+        state.pending = pending;
         tracing::info!(room = %state.id, leaver = %effect.leaver, "leave proposed");
         Ok(Accepted {
             event,
@@ -828,90 +920,67 @@ impl Hub {
         Ok(())
     }
 
-    /// One queue entry per local member device except the sender's (and except users who
-    /// blocked the sender), and one notify per other provider with members, listing its devices.
-    /// `after` (members and epoch after a commit) adds a room snapshot to the notifications.
+    /// One queue entry per local member device except the sending one (and except users who
+    /// blocked the sender, for messages), and one `FanoutMessage` per other provider with member
+    /// devices — including the sender's own provider, which delivers it to its user's other
+    /// devices and recognises it as relayed by itself (docs/mimi-profile.md §5).
     fn fan_out(
         &self,
-        state: &RoomState,
-        sender: &DeviceUri,
+        state: &HubRoom,
+        sender: (Option<&DeviceUri>, &UserId),
         out: &EventOut,
-        after: Option<(&Vec<MemberDevice>, u64)>,
     ) -> Fanout {
         let mut fanout = Fanout::default();
-        let mut remote: BTreeMap<String, Vec<String>> = BTreeMap::new();
-        for m in state.members.iter().filter(|m| !m.is(sender)) {
+        let mut remote: BTreeSet<String> = BTreeSet::new();
+        let (sending_device, sender_user) = sender;
+        for m in state
+            .members
+            .iter()
+            .filter(|m| sending_device.is_none_or(|s| !m.is(s)))
+        {
             if !self.config.hosts(m.user.domain().as_str()) {
-                remote
-                    .entry(m.user.domain().to_string())
-                    .or_default()
-                    .push(m.uri());
+                remote.insert(m.user.domain().to_string());
                 continue;
             }
             // A block hides the sender's messages; handshake messages still flow, or the
             // blocker's copy of a shared group would fall behind and break.
-            if out.kind == FanoutKind::Application && self.consent.blocked(&sender.user, &m.user) {
+            if out.kind == EntryKind::Message && self.consent.blocked(sender_user, &m.user) {
                 continue;
             }
             fanout.local.push(self.queue_entry(state, m, out));
         }
-        for (domain, recipients) in remote {
-            let snapshot = after.map(|(members, epoch)| {
-                let mut s = state.snapshot(members, &domain);
-                s.epoch = epoch;
-                s
-            });
+        if remote.is_empty() {
+            return fanout;
+        }
+        let Some(message) = MlsMessage::from_bytes(out.data.to_vec())
+            .ok()
+            .and_then(|m| FanoutMessage::plain(out.ts, m))
+        else {
+            tracing::error!(room = %state.id, "an accepted message cannot be fanned out");
+            return fanout;
+        };
+        let body = message.encode();
+        for domain in remote {
             fanout
                 .remote
-                .push(self.notify_item(state, &domain, sender, recipients, snapshot, out));
+                .push(notify_item(state, &domain, body.clone()));
         }
         fanout
     }
 
     /// The queue entry of `out` for the local member device `m`: kept for the retention of its
     /// user's domain, or until the sender's expiry hint if that comes first.
-    fn queue_entry(&self, state: &RoomState, m: &MemberDevice, out: &EventOut) -> Outgoing {
+    fn queue_entry(&self, state: &HubRoom, m: &MemberDevice, out: &EventOut) -> Outgoing {
         let retained = self.expiry_for(&m.user, out.ts);
         Outgoing {
             device: m.device.clone(),
             room_id: state.id.to_string(),
-            kind: entry_kind(out.kind),
+            kind: out.kind,
             event: out.event,
             ts: out.ts,
             data: out.data.clone(),
+            ratchet_tree: None,
             expires_at: out.expires_at.map_or(retained, |hint| hint.min(retained)),
-        }
-    }
-
-    fn notify_item(
-        &self,
-        state: &RoomState,
-        domain: &str,
-        sender: &DeviceUri,
-        recipients: Vec<String>,
-        room: Option<RoomSnapshot>,
-        out: &EventOut,
-    ) -> OutboxItem {
-        let entry = NotifyEntry {
-            sequence: 0, // the outbox row id, filled in when sent
-            event: out.event,
-            sender: IdentifierUri::new(&sender.user.to_uri()),
-            recipients: recipients.iter().map(|r| IdentifierUri::new(r)).collect(),
-            room,
-            fanout: FanoutMessage {
-                timestamp: out.ts,
-                kind: out.kind,
-                message: out.data.to_vec().into(),
-                extras: Vec::new(),
-            },
-            expires_at: out.expires_at.unwrap_or(NO_EXPIRY),
-        };
-        OutboxItem {
-            peer: domain.to_owned(),
-            as_domain: state.hub_domain.clone(),
-            endpoint: outbox::NOTIFY,
-            param: state.id.to_string(),
-            body: entry.encode(),
         }
     }
 
@@ -961,21 +1030,22 @@ impl Hub {
             .await?)
     }
 
-    /// Records KeyPackages fetched from another provider for a room hubbed here.
+    /// Records KeyPackages fetched from another provider for a room hubbed here: (client, its
+    /// signature key, the KeyPackageRef).
     pub async fn record_remote_claims(
         &self,
         room: &RoomId,
-        claims: Vec<(DeviceUri, Vec<u8>)>,
+        claims: Vec<(DeviceUri, Vec<u8>, Vec<u8>)>,
     ) -> ServiceResult<()> {
         let room = room.to_string();
         self.store
             .write(move |c| {
                 let mut st = c.prepare_cached(
-                    "INSERT OR IGNORE INTO remote_claims (room_id, device_uri, signature_key, claimed_at)
-                     VALUES (?1, ?2, ?3, ?4)",
+                    "INSERT OR IGNORE INTO remote_claims (room_id, device_uri, signature_key, key_package_ref, claimed_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5)",
                 )?;
-                for (device, key) in claims {
-                    st.execute(params![room, device.to_string(), key, now_ms() as i64])?;
+                for (device, key, reference) in claims {
+                    st.execute(params![room, device.to_string(), key, reference, now_ms() as i64])?;
                 }
                 Ok(())
             })
@@ -983,14 +1053,16 @@ impl Hub {
         Ok(())
     }
 
-    /// Room size, and a direct room's fixed membership: only its two users, and nobody removed
-    /// except a user's own devices by that user (a device removed from the account), so both
-    /// users keep their place (the committer's user keeps at least the committer).
-    fn check_policy(&self, state: &RoomState, effect: &CommitEffect) -> ServiceResult<()> {
+    /// After a commit: room size; every member's user a participant; a group room's
+    /// participants exactly the users with devices and never without an admin; a direct room's
+    /// participants unchanged and nobody removed but a user's own devices, by that user; the
+    /// room's URI, kind and this hub as external sender kept.
+    fn check_policy(&self, state: &HubRoom, effect: &CommitEffect) -> ServiceResult<()> {
+        let (before, after) = (&effect.state_before, &effect.state_after);
         let members = &effect.members;
         let max = self
             .config
-            .domain(&state.hub_domain)
+            .domain(state.hub_domain())
             .map_or(1000, |d| d.max_room_devices);
         if members.len() > max {
             return Err(ServiceError::forbidden(
@@ -998,44 +1070,70 @@ impl Hub {
                 format!("this room may hold at most {max} devices"),
             ));
         }
-        if state.kind == RoomKind::Direct {
+        if after.room != before.room || after.direct != before.direct {
+            return Err(policy("a room's URI and kind never change"));
+        }
+        let hub_sender = self
+            .keys
+            .external_sender(state.hub_domain())
+            .map_err(|e| ServiceError::Internal(e.to_string()))?;
+        if !effect.external_senders.iter().any(|s| s == hub_sender) {
+            return Err(policy("the room must keep this hub as external sender"));
+        }
+        if let Some(outsider) = members
+            .iter()
+            .find(|m| !after.is_participant(&m.device.user))
+        {
+            return Err(policy(format!(
+                "{} has a device in the room but is not a participant; add the user to the participant list in the same commit",
+                outsider.device.user
+            )));
+        }
+        if before.direct {
+            if after.participants != before.participants {
+                return Err(policy(
+                    "a direct room has fixed membership: its participants never change",
+                ));
+            }
             if effect
                 .removed
                 .iter()
                 .any(|d| d.user != effect.committer.user)
             {
-                return Err(ServiceError::forbidden(
-                    "policy",
+                return Err(policy(
                     "a direct room has fixed membership: a user may only remove their own devices",
                 ));
             }
-            let allowed = |u: &UserId| *u == state.creator || Some(u) == state.direct_peer.as_ref();
-            if let Some(intruder) = members.iter().find(|m| !allowed(&m.device.user)) {
-                return Err(ServiceError::forbidden(
-                    "policy",
-                    format!(
-                        "a direct room holds only its two users, not {}",
-                        intruder.device.user
-                    ),
-                ));
-            }
+            return Ok(());
+        }
+        let with_devices: BTreeSet<&UserId> = members.iter().map(|m| &m.device.user).collect();
+        if let Some(idle) = after
+            .participants
+            .keys()
+            .find(|u| !with_devices.contains(u))
+        {
+            return Err(policy(format!(
+                "{idle} has no devices left in the room: drop the user from the participant list in the same commit"
+            )));
+        }
+        if !after.participants.is_empty() && after.admins().next().is_none() {
+            return Err(policy("a group room must keep at least one admin"));
         }
         Ok(())
     }
 
     /// `POST /v1/rooms/{id}/messages`, and MIMI `submitMessage` (the peer has checked that the
-    /// sender belongs to its domain). `expires_at` is the sender's expiry hint: the message's
-    /// queue entries and notifications expire then instead of after the retention.
+    /// sender belongs to its domain). The message's expiry hint (Safe AAD) makes its queue
+    /// entries and notifications expire then instead of after the retention.
     pub async fn send(
         &self,
-        sender: &AuthDevice,
-        room: &str,
+        sender: &MessageSender,
+        room: &RoomId,
         message: Vec<u8>,
-        expires_at: Option<u64>,
     ) -> ServiceResult<Accepted> {
         let max = self
             .config
-            .domain(sender.user.domain().as_str())
+            .domain(sender.user().domain().as_str())
             .map_or(64 * 1024, |d| d.max_message_bytes);
         if message.len() > max {
             return Err(ServiceError::too_large(
@@ -1043,39 +1141,55 @@ impl Hub {
                 format!("messages are limited to {max} bytes"),
             ));
         }
-        let expires_at = check_expiry_hint(&self.config, &sender.user, expires_at, now_ms())?;
-        let sender_uri = sender.uri();
-        self.check_rate(&sender_uri)?;
         let header = application_header(&message)
             .map_err(|e| ServiceError::bad("invalid_message", e.to_string()))?;
-        if header.room.as_str() != room {
+        let expires_at =
+            check_expiry_hint(&self.config, sender.user(), header.expires_at, now_ms())?;
+        self.check_rate(&sender.rate_key())?;
+        let handle = self.room(room).await?.ok_or_else(|| unknown_room(room))?;
+        // Read lock: messages of one room proceed concurrently, but never across a commit.
+        let state = handle.read().await;
+        let sending_device = match sender {
+            MessageSender::Device(d) => {
+                state.require_member(d)?;
+                Some(d.uri())
+            }
+            MessageSender::User(u) => {
+                if !state.has_member_user(u) {
+                    return Err(unknown_room(room));
+                }
+                None
+            }
+        };
+        if header.group_id != state.group_id {
             return Err(ServiceError::bad(
                 "invalid_message",
                 "the message is for another room",
             ));
         }
-        let handle = self.member_room(sender, room).await?;
-        // Read lock: messages of one room proceed concurrently, but never across a commit.
-        let state = handle.read().await;
-        state.require_member(sender)?; // again under the lock: a commit may have removed it
         state.check_epoch(Some(header.epoch))?;
-        if let Some(other) = state.direct_other(&sender.user) {
-            if self.consent.blocked(&sender.user, other) {
+        if let Some(other) = state.direct_other(sender.user()) {
+            if self.consent.blocked(sender.user(), other) {
                 return Err(no_consent(other));
             }
         }
         let ts = now_ms();
         let event = state.next_event.fetch_add(1, Ordering::SeqCst);
         let out = EventOut {
-            kind: FanoutKind::Application,
+            kind: EntryKind::Message,
             event,
             ts,
             data: Arc::new(message),
             expires_at,
         };
-        let fanout = self.fan_out(&state, &sender_uri, &out, None);
+        // A message relayed under its user's URI names no device: every member device gets it,
+        // and the user's own provider leaves out the device that sent it.
+        let mut fanout = self.fan_out(&state, (sending_device.as_ref(), sender.user()), &out);
+        for item in &mut fanout.remote {
+            item.expires_at = expires_at;
+        }
         let write = RoomWrite::Event {
-            room_id: room.to_owned(),
+            room_id: room.to_string(),
             next_event: event + 1,
         };
         self.persist(write, fanout).await?;
@@ -1087,6 +1201,100 @@ impl Hub {
         })
     }
 
+    /// MIMI `groupInfo/{roomId}`: the room's GroupInfo and tree, encrypted to the requester,
+    /// for a client of a participant user of the calling peer's domain (`peer` `None`: a local
+    /// caller) that will join by external commit.
+    pub async fn group_info(
+        &self,
+        peer: Option<&Domain>,
+        room: &RoomId,
+        request: GroupInfoRequest,
+    ) -> ServiceResult<GroupInfoResponse> {
+        let room_bytes = room.as_str().as_bytes();
+        request
+            .check()
+            .map_err(|e| ServiceError::bad("invalid_body", e.to_string()))?;
+        let Some(handle) = self.room(room).await? else {
+            return Ok(GroupInfoResponse::refused(
+                room_bytes,
+                GroupInfoResult::NoSuchRoom,
+            ));
+        };
+        let tbs = request
+            .tbs()
+            .sign_content()
+            .map_err(|e| ServiceError::bad("invalid_body", e.to_string()))?;
+        if crypto::verify(
+            request.requesting_signature_key.as_slice(),
+            &tbs,
+            request.signature.as_slice(),
+        )
+        .is_err()
+        {
+            return Err(ServiceError::forbidden(
+                "bad_signature",
+                "the groupInfo request's signature does not verify",
+            ));
+        }
+        let requester = request
+            .requesting_credential
+            .parse()
+            .ok()
+            .and_then(|c| credential_device(&c));
+        let state = handle.read().await;
+        let authorized = requester.as_ref().is_some_and(|d| {
+            state.facts.is_participant(&d.user)
+                && peer.is_none_or(|p| d.user.domain() == p)
+                && request.cipher_suite == mimi::CIPHERSUITE
+        });
+        let Some(group_info) = state.group_info.clone().filter(|_| authorized) else {
+            return Ok(GroupInfoResponse::refused(
+                room_bytes,
+                GroupInfoResult::NotAuthorized,
+            ));
+        };
+        let internal = |e: &dyn std::fmt::Display| ServiceError::Internal(e.to_string());
+        let tree = state.public.ratchet_tree().map_err(|e| internal(&e))?;
+        let tbe = GroupInfoRatchetTreeTbe {
+            group_info: mimi::GroupInfo::from_bytes(group_info).map_err(|e| internal(&e))?,
+            ratchet_tree: RatchetTreeOption::Full {
+                ratchet_tree: mimi::RatchetTree::from_bytes(tree).map_err(|e| internal(&e))?,
+            },
+            pending_proposals: state.pending.clone(),
+        };
+        let encrypted = crypto::encrypt_with_label(
+            request.group_info_public_key.as_slice(),
+            signing::GROUP_INFO_ENCRYPTION,
+            room_bytes,
+            &tbe.encode(),
+        )
+        .map_err(|e| ServiceError::bad("invalid_body", e.to_string()))?;
+        let hub = state.hub_domain().to_owned();
+        let hub_sender = mimi::ExternalSender::tls_deserialize(
+            &mut self.keys.external_sender(&hub).map_err(|e| internal(&e))?,
+        )
+        .map_err(|e| internal(&e))?;
+        let content = mimi::group_info_response_sign_content(
+            room_bytes,
+            mimi::CIPHERSUITE,
+            &hub_sender,
+            &encrypted,
+        )
+        .map_err(|e| internal(&e))?;
+        let signature = self.keys.sign(&hub, &content).map_err(|e| internal(&e))?;
+        tracing::info!(%room, requester = ?requester.map(|d| d.to_string()), "groupInfo served");
+        Ok(GroupInfoResponse {
+            version: mimi::MLS10,
+            room_id: room_bytes.to_vec().into(),
+            result: GroupInfoResult::Success {
+                cipher_suite: mimi::CIPHERSUITE,
+                hub_sender,
+                encrypted_groupinfo_and_tree: encrypted,
+                signature: signature.into(),
+            },
+        })
+    }
+
     /// Who an ephemeral message (a typing indicator) from `sender` in a room hubbed here goes
     /// to: the other local member devices whose users have not blocked the sender, and the
     /// other providers' member clients by domain. Nothing is ordered or stored (`ephemeral`).
@@ -1095,6 +1303,7 @@ impl Hub {
         &self,
         sender: &DeviceUri,
         room: &RoomId,
+        group_id: &[u8],
     ) -> ServiceResult<Option<EphemeralRecipients>> {
         let Some(handle) = self.room(room).await? else {
             return Ok(None);
@@ -1103,8 +1312,14 @@ impl Hub {
         if !state.is_member(sender) {
             return Err(unknown_room(room));
         }
+        if state.group_id != group_id {
+            return Err(ServiceError::bad(
+                "invalid_message",
+                "the message is for another room",
+            ));
+        }
         let mut out = EphemeralRecipients {
-            hub_domain: state.hub_domain.clone(),
+            hub_domain: state.hub_domain().to_owned(),
             ..EphemeralRecipients::default()
         };
         for m in state.members.iter().filter(|m| !m.is(sender)) {
@@ -1116,6 +1331,18 @@ impl Hub {
             }
         }
         Ok(Some(out))
+    }
+}
+
+/// A `notify` outbox row for `domain` carrying one encoded `FanoutMessage`.
+fn notify_item(state: &HubRoom, domain: &str, body: Vec<u8>) -> OutboxItem {
+    OutboxItem {
+        peer: domain.to_owned(),
+        as_domain: state.hub_domain().to_owned(),
+        endpoint: outbox::NOTIFY,
+        param: state.id.path_form().to_owned(),
+        body,
+        expires_at: None,
     }
 }
 
@@ -1162,79 +1389,67 @@ pub fn no_consent(user: &UserId) -> ServiceError {
     )
 }
 
-fn entry_kind(kind: FanoutKind) -> EntryKind {
-    match kind {
-        FanoutKind::Application => EntryKind::Message,
-        FanoutKind::Welcome => EntryKind::Welcome,
-        FanoutKind::Proposal => EntryKind::Proposal,
-        FanoutKind::Commit => EntryKind::Commit,
-    }
-}
-
-/// A commit that adds devices needs a Welcome, and only such a commit may carry one.
-fn check_welcome_matches(welcome: Option<&[u8]>, adds: bool) -> ServiceResult<()> {
+/// A commit that adds devices needs a Welcome, and only such a commit may carry one. Returns the
+/// Welcome as an MlsMessage (MIMI `update` carries it bare).
+fn check_welcome_matches(welcome: Option<&[u8]>, adds: bool) -> ServiceResult<Option<Vec<u8>>> {
     match (welcome, adds) {
         (None, true) => Err(ServiceError::bad(
             "missing_welcome",
             "a commit that adds devices needs a Welcome",
         )),
         (Some(w), true) => {
-            check_welcome(w).map_err(|e| ServiceError::bad("invalid_welcome", e.to_string()))
+            check_welcome(w).map_err(|e| ServiceError::bad("invalid_welcome", e.to_string()))?;
+            Ok(Some(w.to_vec()))
         }
         (Some(_), false) => Err(ServiceError::bad(
             "invalid_welcome",
             "a Welcome without added devices",
         )),
-        (None, false) => Ok(()),
+        (None, false) => Ok(None),
     }
 }
 
-/// Parses a device URI that a peer names, into the sender form the hub uses.
-pub fn device_of(uri: &str) -> ServiceResult<AuthDevice> {
-    let d = DeviceUri::parse(uri).map_err(|e| ServiceError::bad("invalid_uri", e.to_string()))?;
-    Ok(AuthDevice {
-        device: d.device,
-        user: d.user,
-    })
+/// The MlsMessage form of a Welcome given bare (MIMI) or wrapped (client API).
+pub fn welcome_message(bytes: Vec<u8>) -> ServiceResult<Vec<u8>> {
+    if let Ok(m) = MlsMessage::from_bytes(bytes.clone()) {
+        if m.kind() == MlsKind::Welcome {
+            return Ok(m.into_bytes());
+        }
+    }
+    let bare = mimi::Welcome::from_bytes(bytes)
+        .map_err(|e| ServiceError::bad("invalid_welcome", e.to_string()))?;
+    Ok(MlsMessage::from_welcome(&bare)
+        .map_err(|e| ServiceError::bad("invalid_welcome", e.to_string()))?
+        .into_bytes())
 }
 
 /// A room's database row, as written at creation.
 struct RoomRow {
     room_id: String,
-    hub_domain: String,
-    kind: &'static str,
-    name: Option<String>,
-    creator: String,
-    direct_peer: Option<String>,
+    group_id: Vec<u8>,
     public_state: Vec<u8>,
     members: Vec<(String, String)>,
-    admins: String,
 }
 
 impl RoomRow {
-    fn of(s: &RoomState) -> ServiceResult<Self> {
+    fn of(s: &HubRoom) -> ServiceResult<Self> {
         Ok(Self {
             room_id: s.id.to_string(),
-            hub_domain: s.hub_domain.clone(),
-            kind: s.kind.as_str(),
-            name: s.name.clone(),
-            creator: s.creator.to_string(),
-            direct_peer: s.direct_peer.as_ref().map(ToString::to_string),
+            group_id: s.group_id.clone(),
             public_state: s
                 .public
                 .encode()
                 .map_err(|e| ServiceError::Internal(e.to_string()))?,
             members: s.member_rows(),
-            admins: s.admins_json(),
         })
     }
 }
 
 fn insert_room(c: &Connection, r: &RoomRow) -> Result<bool, StoreError> {
     let inserted = c.execute(
-        "INSERT OR IGNORE INTO rooms (room_id, hub_domain, kind, name, creator, direct_peer, epoch, next_event, public_state, created_at, admins)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, 0, 1, ?7, ?8, ?9)",
-        params![r.room_id, r.hub_domain, r.kind, r.name, r.creator, r.direct_peer, r.public_state, now_ms() as i64, r.admins],
+        "INSERT OR IGNORE INTO rooms (room_id, group_id, epoch, next_event, public_state, created_at)
+         VALUES (?1, ?2, 0, 1, ?3, ?4)",
+        params![r.room_id, r.group_id, r.public_state, now_ms() as i64],
     )?;
     if inserted == 0 {
         return Ok(false);
@@ -1291,40 +1506,44 @@ fn member_rows(members: &[MemberDevice]) -> Vec<(String, String)> {
         .collect()
 }
 
-/// The durable effect of an accepted commit.
+/// The durable effect of an accepted commit or leave.
 struct RoomUpdate {
     room_id: String,
     epoch: u64,
     next_event: u64,
     public_state: Vec<u8>,
     members: Vec<(String, String)>,
-    admins: String,
+    group_info: Option<Vec<u8>>,
+    pending: Vec<PendingProposal>,
 }
 
 impl RoomUpdate {
     fn apply(&self, c: &Connection) -> Result<(), StoreError> {
+        let pending = self
+            .pending
+            .tls_serialize_detached()
+            .map_err(|e| StoreError::Task(e.to_string()))?;
         c.execute(
-            "UPDATE rooms SET epoch = ?2, next_event = MAX(next_event, ?3), public_state = ?4, admins = ?5 WHERE room_id = ?1",
-            params![self.room_id, self.epoch as i64, self.next_event as i64, self.public_state, self.admins],
+            "UPDATE rooms SET epoch = ?2, next_event = MAX(next_event, ?3), public_state = ?4,
+               group_info = ?5, pending = ?6 WHERE room_id = ?1",
+            params![
+                self.room_id,
+                self.epoch as i64,
+                self.next_event as i64,
+                self.public_state,
+                self.group_info,
+                pending
+            ],
         )?;
         replace_members(c, &self.room_id, &self.members)
     }
 }
 
-fn load_room(c: &Connection, room: &str) -> Result<Option<RoomState>, StoreError> {
-    type Row = (
-        String,
-        String,
-        Option<String>,
-        String,
-        Option<String>,
-        i64,
-        i64,
-        Vec<u8>,
-    );
+fn load_room(c: &Connection, room: &str) -> Result<Option<HubRoom>, StoreError> {
+    type Row = (Vec<u8>, i64, i64, Vec<u8>, Option<Vec<u8>>, Vec<u8>);
     let row: Option<Row> = c
         .query_row(
-            "SELECT hub_domain, kind, name, creator, direct_peer, epoch, next_event, public_state
+            "SELECT group_id, epoch, next_event, public_state, group_info, pending
              FROM rooms WHERE room_id = ?1",
             params![room],
             |r| {
@@ -1335,27 +1554,14 @@ fn load_room(c: &Connection, room: &str) -> Result<Option<RoomState>, StoreError
                     r.get(3)?,
                     r.get(4)?,
                     r.get(5)?,
-                    r.get(6)?,
-                    r.get(7)?,
                 ))
             },
         )
         .optional()?;
-    let Some((hub_domain, kind, name, creator, peer, epoch, next_event, public)) = row else {
+    let Some((group_id, epoch, next_event, public, group_info, pending)) = row else {
         return Ok(None);
     };
     let corrupt = |what: &str| StoreError::Task(format!("room {room}: stored {what} is corrupt"));
-    let admins: String = c.query_row(
-        "SELECT admins FROM rooms WHERE room_id = ?1",
-        params![room],
-        |r| r.get(0),
-    )?;
-    let admins = serde_json::from_str::<Vec<String>>(&admins)
-        .map_err(|_| corrupt("admins"))?
-        .iter()
-        .map(|u| UserId::parse(u))
-        .collect::<Result<BTreeSet<_>, _>>()
-        .map_err(|_| corrupt("admin"))?;
     let mut st = c.prepare("SELECT device_id, user_id FROM room_members WHERE room_id = ?1")?;
     let members = st
         .query_map(params![room], |r| {
@@ -1366,20 +1572,19 @@ fn load_room(c: &Connection, room: &str) -> Result<Option<RoomState>, StoreError
         .map(|(device, user)| UserId::parse(&user).map(|user| MemberDevice { device, user }))
         .collect::<Result<Vec<_>, _>>()
         .map_err(|_| corrupt("member"))?;
-    Ok(Some(RoomState {
+    let public = PublicState::decode(&public).map_err(|_| corrupt("group state"))?;
+    let facts = public.room_state().map_err(|_| corrupt("room state"))?;
+    let pending = Vec::<PendingProposal>::tls_deserialize(&mut pending.as_slice())
+        .map_err(|_| corrupt("pending proposals"))?;
+    Ok(Some(HubRoom {
         id: RoomId::parse(room).map_err(|_| corrupt("id"))?,
-        hub_domain,
-        kind: RoomKind::parse(&kind).ok_or_else(|| corrupt("kind"))?,
-        name,
-        creator: UserId::parse(&creator).map_err(|_| corrupt("creator"))?,
-        direct_peer: peer
-            .map(|p| UserId::parse(&p))
-            .transpose()
-            .map_err(|_| corrupt("peer"))?,
+        group_id,
+        facts,
         epoch: epoch as u64,
         next_event: AtomicU64::new(next_event as u64),
         members,
-        admins,
-        public: PublicState::decode(&public).map_err(|_| corrupt("group state"))?,
+        public,
+        group_info,
+        pending,
     }))
 }

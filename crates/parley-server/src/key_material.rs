@@ -1,31 +1,31 @@
 //! Key material across providers: claims of KeyPackages for local clients, and MIMI
-//! `keyMaterial` for peers.
+//! `keyMaterial` for peers. Owns no table.
 //!
-//! A claim goes to the room's hub when the room is hubbed elsewhere; otherwise a local user's
-//! KeyPackages come from `accounts`, and another provider's user's from that provider, fetched
-//! as the room's (future) hub, which records the keys it was given for the room (`hub`'s
-//! `remote_claims`). Answering `keyMaterial`, the user's provider hands out KeyPackages only with
-//! its user's consent and remembers the asking hub as the one that may notify it about the room
-//! (`follower`); a hub relays a follower's request to the user's provider. Owns no table.
+//! Every claim carries a `KeyMaterialRequest` signed by the requesting client (draft §5.2),
+//! checked here and forwarded unchanged. A claim for a room hubbed elsewhere goes to that hub
+//! (the room URI names it); otherwise a local user's KeyPackages come from `accounts`, and
+//! another provider's user's from that provider, fetched as the room's (future) hub, which
+//! records what it was given for the room (`hub`'s `remote_claims`). Answering `keyMaterial`,
+//! the user's provider hands out KeyPackages only with its user's consent and remembers each
+//! one's KeyPackageRef for the room (`follower`), by which it routes the room's Welcome; a hub
+//! relays a member's request to the user's provider.
 
 use crate::accounts::{unknown_device, Accounts, AuthDevice};
 use crate::config::ServerConfig;
 use crate::consent::Consent;
+use crate::crypto;
 use crate::error::{ServiceError, ServiceResult};
 use crate::follower::Follower;
 use crate::hub::{no_consent, Hub};
-use crate::mls::validate_key_package;
+use crate::mls::{check_key_package, credential_device};
 use crate::peers::{self, hub_garbled, PeerClient};
-use parley_proto::api::{ClaimResponse, ClaimedKeyPackage};
+use parley_proto::api::{ClaimRequest, ClaimResponse, ClaimedKeyPackage};
 use parley_proto::ids::DeviceUri;
 use parley_proto::mimi::{
-    Body, ClientMaterial, IdentifierUri, KeyMaterialRequest, KeyMaterialResponse, UserCode,
+    self, Body, ClientKeyMaterial, IdentifierUri, KeyMaterialRequest, KeyMaterialResponse, UserCode,
 };
 use parley_proto::{DeviceId, Domain, RoomId, UserId};
 use std::sync::Arc;
-
-/// MLS_128_DHKEMX25519_AES128GCM_SHA256_Ed25519.
-const CIPHERSUITE: u16 = 1;
 
 pub struct KeyMaterial {
     config: Arc<ServerConfig>,
@@ -36,16 +36,64 @@ pub struct KeyMaterial {
     peers: Option<Arc<PeerClient>>,
 }
 
-fn bad_body(e: impl std::fmt::Display) -> ServiceError {
-    ServiceError::bad("invalid_body", e.to_string())
+fn bad_request(e: impl std::fmt::Display) -> ServiceError {
+    ServiceError::bad("invalid_key_material_request", e.to_string())
 }
 
 fn uri_text(u: &IdentifierUri) -> ServiceResult<&str> {
-    u.as_str().map_err(bad_body)
+    u.as_str().map_err(bad_request)
 }
 
 fn parse_user(s: &str) -> ServiceResult<UserId> {
     UserId::parse(s).map_err(|e| ServiceError::bad("invalid_user", e.to_string()))
+}
+
+/// What a verified request asks: who (the signing client), for whom, in which room.
+struct Checked {
+    requester: DeviceUri,
+    target: UserId,
+    room: RoomId,
+}
+
+/// Verifies a `KeyMaterialRequest`: protocol, the signature with the requester's key over the
+/// TBS, and that the credential names a client of `requestingUser`.
+fn verify(request: &KeyMaterialRequest) -> ServiceResult<Checked> {
+    request.check().map_err(bad_request)?;
+    if !request.acceptable_ciphersuites.contains(&mimi::CIPHERSUITE) {
+        return Err(bad_request(
+            "the request accepts none of this provider's ciphersuites",
+        ));
+    }
+    let content = request.tbs().sign_content().map_err(bad_request)?;
+    crypto::verify(
+        request.requester_signature_key.as_slice(),
+        &content,
+        request.signature.as_slice(),
+    )
+    .map_err(|_| {
+        ServiceError::forbidden(
+            "bad_signature",
+            "the keyMaterial request's signature does not verify",
+        )
+    })?;
+    let requester = request
+        .requester_credential
+        .parse()
+        .ok()
+        .and_then(|c| credential_device(&c))
+        .ok_or_else(|| bad_request("the requester credential does not name a client"))?;
+    let requesting_user = parse_user(uri_text(&request.requesting_user)?)?;
+    if requester.user != requesting_user {
+        return Err(bad_request(
+            "the requester credential names a client of another user",
+        ));
+    }
+    Ok(Checked {
+        requester,
+        target: parse_user(uri_text(&request.target_user)?)?,
+        room: RoomId::parse(uri_text(&request.room_id)?)
+            .map_err(|e| ServiceError::bad("invalid_room", e.to_string()))?,
+    })
 }
 
 impl KeyMaterial {
@@ -71,103 +119,87 @@ impl KeyMaterial {
         peers::required(self.peers.as_deref())
     }
 
-    /// `POST /v1/users/{user}/key-packages/claim?room=[&device=]` from a local client. With
-    /// `device`, only that device's package is answered. Locally only that one is consumed;
-    /// through another provider all of the user's devices' packages are (MIMI `keyMaterial`
-    /// names a user, not a client), and the others are dropped here.
+    /// `POST /v1/users/{user}/key-packages/claim` from a local client. With `device`, only that
+    /// device's package is answered. Locally only that one is consumed; through another provider
+    /// all of the user's devices' packages are (MIMI `keyMaterial` names a user, not a client),
+    /// and the others are dropped here.
     pub async fn claim(
         &self,
         requester: &AuthDevice,
         target: &UserId,
-        room: Option<RoomId>,
-        device: Option<DeviceId>,
+        req: ClaimRequest,
     ) -> ServiceResult<ClaimResponse> {
-        let remote_hub = match &room {
-            Some(r) => self.follower.hub_of(r).await?,
-            None => None,
-        };
-        if remote_hub.is_none() && self.config.hosts(target.domain().as_str()) {
-            return self
-                .accounts
-                .claim_key_packages(target, device.as_ref())
-                .await;
+        let room = RoomId::parse(&req.room)
+            .map_err(|e| ServiceError::bad("invalid_room", e.to_string()))?;
+        let device = req
+            .device
+            .as_deref()
+            .map(DeviceId::parse)
+            .transpose()
+            .map_err(|e| ServiceError::bad("invalid_device", e.to_string()))?;
+        let request = KeyMaterialRequest::decode(&req.key_material_request).map_err(bad_request)?;
+        let checked = verify(&request)?;
+        let registered = self.accounts.device_key(&requester.uri()).await?;
+        if checked.requester != requester.uri()
+            || registered.as_deref() != Some(request.requester_signature_key.as_slice())
+        {
+            return Err(bad_request(
+                "the request must be signed by the calling device with its registered key",
+            ));
         }
-        let claim = self
-            .claim_across(requester, target, room, remote_hub)
-            .await?;
-        match device {
-            Some(device) => only_device(target, claim, &device),
-            None => Ok(claim),
+        if checked.target != *target || checked.room != room {
+            return Err(bad_request(
+                "the request must name the claimed user and room",
+            ));
         }
-    }
-
-    /// A claim that involves another provider: through the room's hub when the room is hubbed
-    /// elsewhere, else from the target's provider as the room's (future) hub.
-    async fn claim_across(
-        &self,
-        requester: &AuthDevice,
-        target: &UserId,
-        room: Option<RoomId>,
-        remote_hub: Option<Domain>,
-    ) -> ServiceResult<ClaimResponse> {
-        if let (Some(hub), Some(room)) = (remote_hub, &room) {
+        if let Some(hub) = self.follower.hub_of(&room) {
             // The room's hub must see (and remember) every key used in its room.
-            let request = KeyMaterialRequest::new(
-                &requester.user.to_uri(),
-                &target.to_uri(),
-                &room.to_uri(&hub),
-                CIPHERSUITE,
-            );
             let answer = self
                 .peers()?
                 .call(
                     requester.user.domain(),
                     &hub,
                     "keyMaterial",
-                    &target.to_uri(),
+                    &target_param(target),
                     request.encode(),
                 )
                 .await?;
             let response =
                 KeyMaterialResponse::decode(&answer).map_err(|e| hub_garbled(&hub, e))?;
-            return Ok(claim_of(target, &response)?.0);
+            let claim = claim_of(target, &response)?.0;
+            return match device {
+                Some(device) => only_device(target, claim, &device),
+                None => Ok(claim),
+            };
         }
-        let room = room.ok_or_else(|| {
-            ServiceError::bad(
-                "missing_room",
-                "claiming KeyPackages of another provider's user needs ?room=ROOM_ID",
-            )
-        })?;
-        let hub_domain = match self.hub.hub_domain_of(&room).await? {
-            Some(d) => d,
-            None => requester.user.domain().clone(), // a room about to be created here
-        };
-        self.fetch_for_hub(&requester.user, target, &room, &hub_domain)
-            .await
+        if self.config.hosts(target.domain().as_str()) {
+            return self
+                .accounts
+                .claim_key_packages(target, device.as_ref())
+                .await;
+        }
+        let claim = self.fetch_for_hub(&request, target, &room).await?;
+        match device {
+            Some(device) => only_device(target, claim, &device),
+            None => Ok(claim),
+        }
     }
 
-    /// As the (future) hub of `room`: claims `target`'s KeyPackages from its provider and records
-    /// them, so the commit adding them can be checked.
+    /// As the (future) hub of `room`: claims `target`'s KeyPackages from its provider with the
+    /// requester's signed request and records them, so the commit adding them can be checked.
     async fn fetch_for_hub(
         &self,
-        requester: &UserId,
+        request: &KeyMaterialRequest,
         target: &UserId,
         room: &RoomId,
-        hub_domain: &Domain,
     ) -> ServiceResult<ClaimResponse> {
-        let request = KeyMaterialRequest::new(
-            &requester.to_uri(),
-            &target.to_uri(),
-            &room.to_uri(hub_domain),
-            CIPHERSUITE,
-        );
         let answer = self
             .peers()?
             .call(
-                hub_domain,
+                room.hub(),
                 target.domain(),
                 "keyMaterial",
-                &target.to_uri(),
+                &target_param(target),
                 request.encode(),
             )
             .await?;
@@ -185,67 +217,44 @@ impl KeyMaterial {
         target_param: &str,
         request: KeyMaterialRequest,
     ) -> ServiceResult<KeyMaterialResponse> {
-        request.check().map_err(bad_body)?;
-        let target = parse_user(uri_text(&request.target_user)?)?;
-        if parse_user(target_param)? != target {
+        let checked = verify(&request)?;
+        if parse_user(target_param)? != checked.target {
             return Err(ServiceError::bad(
                 "target_mismatch",
                 "the path and the body name different users",
             ));
         }
-        let requester = parse_user(uri_text(&request.requesting_user)?)?;
-        let (room_hub, room) = RoomId::parse_uri(uri_text(&request.room_id)?)
-            .map_err(|e| ServiceError::bad("invalid_room", e.to_string()))?;
-        if requester.domain() != peer && room_hub != *peer {
+        let Checked {
+            requester,
+            target,
+            room,
+        } = checked;
+        if requester.user.domain() != peer && room.hub() != peer {
             return Err(ServiceError::forbidden(
                 "peer_domain_mismatch",
-                format!("{peer} may not ask on behalf of {requester}"),
+                format!("{peer} may not ask on behalf of {}", requester.user),
             ));
         }
         let target_uri = target.to_uri();
         if self.config.hosts(target.domain().as_str()) {
-            if !self.consent.allows(&requester, &target).await? {
-                tracing::info!(%requester, %target, "keyMaterial refused: no consent");
-                return Ok(KeyMaterialResponse::refused(
-                    UserCode::NoConsent,
-                    &target_uri,
-                ));
-            }
-            return Ok(
-                match self.accounts.claim_key_packages(&target, None).await {
-                    Ok(claim) => {
-                        self.follower.expect_hub(&room, &room_hub).await?;
-                        material_of(&target, claim)
-                    }
-                    Err(ServiceError::NotFound { .. }) => {
-                        KeyMaterialResponse::refused(UserCode::UserUnknown, &target_uri)
-                    }
-                    Err(ServiceError::Conflict { .. }) => {
-                        KeyMaterialResponse::refused(UserCode::NoCompatibleMaterial, &target_uri)
-                    }
-                    Err(e) => return Err(e),
-                },
-            );
+            return self.answer_for_local(&requester.user, &target, &room).await;
         }
-        // Relaying as the room's hub for a follower's user.
-        let hubbed_here = self.config.hosts(room_hub.as_str())
-            && self.hub.hub_domain_of(&room).await? == Some(room_hub.clone());
-        if !hubbed_here || requester.domain() != peer {
+        // Relaying as the room's hub for a member of another provider.
+        let hubbed_here = self.hub.hosts_room(&room).await?;
+        if !hubbed_here || requester.user.domain() != peer {
             return Ok(KeyMaterialResponse::refused(
                 UserCode::UserUnknown,
                 &target_uri,
             ));
         }
-        if !self.hub.has_member_user(&room, &requester).await? {
+        let key = self.hub.member_key(&room, &requester).await?;
+        if key.as_deref() != Some(request.requester_signature_key.as_slice()) {
             return Err(ServiceError::forbidden(
                 "not_member",
-                format!("{requester} is not in room {room}"),
+                format!("{requester} is not a member of room {room} with that key"),
             ));
         }
-        match self
-            .fetch_for_hub(&requester, &target, &room, &room_hub)
-            .await
-        {
+        match self.fetch_for_hub(&request, &target, &room).await {
             Ok(claim) => Ok(material_of(&target, claim)),
             Err(ServiceError::Forbidden {
                 code: "no_consent", ..
@@ -260,13 +269,60 @@ impl KeyMaterial {
             Err(e) => Err(e),
         }
     }
+
+    /// One KeyPackage per client of a local user, with consent, each remembered by its
+    /// KeyPackageRef for the room (so its Welcome can be routed).
+    async fn answer_for_local(
+        &self,
+        requester: &UserId,
+        target: &UserId,
+        room: &RoomId,
+    ) -> ServiceResult<KeyMaterialResponse> {
+        let target_uri = target.to_uri();
+        if !self.consent.allows(requester, target).await? {
+            tracing::info!(%requester, %target, "keyMaterial refused: no consent");
+            return Ok(KeyMaterialResponse::refused(
+                UserCode::NoConsent,
+                &target_uri,
+            ));
+        }
+        let claim = match self.accounts.claim_key_packages(target, None).await {
+            Ok(claim) => claim,
+            Err(ServiceError::NotFound { .. }) => {
+                return Ok(KeyMaterialResponse::refused(
+                    UserCode::UserUnknown,
+                    &target_uri,
+                ))
+            }
+            Err(ServiceError::Conflict { .. }) => {
+                return Ok(KeyMaterialResponse::refused(
+                    UserCode::NoCompatibleMaterial,
+                    &target_uri,
+                ))
+            }
+            Err(e) => return Err(e),
+        };
+        let mut handed = Vec::new();
+        for k in &claim.key_packages {
+            if let Ok(checked) = check_key_package(&k.key_package) {
+                handed.push((checked.reference, k.device_id.clone()));
+            }
+        }
+        self.follower.record_handed_out(room, handed).await?;
+        Ok(material_of(target, claim))
+    }
 }
 
-/// Clients and the signature keys of the KeyPackages claimed for them.
-type ClaimedKeys = Vec<(DeviceUri, Vec<u8>)>;
+/// A user URI as the draft's examples put it into a path (without `mimi://`).
+fn target_param(user: &UserId) -> String {
+    format!("{}/u/{}", user.domain(), user.handle().as_str())
+}
+
+/// Clients, their signature keys and KeyPackageRefs, as claimed.
+type ClaimedKeys = Vec<(DeviceUri, Vec<u8>, Vec<u8>)>;
 
 /// A claim answer from a `KeyMaterialResponse`: only packages that validate and belong to the
-/// client the response names, a client of `target`. Also returns (client, key) for recording.
+/// client the response names, a client of `target`. Also returns (client, key, ref) to record.
 fn claim_of(
     target: &UserId,
     response: &KeyMaterialResponse,
@@ -292,32 +348,30 @@ fn claim_of(
     let mut claimed = Vec::new();
     let mut keys = Vec::new();
     for client in &response.clients {
-        let ClientMaterial::Success {
+        let ClientKeyMaterial::Success {
             client_uri,
             key_package,
         } = client
         else {
             continue;
         };
-        let Ok(uri) = client_uri.as_str() else {
+        let Ok(device) = client_uri.as_str().map(DeviceUri::parse) else {
             continue;
         };
-        let Ok(device) = DeviceUri::parse(uri) else {
-            continue;
-        };
-        let Ok(leaf) = validate_key_package(key_package.as_slice()) else {
+        let Ok(device) = device else { continue };
+        let Ok(checked) = check_key_package(key_package.bytes()) else {
             tracing::warn!(%device, "peer sent an invalid KeyPackage; skipped");
             continue;
         };
-        if device.user != *target || leaf.device != device {
+        if device.user != *target || checked.leaf.device != device {
             tracing::warn!(%device, "peer sent a KeyPackage for another client; skipped");
             continue;
         }
         claimed.push(ClaimedKeyPackage {
             device_id: device.device.as_str().to_owned(),
-            key_package: key_package.as_slice().to_vec(),
+            key_package: checked.bare,
         });
-        keys.push((device, leaf.signature_key));
+        keys.push((device, checked.leaf.signature_key, checked.reference));
     }
     if claimed.is_empty() {
         return Err(ServiceError::conflict(
@@ -349,23 +403,26 @@ fn only_device(
     Ok(claim)
 }
 
-/// A local claim as a `KeyMaterialResponse`.
+/// A claim as a `KeyMaterialResponse` (bare KeyPackages).
 fn material_of(target: &UserId, claim: ClaimResponse) -> KeyMaterialResponse {
     let clients = claim
         .key_packages
         .into_iter()
-        .map(|k| ClientMaterial::Success {
-            client_uri: IdentifierUri::new(&format!(
-                "mimi://{}/d/{}/{}",
-                target.domain(),
-                target.handle().as_str(),
-                k.device_id
-            )),
-            key_package: k.key_package.into(),
+        .filter_map(|k| {
+            let bare = check_key_package(&k.key_package).ok()?.bare;
+            Some(ClientKeyMaterial::Success {
+                client_uri: IdentifierUri::new(&format!(
+                    "mimi://{}/d/{}/{}",
+                    target.domain(),
+                    target.handle().as_str(),
+                    k.device_id
+                )),
+                key_package: mimi::KeyPackage::from_bytes(bare).ok()?,
+            })
         })
         .collect();
     KeyMaterialResponse {
-        protocol: parley_proto::mimi::MLS10,
+        protocol: mimi::MLS10,
         user_status: UserCode::Success as u8,
         user_uri: IdentifierUri::new(&target.to_uri()),
         clients,

@@ -22,6 +22,7 @@ pub mod assets;
 pub mod clock;
 pub mod config;
 pub mod consent;
+pub mod crypto;
 pub mod delivery;
 pub mod ephemeral;
 pub mod error;
@@ -43,6 +44,7 @@ use app::App;
 use assets::Assets;
 use config::{ConfigError, ServerConfig};
 use consent::Consent;
+use crypto::{CryptoError, HubKeys};
 use delivery::Delivery;
 use follower::Follower;
 use hub::Hub;
@@ -72,6 +74,8 @@ pub enum ServerError {
     Tls(#[from] tls::TlsError),
     #[error(transparent)]
     Peers(#[from] PeerError),
+    #[error(transparent)]
+    Crypto(#[from] CryptoError),
 }
 
 /// A running server. Tests bind port 0 and read [`Server::local_addr`].
@@ -110,6 +114,13 @@ impl Server {
             shutdown.clone(),
         );
         let consent = Arc::new(Consent::new(store.clone(), config.clone(), outbox.clone()).await?);
+        let keys = Arc::new(
+            HubKeys::load(
+                &store,
+                config.domains.iter().map(|d| d.name.clone()).collect(),
+            )
+            .await?,
+        );
         let store_for_assets = store.clone();
         let hub = Arc::new(Hub::new(
             store.clone(),
@@ -118,13 +129,12 @@ impl Server {
             config.clone(),
             outbox.clone(),
             consent.clone(),
+            keys.clone(),
         ));
         let follower = Arc::new(Follower::new(
             store,
             config.clone(),
             delivery.clone(),
-            hub.clone(),
-            consent.clone(),
             peers.clone(),
         ));
         let key_material = Arc::new(KeyMaterial::new(
@@ -155,6 +165,7 @@ impl Server {
             outbox,
             assets: assets.clone(),
             ephemeral,
+            keys,
             peers,
             peer_requests: RateLimiter::new(
                 config.limits.peer_requests_per_second,
@@ -165,6 +176,7 @@ impl Server {
         tokio::spawn(expiry_loop(
             delivery,
             assets,
+            app.follower.clone(),
             Duration::from_millis(config.expiry_sweep_ms),
             shutdown.clone(),
         ));
@@ -235,10 +247,11 @@ impl Server {
     }
 }
 
-/// Deletes expired queue entries and assets every `every` until shutdown.
+/// Deletes expired queue entries, assets and old notify digests every `every` until shutdown.
 async fn expiry_loop(
     delivery: Arc<Delivery>,
     assets: Arc<Assets>,
+    follower: Arc<Follower>,
     every: Duration,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -256,6 +269,9 @@ async fn expiry_loop(
             Ok(0) => {}
             Ok(n) => tracing::info!(expired = n, "deleted expired assets"),
             Err(e) => tracing::warn!(error = %e, "asset expiry sweep failed"),
+        }
+        if let Err(e) = follower.prune(now_ms()).await {
+            tracing::warn!(error = %e, "notify digest sweep failed");
         }
     }
 }

@@ -6,6 +6,7 @@
 //! it reads the cleartext header (group id, epoch, content type).
 
 use openmls::group::GroupId;
+use openmls::messages::group_info::VerifiableGroupInfo;
 use openmls::prelude::{
     BasicCredential, Ciphersuite, ContentType, Credential, KeyPackageIn, LeafNodeIndex,
     MlsMessageBodyIn, MlsMessageIn, ProcessedMessageContent, Proposal, ProposalStore,
@@ -14,7 +15,7 @@ use openmls::prelude::{
 use openmls_memory_storage::MemoryStorage;
 use openmls_rust_crypto::RustCrypto;
 use parley_proto::ids::DeviceUri;
-use parley_proto::RoomId;
+use parley_proto::mimi::room_state::{expiry_from_aad, RoomState, APP_DATA_DICTIONARY};
 use std::collections::HashMap;
 use std::sync::RwLock;
 use tls_codec::{Deserialize as _, Serialize as _, TlsDeserialize, TlsSerialize, TlsSize, VLBytes};
@@ -45,9 +46,23 @@ pub struct LeafDevice {
     pub signature_key: Vec<u8>,
 }
 
+/// A KeyPackage that validated: whose it is, its KeyPackageRef, and its bare encoding.
+#[derive(Debug, Clone)]
+pub struct CheckedKeyPackage {
+    pub leaf: LeafDevice,
+    pub reference: Vec<u8>,
+    pub bare: Vec<u8>,
+}
+
 /// Checks an uploaded KeyPackage (an MlsMessage or a bare KeyPackage): signature, ciphersuite,
 /// lifetime, and that its credential names a device. Returns that device.
 pub fn validate_key_package(bytes: &[u8]) -> Result<LeafDevice, MlsInputError> {
+    Ok(check_key_package(bytes)?.leaf)
+}
+
+/// [`validate_key_package`], also returning the package's KeyPackageRef and bare bytes (what
+/// MIMI `keyMaterial` carries, and what a Welcome names its new members by).
+pub fn check_key_package(bytes: &[u8]) -> Result<CheckedKeyPackage, MlsInputError> {
     let kp_in = match MlsMessageIn::tls_deserialize_exact(bytes) {
         Ok(msg) => match msg.extract() {
             MlsMessageBodyIn::KeyPackage(kp) => kp,
@@ -67,17 +82,31 @@ pub fn validate_key_package(bytes: &[u8]) -> Result<LeafDevice, MlsInputError> {
     }
     let leaf = kp.leaf_node();
     let device = credential_device(leaf.credential())
-        .ok_or_else(|| bad("KeyPackage credential is not a Parley device URI"))?;
-    Ok(LeafDevice {
-        device,
-        signature_key: leaf.signature_key().as_slice().to_vec(),
+        .ok_or_else(|| bad("KeyPackage credential is not a client URI"))?;
+    let reference = kp
+        .hash_ref(&RustCrypto::default())
+        .map_err(|e| bad(format!("cannot hash the KeyPackage: {e}")))?
+        .as_slice()
+        .to_vec();
+    let bare = kp
+        .tls_serialize_detached()
+        .map_err(|e| bad(format!("cannot encode the KeyPackage: {e}")))?;
+    Ok(CheckedKeyPackage {
+        leaf: LeafDevice {
+            device,
+            signature_key: leaf.signature_key().as_slice().to_vec(),
+        },
+        reference,
+        bare,
     })
 }
 
 /// The header of an application message, read without decrypting.
 pub struct AppMessageHeader {
-    pub room: RoomId,
+    pub group_id: Vec<u8>,
     pub epoch: u64,
+    /// The sender's expiry hint (Safe AAD `parley_expires_at`), if any.
+    pub expires_at: Option<u64>,
 }
 
 /// Parses an MlsMessage that must be a PrivateMessage with application content.
@@ -87,15 +116,15 @@ pub fn application_header(bytes: &[u8]) -> Result<AppMessageHeader, MlsInputErro
     let MlsMessageBodyIn::PrivateMessage(pm) = msg.extract() else {
         return Err(bad("a message must be an MLS PrivateMessage"));
     };
+    let expires_at = expiry_from_aad(pm.aad());
     let pm = ProtocolMessage::from(pm);
     if pm.content_type() != ContentType::Application {
         return Err(bad("handshake messages go to /commits as PublicMessages"));
     }
-    let room = RoomId::from_group_id(pm.group_id().as_slice())
-        .map_err(|_| bad("the MLS group id is not a Parley room id"))?;
     Ok(AppMessageHeader {
-        room,
+        group_id: pm.group_id().as_slice().to_vec(),
         epoch: pm.epoch().as_u64(),
+        expires_at,
     })
 }
 
@@ -133,6 +162,13 @@ pub struct CommitEffect {
     pub next: PublicState,
     pub epoch: u64,
     pub committer: DeviceUri,
+    /// The committer joined with this commit (an external commit).
+    pub external: bool,
+    /// The room's state (GroupContext components) before and after.
+    pub state_before: RoomState,
+    pub state_after: RoomState,
+    /// The `external_senders` (TLS-encoded `ExternalSender`s) after the commit.
+    pub external_senders: Vec<Vec<u8>>,
     pub added: Vec<LeafDevice>,
     pub removed: Vec<DeviceUri>,
     /// The removed devices that had asked to leave (their pending self-removals).
@@ -155,16 +191,13 @@ pub struct LeaveEffect {
 }
 
 impl PublicState {
-    /// Starts following a new group from its GroupInfo and ratchet tree (verifies both).
+    /// Starts following a new group from its GroupInfo (an MlsMessage or bare) and ratchet tree
+    /// (verifies both).
     pub fn create(
         group_info: &[u8],
         ratchet_tree: &[u8],
     ) -> Result<(Self, u64, Vec<LeafDevice>), MlsInputError> {
-        let msg = MlsMessageIn::tls_deserialize_exact(group_info)
-            .map_err(|e| bad(format!("group_info is not an MLS message: {e}")))?;
-        let MlsMessageBodyIn::GroupInfo(vgi) = msg.extract() else {
-            return Err(bad("group_info is not an MLS GroupInfo"));
-        };
+        let vgi = decode_group_info(group_info)?;
         if vgi.ciphersuite() != CIPHERSUITE {
             return Err(bad(format!(
                 "the group must use {}",
@@ -192,6 +225,29 @@ impl PublicState {
         self.group_id.as_slice()
     }
 
+    /// The room's state from the GroupContext's `app_data_dictionary`.
+    pub fn room_state(&self) -> Result<RoomState, MlsInputError> {
+        room_state_of(&self.load()?)
+    }
+
+    /// The `external_senders` of the GroupContext, each TLS-encoded.
+    pub fn external_senders(&self) -> Result<Vec<Vec<u8>>, MlsInputError> {
+        external_senders_of(&self.load()?)
+    }
+
+    /// The group's ratchet tree (`optional<Node> ratchet_tree<V>`).
+    pub fn ratchet_tree(&self) -> Result<Vec<u8>, MlsInputError> {
+        self.load()?
+            .export_ratchet_tree()
+            .tls_serialize_detached()
+            .map_err(|e| bad(format!("cannot encode the ratchet tree: {e}")))
+    }
+
+    /// The member devices with their signature keys.
+    pub fn members(&self) -> Result<Vec<LeafDevice>, MlsInputError> {
+        members_of(&self.load()?)
+    }
+
     /// Verifies a commit (a PublicMessage) against the current state and computes the next state,
     /// leaving `self` untouched so nothing changes unless the result is stored.
     pub fn apply_commit(&self, commit: &[u8]) -> Result<CommitEffect, MlsInputError> {
@@ -200,18 +256,30 @@ impl PublicState {
         let mut group = next.load()?;
         let before = members_of(&group)?;
         let pending = self.pending_removals(&group)?;
+        let state_before = room_state_of(&group)?;
         let processed = group
             .process_message(&RustCrypto::default(), pm)
             .map_err(|e| bad(format!("commit refused: {e}")))?;
-        let Sender::Member(committer_leaf) = *processed.sender() else {
-            return Err(bad("only members may commit"));
-        };
-        let committer = group
-            .leaf(committer_leaf)
-            .and_then(|leaf| credential_device(leaf.credential()))
-            .ok_or_else(|| bad("committer leaf is not a Parley device"))?;
+        let sender = processed.sender().clone();
         let ProcessedMessageContent::StagedCommitMessage(staged) = processed.into_content() else {
             return Err(bad("the PublicMessage is not a commit"));
+        };
+        let (committer, external) = match sender {
+            Sender::Member(leaf) => (
+                group
+                    .leaf(leaf)
+                    .and_then(|leaf| credential_device(leaf.credential()))
+                    .ok_or_else(|| bad("committer leaf is not a client URI"))?,
+                false,
+            ),
+            Sender::NewMemberCommit => (
+                staged
+                    .update_path_leaf_node()
+                    .and_then(|leaf| credential_device(leaf.credential()))
+                    .ok_or_else(|| bad("the external committer's leaf is not a client URI"))?,
+                true,
+            ),
+            _ => return Err(bad("only members and joining clients may commit")),
         };
         let mut added = Vec::new();
         for add in staged.add_proposals() {
@@ -234,8 +302,16 @@ impl PublicState {
                     .ok_or_else(|| bad("a removed leaf is not a Parley device"))?,
             );
         }
-        let has_other_proposals = staged.queued_proposals().count()
-            > added.len() + removed.len() + staged.update_proposals().count();
+        let has_other_proposals = staged.queued_proposals().any(|q| {
+            !matches!(
+                q.proposal(),
+                Proposal::Add(_)
+                    | Proposal::Remove(_)
+                    | Proposal::Update(_)
+                    | Proposal::GroupContextExtensions(_)
+                    | Proposal::ExternalInit(_)
+            )
+        });
         let covered: Vec<LeafNodeIndex> = staged
             .remove_proposals()
             .map(|rm| rm.remove_proposal().removed())
@@ -254,9 +330,13 @@ impl PublicState {
             .merge_commit(&next.storage, *staged)
             .map_err(|e| bad(format!("cannot apply commit: {e}")))?;
         let members = members_of(&group)?;
-        debug_assert!(before.len() + added.len() >= members.len());
+        debug_assert!(before.len() + added.len() + 1 >= members.len());
         Ok(CommitEffect {
             epoch: group.group_context().epoch().as_u64(),
+            state_after: room_state_of(&group)?,
+            external_senders: external_senders_of(&group)?,
+            state_before,
+            external,
             next,
             committer,
             added,
@@ -410,6 +490,65 @@ fn handshake_message(
     Ok(pm)
 }
 
+/// A GroupInfo, as an MlsMessage or bare.
+fn decode_group_info(bytes: &[u8]) -> Result<VerifiableGroupInfo, MlsInputError> {
+    if let Ok(msg) = MlsMessageIn::tls_deserialize_exact(bytes) {
+        return match msg.extract() {
+            MlsMessageBodyIn::GroupInfo(vgi) => Ok(vgi),
+            _ => Err(bad("group_info is not an MLS GroupInfo")),
+        };
+    }
+    VerifiableGroupInfo::tls_deserialize_exact(bytes)
+        .map_err(|e| bad(format!("group_info is not a GroupInfo: {e}")))
+}
+
+/// Checks a committer's GroupInfo for the group's new epoch (bare or as an MlsMessage) and
+/// returns it bare, to serve MIMI `groupInfo` with. Its signature is the committer's, which
+/// a joining client verifies against the tree.
+pub fn check_group_info(
+    bytes: &[u8],
+    group_id: &[u8],
+    epoch: u64,
+) -> Result<Vec<u8>, MlsInputError> {
+    let vgi = decode_group_info(bytes)?;
+    if vgi.group_id().as_slice() != group_id || vgi.epoch().as_u64() != epoch {
+        return Err(bad(format!(
+            "the GroupInfo must be the group's, for epoch {epoch}"
+        )));
+    }
+    if vgi
+        .extensions()
+        .iter()
+        .any(|e| e.extension_type() == openmls::prelude::ExtensionType::RatchetTree)
+    {
+        return Err(bad("the GroupInfo must not carry the ratchet tree"));
+    }
+    vgi.tls_serialize_detached()
+        .map_err(|e| bad(format!("cannot encode the GroupInfo: {e}")))
+}
+
+fn room_state_of(group: &PublicGroup) -> Result<RoomState, MlsInputError> {
+    let ext = group
+        .group_context()
+        .extensions()
+        .unknown(APP_DATA_DICTIONARY)
+        .ok_or_else(|| bad("the group has no app_data_dictionary (room state) extension"))?;
+    RoomState::decode(&ext.0).map_err(|e| bad(format!("invalid room state: {e}")))
+}
+
+fn external_senders_of(group: &PublicGroup) -> Result<Vec<Vec<u8>>, MlsInputError> {
+    let Some(senders) = group.group_context().extensions().external_senders() else {
+        return Ok(Vec::new());
+    };
+    senders
+        .iter()
+        .map(|s| {
+            s.tls_serialize_detached()
+                .map_err(|e| bad(format!("cannot encode an external sender: {e}")))
+        })
+        .collect()
+}
+
 fn members_of(group: &PublicGroup) -> Result<Vec<LeafDevice>, MlsInputError> {
     group
         .members()
@@ -419,7 +558,7 @@ fn members_of(group: &PublicGroup) -> Result<Vec<LeafDevice>, MlsInputError> {
                     device,
                     signature_key: m.signature_key.clone(),
                 })
-                .ok_or_else(|| bad("a group member is not a Parley device"))
+                .ok_or_else(|| bad("a group member is not a client URI"))
         })
         .collect()
 }

@@ -6,13 +6,14 @@
 //! travel together in one request (per-room order), different rooms concurrently. A row is
 //! deleted once the peer accepted it (2xx) or refused it for good (4xx other than 408/429);
 //! otherwise the worker retries with exponential backoff and jitter, capped (default 60 s), so a
-//! returning peer is served within a minute. Followers drop repeats by sequence, so a retry
-//! after a lost answer delivers exactly once.
+//! returning peer is served within a minute. A `notify` request is the room's rows' encoded
+//! `FanoutMessage`s concatenated (draft §5.5); followers drop messages they already applied, so
+//! a retry after a lost answer delivers exactly once. A row of an expiring message is dropped
+//! undelivered once it expired.
 
 use crate::clock::now_ms;
 use crate::peers::{PeerClient, PeerError};
 use crate::store::{Store, StoreError};
-use parley_proto::mimi::{Body, NotifyEntry, NotifyRequest};
 use parley_proto::Domain;
 use rand::Rng;
 use rusqlite::{params, Connection};
@@ -41,16 +42,19 @@ pub struct OutboxItem {
     pub peer: String,
     pub as_domain: String,
     pub endpoint: &'static str,
-    /// The endpoint's path parameter (room id for notify, domain for consent).
+    /// The endpoint's path parameter (the room URI without `mimi://` for notify, a domain for
+    /// consent).
     pub param: String,
     pub body: Vec<u8>,
+    /// An expiring message's notification is dropped undelivered after this (ms).
+    pub expires_at: Option<u64>,
 }
 
 /// Appends items to the outbox (inside the caller's transaction).
 pub fn insert(c: &Connection, items: &[OutboxItem]) -> Result<(), StoreError> {
     let mut st = c.prepare_cached(
-        "INSERT INTO peer_outbox (peer, as_domain, endpoint, param, body, created_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        "INSERT INTO peer_outbox (peer, as_domain, endpoint, param, body, created_at, expires_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
     )?;
     let now = now_ms() as i64;
     for it in items {
@@ -60,7 +64,8 @@ pub fn insert(c: &Connection, items: &[OutboxItem]) -> Result<(), StoreError> {
             it.endpoint,
             it.param,
             it.body,
-            now
+            now,
+            it.expires_at.map(|e| e as i64),
         ])?;
     }
     Ok(())
@@ -72,6 +77,7 @@ struct Row {
     endpoint: String,
     param: String,
     body: Vec<u8>,
+    expires_at: Option<i64>,
 }
 
 /// Delivery counters of one peer, for `/metrics`.
@@ -211,7 +217,7 @@ impl Outbox {
         self.store
             .read(move |c| {
                 let mut st = c.prepare_cached(
-                    "SELECT id, as_domain, endpoint, param, body FROM peer_outbox
+                    "SELECT id, as_domain, endpoint, param, body, expires_at FROM peer_outbox
                      WHERE peer = ?1 ORDER BY id LIMIT ?2",
                 )?;
                 let rows = st.query_map(params![peer, ROUND_ROWS as i64], |r| {
@@ -221,6 +227,7 @@ impl Outbox {
                         endpoint: r.get(2)?,
                         param: r.get(3)?,
                         body: r.get(4)?,
+                        expires_at: r.get(5)?,
                     })
                 })?;
                 Ok(rows.collect::<Result<_, _>>()?)
@@ -237,6 +244,14 @@ impl Outbox {
             let _ = self.delete(ids).await;
             return false;
         };
+        let now = now_ms() as i64;
+        let (expired, rows): (Vec<Row>, Vec<Row>) = rows
+            .into_iter()
+            .partition(|r| r.expires_at.is_some_and(|at| at <= now));
+        if !expired.is_empty() {
+            tracing::debug!(%peer, rows = expired.len(), "dropped expired notifications");
+            let _ = self.delete(expired.iter().map(|r| r.id).collect()).await;
+        }
         let mut tasks = tokio::task::JoinSet::new();
         for batch in batches(rows) {
             let peers = self.peers.clone();
@@ -399,10 +414,7 @@ async fn send_batch(peers: Option<&PeerClient>, peer: &Domain, batch: &[Row]) ->
         return Outcome::Rejected(format!("invalid local domain {}", first.as_domain));
     };
     let body = if first.endpoint == NOTIFY {
-        match notify_body(batch) {
-            Ok(b) => b,
-            Err(why) => return Outcome::Rejected(why),
-        }
+        notify_body(batch)
     } else {
         first.body.clone()
     };
@@ -429,17 +441,9 @@ async fn send_batch(peers: Option<&PeerClient>, peer: &Domain, batch: &[Row]) ->
     }
 }
 
-/// The `notify` body for a batch: the stored entries with their row ids as sequence numbers.
-fn notify_body(batch: &[Row]) -> Result<Vec<u8>, String> {
-    let entries = batch
-        .iter()
-        .map(|r| {
-            let mut entry = NotifyEntry::decode(&r.body).map_err(|e| e.to_string())?;
-            entry.sequence = r.id as u64;
-            Ok(entry)
-        })
-        .collect::<Result<Vec<_>, String>>()?;
-    Ok(NotifyRequest { entries }.encode())
+/// The `notify` body for a batch: the rows' `FanoutMessage`s, concatenated in order.
+fn notify_body(batch: &[Row]) -> Vec<u8> {
+    batch.iter().flat_map(|r| r.body.iter().copied()).collect()
 }
 
 #[cfg(test)]
@@ -453,6 +457,7 @@ mod tests {
             endpoint: endpoint.into(),
             param: param.into(),
             body: vec![0; 10],
+            expires_at: None,
         }
     }
 

@@ -64,9 +64,27 @@ pub struct Directory {
 }
 
 impl Directory {
-    /// The URL of `endpoint` with its one `{…}` parameter filled in.
-    /// The parameter is percent-encoded as one path segment (user URIs contain `/` and `:`).
+    /// The URL of `endpoint` with its one `{…}` parameter filled in as given: a room or user
+    /// URI without `mimi://` (`chirp.test/r/NAME`, as the draft's examples write them) or a
+    /// domain. Those hold only unreserved characters and `/`, so nothing needs encoding; anything
+    /// else is refused.
     pub fn url(&self, endpoint: &str, param: &str) -> Option<String> {
+        let path_safe = !param.is_empty()
+            && param.bytes().all(|b| {
+                b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'~' | b'-' | b'/')
+            });
+        if !path_safe {
+            return None;
+        }
+        let template = self.endpoints.get(endpoint)?;
+        let (head, rest) = template.split_once('{')?;
+        let (_, tail) = rest.split_once('}')?;
+        Some(format!("{head}{param}{tail}"))
+    }
+
+    /// The URL of `endpoint` with its parameter percent-encoded as one path segment (a URL for
+    /// `proxyDownload`).
+    pub fn url_segment(&self, endpoint: &str, param: &str) -> Option<String> {
         let template = self.endpoints.get(endpoint)?;
         let (head, rest) = template.split_once('{')?;
         let (_, tail) = rest.split_once('}')?;
@@ -252,7 +270,10 @@ impl PeerClient {
         let resp = client
             .post(url)
             .header(reqwest::header::FROM, format!("mimi@{as_domain}"))
-            .header(reqwest::header::CONTENT_TYPE, MIMI_CONTENT_TYPE)
+            .header(
+                reqwest::header::CONTENT_TYPE,
+                parley_proto::mimi::CONTENT_TYPE,
+            )
             .body(body)
             .send()
             .await
@@ -325,7 +346,7 @@ impl PeerClient {
     ) -> Result<reqwest::Response, PeerError> {
         let directory = self.directory(as_domain, hub).await?;
         let url = directory
-            .url("proxyDownload", download_url)
+            .url_segment("proxyDownload", download_url)
             .ok_or_else(|| {
                 PeerError::BadDirectory(hub.clone(), "no proxyDownload endpoint".into())
             })?;
@@ -355,8 +376,6 @@ impl PeerClient {
 /// Longest a proxied asset download may take.
 const ASSET_TIMEOUT: Duration = Duration::from_secs(3600);
 
-/// Media type of MIMI bodies (TLS presentation language).
-pub const MIMI_CONTENT_TYPE: &str = "application/mimi-protocol";
 /// Largest answer read from a peer.
 const MAX_ANSWER_BYTES: usize = parley_proto::mimi::MAX_BODY;
 
@@ -470,8 +489,15 @@ mod tests {
         );
         assert_eq!(d.url("notify", "r"), None);
         assert_eq!(
-            d.url("keyMaterial", "mimi://b.test/u/bob").as_deref(),
-            Some("https://w.test/v1/keyMaterial/mimi:%2F%2Fb.test%2Fu%2Fbob")
+            d.url("keyMaterial", "b.test/u/bob").as_deref(),
+            Some("https://w.test/v1/keyMaterial/b.test/u/bob")
+        );
+        assert_eq!(d.url("keyMaterial", "b.test/u/bob?x"), None);
+        assert_eq!(d.url("keyMaterial", ""), None);
+        assert_eq!(
+            d.url_segment("keyMaterial", "https://b.test/v1/assets/1")
+                .as_deref(),
+            Some("https://w.test/v1/keyMaterial/https:%2F%2Fb.test%2Fv1%2Fassets%2F1")
         );
     }
 }

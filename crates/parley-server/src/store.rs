@@ -31,6 +31,9 @@ pub enum StoreError {
     WriterGone,
     #[error("a storage task failed: {0}")]
     Task(String),
+    /// A write job found its input not allowed and wrote nothing (rolled back alone).
+    #[error("{0}")]
+    Refused(String),
 }
 
 type Finisher = Box<dyn FnOnce(Result<(), String>) + Send>;

@@ -256,15 +256,21 @@ async fn bad_input_gets_4xx_json_and_the_server_keeps_serving() {
         StatusCode::BAD_REQUEST,
         "invalid_key_package",
     );
-    let room = "00112233445566778899aabbccddeeff";
+    // A room is a MIMI room URI; in a path, one percent-encoded segment.
+    let room_uri = "mimi://chirp.test/r/00112233445566778899aabbccddeeff";
+    let room = "mimi%3A%2F%2Fchirp.test%2Fr%2F00112233445566778899aabbccddeeff";
     assert_error(
-        &api.post("/v1/rooms", json!({"room_id": room, "kind": "group", "group_info": garbage, "ratchet_tree": garbage}), t)
-            .await,
+        &api.post(
+            "/v1/rooms",
+            json!({"room_id": room_uri, "group_info": garbage, "ratchet_tree": garbage}),
+            t,
+        )
+        .await,
         StatusCode::BAD_REQUEST,
         "invalid_group_info",
     );
     assert_error(
-        &api.post("/v1/rooms", json!({"room_id": "x", "kind": "group", "group_info": garbage, "ratchet_tree": garbage}), t)
+        &api.post("/v1/rooms", json!({"room_id": "00112233445566778899aabbccddeeff", "group_info": garbage, "ratchet_tree": garbage}), t)
             .await,
         StatusCode::BAD_REQUEST,
         "invalid_room",
@@ -282,7 +288,7 @@ async fn bad_input_gets_4xx_json_and_the_server_keeps_serving() {
     assert_error(
         &api.post(
             &format!("/v1/rooms/{room}/commits"),
-            json!({"commit": garbage}),
+            json!({"commit": garbage, "group_info": garbage, "ratchet_tree": garbage}),
             t,
         )
         .await,
@@ -302,12 +308,28 @@ async fn bad_input_gets_4xx_json_and_the_server_keeps_serving() {
     assert_error(
         &api.post(
             "/v1/users/nobody@chirp.test/key-packages/claim",
+            json!({"room": room_uri, "key_material_request": garbage}),
+            t,
+        )
+        .await,
+        StatusCode::BAD_REQUEST,
+        "invalid_key_material_request",
+    );
+    assert_error(
+        &api.post(
+            "/v1/users/nobody@chirp.test/key-packages/claim",
             json!({}),
             t,
         )
         .await,
+        StatusCode::BAD_REQUEST,
+        "invalid_json",
+    );
+    assert_error(
+        &api.post(&format!("/v1/rooms/{room}/left"), json!({}), t)
+            .await,
         StatusCode::NOT_FOUND,
-        "unknown_user",
+        "unknown_room",
     );
     assert_error(
         &api.get("/v1/ws", t).await,
@@ -336,7 +358,7 @@ async fn bad_input_gets_4xx_json_and_the_server_keeps_serving() {
             ),
             (
                 "/v1/rooms".to_string(),
-                json!({"room_id": room, "kind": "group", "group_info": b64, "ratchet_tree": b64}),
+                json!({"room_id": room_uri, "group_info": b64, "ratchet_tree": b64}),
             ),
             (
                 format!("/v1/rooms/{room}/messages"),

@@ -116,8 +116,25 @@ async fn peers_are_authenticated_by_certificate_and_from_header() {
         dirjson["keyMaterial"],
         format!("https://chirp.test:{port}/v1/keyMaterial/{{targetUser}}")
     );
-    // The draft's ten, and Parley's extensions x-parley-promote and x-parley-ephemeral.
-    assert_eq!(dirjson.as_object().unwrap().len(), 12);
+    // The draft's ten, and Parley's extension x-parley-ephemeral.
+    assert_eq!(dirjson.as_object().unwrap().len(), 11);
+    assert_eq!(
+        dirjson["notify"],
+        format!("https://chirp.test:{port}/v1/notify/{{roomId}}")
+    );
+    // A request whose Host is not a domain hosted here is misdirected.
+    let resp = with_resolve(Some(&wave), &ca)
+        .get(&url)
+        .header("From", "mimi@wave.test")
+        .header("Host", "elsewhere.test")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::MISDIRECTED_REQUEST);
+    assert_eq!(
+        resp.json::<Value>().await.unwrap()["error"],
+        "misdirected_request"
+    );
 
     // A valid certificate for evil.test claiming to be wave.test: refused.
     let resp = get(with_resolve(Some(&evil), &ca), Some("mimi@wave.test"))
@@ -227,8 +244,8 @@ async fn peers_are_discovered_through_the_directory() {
         .unwrap();
     let port = wave.federation_addr().unwrap().port();
     assert_eq!(
-        directory.url("keyMaterial", "bob").as_deref(),
-        Some(format!("https://wave.test:{port}/v1/keyMaterial/bob").as_str())
+        directory.url("keyMaterial", "wave.test/u/bob").as_deref(),
+        Some(format!("https://wave.test:{port}/v1/keyMaterial/wave.test/u/bob").as_str())
     );
     let err = peers
         .directory(&chirp, &Domain::parse("impostor.test").unwrap())

@@ -23,12 +23,13 @@ pub use abuse::{AbuseReport, AbusiveMessage};
 pub use consent::{ConsentEntry, ConsentOperation};
 pub use fanout::{EphemeralMessage, FanoutExtra, FanoutMessage, NotifyRequest};
 pub use group_info::{
-    GroupInfoRatchetTreeTbe, GroupInfoRequest, GroupInfoResponse, GroupInfoResult, HpkeCiphertext,
+    response_sign_content as group_info_response_sign_content, GroupInfoRatchetTreeTbe,
+    GroupInfoRequest, GroupInfoRequestTbs, GroupInfoResponse, GroupInfoResult, HpkeCiphertext,
     PendingProposal,
 };
 pub use key_material::{
-    ClientKeyMaterial, KeyMaterialRequest, KeyMaterialResponse, UserCode, CLIENT_EXHAUSTED,
-    CLIENT_NOTHING_COMPATIBLE, CLIENT_SUCCESS,
+    ClientKeyMaterial, KeyMaterialRequest, KeyMaterialRequestTbs, KeyMaterialResponse, UserCode,
+    CLIENT_EXHAUSTED, CLIENT_NOTHING_COMPATIBLE, CLIENT_SUCCESS,
 };
 pub use mls::{
     Capabilities, Credential, ExternalSender, GroupInfo, KeyPackage, Mls, MlsKind, MlsMessage,
