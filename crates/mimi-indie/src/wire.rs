@@ -708,3 +708,7 @@ pub fn decode<T: Deserialize>(mut bytes: &[u8]) -> Result<T, TlsError> {
     }
     Ok(value)
 }
+
+#[cfg(test)]
+#[path = "wire_tests.rs"]
+mod tests;
