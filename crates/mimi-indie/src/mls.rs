@@ -254,6 +254,40 @@ impl MlsClient {
         })
     }
 
+    /// Commits a self-update (fresh leaf keys, no proposals), as a follower's client may do.
+    /// Returns the commit, its GroupInfo and the ratchet tree of the new epoch.
+    pub fn commit_update(
+        &mut self,
+        group_id: &[u8],
+    ) -> Result<(MlsMessageIn, GroupInfo, RatchetTreeIn), MlsError> {
+        let provider = &self.provider;
+        let signer = &self.signer;
+        let group = self
+            .groups
+            .get_mut(group_id)
+            .ok_or_else(|| MlsError::new("group", "not a member"))?;
+        let bundle = group
+            .commit_builder()
+            .force_self_update(true)
+            .load_psks(provider.storage())
+            .map_err(mls("load psks"))?
+            .create_group_info(true)
+            .build(provider.rand(), provider.crypto(), signer, |_| true)
+            .map_err(mls("build commit"))?
+            .stage_commit(provider)
+            .map_err(mls("stage commit"))?;
+        let (commit, _, group_info) = bundle.into_contents();
+        let group_info = group_info.ok_or_else(|| MlsError::new("commit", "no GroupInfo"))?;
+        let staged = group
+            .pending_commit()
+            .ok_or_else(|| MlsError::new("commit", "not staged"))?;
+        let tree = staged
+            .export_ratchet_tree(provider.crypto(), group.export_ratchet_tree())
+            .map_err(mls("new ratchet tree"))?
+            .ok_or_else(|| MlsError::new("commit", "no ratchet tree"))?;
+        Ok((commit.into(), group_info, tree.into()))
+    }
+
     /// Merges the pending commit after the hub accepted it.
     pub fn merge_pending(&mut self, group_id: &[u8]) -> Result<(), MlsError> {
         let provider = &self.provider;

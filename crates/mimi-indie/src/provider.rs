@@ -31,9 +31,10 @@ use crate::state::{ConsentEvent, LocalUser, ReceivedMessage, State};
 use crate::tls::{client_config, server_config, DomainCerts, TlsSetupError};
 use crate::wire::{
     decode, encode, AppDataDictionary, ClientKeyMaterial, ConsentEntry, ConsentOperation,
-    FanoutExtra, FanoutMessage, IdentifierUri, KeyMaterialRequest, KeyMaterialRequestTbs,
-    KeyMaterialResponse, KeyMaterialUserCode, Protocol, RatchetTreeOption, SubmitMessageRequest,
-    SubmitMessageResponse, SubmitStatus,
+    FanoutExtra, FanoutMessage, GroupInfoOption, HandshakeBundle, HandshakeExtra, IdentifierUri,
+    KeyMaterialRequest, KeyMaterialRequestTbs, KeyMaterialResponse, KeyMaterialUserCode, Protocol,
+    RatchetTreeOption, SubmitMessageRequest, SubmitMessageResponse, SubmitStatus, UpdateOutcome,
+    UpdateRoomResponse,
 };
 
 /// How many clients the hub allows in a room (`max_clients`).
@@ -755,6 +756,69 @@ impl IndieProvider {
                 domain: room.hub().to_owned(),
                 what: format!("submitMessage: {other:?}"),
             }),
+        }
+    }
+
+    /// As follower: `handle`'s client commits a self-update and sends it to the room's hub with
+    /// `update` (HandshakeBundle: no Welcome, GroupInfo `full`, ratchet tree `full`); merges it
+    /// once the hub answers `success`.
+    pub async fn update_keys(&self, handle: &str, room: &str) -> Result<(), IndieError> {
+        let room = RoomUri::parse(room)?;
+        let (group_id, bundle) = {
+            let mut st = self.inner.state()?;
+            let user = st
+                .users
+                .get_mut(handle)
+                .ok_or_else(|| IndieError::UnknownUser(handle.to_owned()))?;
+            let group_id = user
+                .rooms
+                .get(&room)
+                .cloned()
+                .ok_or_else(|| IndieError::UnknownRoom(room.to_string()))?;
+            let (commit, group_info, tree) = user.client.commit_update(&group_id)?;
+            let group_info = decode(&encode(&group_info)?)?;
+            let bundle = HandshakeBundle {
+                proposal_or_commit: commit,
+                extra: HandshakeExtra::Commit {
+                    welcome: None,
+                    group_info: GroupInfoOption::Full(group_info),
+                    ratchet_tree: RatchetTreeOption::Full(tree),
+                },
+            };
+            (group_id, bundle)
+        };
+        let answer = self
+            .inner
+            .post_expect(
+                room.hub(),
+                "update",
+                &room.path_form(),
+                encode(&bundle)?,
+                200,
+            )
+            .await;
+        let mut st = self.inner.state()?;
+        let client = &mut st
+            .users
+            .get_mut(handle)
+            .ok_or_else(|| IndieError::UnknownUser(handle.to_owned()))?
+            .client;
+        let response = match answer.and_then(|body| Ok(decode::<UpdateRoomResponse>(&body)?)) {
+            Ok(response) => response,
+            Err(e) => {
+                client.clear_pending(&group_id)?;
+                return Err(e);
+            }
+        };
+        match response.outcome {
+            UpdateOutcome::Success { .. } => Ok(client.merge_pending(&group_id)?),
+            other => {
+                client.clear_pending(&group_id)?;
+                Err(IndieError::Refused {
+                    domain: room.hub().to_owned(),
+                    what: format!("update: {other:?} {}", response.error_description),
+                })
+            }
         }
     }
 

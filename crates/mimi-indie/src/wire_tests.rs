@@ -92,7 +92,10 @@ fn round_trip<T: Serialize + Deserialize + PartialEq + std::fmt::Debug>(value: &
     trailing.push(0);
     assert!(decode::<T>(&trailing).is_err(), "trailing byte accepted");
     if !bytes.is_empty() {
-        assert!(decode::<T>(&bytes[..bytes.len() - 1]).is_err(), "truncation accepted");
+        assert!(
+            decode::<T>(&bytes[..bytes.len() - 1]).is_err(),
+            "truncation accepted"
+        );
     }
     bytes
 }
@@ -120,8 +123,14 @@ fn known_encodings() {
         status: SubmitStatus::EpochTooOld(7),
     };
     assert_eq!(encode(&submit).unwrap(), [1, 2, 0, 0, 0, 0, 0, 0, 0, 7]);
-    assert!(decode::<Protocol>(&[0]).is_err(), "reserved protocol refused");
-    assert!(decode::<Protocol>(&[2]).is_err(), "unknown protocol refused");
+    assert!(
+        decode::<Protocol>(&[0]).is_err(),
+        "reserved protocol refused"
+    );
+    assert!(
+        decode::<Protocol>(&[2]).is_err(),
+        "unknown protocol refused"
+    );
 }
 
 #[test]
@@ -251,7 +260,10 @@ fn handshake_bundles_round_trip() {
     assert!(encode(&not_handshake).is_err());
     let mut bytes = encode(&f.application).unwrap();
     bytes.push(0);
-    assert!(decode::<HandshakeBundle>(&bytes).is_err(), "a PrivateMessage is no handshake");
+    assert!(
+        decode::<HandshakeBundle>(&bytes).is_err(),
+        "a PrivateMessage is no handshake"
+    );
 }
 
 #[test]
@@ -352,7 +364,10 @@ fn submit_and_update_bodies_round_trip() {
             error_description: "not_admin: nope".into(),
         });
     }
-    assert!(decode::<UpdateRoomResponse>(&[2, 1, 0xff]).is_err(), "non-UTF-8 description");
+    assert!(
+        decode::<UpdateRoomResponse>(&[2, 1, 0xff]).is_err(),
+        "non-UTF-8 description"
+    );
 }
 
 #[test]
@@ -386,7 +401,10 @@ fn consent_entries_round_trip() {
         client_key_packages: vec![f.key_package],
         ..request
     };
-    assert!(encode(&with_packages).is_err(), "only a grant carries KeyPackages");
+    assert!(
+        encode(&with_packages).is_err(),
+        "only a grant carries KeyPackages"
+    );
 }
 
 #[test]
@@ -400,7 +418,10 @@ fn room_state_round_trips_through_the_group_context() {
     assert_eq!(RoomState::from_extensions(&extensions).unwrap(), state);
     let mut reversed = dictionary.clone();
     reversed.component_data.reverse();
-    assert!(RoomState::from_dictionary(&reversed).is_err(), "unordered entries");
+    assert!(
+        RoomState::from_dictionary(&reversed).is_err(),
+        "unordered entries"
+    );
     let f = fixture();
     let (_, tree) = f.alice.group_info_and_tree(b"mimi://a.test/g/x").unwrap();
     assert_eq!(encode(&tree).unwrap(), encode(&f.tree).unwrap());

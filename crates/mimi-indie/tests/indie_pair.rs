@@ -187,3 +187,163 @@ async fn requests_the_certificate_does_not_prove_are_refused() {
     a.shutdown().await;
     b.shutdown().await;
 }
+
+const C: &str = "indie-c.test";
+
+/// Starts providers for `domains`, each told where every other one listens.
+async fn mesh(pki: &TestPki, domains: &[&str]) -> Vec<IndieProvider> {
+    let mut providers = Vec::new();
+    for domain in domains {
+        providers.push(
+            IndieProvider::start(config(pki, domain, BTreeMap::new()))
+                .await
+                .expect("start"),
+        );
+    }
+    for p in &providers {
+        for q in &providers {
+            if p.domain() != q.domain() {
+                p.add_peer(q.domain(), &q.base_url()).expect("peer");
+            }
+        }
+    }
+    providers
+}
+
+/// `target` at `theirs` consents to `requester` at `ours`.
+async fn connect(
+    ours: &IndieProvider,
+    requester: &str,
+    theirs: &IndieProvider,
+    target: &str,
+    target_uri: &str,
+    requester_uri: &str,
+) {
+    ours.request_consent(requester, target_uri)
+        .await
+        .expect("request");
+    theirs
+        .grant_consent(target, requester_uri)
+        .await
+        .expect("grant");
+}
+
+fn texts(inbox: &[mimi_indie::ReceivedMessage]) -> Vec<&str> {
+    inbox.iter().map(|m| m.text.as_str()).collect()
+}
+
+#[tokio::test]
+async fn a_hub_fans_out_to_every_other_follower_and_takes_followers_commits() {
+    use mimi_indie::wire::{
+        decode, decode_notify_body, encode, FanoutExtra, IdentifierUri, Protocol,
+        SubmitMessageRequest, SubmitMessageResponse, SubmitStatus,
+    };
+
+    let pki = TestPki::new().expect("ca");
+    let providers = mesh(&pki, &[A, B, C]).await;
+    let (a, b, c) = (&providers[0], &providers[1], &providers[2]);
+    let alice = a.add_user("alice").await.expect("alice");
+    let bob = b.add_user("bob").await.expect("bob");
+    let carol = c.add_user("carol").await.expect("carol");
+    connect(a, "alice", b, "bob", &bob, &alice).await;
+    connect(a, "alice", c, "carol", &carol, &alice).await;
+
+    let room = a.create_room("alice", "plaza").await.expect("room");
+    a.add_to_room(&room, "alice", &bob).await.expect("add bob");
+    a.add_to_room(&room, "alice", &carol)
+        .await
+        .expect("add carol");
+    assert_eq!(c.rooms("carol"), vec![room.clone()]);
+    assert_eq!(a.room_members(&room).expect("view").clients.len(), 3);
+
+    // carol's message reaches alice (hub) and bob (another follower), not carol's provider again.
+    c.send("carol", &room, "from carol")
+        .await
+        .expect("carol sends");
+    assert_eq!(
+        texts(&a.wait_inbox("alice", &room, 1, WAIT).await),
+        ["from carol"]
+    );
+    assert_eq!(
+        texts(&b.wait_inbox("bob", &room, 1, WAIT).await),
+        ["from carol"]
+    );
+    assert!(c.inbox("carol", &room).is_empty());
+    let stale = a
+        .sent_notifies()
+        .into_iter()
+        .rev()
+        .find(|n| n.domain == B)
+        .expect("notify to b");
+    let (stale, _) = decode_notify_body(&stale.body).expect("notify body")[0].clone();
+    assert!(matches!(stale.extra, FanoutExtra::Application { .. }));
+
+    // bob (a follower) commits a self-update through `update`; alice and carol follow it.
+    b.update_keys("bob", &room).await.expect("bob updates");
+    a.send("alice", &room, "after update")
+        .await
+        .expect("alice sends");
+    assert_eq!(
+        texts(&b.wait_inbox("bob", &room, 2, WAIT).await),
+        ["from carol", "after update"]
+    );
+    assert_eq!(
+        texts(&c.wait_inbox("carol", &room, 1, WAIT).await),
+        ["after update"]
+    );
+    b.send("bob", &room, "bob after update")
+        .await
+        .expect("bob sends");
+    assert_eq!(
+        texts(&c.wait_inbox("carol", &room, 2, WAIT).await),
+        ["after update", "bob after update"]
+    );
+
+    // submitMessage: a message of the old epoch is epochTooOld, another provider's user or a
+    // non-participant is notAllowed.
+    let submit = |sender: &str| {
+        encode(&SubmitMessageRequest {
+            protocol: Protocol::Mls10,
+            app_message: stale.message.clone(),
+            sending_uri: IdentifierUri::new(sender),
+        })
+        .expect("encode")
+    };
+    let path = c
+        .peer_endpoint(A, "submitMessage", "indie-a.test/r/plaza")
+        .await
+        .expect("directory");
+    let answer = |body: Vec<u8>| async {
+        let (status, body) = c.post_raw(A, &path, C, body).await.expect("post");
+        assert_eq!(status, 200);
+        decode::<SubmitMessageResponse>(&body)
+            .expect("answer")
+            .status
+    };
+    assert!(matches!(
+        answer(submit(&carol)).await,
+        SubmitStatus::EpochTooOld(3)
+    ));
+    assert_eq!(answer(submit(&bob)).await, SubmitStatus::NotAllowed);
+    assert_eq!(
+        answer(submit("mimi://indie-c.test/u/dave")).await,
+        SubmitStatus::NotAllowed
+    );
+
+    // Only the room's hub may notify its followers.
+    let (status, _) = c
+        .post_raw(
+            B,
+            "/v1/notify/indie-a.test/r/plaza",
+            C,
+            encode(&stale).expect("encode"),
+        )
+        .await
+        .expect("post");
+    assert_eq!(status, 403);
+    assert_eq!(b.inbox("bob", &room).len(), 2);
+
+    for p in providers {
+        p.shutdown().await;
+    }
+}
