@@ -120,6 +120,17 @@ impl Hub {
             .unwrap_or_default()
     }
 
+    /// Whether `client` is a member of the room with signature key `key`.
+    pub fn is_member_with_key(&self, room: &RoomUri, client: &ClientUri, key: &[u8]) -> bool {
+        let Some(entry) = self.rooms.get(room) else {
+            return false;
+        };
+        let client = client.to_string();
+        entry.public.members().any(|m| {
+            m.signature_key == key && basic_identity(&m.credential).as_deref() == Some(&client)
+        })
+    }
+
     /// The room state in the room's GroupContext.
     pub fn room_state(&self, room: &RoomUri) -> Result<RoomState, Refusal> {
         let public = &self.room(room)?.public;

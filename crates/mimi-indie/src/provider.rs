@@ -351,9 +351,15 @@ impl Inner {
     ) -> Result<Vec<KeyPackage>, IndieError> {
         let request = self.key_material_request(handle, target, room)?;
         let domain = target.domain();
+        // KeyPackages for a room hubbed elsewhere are claimed through its hub (§5.2).
+        let via = if room.hub() == self.domain {
+            domain
+        } else {
+            room.hub()
+        };
         let body = self
             .post_expect(
-                domain,
+                via,
                 "keyMaterial",
                 path_form(&target.to_string()),
                 encode(&request)?,
@@ -689,6 +695,23 @@ impl IndieProvider {
         };
         self.inner.send_notifies(outbound).await;
         Ok(())
+    }
+
+    /// `handle` claims `target_uri`'s KeyPackages for `room` (through the room's hub when it is
+    /// hubbed elsewhere); returns how many valid ones came back. They are not used.
+    pub async fn claim_key_packages(
+        &self,
+        handle: &str,
+        target_uri: &str,
+        room: &str,
+    ) -> Result<usize, IndieError> {
+        let room = RoomUri::parse(room)?;
+        let target = UserUri::parse(target_uri)?;
+        Ok(self
+            .inner
+            .fetch_key_packages(handle, &target, &room)
+            .await?
+            .len())
     }
 
     /// `handle` sends `text` to `room`: MIMI content in a PrivateMessage, accepted by this

@@ -266,6 +266,18 @@ async fn key_material(
             KeyMaterialUserCode::UserUnknown,
         ));
     };
+    if target_user.domain() != inner.domain {
+        return relay_key_material(
+            &inner,
+            &request,
+            &peer,
+            &requester,
+            &room,
+            &target_user,
+            body,
+        )
+        .await;
+    }
     let mut st = inner.state()?;
     let consented = requester.domain() == inner.domain
         || st
@@ -304,6 +316,58 @@ async fn key_material(
             key_package: key_package.into(),
         }],
     })
+}
+
+/// As hub, forwards a follower's user's signed request unchanged to the target's provider
+/// (profile §5.2), if the requesting client is a member of the room with that key.
+async fn relay_key_material(
+    inner: &Inner,
+    request: &KeyMaterialRequest,
+    peer: &str,
+    requester: &UserUri,
+    room: &RoomUri,
+    target: &UserUri,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let client = basic_identity(&request.tbs.requester_credential)
+        .and_then(|uri| ClientUri::parse(&uri).ok())
+        .ok_or_else(|| api_error(StatusCode::BAD_REQUEST, "invalid_credential", "requester"))?;
+    let allowed = {
+        let st = inner.state()?;
+        peer == requester.domain()
+            && st.hub.hubs(room)
+            && st.hub.is_member_with_key(
+                room,
+                &client,
+                request.tbs.requester_signature_key.as_slice(),
+            )
+    };
+    if !allowed {
+        return Err(api_error(
+            StatusCode::FORBIDDEN,
+            "not_member",
+            format!("{client} may not claim KeyPackages for {room} through this hub"),
+        ));
+    }
+    let answer = inner
+        .peers
+        .post(
+            target.domain(),
+            "keyMaterial",
+            crate::ids::path_form(&target.to_string()),
+            body.to_vec(),
+        )
+        .await
+        .map_err(|e| api_error(StatusCode::BAD_GATEWAY, "peer_unreachable", e.to_string()))?;
+    if answer.status != 200 {
+        return Err(api_error(
+            StatusCode::BAD_GATEWAY,
+            "peer_refused",
+            format!("{} answered {}", target.domain(), answer.status),
+        ));
+    }
+    info!(%room, %requester, %target, "keyMaterial relayed");
+    Ok(mimi_body(answer.body))
 }
 
 fn room_from_path(param: &str) -> Result<RoomUri, ApiError> {

@@ -330,6 +330,20 @@ async fn a_hub_fans_out_to_every_other_follower_and_takes_followers_commits() {
         SubmitStatus::NotAllowed
     );
 
+    // A follower's user claims KeyPackages through the hub, which relays the signed request:
+    // refused without the target's consent, answered with it.
+    let refused = b.claim_key_packages("bob", &carol, &room).await;
+    assert!(format!("{refused:?}").contains("NoConsent"), "{refused:?}");
+    c.grant_consent("carol", &bob)
+        .await
+        .expect("carol grants bob");
+    assert_eq!(
+        b.claim_key_packages("bob", &carol, &room)
+            .await
+            .expect("claim"),
+        1
+    );
+
     // Only the room's hub may notify its followers.
     let (status, _) = c
         .post_raw(
