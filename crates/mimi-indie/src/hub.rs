@@ -21,6 +21,9 @@ pub enum Refusal {
     WrongEpoch { current: u64 },
     #[error("{code}: {message}")]
     NotAllowed { code: &'static str, message: String },
+    /// A commit left out pending proposals (their refs).
+    #[error("the commit leaves out pending proposals")]
+    InvalidProposal { missing: Vec<Vec<u8>> },
     #[error(transparent)]
     Mls(#[from] MlsError),
 }
@@ -185,6 +188,19 @@ impl Hub {
         let ProcessedMessageContent::StagedCommitMessage(staged) = processed.into_content() else {
             return Err(not_allowed("not_a_commit", "expected a commit"));
         };
+        let covered: BTreeSet<Vec<u8>> = staged
+            .queued_proposals()
+            .map(|p| p.proposal_reference_ref().as_slice().to_vec())
+            .collect();
+        let missing: Vec<Vec<u8>> = self
+            .pending(public)?
+            .into_iter()
+            .map(|(reference, _)| reference)
+            .filter(|reference| !covered.contains(reference))
+            .collect();
+        if !missing.is_empty() {
+            return Err(Refusal::InvalidProposal { missing });
+        }
         let added = self.check_policy(public, &staged, &committer)?;
         Ok(VerifiedCommit {
             staged: *staged,
@@ -242,35 +258,146 @@ impl Hub {
                 "the participants must be exactly the users with clients",
             ));
         }
-        let fixed = after.policy.fixed_membership == crate::components::Bool::True;
         if before.participants != after.participants {
-            if fixed {
-                return Err(not_allowed(
-                    "fixed_membership",
-                    "a direct room's participants never change",
-                ));
-            }
-            let committer_user = committer.user().to_string();
-            if before.participants.role_of(&committer_user) != Some(ROLE_ADMIN) {
-                return Err(not_allowed(
-                    "not_admin",
-                    "changing the participant list takes an administrator",
-                ));
-            }
-            if after.participants.role_of(&committer_user).is_none()
-                && !after
-                    .participants
-                    .participants
-                    .iter()
-                    .any(|p| p.role_index == ROLE_ADMIN)
-            {
-                return Err(not_allowed(
-                    "last_admin",
-                    "a group room keeps an administrator",
-                ));
-            }
+            self.check_participant_change(public, staged, committer, &before, &after)?;
         }
         Ok(added)
+    }
+
+    /// Profile §4: a direct room's participants never change; adding users, changing roles or
+    /// removing other users takes an administrator, except removing users whose clients all
+    /// asked to leave; a group room keeps an administrator.
+    fn check_participant_change(
+        &self,
+        public: &PublicGroup,
+        staged: &StagedCommit,
+        committer: &ClientUri,
+        before: &RoomState,
+        after: &RoomState,
+    ) -> Result<(), Refusal> {
+        if after.policy.fixed_membership == crate::components::Bool::True {
+            return Err(not_allowed(
+                "fixed_membership",
+                "a direct room's participants never change",
+            ));
+        }
+        let roles = |state: &RoomState| -> BTreeMap<Vec<u8>, u32> {
+            state
+                .participants
+                .participants
+                .iter()
+                .map(|p| (p.user.as_slice().to_vec(), p.role_index))
+                .collect()
+        };
+        let (old, new) = (roles(before), roles(after));
+        let added_or_changed = new.iter().any(|(user, role)| old.get(user) != Some(role));
+        let left: BTreeSet<u32> = staged
+            .remove_proposals()
+            .filter(|r| {
+                matches!(r.sender(), Sender::Member(leaf) if *leaf == r.remove_proposal().removed())
+            })
+            .map(|r| r.remove_proposal().removed().u32())
+            .collect();
+        let clients = member_clients(public);
+        let committer_user = committer.user().to_string();
+        let removes_others = old.keys().filter(|u| !new.contains_key(*u)).any(|user| {
+            let all_left = clients
+                .iter()
+                .filter(|(_, c)| c.user().to_string().as_bytes() == user.as_slice())
+                .all(|(leaf, _)| left.contains(leaf));
+            user.as_slice() != committer_user.as_bytes() && !all_left
+        });
+        if (added_or_changed || removes_others)
+            && before.participants.role_of(&committer_user) != Some(ROLE_ADMIN)
+        {
+            return Err(not_allowed(
+                "not_admin",
+                "adding users, changing roles or removing others takes an administrator",
+            ));
+        }
+        if !new.is_empty() && !new.values().any(|role| *role == ROLE_ADMIN) {
+            return Err(not_allowed(
+                "last_admin",
+                "a group room keeps an administrator",
+            ));
+        }
+        Ok(())
+    }
+
+    fn pending(&self, public: &PublicGroup) -> Result<Vec<(Vec<u8>, QueuedProposal)>, Refusal> {
+        Ok(public
+            .queued_proposals(self.provider.storage())
+            .map_err(mls("pending proposals"))?
+            .into_iter()
+            .map(|(reference, proposal)| (reference.as_slice().to_vec(), proposal))
+            .collect())
+    }
+
+    /// Clients that pending Remove proposals take out of the room.
+    pub fn pending_removals(&self, room: &RoomUri) -> Vec<ClientUri> {
+        let Some(entry) = self.rooms.get(room) else {
+            return Vec::new();
+        };
+        let clients = member_clients(&entry.public);
+        self.pending(&entry.public)
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|(_, p)| match p.proposal() {
+                Proposal::Remove(remove) => clients.get(&remove.removed().u32()).cloned(),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Verifies a proposal (profile §5.3: only a member's Remove of its own leaf) and keeps it
+    /// in the room's proposal store. Returns the proposer.
+    pub fn accept_proposal(
+        &mut self,
+        room: &RoomUri,
+        message: MlsMessageIn,
+        peer: &str,
+    ) -> Result<ClientUri, Refusal> {
+        let storage = self.provider.storage();
+        let crypto = self.provider.crypto();
+        let entry = self
+            .rooms
+            .get_mut(room)
+            .ok_or_else(|| not_allowed("unknown_room", room.to_string()))?;
+        let current = entry.public.group_context().epoch().as_u64();
+        let message = message
+            .try_into_protocol_message()
+            .map_err(|e| not_allowed("invalid_proposal", format!("{e:?}")))?;
+        if message.epoch().as_u64() != current {
+            return Err(Refusal::WrongEpoch { current });
+        }
+        let processed = entry
+            .public
+            .process_message(crypto, message)
+            .map_err(|e| not_allowed("invalid_proposal", format!("{e:?}")))?;
+        let proposer = basic_identity(processed.credential())
+            .and_then(|uri| ClientUri::parse(&uri).ok())
+            .ok_or_else(|| not_allowed("invalid_credential", "proposer is not a client URI"))?;
+        if proposer.user().domain() != peer {
+            return Err(not_allowed("not_your_client", proposer.to_string()));
+        }
+        let ProcessedMessageContent::ProposalMessage(queued) = processed.into_content() else {
+            return Err(not_allowed("not_a_proposal", "expected a proposal"));
+        };
+        let leaves = match (queued.proposal(), queued.sender()) {
+            (Proposal::Remove(remove), Sender::Member(leaf)) => remove.removed() == *leaf,
+            _ => false,
+        };
+        if !leaves {
+            return Err(not_allowed(
+                "unsupported_proposal",
+                "only a member's Remove of its own leaf (leaving) is accepted",
+            ));
+        }
+        entry
+            .public
+            .add_proposal(storage, *queued)
+            .map_err(mls("store proposal"))?;
+        Ok(proposer)
     }
 
     /// Applies a verified commit to the room's public state.

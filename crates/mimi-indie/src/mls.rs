@@ -288,6 +288,53 @@ impl MlsClient {
         Ok((commit.into(), group_info, tree.into()))
     }
 
+    /// A Remove proposal for this client's own leaf (leaving), as a PublicMessage.
+    pub fn propose_leave(&mut self, group_id: &[u8]) -> Result<MlsMessageIn, MlsError> {
+        let provider = &self.provider;
+        let signer = &self.signer;
+        let group = self
+            .groups
+            .get_mut(group_id)
+            .ok_or_else(|| MlsError::new("group", "not a member"))?;
+        Ok(group
+            .leave_group(provider, signer)
+            .map_err(mls("leave proposal"))?
+            .into())
+    }
+
+    /// Commits the pending proposals with a GroupContextExtensions proposal carrying
+    /// `extensions`. Not merged until the hub accepts.
+    pub fn commit_pending(
+        &mut self,
+        group_id: &[u8],
+        extensions: Extensions<GroupContext>,
+    ) -> Result<CommitOutput, MlsError> {
+        let provider = &self.provider;
+        let signer = &self.signer;
+        let group = self
+            .groups
+            .get_mut(group_id)
+            .ok_or_else(|| MlsError::new("group", "not a member"))?;
+        let bundle = group
+            .commit_builder()
+            .consume_proposal_store(true)
+            .propose_group_context_extensions(extensions)
+            .map_err(mls("GroupContextExtensions proposal"))?
+            .load_psks(provider.storage())
+            .map_err(mls("load psks"))?
+            .create_group_info(true)
+            .build(provider.rand(), provider.crypto(), signer, |_| true)
+            .map_err(mls("build commit"))?
+            .stage_commit(provider)
+            .map_err(mls("stage commit"))?;
+        let (commit, welcome, group_info) = bundle.into_contents();
+        Ok(CommitOutput {
+            commit: commit.into(),
+            welcome,
+            group_info,
+        })
+    }
+
     /// Merges the pending commit after the hub accepted it.
     pub fn merge_pending(&mut self, group_id: &[u8]) -> Result<(), MlsError> {
         let provider = &self.provider;

@@ -261,6 +261,105 @@ impl Inner {
         Ok((timestamp, outbound))
     }
 
+    /// Accepts a member's leave proposal as hub, delivers it locally and plans its fan-out to
+    /// every provider with another member; then a local member commits it (if there is one).
+    pub(crate) fn hub_proposal(
+        &self,
+        st: &mut State,
+        room: &RoomUri,
+        proposal: MlsMessageIn,
+        peer: &str,
+    ) -> Result<(u64, Vec<Outbound>), Refusal> {
+        let proposer = st.hub.accept_proposal(room, proposal.clone(), peer)?;
+        let timestamp = now_ms();
+        let fanout = FanoutMessage {
+            timestamp,
+            message: proposal,
+            extra: FanoutExtra::Proposal {
+                more_proposals: Vec::new(),
+            },
+        };
+        let domains: BTreeSet<String> = st
+            .hub
+            .members(room)
+            .iter()
+            .filter(|c| **c != proposer)
+            .map(|c| c.user().domain().to_owned())
+            .collect();
+        let mut outbound = Vec::new();
+        for domain in &domains {
+            if *domain == self.domain {
+                st.deliver(room, fanout.clone(), None);
+            } else {
+                plan(&mut outbound, domain, room, fanout.clone());
+            }
+        }
+        outbound.extend(self.commit_pending_locally(st, room));
+        Ok((timestamp, outbound))
+    }
+
+    /// A local member commits the room's pending proposals, dropping users who leave with all
+    /// their clients from the participant list (and making everyone else an administrator if
+    /// the last one leaves). Returns the commit's fan-out; failures are logged.
+    fn commit_pending_locally(&self, st: &mut State, room: &RoomUri) -> Vec<Outbound> {
+        let leaving = st.hub.pending_removals(room);
+        let members = st.hub.members(room);
+        let committer = members
+            .iter()
+            .filter(|c| c.user().domain() == self.domain && !leaving.contains(c))
+            .find_map(|c| {
+                st.users
+                    .contains_key(c.user().handle())
+                    .then(|| c.user().handle().to_owned())
+            });
+        let Some(handle) = committer else {
+            return Vec::new();
+        };
+        let result = (|| -> Result<Vec<Outbound>, IndieError> {
+            let mut room_state = st.hub.room_state(room)?;
+            let gone: BTreeSet<String> = leaving
+                .iter()
+                .map(|c| c.user().to_string())
+                .filter(|u| {
+                    !members
+                        .iter()
+                        .any(|m| m.user().to_string() == *u && !leaving.contains(m))
+                })
+                .collect();
+            let list = &mut room_state.participants.participants;
+            list.retain(|p| !gone.contains(String::from_utf8_lossy(p.user.as_slice()).as_ref()));
+            if !list.iter().any(|p| p.role_index == ROLE_ADMIN) {
+                list.iter_mut().for_each(|p| p.role_index = ROLE_ADMIN);
+            }
+            let user = st
+                .users
+                .get_mut(&handle)
+                .ok_or_else(|| IndieError::UnknownUser(handle.clone()))?;
+            let group_id = user
+                .rooms
+                .get(room)
+                .cloned()
+                .ok_or_else(|| IndieError::UnknownRoom(room.to_string()))?;
+            let extensions =
+                with_room_state(user.client.group_extensions(&group_id)?, &room_state)?;
+            let out = user.client.commit_pending(&group_id, extensions)?;
+            let domain = self.domain.clone();
+            match self.hub_commit(st, room, out.commit, out.welcome, &domain, Some(&handle)) {
+                Ok((_, outbound)) => Ok(outbound),
+                Err(refusal) => {
+                    if let Some(user) = st.users.get_mut(&handle) {
+                        user.client.clear_pending(&group_id)?;
+                    }
+                    Err(refusal.into())
+                }
+            }
+        })();
+        result.unwrap_or_else(|e| {
+            warn!(%room, error = %e, "could not commit the pending proposals");
+            Vec::new()
+        })
+    }
+
     /// Sends planned notifies (each retried by [`Peers::post`]); failures are logged.
     pub(crate) async fn send_notifies(&self, outbound: Vec<Outbound>) {
         for o in outbound {
@@ -842,6 +941,48 @@ impl IndieProvider {
                     what: format!("update: {other:?} {}", response.error_description),
                 })
             }
+        }
+    }
+
+    /// As follower: `handle`'s client leaves `room` with a Remove proposal for its own leaf
+    /// sent through `update`; it is out once a member's commit of that proposal arrives.
+    pub async fn leave(&self, handle: &str, room: &str) -> Result<(), IndieError> {
+        let room = RoomUri::parse(room)?;
+        let bundle = {
+            let mut st = self.inner.state()?;
+            let user = st
+                .users
+                .get_mut(handle)
+                .ok_or_else(|| IndieError::UnknownUser(handle.to_owned()))?;
+            let group_id = user
+                .rooms
+                .get(&room)
+                .cloned()
+                .ok_or_else(|| IndieError::UnknownRoom(room.to_string()))?;
+            HandshakeBundle {
+                proposal_or_commit: user.client.propose_leave(&group_id)?,
+                extra: HandshakeExtra::Proposal {
+                    more_proposals: Vec::new(),
+                },
+            }
+        };
+        let body = self
+            .inner
+            .post_expect(
+                room.hub(),
+                "update",
+                &room.path_form(),
+                encode(&bundle)?,
+                200,
+            )
+            .await?;
+        let response: UpdateRoomResponse = decode(&body)?;
+        match response.outcome {
+            UpdateOutcome::Success { .. } => Ok(()),
+            other => Err(IndieError::Refused {
+                domain: room.hub().to_owned(),
+                what: format!("leave: {other:?} {}", response.error_description),
+            }),
         }
     }
 

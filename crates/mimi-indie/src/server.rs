@@ -384,6 +384,12 @@ fn update_answer(outcome: UpdateOutcome, error_description: String) -> Result<Re
 
 fn refusal_to_update(refusal: Refusal) -> Result<Response, ApiError> {
     match refusal {
+        Refusal::InvalidProposal { missing } => update_answer(
+            UpdateOutcome::InvalidProposal {
+                invalid_proposals: missing.into_iter().map(Into::into).collect(),
+            },
+            "pending_proposals: the commit leaves out pending proposals".into(),
+        ),
         Refusal::WrongEpoch { current } => update_answer(
             UpdateOutcome::WrongEpoch {
                 current_epoch: current,
@@ -413,11 +419,18 @@ async fn update(
         ));
     }
     let welcome = match bundle.extra {
-        HandshakeExtra::Proposal { .. } => {
+        HandshakeExtra::Proposal { more_proposals } if !more_proposals.is_empty() => {
             return update_answer(
                 UpdateOutcome::NotAllowed,
-                "unsupported: this hub accepts commits only".into(),
+                "unsupported_proposal: moreProposals must be empty".into(),
             )
+        }
+        HandshakeExtra::Proposal { .. } => {
+            let result = {
+                let mut st = inner.state()?;
+                inner.hub_proposal(&mut st, &room, bundle.proposal_or_commit, &peer)
+            };
+            return answer_update(&inner, &room, &peer, result).await;
         }
         HandshakeExtra::Commit {
             group_info: GroupInfoOption::Partial(_),
@@ -441,9 +454,19 @@ async fn update(
             None,
         )
     };
+    answer_update(&inner, &room, &peer, result).await
+}
+
+/// Fans out what the hub accepted and answers the `update`.
+async fn answer_update(
+    inner: &Inner,
+    room: &RoomUri,
+    peer: &str,
+    result: Result<(u64, Vec<crate::provider::Outbound>), Refusal>,
+) -> Result<Response, ApiError> {
     match result {
         Ok((timestamp, outbound)) => {
-            info!(%room, %peer, "update: commit accepted");
+            info!(%room, %peer, "update accepted");
             inner.send_notifies(outbound).await;
             update_answer(
                 UpdateOutcome::Success {

@@ -357,6 +357,27 @@ async fn a_hub_fans_out_to_every_other_follower_and_takes_followers_commits() {
     assert_eq!(status, 403);
     assert_eq!(b.inbox("bob", &room).len(), 2);
 
+    // carol leaves (a Remove proposal for her own leaf through `update`); the hub's local
+    // member commits it, dropping carol from the participant list; carol gets the commit.
+    c.leave("carol", &room).await.expect("carol leaves");
+    assert!(c.rooms("carol").is_empty(), "carol is out");
+    let view = a.room_members(&room).expect("view");
+    assert_eq!(view.clients.len(), 2);
+    assert_eq!(
+        view.participants,
+        vec![(alice.clone(), 3), (bob.clone(), 2)]
+    );
+    a.send("alice", &room, "after carol left")
+        .await
+        .expect("alice sends");
+    assert_eq!(
+        texts(&b.wait_inbox("bob", &room, 3, WAIT).await),
+        ["from carol", "after update", "after carol left"]
+    );
+    b.send("bob", &room, "bye").await.expect("bob sends");
+    assert_eq!(a.wait_inbox("alice", &room, 3, WAIT).await.len(), 3);
+    assert_eq!(c.inbox("carol", &room).len(), 2, "nothing after leaving");
+
     for p in providers {
         p.shutdown().await;
     }
