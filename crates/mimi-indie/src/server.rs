@@ -541,7 +541,6 @@ async fn notify(
 ) -> Result<Response, ApiError> {
     let peer = authenticate(&inner, &cert, &headers)?;
     let room = room_from_path(&room)?;
-    let messages = decode_notify_body(&body).map_err(bad_body)?;
     let mut st = inner.state()?;
     if st.following.get(&room) != Some(&peer) || st.hub.hubs(&room) {
         return Err(api_error(
@@ -550,6 +549,7 @@ async fn notify(
             format!("{peer} is not the hub of a room followed here"),
         ));
     }
+    let messages = decode_notify_body(&body).map_err(bad_body)?;
     let mut applied = 0;
     for (message, raw) in messages {
         applied += usize::from(st.apply_fanout_once(&room, message, raw));
