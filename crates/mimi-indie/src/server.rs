@@ -70,6 +70,18 @@ fn bad_body(e: impl std::fmt::Display) -> ApiError {
     api_error(StatusCode::BAD_REQUEST, "invalid_body", e.to_string())
 }
 
+/// Bodies that open with `Protocol`: anything but `mls10(1)` is `unsupported_protocol`.
+fn check_protocol(body: &[u8]) -> Result<(), ApiError> {
+    match body.first() {
+        Some(1) | None => Ok(()),
+        Some(other) => Err(api_error(
+            StatusCode::BAD_REQUEST,
+            "unsupported_protocol",
+            format!("protocol {other} is not mls10(1)"),
+        )),
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let retryable = self.status.is_server_error();
@@ -239,6 +251,7 @@ async fn key_material(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let peer = authenticate(&inner, &cert, &headers)?;
+    check_protocol(&body)?;
     let request: KeyMaterialRequest = decode(&body).map_err(bad_body)?;
     let tbs = &request.tbs;
     let target = uri_from_path(&target);
@@ -498,6 +511,7 @@ async fn submit_message(
 ) -> Result<Response, ApiError> {
     let peer = authenticate(&inner, &cert, &headers)?;
     let room = room_from_path(&room)?;
+    check_protocol(&body)?;
     let request: SubmitMessageRequest = decode(&body).map_err(bad_body)?;
     let sending = request.sending_uri.as_str().map_err(bad_body)?;
     let sender = UserUri::parse(sending)

@@ -162,6 +162,14 @@ async fn requests_the_certificate_does_not_prove_are_refused() {
         .await
         .expect("post");
     assert_eq!(status, 403, "{body:?}");
+    // A protocol other than mls10 is refused as such.
+    let (status, body) = a
+        .post_raw(B, "/v1/keyMaterial/indie-b.test/u/bob", A, vec![2, 0, 0])
+        .await
+        .expect("post");
+    assert_eq!(status, 400);
+    let json: serde_json::Value = serde_json::from_slice(&body).expect("json error body");
+    assert_eq!(json["error"], "unsupported_protocol");
     // Trailing bytes in a body are refused.
     let entry = mimi_indie::wire::encode(&mimi_indie::wire::ConsentEntry {
         operation: ConsentOperation::Request,
