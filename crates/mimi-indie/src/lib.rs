@@ -11,6 +11,7 @@ pub mod components;
 pub mod content;
 mod hub;
 pub mod ids;
+mod inner;
 pub mod mls;
 mod peer;
 mod provider;

@@ -21,9 +21,10 @@ use tracing::{debug, info, warn};
 
 use crate::hub::Refusal;
 use crate::ids::{uri_from_path, ClientUri, RoomUri, UserUri};
+use crate::inner::{Inner, Outbound};
 use crate::mls::{basic_identity, verify_with_label, CIPHERSUITE};
 use crate::peer::MEDIA_TYPE;
-use crate::provider::{IndieError, Inner};
+use crate::provider::IndieError;
 use crate::state::ConsentEvent;
 use crate::wire::{
     decode, decode_notify_body, encode, ClientKeyMaterial, ConsentEntry, ConsentOperation,
@@ -475,7 +476,7 @@ async fn answer_update(
     inner: &Inner,
     room: &RoomUri,
     peer: &str,
-    result: Result<(u64, Vec<crate::provider::Outbound>), Refusal>,
+    result: Result<(u64, Vec<Outbound>), Refusal>,
 ) -> Result<Response, ApiError> {
     match result {
         Ok((timestamp, outbound)) => {

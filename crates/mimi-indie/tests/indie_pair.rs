@@ -134,6 +134,21 @@ async fn hub_and_follower_interoperate() {
         ["hello bob", "second"]
     );
 
+    // A second user of the hub's own provider joins without keyMaterial; bob follows the commit.
+    let amy = a.add_user("amy").await.expect("amy");
+    a.add_to_room(&room, "alice", &amy).await.expect("add amy");
+    assert_eq!(a.rooms("amy"), vec![room.clone()]);
+    b.send("bob", &room, "welcome amy")
+        .await
+        .expect("bob sends");
+    assert_eq!(
+        texts(&a.wait_inbox("amy", &room, 1, WAIT).await),
+        ["welcome amy"]
+    );
+    assert_eq!(a.wait_inbox("alice", &room, 2, WAIT).await.len(), 2);
+    a.send("amy", &room, "thanks").await.expect("amy sends");
+    assert_eq!(b.wait_inbox("bob", &room, 3, WAIT).await[2].sender, amy);
+
     a.shutdown().await;
     b.shutdown().await;
 }
