@@ -443,12 +443,12 @@ impl Hub {
         if private.group_id().as_slice() != public.group_id().as_slice() {
             return Err(not_allowed("invalid_message", "message of another group"));
         }
+        // Profile §5.4: `epochTooOld` also for a newer epoch (the draft says `notAllowed`).
         let current = public.group_context().epoch().as_u64();
-        match private.epoch().as_u64() {
-            epoch if epoch == current => Ok(()),
-            epoch if epoch < current => Err(Refusal::WrongEpoch { current }),
-            _ => Err(not_allowed("future_epoch", "message from a newer epoch")),
+        if private.epoch().as_u64() != current {
+            return Err(Refusal::WrongEpoch { current });
         }
+        Ok(())
     }
 }
 

@@ -379,6 +379,15 @@ impl MlsClient {
         Ok(id)
     }
 
+    /// Drops a group this client joined by mistake.
+    pub fn forget(&mut self, group_id: &[u8]) {
+        if let Some(mut group) = self.groups.remove(group_id) {
+            if let Err(e) = group.delete(self.provider.storage()) {
+                tracing::warn!(error = ?e, "could not delete group state");
+            }
+        }
+    }
+
     /// Encrypts an application message.
     pub fn encrypt(&mut self, group_id: &[u8], plaintext: &[u8]) -> Result<MlsMessageIn, MlsError> {
         let provider = &self.provider;

@@ -9,6 +9,7 @@ use openmls::prelude::{KeyPackage, MlsMessageBodyIn, MlsMessageIn};
 use sha2::{Digest, Sha256};
 use tracing::{debug, info, warn};
 
+use crate::components::RoomState;
 use crate::content::{self, Body, MessageId};
 use crate::hub::Hub;
 use crate::ids::{ClientUri, RoomUri, UserUri};
@@ -168,6 +169,10 @@ impl State {
                 continue;
             };
             match user.client.join(welcome.clone(), tree.clone()) {
+                Ok(group_id) if !names_room(&user.client, &group_id, room) => {
+                    warn!(%room, "Welcome to a group of another room: dropped");
+                    user.client.forget(&group_id);
+                }
                 Ok(group_id) => {
                     info!(%room, user = %user.uri, "joined from Welcome");
                     user.rooms.insert(room.clone(), group_id);
@@ -199,6 +204,17 @@ impl State {
             Err(e) => warn!(%room, user = %user.uri, error = %e, "could not process message"),
         }
     }
+}
+
+/// Whether the group's `room_metadata` names `room` (a notify body is all for the URL's room).
+fn names_room(client: &MlsClient, group_id: &[u8], room: &RoomUri) -> bool {
+    client
+        .group_extensions(group_id)
+        .ok()
+        .and_then(|e| RoomState::from_extensions(&e).ok())
+        .is_some_and(|state| {
+            state.metadata.room_uri.value.as_slice() == room.to_string().as_bytes()
+        })
 }
 
 /// Decodes MIMI content and checks it against the MLS sender and the room (client-api.md).
