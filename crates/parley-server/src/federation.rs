@@ -364,6 +364,7 @@ async fn submit_message(
         )
         .into());
     }
+    let message_epoch = crate::mls::message_epoch(request.app_message.bytes());
     let status = match app
         .hub
         .send(&sender, &room, request.app_message.into_bytes())
@@ -376,9 +377,15 @@ async fn submit_message(
         Err(ServiceError::Conflict {
             code: "wrong_epoch",
             ..
-        }) => SubmitStatus::EpochTooOld {
-            current_epoch: app.hub.epoch_of(&room).await?.unwrap_or(0),
-        },
+        }) => {
+            let current_epoch = app.hub.epoch_of(&room).await?.unwrap_or(0);
+            // The draft: a message from an epoch newer than the hub's is nonsensical input.
+            if message_epoch.is_some_and(|e| e > current_epoch) {
+                SubmitStatus::NotAllowed
+            } else {
+                SubmitStatus::EpochTooOld { current_epoch }
+            }
+        }
         Err(ServiceError::Forbidden { .. }) => SubmitStatus::NotAllowed,
         Err(e) => return Err(e.into()),
     };

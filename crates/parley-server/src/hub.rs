@@ -163,14 +163,20 @@ impl HubRoom {
                 "only an admin may add {newcomer} to this room"
             )));
         }
+        let left_users: BTreeSet<&UserId> = effect.left.iter().map(|d| &d.user).collect();
+        // When the last admins leave, whoever commits their leave promotes the others (a group
+        // room is never without an admin); otherwise only an admin changes roles.
+        let admins_leave = before
+            .admins()
+            .all(|a| !after.is_participant(a) && left_users.contains(a));
         for (user, role) in &after.participants {
-            if before.participants.get(user) != Some(role) {
+            let promoted = admins_leave && *role == parley_proto::mimi::room_state::ROLE_ADMIN;
+            if before.participants.get(user) != Some(role) && !promoted {
                 return Err(not_admin(format!(
                     "only an admin may change the role of {user}"
                 )));
             }
         }
-        let left_users: BTreeSet<&UserId> = effect.left.iter().map(|d| &d.user).collect();
         if let Some(gone) = before.participants.keys().find(|u| {
             !after.is_participant(u) && **u != effect.committer.user && !left_users.contains(u)
         }) {
@@ -492,6 +498,8 @@ impl Hub {
             .room_state()
             .map_err(|e| invalid_group_info(e.to_string()))?;
         self.check_new_room(caller, &id, &facts, &public).await?;
+        let group_info = check_group_info(&req.group_info, public.group_id_bytes(), 0)
+            .map_err(|e| invalid_group_info(e.to_string()))?;
         let state = HubRoom {
             id: id.clone(),
             group_id: public.group_id_bytes().to_vec(),
@@ -500,7 +508,7 @@ impl Hub {
             next_event: AtomicU64::new(1),
             members: members.iter().map(MemberDevice::from).collect(),
             public,
-            group_info: None,
+            group_info: Some(group_info),
             pending: Vec::new(),
         };
         let row = RoomRow::of(&state)?;
@@ -921,9 +929,9 @@ impl Hub {
     }
 
     /// One queue entry per local member device except the sending one (and except users who
-    /// blocked the sender, for messages), and one `FanoutMessage` per other provider with member
-    /// devices — including the sender's own provider, which delivers it to its user's other
-    /// devices and recognises it as relayed by itself (docs/mimi-profile.md §5).
+    /// blocked the sender, for messages), and one `FanoutMessage` per provider with member
+    /// devices other than the sending one — the sender's own provider too when it has other
+    /// member devices; it recognises the message as relayed by itself (docs/mimi-profile.md §5).
     fn fan_out(
         &self,
         state: &HubRoom,
@@ -1155,10 +1163,15 @@ impl Hub {
                 Some(d.uri())
             }
             MessageSender::User(u) => {
-                if !state.has_member_user(u) {
-                    return Err(unknown_room(room));
+                // Named by its user only: if the user has one device in the room, that one sent
+                // it (and its provider need not get it back); else every device gets it and the
+                // user's provider leaves out the sending one.
+                let mut devices = state.members.iter().filter(|m| m.user == *u);
+                match (devices.next(), devices.next()) {
+                    (None, _) => return Err(unknown_room(room)),
+                    (Some(only), None) => DeviceUri::parse(&only.uri()).ok(),
+                    (Some(_), Some(_)) => None,
                 }
-                None
             }
         };
         if header.group_id != state.group_id {
@@ -1182,8 +1195,6 @@ impl Hub {
             data: Arc::new(message),
             expires_at,
         };
-        // A message relayed under its user's URI names no device: every member device gets it,
-        // and the user's own provider leaves out the device that sent it.
         let mut fanout = self.fan_out(&state, (sending_device.as_ref(), sender.user()), &out);
         for item in &mut fanout.remote {
             item.expires_at = expires_at;
@@ -1428,6 +1439,7 @@ struct RoomRow {
     room_id: String,
     group_id: Vec<u8>,
     public_state: Vec<u8>,
+    group_info: Option<Vec<u8>>,
     members: Vec<(String, String)>,
 }
 
@@ -1440,6 +1452,7 @@ impl RoomRow {
                 .public
                 .encode()
                 .map_err(|e| ServiceError::Internal(e.to_string()))?,
+            group_info: s.group_info.clone(),
             members: s.member_rows(),
         })
     }
@@ -1447,9 +1460,9 @@ impl RoomRow {
 
 fn insert_room(c: &Connection, r: &RoomRow) -> Result<bool, StoreError> {
     let inserted = c.execute(
-        "INSERT OR IGNORE INTO rooms (room_id, group_id, epoch, next_event, public_state, created_at)
-         VALUES (?1, ?2, 0, 1, ?3, ?4)",
-        params![r.room_id, r.group_id, r.public_state, now_ms() as i64],
+        "INSERT OR IGNORE INTO rooms (room_id, group_id, epoch, next_event, public_state, group_info, created_at)
+         VALUES (?1, ?2, 0, 1, ?3, ?4, ?5)",
+        params![r.room_id, r.group_id, r.public_state, r.group_info, now_ms() as i64],
     )?;
     if inserted == 0 {
         return Ok(false);

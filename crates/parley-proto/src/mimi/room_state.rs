@@ -200,7 +200,8 @@ impl RoomState {
             pseudonyms_allowed: 0,
             persistent_room: 0,
             discoverable: 0,
-            policy_component_ids: vec![PARTICIPANT_LIST, ROOM_METADATA],
+            // Only policy components (roles_list, preauth_list) belong here; Parley uses none.
+            policy_component_ids: Vec::new(),
         };
         dict.insert(BASE_ROOM_POLICY, policy.tls_serialize_detached()?);
         Ok(dict)
