@@ -27,8 +27,8 @@ pub use group_info::{
     PendingProposal,
 };
 pub use key_material::{
-    ClientKeyMaterial, KeyMaterialRequest, KeyMaterialResponse, UserCode, CLIENT_EXHAUSTED,
-    CLIENT_NOTHING_COMPATIBLE, CLIENT_SUCCESS,
+    ClientKeyMaterial, KeyMaterialRequest, KeyMaterialRequestTbs, KeyMaterialResponse, UserCode,
+    CLIENT_EXHAUSTED, CLIENT_NOTHING_COMPATIBLE, CLIENT_SUCCESS,
 };
 pub use mls::{
     Capabilities, Credential, ExternalSender, GroupInfo, KeyPackage, Mls, MlsKind, MlsMessage,
