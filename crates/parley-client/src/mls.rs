@@ -266,8 +266,8 @@ impl DeviceMls {
         serialize(MlsMessageOut::from(bundle.key_package().clone()))
     }
 
-    /// Checks a claimed KeyPackage: well-formed, validly signed, our ciphersuite, and its
-    /// credential naming a device of `expected` user.
+    /// Checks a claimed KeyPackage: well-formed, validly signed, our ciphersuite, the room state
+    /// extension among its capabilities, and its credential naming a device of `expected` user.
     pub fn validate_key_package(
         &self,
         bytes: &[u8],
@@ -283,6 +283,17 @@ impl DeviceMls {
             )));
         }
         let device = device_uri_of(key_package.leaf_node().credential())?;
+        // Every room requires it: openmls would refuse the whole commit adding this package.
+        if !key_package
+            .leaf_node()
+            .capabilities()
+            .extensions()
+            .contains(&state::ROOM_STATE)
+        {
+            return Err(ClientError::Protocol(format!(
+                "KeyPackage of {device} does not support the room state extension (0x0006)"
+            )));
+        }
         if device.user != *expected {
             return Err(ClientError::Protocol(format!(
                 "KeyPackage of {} was offered for {expected}",
@@ -1670,6 +1681,21 @@ mod tests {
             .mls
             .validate_key_package(&tampered, &bob.user())
             .is_err());
+        // A client that does not support the room state extension cannot join any room.
+        let plain = KeyPackage::builder()
+            .build(
+                CIPHERSUITE,
+                &bob.mls.provider(&bob.conn),
+                &bob.mls.signer,
+                bob.mls.credential(),
+            )
+            .unwrap();
+        let plain = serialize(MlsMessageOut::from(plain.key_package().clone())).unwrap();
+        let refused = alice
+            .mls
+            .validate_key_package(&plain, &bob.user())
+            .unwrap_err();
+        assert!(refused.to_string().contains("0x0006"), "{refused}");
     }
 
     #[test]
