@@ -240,10 +240,7 @@ async fn setup(
         lanes.push(Lane {
             api: sender.api().clone(),
             room,
-            request: SendRequest {
-                message,
-                expires_at: None,
-            },
+            request: SendRequest { message },
         });
         receivers.push(receiver.api().connect_push().await?);
     }

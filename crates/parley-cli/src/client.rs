@@ -4,8 +4,8 @@ use crate::console::{Console, Input};
 use anyhow::{anyhow, bail, Context};
 use clap::{Args, Subcommand};
 use parley_client::{
-    ClientError, Device, Event, HistoryEntry, Push, ReceiptStatus, SendOptions, SentMessage,
-    TYPING_SHOWN_FOR,
+    ClientError, Device, Event, HistoryEntry, Push, ReceiptStatus, RoomSummary, SendOptions,
+    SentMessage, TYPING_SHOWN_FOR,
 };
 use parley_proto::api::{ContactDirection, ContactInfo, ContactState};
 use parley_proto::{DeviceId, MessageId, RoomId, UserId};
@@ -64,22 +64,41 @@ pub enum AccountCommand {
 
 #[derive(Debug, Subcommand)]
 pub enum RoomCommand {
-    /// Create a group room with the given members; prints the room id on the last line.
+    /// Create a group room with the given members; prints the room URI on the last line.
+    ///
+    /// The room is hubbed by your provider and named mimi://YOUR-DOMAIN/r/<32 hex digits>; you
+    /// are its first admin.
     Create {
         #[arg(long)]
         name: Option<String>,
         /// Members to add, `handle@domain`.
         members: Vec<String>,
     },
-    /// Add a user (all their devices) to a room.
-    Add { room: String, user: String },
+    /// Add a user (all their devices) to a room (admins only, in group rooms).
+    Add {
+        /// The room: its URI (mimi://HUB/r/NAME) or its name.
+        room: String,
+        user: String,
+    },
     /// Remove a user (all their devices) from a room (admins only, in group rooms).
-    Remove { room: String, user: String },
+    Remove {
+        /// The room: its URI (mimi://HUB/r/NAME) or its name.
+        room: String,
+        user: String,
+    },
     /// Make a member an admin: admins add, remove and promote; the room's creator is its first.
-    Promote { room: String, user: String },
+    Promote {
+        /// The room: its URI (mimi://HUB/r/NAME) or its name.
+        room: String,
+        user: String,
+    },
     /// Leave a group room, with all your devices (another member completes the removal).
-    Leave { room: String },
-    /// List the rooms this device is in.
+    Leave {
+        /// The room: its URI (mimi://HUB/r/NAME) or its name.
+        room: String,
+    },
+    /// List the rooms this device is in, as its own MLS groups show them: URI, kind, name,
+    /// members (admins marked `*`).
     List,
 }
 
@@ -310,15 +329,8 @@ impl Client {
                 println!("left {room}");
             }
             RoomCommand::List => {
-                for r in device.rooms().await? {
-                    let members: Vec<String> = r.members.iter().map(ToString::to_string).collect();
-                    println!(
-                        "{}  {:<6}  {:<16}  {}",
-                        r.room,
-                        r.kind.as_str(),
-                        r.name.as_deref().unwrap_or("-"),
-                        members.join(", ")
-                    );
+                for r in device.rooms()? {
+                    println!("{}", room_line(&r));
                 }
             }
         }
@@ -326,7 +338,7 @@ impl Client {
     }
 
     pub async fn contact(&self, cmd: ContactCommand) -> anyhow::Result<()> {
-        let device = self.open()?;
+        let mut device = self.open()?;
         match cmd {
             ContactCommand::Request { user } => {
                 let user = parse_user(&user)?;
@@ -778,14 +790,13 @@ fn describe_request(user: &UserId, answer: &ContactInfo) -> String {
     }
 }
 
-/// Accepts a room id, or a unique room name.
+/// Accepts a room URI (or `HUB/r/NAME`), or a unique room name.
 async fn resolve_room(device: &mut Device, room: &str) -> anyhow::Result<RoomId> {
     if let Ok(id) = RoomId::parse(room) {
         return Ok(id);
     }
     let matches: Vec<RoomId> = device
-        .rooms()
-        .await?
+        .rooms()?
         .into_iter()
         .filter(|r| r.name.as_deref() == Some(room))
         .map(|r| r.room)
@@ -793,7 +804,7 @@ async fn resolve_room(device: &mut Device, room: &str) -> anyhow::Result<RoomId>
     match matches.as_slice() {
         [one] => Ok(one.clone()),
         [] => bail!("no room with id or name {room:?}"),
-        _ => bail!("several rooms are named {room:?}: use the room id"),
+        _ => bail!("several rooms are named {room:?}: use the room URI"),
     }
 }
 
@@ -989,8 +1000,29 @@ fn now_ms() -> u64 {
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
+/// Enough of a room to tell a device's rooms apart in event lines: the start of its name
+/// (rooms Parley creates have 32 random hex digits there).
 fn short(room: &RoomId) -> &str {
-    &room.as_str()[..8]
+    room.name().get(..8).unwrap_or(room.name())
+}
+
+/// One line of `parley room list`.
+fn room_line(r: &RoomSummary) -> String {
+    let members: Vec<String> = r
+        .members
+        .iter()
+        .map(|m| {
+            let mark = if r.admins.contains(m) { "*" } else { "" };
+            format!("{m}{mark}")
+        })
+        .collect();
+    format!(
+        "{}  {:<6}  {:<16}  {}",
+        r.room,
+        r.kind.as_str(),
+        r.name.as_deref().unwrap_or("-"),
+        members.join(", ")
+    )
 }
 
 #[cfg(test)]
@@ -1067,7 +1099,7 @@ mod tests {
 
     #[test]
     fn rich_events_read_as_lines() {
-        let room = RoomId::parse("00112233445566778899aabbccddeeff").unwrap();
+        let room = RoomId::parse("mimi://chirp.test/r/00112233445566778899aabbccddeeff").unwrap();
         let alice = parse_user("alice@chirp.test").unwrap();
         let (id, target) = (MessageId([0x01; 32]), MessageId([0xab; 32]));
         let reply = Event::Message {
@@ -1174,6 +1206,29 @@ mod tests {
         assert_eq!(
             history_line(&h),
             "alice@chirp.test: [deleted]  #010101010101"
+        );
+    }
+
+    #[test]
+    fn rooms_read_as_lines() {
+        let room = RoomId::parse("mimi://chirp.test/r/00112233445566778899aabbccddeeff").unwrap();
+        assert_eq!(short(&room), "00112233");
+        assert_eq!(short(&RoomId::parse("indie.test/r/club").unwrap()), "club");
+        let summary = RoomSummary {
+            room,
+            kind: parley_proto::api::RoomKind::Group,
+            name: Some("team".into()),
+            members: vec![
+                parse_user("alice@chirp.test").unwrap(),
+                parse_user("bob@wave.test").unwrap(),
+            ],
+            admins: vec![parse_user("alice@chirp.test").unwrap()],
+            epoch: 3,
+        };
+        assert_eq!(
+            room_line(&summary),
+            "mimi://chirp.test/r/00112233445566778899aabbccddeeff  group   team              \
+             alice@chirp.test*, bob@wave.test"
         );
     }
 

@@ -59,7 +59,7 @@ enum Command {
                             3 waiting for USER@DOMAIN to accept your contact request \
                             (the message was not sent).")]
     Send {
-        /// A room id or name, or USER@DOMAIN for the 1:1 room with that user.
+        /// A room URI (mimi://HUB/r/NAME) or name, or USER@DOMAIN for the 1:1 room with that user.
         target: String,
         /// The message, in Markdown (GitHub Flavored Markdown for MIMI; HTML tags are escaped).
         text: String,
@@ -72,7 +72,7 @@ enum Command {
     },
     /// React to a message with an emoji (`delete` the reaction's id to take it back).
     React {
-        /// A room id or name, or USER@DOMAIN for the 1:1 room with that user.
+        /// A room URI (mimi://HUB/r/NAME) or name, or USER@DOMAIN for the 1:1 room with that user.
         room: String,
         /// The message: its id as `sync --json` shows it, or the first 8+ hex digits.
         msg_id: String,
@@ -81,7 +81,7 @@ enum Command {
     },
     /// Replace the text of a message you sent.
     Edit {
-        /// A room id or name, or USER@DOMAIN for the 1:1 room with that user.
+        /// A room URI (mimi://HUB/r/NAME) or name, or USER@DOMAIN for the 1:1 room with that user.
         room: String,
         /// Your message: its id, or the first 8+ hex digits.
         msg_id: String,
@@ -90,7 +90,7 @@ enum Command {
     },
     /// Delete a message you sent, or take back a reaction of yours.
     Delete {
-        /// A room id or name, or USER@DOMAIN for the 1:1 room with that user.
+        /// A room URI (mimi://HUB/r/NAME) or name, or USER@DOMAIN for the 1:1 room with that user.
         room: String,
         /// Your message or reaction: its id, or the first 8+ hex digits.
         msg_id: String,
@@ -101,7 +101,8 @@ enum Command {
     /// over its per-domain limit), and announced in the room; receivers' `parley sync` fetches,
     /// checks and decrypts it into their profile's downloads/ folder.
     SendFile {
-        /// A room id or name, or USER@DOMAIN for the existing 1:1 room with that user.
+        /// A room URI (mimi://HUB/r/NAME) or name, or USER@DOMAIN for the existing 1:1 room with that
+        /// user.
         room: String,
         /// The file to send.
         path: PathBuf,
@@ -110,7 +111,7 @@ enum Command {
     ///
     /// Receiving devices already report messages as delivered by themselves, at every sync.
     Read {
-        /// A room id or name, or USER@DOMAIN for the 1:1 room with that user.
+        /// A room URI (mimi://HUB/r/NAME) or name, or USER@DOMAIN for the 1:1 room with that user.
         room: String,
     },
     /// Fetch, decrypt and print what arrived, then acknowledge it.
@@ -128,7 +129,10 @@ enum Command {
     /// stored: offline devices never see it); you see theirs for a few seconds. On a terminal
     /// the chat reads key by key to notice that, with simple line editing (Backspace, Ctrl-U);
     /// Ctrl-C, Ctrl-D on an empty line, or /quit leave. Messages shown are reported read.
-    Chat { room: String },
+    Chat {
+        /// A room URI (mimi://HUB/r/NAME) or name.
+        room: String,
+    },
     /// Three providers in one process (chirp.test, wave.test, ping.test) talking MIMI over mutual
     /// TLS: consent, a 1:1 and a group across all three, each device's decrypted view.
     Demo,

@@ -54,7 +54,7 @@ fn documented_cli_scenario_across_two_domains() {
         64,
         "MessageId is 32 bytes hex"
     );
-    assert!(m["ts"].as_u64().unwrap() > 0 && m["room"].as_str().unwrap().len() == 32);
+    assert!(m["ts"].as_u64().unwrap() > 0 && is_new_room(m["room"].as_str().unwrap()));
     ok(&u.bob, &["send", "alice@chirp.test", "hi alice"]);
     assert_eq!(
         messages(&sync_json(&u.alice)),
@@ -63,13 +63,13 @@ fn documented_cli_scenario_across_two_domains() {
     // Nothing twice.
     assert!(messages(&sync_json(&u.bob)).is_empty());
 
-    // A group: create prints the room id last; add, send, remove.
+    // A group: create prints the room URI last; add, send, remove.
     let created = ok(
         &u.alice,
         &["room", "create", "--name", "team", "bob@wave.test"],
     );
     let room = created.lines().last().unwrap().trim().to_owned();
-    assert_eq!(room.len(), 32, "{created}");
+    assert!(is_new_room(&room), "{created}");
     ok(&u.alice, &["room", "add", &room, "carol@chirp.test"]);
     ok(&u.alice, &["send", &room, "hello team"]);
     for p in [&u.bob, &u.carol] {
@@ -166,8 +166,17 @@ fn sent(out: &str) -> (String, String) {
     let id = words.next().unwrap().to_owned();
     assert_eq!(words.next(), Some("to"), "{out}");
     let room = words.next().unwrap().to_owned();
-    assert_eq!((id.len(), room.len()), (64, 32), "{out}");
+    assert!(id.len() == 64 && is_new_room(&room), "{out}");
     (id, room)
+}
+
+/// A room URI as Parley creates them: `mimi://DOMAIN/r/` and 32 hex digits.
+fn is_new_room(room: &str) -> bool {
+    parley_proto::RoomId::parse(room).is_ok_and(|r| {
+        r.as_str().starts_with("mimi://")
+            && r.name().len() == 32
+            && r.name().bytes().all(|b| b.is_ascii_hexdigit())
+    })
 }
 
 /// The lines of `parley sync --json`, exactly as printed, but for the delivered receipts
@@ -319,7 +328,7 @@ fn replies_reactions_edits_deletes_and_expiry_from_the_cli() {
         text.join("\n"),
         format!(
             "[{}] bob@wave.test reacted \u{2764} to #{}",
-            &room[..8],
+            &parley_proto::RoomId::parse(&room).unwrap().name()[..8],
             &reply[..12]
         )
     );

@@ -5,13 +5,17 @@
 
 mod providers;
 
+use parley_client::mls::{DeviceMls, OutgoingCommit};
 use parley_client::{ClientError, Device, Event};
+use parley_proto::ids::DeviceUri;
+use parley_proto::mimi::room_state::expiry_aad;
 use parley_proto::mimi::{
-    Body, ConsentEntry, ConsentOperation, EphemeralMessage, FanoutKind, FanoutMessage,
-    IdentifierUri, KeyMaterialRequest, KeyMaterialResponse, NotifyEntry, NotifyRequest,
-    SubmitMessageRequest, UpdateRequest, UserCode,
+    Body, ConsentEntry, ConsentOperation, EphemeralMessage, FanoutMessage, GroupInfo,
+    GroupInfoOption, HandshakeBundle, IdentifierUri, KeyMaterialResponse, MlsMessage,
+    NotifyRequest, RatchetTree, RatchetTreeOption, SubmitMessageRequest, UpdateRoomResponse,
+    UserCode,
 };
-use parley_proto::RoomId;
+use parley_proto::{Domain, RoomId};
 use parley_server::now_ms;
 use providers::*;
 use reqwest::StatusCode;
@@ -123,7 +127,6 @@ async fn three_providers_consent_direct_and_group_rooms() {
     }
     let info = alice
         .rooms()
-        .await
         .unwrap()
         .into_iter()
         .find(|r| r.room == group)
@@ -227,7 +230,7 @@ async fn malicious_peer_requests_are_refused_and_change_nothing() {
     let room = alice.direct_room(bob.user()).await.unwrap();
     alice.send_text(&room, "one").await.unwrap();
     assert_eq!(read_n(&mut bob, &room, 1).await.len(), 1);
-    let epoch_before = alice.rooms().await.unwrap()[0].epoch;
+    let epoch_before = alice.rooms().unwrap()[0].epoch;
 
     // evil.test has a valid certificate for evil.test only.
     let evil = net.peer_client("evil.test");
@@ -254,13 +257,21 @@ async fn malicious_peer_requests_are_refused_and_change_nothing() {
         (status, v["error"].as_str().unwrap_or_default().to_owned())
     };
 
+    // Federation paths name a room the way the draft's examples do: HUB/r/NAME.
+    let room_path = room.path_form();
+    // A real application message of the room (alice's), never delivered as such.
+    let ciphertext = MlsMessage::from_bytes(alice.encrypt_text(&room, "forged").unwrap()).unwrap();
+
     // Claims to be a chirp.test user (From proves evil.test only).
     let spoofed = evil
-        .post(chirp_fed(&format!("submitMessage/{room}")))
+        .post(chirp_fed(&format!("submitMessage/{room_path}")))
         .header("From", "mimi@chirp.test")
         .body(
-            SubmitMessageRequest::new(vec![1, 2, 3], "mimi://chirp.test/d/alice/0000000000000001")
-                .encode(),
+            SubmitMessageRequest::new(
+                ciphertext.clone(),
+                "mimi://chirp.test/d/alice/0000000000000001",
+            )
+            .encode(),
         )
         .send()
         .await
@@ -272,9 +283,12 @@ async fn malicious_peer_requests_are_refused_and_change_nothing() {
 
     // Speaks as evil.test but sends as a chirp.test client.
     let as_alice = post(
-        chirp_fed(&format!("submitMessage/{room}")),
-        SubmitMessageRequest::new(vec![1, 2, 3], "mimi://chirp.test/d/alice/0000000000000001")
-            .encode(),
+        chirp_fed(&format!("submitMessage/{room_path}")),
+        SubmitMessageRequest::new(
+            ciphertext.clone(),
+            "mimi://chirp.test/d/alice/0000000000000001",
+        )
+        .encode(),
     )
     .await;
     assert_eq!(
@@ -282,16 +296,11 @@ async fn malicious_peer_requests_are_refused_and_change_nothing() {
         (StatusCode::FORBIDDEN, "peer_domain_mismatch".into())
     );
 
-    // Posts a real-looking message to a room it takes no part in (bob's ciphertext replayed,
+    // Posts a real-looking message to a room it takes no part in (alice's ciphertext replayed,
     // with an evil sender): not a member → refused.
-    let ciphertext = alice.encrypt_text(&room, "forged").unwrap();
     let not_member = post(
-        chirp_fed(&format!("submitMessage/{room}")),
-        SubmitMessageRequest::new(
-            ciphertext.clone(),
-            "mimi://evil.test/d/eve/0000000000000001",
-        )
-        .encode(),
+        chirp_fed(&format!("submitMessage/{room_path}")),
+        SubmitMessageRequest::new(ciphertext.clone(), "mimi://evil.test/u/eve").encode(),
     )
     .await;
     assert_eq!(
@@ -308,10 +317,10 @@ async fn malicious_peer_requests_are_refused_and_change_nothing() {
         let typing = EphemeralMessage {
             sender: IdentifierUri::new(&sender),
             recipients: Vec::new(),
-            message: ciphertext.clone().into(),
+            message: ciphertext.clone(),
         };
         let resp = post(
-            chirp_fed(&format!("x-parley-ephemeral/{room}")),
+            chirp_fed(&format!("x-parley-ephemeral/{room_path}")),
             typing.encode(),
         )
         .await;
@@ -322,16 +331,13 @@ async fn malicious_peer_requests_are_refused_and_change_nothing() {
         );
     }
 
-    // An expiry hint in the past (or beyond the retention) is refused before anything else.
+    // An expiry hint (Safe AAD) in the past, or beyond the retention, is refused before
+    // anything else.
     for hint in [1, u64::MAX] {
+        let expiring = private_message(&room.parley_group_id(), epoch_before, &expiry_aad(hint));
         let bad_expiry = post(
-            chirp_fed(&format!("submitMessage/{room}")),
-            SubmitMessageRequest::new(
-                ciphertext.clone(),
-                "mimi://evil.test/d/eve/0000000000000001",
-            )
-            .expiring_at(Some(hint))
-            .encode(),
+            chirp_fed(&format!("submitMessage/{room_path}")),
+            SubmitMessageRequest::new(expiring, "mimi://evil.test/u/eve").encode(),
         )
         .await;
         assert_eq!(
@@ -340,107 +346,68 @@ async fn malicious_peer_requests_are_refused_and_change_nothing() {
         );
     }
 
-    // URL room id different from the room inside the MLS message.
-    let other_room = RoomId::from_random([9; 16]);
+    // URL room different from the room of the MLS message's group.
+    let other_room = RoomId::from_random(&Domain::parse("chirp.test").unwrap(), [9; 16]);
     let mismatch = post(
-        chirp_fed(&format!("submitMessage/{other_room}")),
-        SubmitMessageRequest::new(ciphertext, "mimi://evil.test/d/eve/0000000000000001").encode(),
+        chirp_fed(&format!("submitMessage/{}", other_room.path_form())),
+        SubmitMessageRequest::new(ciphertext.clone(), "mimi://evil.test/u/eve").encode(),
     )
     .await;
-    assert_eq!(mismatch.status(), StatusCode::BAD_REQUEST);
+    assert!(mismatch.status().is_client_error(), "{}", mismatch.status());
 
     // A notify for a room evil.test does not hub (bob's provider follows chirp for it).
-    let wave_fed = format!(
-        "https://wave.test:{}/v1/notify/{room}",
-        net.fed["wave.test"].port()
-    );
-    let fake = NotifyRequest {
-        entries: vec![NotifyEntry {
-            sequence: 1_000_000,
-            event: 1_000_000,
-            sender: IdentifierUri::new("mimi://chirp.test/u/alice"),
-            recipients: vec![],
-            room: None,
-            fanout: FanoutMessage {
-                timestamp: 1,
-                kind: FanoutKind::Application,
-                message: vec![0u8; 8].into(),
-                extras: vec![],
-            },
-            expires_at: 0,
-        }],
+    let wave_fed = |room: &RoomId| {
+        format!(
+            "https://wave.test:{}/v1/notify/{}",
+            net.fed["wave.test"].port(),
+            room.path_form()
+        )
     };
-    let hijack = post(wave_fed.clone(), fake.encode()).await;
+    let fake = NotifyRequest {
+        messages: vec![FanoutMessage::plain(1, ciphertext.clone()).unwrap()],
+    };
+    let hijack = post(wave_fed(&room), fake.encode()).await;
     assert_eq!(
         error_code(hijack).await,
         (StatusCode::FORBIDDEN, "not_hub".into())
     );
 
-    // Squatting a room id wave.test does not follow yet: a "Welcome" with a room snapshot for a
-    // fresh id. Only a hub that fetched KeyPackages of wave.test's users for that room may
-    // start notifying about it, so this is refused and nothing reaches bob.
-    let fresh = RoomId::from_random([7; 16]);
-    let mut squat = fake.clone();
-    squat.entries[0].fanout.kind = FanoutKind::Welcome;
-    squat.entries[0].recipients = vec![IdentifierUri::new(&format!(
-        "mimi://wave.test/d/bob/{}",
-        bob.device_id()
-    ))];
-    squat.entries[0].room = Some(parley_proto::mimi::RoomSnapshot {
-        kind: 0,
-        name: None,
-        creator: IdentifierUri::new("mimi://evil.test/u/eve"),
-        epoch: 1,
-        users: vec![IdentifierUri::new("mimi://wave.test/u/bob")],
-        local_clients: vec![],
-        admins: vec![],
-    });
-    let squatted = post(
-        format!(
-            "https://wave.test:{}/v1/notify/{fresh}",
-            net.fed["wave.test"].port()
-        ),
-        squat.encode(),
-    )
-    .await;
+    // Squatting a room wave.test does not follow yet. Only a hub that fetched KeyPackages of
+    // wave.test's users for that room may start notifying about it, so this is refused and
+    // nothing reaches bob.
+    let fresh = RoomId::from_random(&Domain::parse("evil.test").unwrap(), [7; 16]);
+    let squatted = post(wave_fed(&fresh), fake.encode()).await;
     assert_eq!(
         error_code(squatted).await,
         (StatusCode::FORBIDDEN, "not_hub".into())
     );
 
     // A commit that is no MLS commit at all.
-    let garbage = post(
-        chirp_fed(&format!("update/{room}")),
-        UpdateRequest::commit(vec![0, 1, 0, 1], None).encode(),
-    )
-    .await;
-    assert_eq!(
-        error_code(garbage).await,
-        (StatusCode::BAD_REQUEST, "invalid_commit".into())
-    );
+    let garbage = post(chirp_fed(&format!("update/{room_path}")), vec![0, 1, 0, 1]).await;
+    assert_eq!(garbage.status(), StatusCode::BAD_REQUEST);
 
-    // A replayed notify from the real hub (sequence already seen) is accepted and ignored.
+    // A notify the real hub repeats (the very same FanoutMessage) is accepted each time and
+    // applied once: bob reads it once (checked at the end).
     let as_chirp = net.peer_client("chirp.test");
-    let mut replay = fake.clone();
-    replay.entries[0].sequence = 1;
-    replay.entries[0].recipients = vec![IdentifierUri::new(&format!(
-        "mimi://wave.test/d/bob/{}",
-        bob.device_id()
-    ))];
-    let resp = as_chirp
-        .post(wave_fed.clone())
-        .header("From", "mimi@chirp.test")
-        .body(replay.encode())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), StatusCode::CREATED);
+    let twice = MlsMessage::from_bytes(alice.encrypt_text(&room, "twice").unwrap()).unwrap();
+    let repeated = NotifyRequest {
+        messages: vec![FanoutMessage::plain(now_ms(), twice).unwrap()],
+    };
+    for _ in 0..2 {
+        let resp = as_chirp
+            .post(wave_fed(&room))
+            .header("From", "mimi@chirp.test")
+            .body(repeated.encode())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::CREATED);
+    }
 
     // Truncated and oversized bodies.
-    let mut body =
-        SubmitMessageRequest::new(vec![7; 100], "mimi://evil.test/d/eve/0000000000000001").encode();
+    let mut body = SubmitMessageRequest::new(ciphertext, "mimi://evil.test/u/eve").encode();
     body.truncate(body.len() - 10);
-    let truncated = post(chirp_fed(&format!("submitMessage/{room}")), body).await;
+    let truncated = post(chirp_fed(&format!("submitMessage/{room_path}")), body).await;
     assert_eq!(
         error_code(truncated).await,
         (StatusCode::BAD_REQUEST, "invalid_body".into())
@@ -450,7 +417,7 @@ async fn malicious_peer_requests_are_refused_and_change_nothing() {
     // client: the closed connection must not be reused by the requests below.)
     let oversized = net
         .peer_client("evil.test")
-        .post(chirp_fed(&format!("submitMessage/{room}")))
+        .post(chirp_fed(&format!("submitMessage/{room_path}")))
         .header("From", "mimi@evil.test")
         .body(vec![0; 5 << 20])
         .send()
@@ -460,31 +427,32 @@ async fn malicious_peer_requests_are_refused_and_change_nothing() {
         Err(e) => assert!(e.is_request() || e.is_body(), "unexpected failure: {e:?}"),
     }
 
-    // Key material for bob on behalf of a chirp.test user: evil may not speak for chirp.test.
-    let km = KeyMaterialRequest::new(
-        "mimi://chirp.test/u/alice",
-        "mimi://wave.test/u/bob",
-        &room.to_uri(&parley_proto::Domain::parse("chirp.test").unwrap()),
-        1,
-    );
+    // Key material for bob on behalf of a chirp.test user (alice's own signed request):
+    // evil may not speak for chirp.test.
+    let km = alice
+        .claim_request(bob.user(), &room, None)
+        .unwrap()
+        .key_material_request;
     let wave_km = format!(
         "https://wave.test:{}/v1/keyMaterial/{}",
         net.fed["wave.test"].port(),
-        "mimi:%2F%2Fwave.test%2Fu%2Fbob"
+        "wave.test/u/bob"
     );
-    let stolen = post(wave_km.clone(), km.encode()).await;
+    let stolen = post(wave_km.clone(), km).await;
     assert_eq!(
         error_code(stolen).await,
         (StatusCode::FORBIDDEN, "peer_domain_mismatch".into())
     );
-    // As itself, without bob's consent: noConsent, and no KeyPackage handed out.
-    let own = KeyMaterialRequest::new(
-        "mimi://evil.test/u/eve",
-        "mimi://wave.test/u/bob",
-        "mimi://evil.test/r/0123456789abcdef0123456789abcdef",
-        1,
-    );
-    let resp = post(wave_km, own.encode()).await;
+    // As itself (a request signed by a client of eve@evil.test), without bob's consent:
+    // noConsent, and no KeyPackage handed out.
+    let eve = forged_client("mimi://evil.test/d/eve/0000000000000001");
+    let own = eve
+        .key_material_request(
+            bob.user(),
+            &RoomId::parse("mimi://evil.test/r/0123456789abcdef0123456789abcdef").unwrap(),
+        )
+        .unwrap();
+    let resp = post(wave_km, own).await;
     assert_eq!(resp.status(), StatusCode::OK);
     let answer = KeyMaterialResponse::decode(&resp.bytes().await.unwrap()).unwrap();
     assert_eq!(answer.code(), Some(UserCode::NoConsent));
@@ -522,14 +490,14 @@ async fn malicious_peer_requests_are_refused_and_change_nothing() {
             .collect::<Vec<u8>>()
     };
     for path in [
-        "keyMaterial/mimi:%2F%2Fchirp.test%2Fu%2Falice".to_owned(),
-        format!("update/{room}"),
-        format!("submitMessage/{room}"),
-        format!("notify/{room}"),
+        "keyMaterial/chirp.test/u/alice".to_owned(),
+        format!("update/{room_path}"),
+        format!("submitMessage/{room_path}"),
+        format!("notify/{room_path}"),
         "requestConsent/chirp.test".to_owned(),
         "updateConsent/chirp.test".to_owned(),
         "identifierQuery/chirp.test".to_owned(),
-        format!("reportAbuse/{room}"),
+        format!("reportAbuse/{room_path}"),
     ] {
         for len in [0, 1, 7, 64, 300, 4096] {
             let resp = post(chirp_fed(&path), random_body(len)).await;
@@ -541,17 +509,18 @@ async fn malicious_peer_requests_are_refused_and_change_nothing() {
         }
     }
 
-    // Nothing changed: same epoch, the room still works, bob got no forged message.
-    let rooms = alice.rooms().await.unwrap();
+    // Nothing changed: same epoch, the room still works, bob got no forged message and the
+    // repeated one once.
+    let rooms = alice.rooms().unwrap();
     assert_eq!(rooms[0].epoch, epoch_before);
     alice.send_text(&room, "two").await.unwrap();
     assert_eq!(
-        read_n(&mut bob, &room, 1).await,
-        from("alice@chirp.test", &["two"])
+        read_n(&mut bob, &room, 2).await,
+        from("alice@chirp.test", &["twice", "two"])
     );
     assert!(
         read_now(&mut bob, &room).await.is_empty(),
-        "the replay delivered nothing"
+        "the repeat delivered nothing more"
     );
 }
 
@@ -578,17 +547,10 @@ async fn a_forged_key_package_for_someone_elses_client_is_refused() {
         .unwrap();
     join(&mut bob, &room).await;
     join(&mut eve, &room).await;
-    let epoch = alice.rooms().await.unwrap()[0].epoch;
+    let epoch = alice.rooms().unwrap()[0].epoch;
 
     // The forged client: a credential naming a client of bob@wave.test, a key evil.test holds.
-    let forged_uri =
-        parley_proto::ids::DeviceUri::parse("mimi://wave.test/d/bob/00000000000000ee").unwrap();
-    let mut forger_db = rusqlite::Connection::open_in_memory().unwrap();
-    parley_client::mls::init_storage(&mut forger_db).unwrap();
-    let signer = parley_client::mls::DeviceMls::generate_signer(&forger_db).unwrap();
-    let forger =
-        parley_client::mls::DeviceMls::load(&forger_db, forged_uri.clone(), signer.public())
-            .unwrap();
+    let (forger, forger_db) = forged_client_with_db("mimi://wave.test/d/bob/00000000000000ee");
     let forged_kp = forger.key_packages(&forger_db, 1).unwrap().remove(0);
 
     // Eve's own MLS state signs the commit adding it.
@@ -612,17 +574,18 @@ async fn a_forged_key_package_for_someone_elses_client_is_refused() {
     let resp = net
         .peer_client("evil.test")
         .post(format!(
-            "https://chirp.test:{}/v1/update/{room}",
-            net.fed["chirp.test"].port()
+            "https://chirp.test:{}/v1/update/{}",
+            net.fed["chirp.test"].port(),
+            room.path_form()
         ))
         .header("From", "mimi@evil.test")
-        .body(UpdateRequest::commit(commit.commit, commit.welcome).encode())
+        .body(handshake_bundle(&commit).encode())
         .send()
         .await
         .unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
-    match parley_proto::mimi::UpdateResponse::decode(&resp.bytes().await.unwrap()).unwrap() {
-        parley_proto::mimi::UpdateResponse::NotAllowed { error_description } => {
+    match UpdateRoomResponse::decode(&resp.bytes().await.unwrap()).unwrap() {
+        UpdateRoomResponse::NotAllowed { error_description } => {
             let text = String::from_utf8_lossy(error_description.as_slice()).into_owned();
             assert!(text.starts_with("unknown_device"), "{text}");
         }
@@ -630,13 +593,67 @@ async fn a_forged_key_package_for_someone_elses_client_is_refused() {
     }
 
     // Unchanged: same epoch and members; the room keeps working for everyone.
-    let info = alice.rooms().await.unwrap().remove(0);
+    let info = alice.rooms().unwrap().remove(0);
     assert_eq!((info.epoch, info.members.len()), (epoch, 3));
     alice.send_text(&room, "still fine").await.unwrap();
     assert_eq!(
         read_n(&mut bob, &room, 1).await,
         from("alice@chirp.test", &["still fine"])
     );
+}
+
+/// An MLS client of a user the test makes up (its state in memory), with its database.
+fn forged_client_with_db(uri: &str) -> (DeviceMls, rusqlite::Connection) {
+    let mut db = rusqlite::Connection::open_in_memory().unwrap();
+    parley_client::mls::init_storage(&mut db).unwrap();
+    let signer = DeviceMls::generate_signer(&db).unwrap();
+    let client = DeviceMls::load(&db, DeviceUri::parse(uri).unwrap(), signer.public()).unwrap();
+    (client, db)
+}
+
+/// [`forged_client_with_db`], for signing only.
+fn forged_client(uri: &str) -> DeviceMls {
+    forged_client_with_db(uri).0
+}
+
+/// An MLS PrivateMessage of the group that no member wrote: framing a provider can read (group,
+/// epoch, content type, authenticated data) around bytes that decrypt to nothing.
+fn private_message(group_id: &[u8], epoch: u64, aad: &[u8]) -> MlsMessage {
+    // `opaque<V>` with RFC 9420's variable-length size (lengths below 2^14 here).
+    fn opaque(out: &mut Vec<u8>, bytes: &[u8]) {
+        match u16::try_from(bytes.len()).unwrap() {
+            n @ 0..=63 => out.push(n as u8),
+            n => out.extend_from_slice(&(0x4000 | n).to_be_bytes()),
+        }
+        out.extend_from_slice(bytes);
+    }
+    let mut bytes = vec![0, 1, 0, 2]; // mls10, mls_private_message
+    opaque(&mut bytes, group_id);
+    bytes.extend_from_slice(&epoch.to_be_bytes());
+    bytes.push(1); // content_type: application
+    opaque(&mut bytes, aad);
+    opaque(&mut bytes, &[0x5a; 16]); // encrypted_sender_data
+    opaque(&mut bytes, &[0xa5; 64]); // ciphertext
+    MlsMessage::from_bytes(bytes).unwrap()
+}
+
+/// The MIMI `update` body of a commit the Parley client built.
+fn handshake_bundle(commit: &OutgoingCommit) -> HandshakeBundle {
+    let commit_message = MlsMessage::from_bytes(commit.commit.clone()).unwrap();
+    let welcome = commit
+        .welcome
+        .clone()
+        .map(|w| MlsMessage::from_bytes(w).unwrap().to_welcome().unwrap());
+    // An MLSMessage is version and wire format (4 bytes), then the bare GroupInfo.
+    let group_info = GroupInfo::from_bytes(commit.group_info[4..].to_vec()).unwrap();
+    HandshakeBundle::Commit {
+        commit: commit_message,
+        welcome,
+        group_info: GroupInfoOption::Full { group_info },
+        ratchet_tree: RatchetTreeOption::Full {
+            ratchet_tree: RatchetTree::from_bytes(commit.ratchet_tree.clone()).unwrap(),
+        },
+    }
 }
 
 /// Syncs until an event of `room` that `wanted` accepts arrives (or [`PATIENCE`] passed);

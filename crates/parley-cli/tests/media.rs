@@ -292,9 +292,8 @@ async fn send_part(
     part: ExternalPart,
     expires: Option<Expiration>,
 ) {
-    let room_uri = device.api().room(room).await.unwrap().room_uri;
     let mut content =
-        MimiContent::attachment(rand_salt(), &device.user().to_uri(), &room_uri, part);
+        MimiContent::attachment(rand_salt(), &device.user().to_uri(), room.as_str(), part);
     if let Some(expires) = expires {
         content = content.expiring(expires);
     }

@@ -242,15 +242,18 @@ async fn a_claim_for_one_device_spends_only_its_key_package() {
     let laptop = register(dir.path(), &server, "alice@chirp.test").await;
     let alice = laptop.user().clone();
     let phone = login(dir.path(), &server, &alice, "phone").await;
-    let room = RoomId::from_random([3; 16]);
+    let room = RoomId::from_random(alice.domain(), [3; 16]);
     let stock = |d: &Device| {
         let api = d.api().clone();
         async move { api.key_package_count().await.unwrap().remaining }
     };
     let (laptop_before, phone_before) = (stock(&laptop).await, stock(&phone).await);
+    let request = laptop
+        .claim_request(&alice, &room, Some(phone.device_id()))
+        .unwrap();
     let claimed = laptop
         .api()
-        .claim_device_key_package(&alice, &room, phone.device_id())
+        .claim_key_packages(&alice, &request)
         .await
         .unwrap();
     let devices: Vec<&str> = claimed
@@ -265,9 +268,12 @@ async fn a_claim_for_one_device_spends_only_its_key_package() {
         laptop_before,
         "the laptop's stock is untouched"
     );
+    let request = laptop
+        .claim_request(&alice, &room, Some(&DeviceId::from_random([7; 8])))
+        .unwrap();
     let unknown = laptop
         .api()
-        .claim_device_key_package(&alice, &room, &DeviceId::from_random([7; 8]))
+        .claim_key_packages(&alice, &request)
         .await
         .unwrap_err();
     assert_eq!(unknown.code(), Some("unknown_device"), "{unknown}");

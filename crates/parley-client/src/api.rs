@@ -1,5 +1,6 @@
 //! Typed client for Parley's client API (`docs/client-api.md`): one async method per endpoint, plus
-//! the `GET /v1/ws` push connection.
+//! the `GET /v1/ws` push connection. Users and rooms in a path are one percent-encoded segment
+//! each (a room URI's `/` and all).
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -7,10 +8,10 @@ use std::time::Duration;
 
 use futures_util::{SinkExt as _, StreamExt as _};
 use parley_proto::api::{
-    Accepted, AckRequest, ClaimResponse, CommitRequest, ContactInfo, CreateRoomRequest, DeviceInfo,
-    EphemeralRequest, ErrorBody, KeyPackageCount, LoginRequest, ProposalRequest, QueueEntry,
-    QueuePage, RegisterRequest, RoomInfo, SendRequest, SessionResponse, UploadKeyPackages,
-    UploadedAsset, WsFrame,
+    Accepted, AckRequest, ClaimRequest, ClaimResponse, CommitRequest, ContactInfo,
+    CreateRoomRequest, DeviceInfo, EphemeralRequest, ErrorBody, KeyPackageCount, LoginRequest,
+    ProposalRequest, ProviderInfo, QueueEntry, QueuePage, RegisterRequest, RoomInfo, SendRequest,
+    SessionResponse, UploadKeyPackages, UploadedAsset, WsFrame,
 };
 use parley_proto::{DeviceId, RoomId, UserId};
 use reqwest::{Method, StatusCode};
@@ -165,27 +166,25 @@ impl ApiClient {
             .await
     }
 
-    /// `POST /v1/users/{user}/key-packages/claim?room=ROOM`: one KeyPackage per device of `user`,
-    /// to add them to `room`. A user of another provider who has not consented (or who blocked
-    /// us) is [`ClientError::NoConsent`].
-    pub async fn claim_key_packages(&self, user: &UserId, room: &RoomId) -> Result<ClaimResponse> {
-        let url = self.claim_url(user, room)?;
-        let resp = self.send::<()>(Method::POST, url, None).await?;
-        decode_json(resp).await
+    /// `GET /v1/provider`: this provider's domain and the hub's `ExternalSender`, which every
+    /// room created here lists in its `external_senders`.
+    pub async fn provider(&self) -> Result<ProviderInfo> {
+        self.call::<(), _>(Method::GET, &["v1", "provider"], None)
+            .await
     }
 
-    /// `POST /v1/users/{user}/key-packages/claim?room=ROOM&device=ID`: the KeyPackage of one
-    /// device only, so the user's other devices keep theirs (a device joining its user's rooms).
-    pub async fn claim_device_key_package(
+    /// `POST /v1/users/{user}/key-packages/claim`: one KeyPackage per device of `user` (or only
+    /// `req.device`'s), to add them to `req.room`, with the signed MIMI `KeyMaterialRequest`. A
+    /// user of another provider who has not consented (or who blocked us) is
+    /// [`ClientError::NoConsent`].
+    pub async fn claim_key_packages(
         &self,
         user: &UserId,
-        room: &RoomId,
-        device: &DeviceId,
+        req: &ClaimRequest,
     ) -> Result<ClaimResponse> {
-        let mut url = self.claim_url(user, room)?;
-        url.query_pairs_mut().append_pair("device", device.as_str());
-        let resp = self.send::<()>(Method::POST, url, None).await?;
-        decode_json(resp).await
+        let user = user.to_string();
+        let path = ["v1", "users", &user, "key-packages", "claim"];
+        self.call(Method::POST, &path, Some(req)).await
     }
 
     /// `POST /v1/contacts/{user}/request`: asks `user` for consent to contact them. Idempotent;
@@ -210,6 +209,12 @@ impl ApiClient {
         self.contact_call(user, "block").await
     }
 
+    /// `GET /v1/contacts/blocked`: the users our user blocked.
+    pub async fn blocked_contacts(&self) -> Result<Vec<ContactInfo>> {
+        self.call::<(), _>(Method::GET, &["v1", "contacts", "blocked"], None)
+            .await
+    }
+
     /// `POST /v1/rooms`: register a freshly created group with its hub.
     pub async fn create_room(&self, req: &CreateRoomRequest) -> Result<RoomInfo> {
         self.call(Method::POST, &["v1", "rooms"], Some(req)).await
@@ -227,19 +232,6 @@ impl ApiClient {
             .await
     }
 
-    /// `POST /v1/rooms/{room_id}/admins`: make a member user an admin (the caller must be one).
-    pub async fn promote(&self, room: &RoomId, user: &UserId) -> Result<RoomInfo> {
-        let body = parley_proto::api::PromoteRequest {
-            user: user.to_string(),
-        };
-        self.call(
-            Method::POST,
-            &["v1", "rooms", room.as_str(), "admins"],
-            Some(&body),
-        )
-        .await
-    }
-
     /// `POST /v1/rooms/{room_id}/commits`.
     pub async fn post_commit(&self, room: &RoomId, req: &CommitRequest) -> Result<Accepted> {
         let path = ["v1", "rooms", room.as_str(), "commits"];
@@ -250,6 +242,13 @@ impl ApiClient {
     pub async fn post_proposal(&self, room: &RoomId, req: &ProposalRequest) -> Result<Accepted> {
         let path = ["v1", "rooms", room.as_str(), "proposals"];
         self.call(Method::POST, &path, Some(req)).await
+    }
+
+    /// `POST /v1/rooms/{room_id}/left`: this device left the room, or processed the commit
+    /// removing it; its provider stops delivering the room to it.
+    pub async fn room_left(&self, room: &RoomId) -> Result<()> {
+        let path = ["v1", "rooms", room.as_str(), "left"];
+        self.call_no_content::<()>(Method::POST, &path, None).await
     }
 
     /// `POST /v1/rooms/{room_id}/messages`.
@@ -428,13 +427,6 @@ impl ApiClient {
             .map_err(|()| ClientError::InvalidInput(format!("{} cannot be a base URL", self.base)))?
             .pop_if_empty()
             .extend(segments);
-        Ok(url)
-    }
-
-    fn claim_url(&self, user: &UserId, room: &RoomId) -> Result<Url> {
-        let user = user.to_string();
-        let mut url = self.endpoint(&["v1", "users", &user, "key-packages", "claim"])?;
-        url.query_pairs_mut().append_pair("room", room.as_str());
         Ok(url)
     }
 
@@ -762,6 +754,15 @@ mod tests {
         );
         let weird = api.endpoint(&["v1", "a/b?c"]).unwrap();
         assert_eq!(weird.as_str(), "https://chirp.test/base/v1/a%2Fb%3Fc");
+        // A room URI is one segment; the server decodes it back to the URI.
+        let room = RoomId::parse("mimi://chirp.test/r/00ff").unwrap();
+        let url = api
+            .endpoint(&["v1", "rooms", room.as_str(), "commits"])
+            .unwrap();
+        assert_eq!(
+            url.as_str(),
+            "https://chirp.test/base/v1/rooms/mimi:%2F%2Fchirp.test%2Fr%2F00ff/commits"
+        );
     }
 
     #[test]
@@ -772,18 +773,6 @@ mod tests {
         let e = api_error(StatusCode::BAD_GATEWAY, b"<html>oops</html>");
         assert_eq!(e.code(), Some("http_502"));
         assert!(e.is_retryable());
-    }
-
-    #[test]
-    fn claims_name_the_room() {
-        let api = ApiClient::new("https://chirp.test", None).unwrap();
-        let user = UserId::parse("bob@wave.test").unwrap();
-        let room = RoomId::parse("00112233445566778899aabbccddeeff").unwrap();
-        assert_eq!(
-            api.claim_url(&user, &room).unwrap().as_str(),
-            "https://chirp.test/v1/users/bob@wave.test/key-packages/claim\
-             ?room=00112233445566778899aabbccddeeff"
-        );
     }
 
     #[test]

@@ -10,26 +10,29 @@
 //!   ours, which always includes pending proposals), so the hub's room never stays half-left;
 //! - a user's devices share the user's rooms: after the server signals a change of the user's
 //!   devices (or this device joined a room), the next `sync`/`apply` adds the user's missing
-//!   devices to every room this device is in and removes devices the account no longer has.
+//!   devices to every room this device is in and removes devices the account no longer has;
+//! - rooms are named by their MIMI room URI; what a room is (kind, name, participants, roles)
+//!   is read from this device's own MLS group, never from the server.
 
 use std::collections::BTreeSet;
 use std::path::Path;
 use std::time::Duration;
 
 use parley_proto::api::{
-    Accepted, CommitRequest, ContactInfo, CreateRoomRequest, EntryKind, LoginRequest,
-    ProposalRequest, QueueEntry, RegisterRequest, RoomInfo, RoomKind, SendRequest, SessionResponse,
-    UploadKeyPackages,
+    Accepted, ClaimRequest, CommitRequest, ContactInfo, ContactState, CreateRoomRequest, EntryKind,
+    LoginRequest, ProposalRequest, QueueEntry, RegisterRequest, RoomInfo, RoomKind, SendRequest,
+    SessionResponse, UploadKeyPackages,
 };
 use parley_proto::ids::DeviceUri;
+use parley_proto::mimi::room_state::RoomState;
 use parley_proto::{DeviceId, Expiration, Meaning, MessageId, MimiContent, RoomId, UserId};
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
 use crate::api::{ApiClient, Push, PushConnection};
 use crate::error::{ClientError, Result};
-use crate::mls::{self, DeviceMls, Incoming, ValidatedKeyPackage};
-use crate::profile::{Account, Authored, HistoryEntry, Profile, ReactionRecord, RoomRecord};
+use crate::mls::{self, DeviceMls, Incoming, RoomView, ValidatedKeyPackage};
+use crate::profile::{Account, Authored, HistoryEntry, PendingCommit, Profile, ReactionRecord};
 
 mod media;
 mod own_devices;
@@ -164,7 +167,8 @@ pub enum Event {
         ts: u64,
         detail: String,
     },
-    /// This device was added to a room. `kind` is `null` if the hub could not be asked.
+    /// This device was added to a room (name and kind from the room's group; `kind` is
+    /// always present, optional only for events stored by earlier versions).
     Joined {
         #[serde(serialize_with = "crate::display", deserialize_with = "crate::parsed")]
         room: RoomId,
@@ -259,17 +263,53 @@ pub struct SentMessage {
     pub ts: u64,
 }
 
-/// A room this device is in, as the server lists it, with local names filled in.
+/// A room this device is in, as its own MLS group shows it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct RoomSummary {
+    /// The room URI.
     #[serde(serialize_with = "crate::display")]
     pub room: RoomId,
-    pub uri: String,
+    /// `direct` for a fixed-membership (1:1) room.
     pub kind: RoomKind,
     pub name: Option<String>,
+    /// Participants with devices in the group, sorted.
     #[serde(serialize_with = "crate::display_seq")]
     pub members: Vec<UserId>,
+    /// Participants with the admin role, sorted (none in a direct room).
+    #[serde(serialize_with = "crate::display_seq")]
+    pub admins: Vec<UserId>,
     pub epoch: u64,
+}
+
+impl RoomSummary {
+    fn new(room: RoomId, view: RoomView) -> Self {
+        let RoomView {
+            state,
+            members,
+            epoch,
+        } = view;
+        Self {
+            kind: if state.direct {
+                RoomKind::Direct
+            } else {
+                RoomKind::Group
+            },
+            name: Some(state.name.clone()).filter(|n| !n.is_empty()),
+            admins: state.admins().cloned().collect(),
+            members,
+            epoch,
+            room,
+        }
+    }
+}
+
+/// The users this device's user blocked, as last read from the provider: their messages are
+/// dropped (a provider following a room hubbed elsewhere cannot see who sent what).
+#[derive(Debug, Default)]
+struct Blocked {
+    users: BTreeSet<UserId>,
+    /// Read during the current sync: read at most once per sync.
+    fresh: bool,
 }
 
 /// What a commit should do; rebuilt from scratch on every attempt. Every commit also includes
@@ -282,6 +322,8 @@ enum CommitPlan {
     /// All of this user's devices but this one, whichever are in the room when the commit is
     /// built (a retry may find one more).
     RemoveOtherOwnDevices,
+    /// Make this participant an admin.
+    Promote(UserId),
     /// Only the pending proposals.
     Proposals,
 }
@@ -305,6 +347,7 @@ pub struct Device {
     mls: DeviceMls,
     api: ApiClient,
     account: Account,
+    blocked: Blocked,
 }
 
 impl std::fmt::Debug for Device {
@@ -375,6 +418,7 @@ impl Device {
             mls,
             api,
             account,
+            blocked: Blocked::default(),
         })
     }
 
@@ -423,6 +467,7 @@ impl Device {
             mls,
             api,
             account,
+            blocked: Blocked::default(),
         };
         tracing::info!(user = %device.user(), device = %device.device_id(), "device enrolled");
         device.upload_key_packages(KEY_PACKAGE_BATCH, true).await?;
@@ -469,15 +514,22 @@ impl Device {
     }
 
     /// Consents to `user`'s contact request: they may then add us to rooms and message us.
-    pub async fn contact_accept(&self, user: &UserId) -> Result<ContactInfo> {
+    pub async fn contact_accept(&mut self, user: &UserId) -> Result<ContactInfo> {
         self.require_other_user(user)?;
-        self.api.contact_accept(user).await
+        let answer = self.api.contact_accept(user).await?;
+        if answer.state == ContactState::Granted {
+            self.blocked.users.remove(user);
+        }
+        Ok(answer)
     }
 
-    /// Refuses `user`'s contact request, or revokes a consent given earlier.
-    pub async fn contact_block(&self, user: &UserId) -> Result<ContactInfo> {
+    /// Refuses `user`'s contact request, or revokes a consent given earlier. From then on this
+    /// device drops their messages (the provider cannot, in rooms hubbed elsewhere).
+    pub async fn contact_block(&mut self, user: &UserId) -> Result<ContactInfo> {
         self.require_other_user(user)?;
-        self.api.contact_block(user).await
+        let answer = self.api.contact_block(user).await?;
+        self.blocked.users.insert(user.clone());
+        Ok(answer)
     }
 
     fn require_other_user(&self, user: &UserId) -> Result<()> {
@@ -491,12 +543,11 @@ impl Device {
 
     // --- rooms ----------------------------------------------------------------------------------
 
-    /// Creates a group room with `members` (and this user's other devices) in one commit.
-    /// [`ClientError::NoConsent`] if a member of another provider has not accepted our contact
-    /// request; nothing is created then.
+    /// Creates a group room with `members` (and this user's other devices) in one commit; this
+    /// user is its first admin. [`ClientError::NoConsent`] if a member of another provider has
+    /// not accepted our contact request; nothing is created then.
     pub async fn create_room(&mut self, name: Option<&str>, members: &[UserId]) -> Result<RoomId> {
-        self.create_room_of_kind(RoomKind::Group, name, None, members)
-            .await
+        self.create_room_of_kind(name, None, members).await
     }
 
     /// The direct room with `peer`: an existing one if there is one, else a new one
@@ -511,23 +562,36 @@ impl Device {
             return Ok(room);
         }
         let peers = [peer.clone()];
-        self.create_room_of_kind(RoomKind::Direct, None, Some(peer), &peers)
-            .await
+        self.create_room_of_kind(None, Some(peer), &peers).await
     }
 
     /// The direct room with `peer` that this device is in, if there is one; never creates one.
+    /// Looks at this device's rooms, then again after processing what is queued (a Welcome into
+    /// one may be waiting there).
     pub async fn existing_direct_room(&mut self, peer: &UserId) -> Result<Option<RoomId>> {
-        let (local, unjoined) = self.find_direct_room(peer).await?;
-        if local.is_some() || !unjoined {
-            return Ok(local);
+        if let Some(room) = self.local_direct_room(peer)? {
+            return Ok(Some(room));
         }
-        // The hub has us in one, but its Welcome is still in our queue.
         self.catch_up().await?;
-        Ok(self.find_direct_room(peer).await?.0)
+        self.local_direct_room(peer)
     }
 
-    /// Adds every device of `user` to the room ([`ClientError::NoConsent`] if `user` is on
-    /// another provider and has not consented).
+    /// The first (by URI, so both sides pick the same should two exist) of this device's
+    /// direct rooms whose participants are exactly this user and `peer`.
+    fn local_direct_room(&self, peer: &UserId) -> Result<Option<RoomId>> {
+        let wanted: BTreeSet<&UserId> = [self.user(), peer].into_iter().collect();
+        for (room, view) in self.room_views()? {
+            let users: BTreeSet<&UserId> = view.state.participants.keys().collect();
+            if view.state.direct && users == wanted {
+                return Ok(Some(room));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Adds every device of `user` to the room, and `user` to its participants: an admin's
+    /// privilege in a group room ([`ClientError::NoConsent`] if `user` is on another provider
+    /// and has not consented).
     pub async fn add_member(&mut self, room: &RoomId, user: &UserId) -> Result<()> {
         self.require_member(room)?;
         if self
@@ -539,20 +603,39 @@ impl Device {
                 "{user} is already a member of room {room}"
             )));
         }
+        // Refused before claiming, so no KeyPackage of theirs is spent in vain.
+        self.check_may_add_users(room)?;
         let key_packages = self.claim(user, room).await?;
         self.commit(room, &CommitPlan::Add(key_packages)).await?;
         Ok(())
     }
 
+    /// The room's policy on adding users, as the room's state says (the hub checks it too).
+    fn check_may_add_users(&self, room: &RoomId) -> Result<()> {
+        let state = self.mls.room_view(self.profile.conn(), room)?.state;
+        if state.direct {
+            Err(ClientError::policy(format!(
+                "room {room} is a direct room: its participants never change"
+            )))
+        } else if !state.is_admin(self.user()) {
+            Err(ClientError::not_admin(format!(
+                "only an admin may add users to room {room}"
+            )))
+        } else {
+            Ok(())
+        }
+    }
+
     /// Makes `user`, a member of the group room, an admin (only admins may add and remove
-    /// other users, and promote). The room's hub enforces it.
+    /// other users, and promote): a commit changing the room's participant list.
     pub async fn promote(&mut self, room: &RoomId, user: &UserId) -> Result<()> {
         self.require_member(room)?;
-        self.api.promote(room, user).await?;
+        self.commit(room, &CommitPlan::Promote(user.clone()))
+            .await?;
         Ok(())
     }
 
-    /// Removes every device of `user` from the room.
+    /// Removes every device of `user` from the room, and `user` from its participants.
     pub async fn remove_member(&mut self, room: &RoomId, user: &UserId) -> Result<()> {
         self.require_member(room)?;
         self.commit(room, &CommitPlan::Remove(user.clone())).await?;
@@ -565,7 +648,7 @@ impl Device {
     /// room answers [`ClientError::NotMember`], as after being removed.
     pub async fn leave(&mut self, room: &RoomId) -> Result<()> {
         self.require_member(room)?;
-        if self.profile.room(room)?.and_then(|r| r.kind) == Some(RoomKind::Direct) {
+        if self.mls.room_view(self.profile.conn(), room)?.state.direct {
             return Err(ClientError::InvalidInput(format!(
                 "room {room} is a direct room, which nobody can leave"
             )));
@@ -586,6 +669,7 @@ impl Device {
                 Ok(accepted) => {
                     self.forget_left_room(room)?;
                     tracing::info!(%room, event = accepted.event, "left room");
+                    self.report_left_rooms().await?;
                     return Ok(());
                 }
                 Err(e @ ClientError::Unreachable(_)) => {
@@ -621,33 +705,70 @@ impl Device {
         })
     }
 
-    /// Deletes the room's MLS state after the hub accepted our leave proposal. The room record
-    /// stays, so the room then says "not a member" and its remaining entries are skipped.
+    /// Deletes the room's MLS state after the hub accepted our leave proposal. The room stays
+    /// known, so it then says "not a member" and its remaining entries are skipped; its
+    /// provider is to be told (see [`Device::report_left_rooms`]).
     fn forget_left_room(&self, room: &RoomId) -> Result<()> {
         self.profile.transaction(|| {
-            let conn = self.profile.conn();
-            if self.profile.room(room)?.is_none() {
-                self.profile.set_room_members(room, &[])?;
-            }
             self.profile.clear_pending_commit(room)?;
             self.profile.remove_proposal_room(room)?;
-            self.mls.delete_group(conn, room)
+            self.profile.add_left_unreported(room)?;
+            self.mls.delete_group(self.profile.conn(), room)
         })
     }
 
-    /// The rooms this device is in, per the server, with local names as a fallback.
-    pub async fn rooms(&mut self) -> Result<Vec<RoomSummary>> {
-        let infos = self.api.rooms().await?;
-        self.profile.transaction(|| {
-            infos
-                .into_iter()
-                .map(|info| {
-                    let summary = self.summarise(info)?;
-                    self.remember_room(&summary)?;
-                    Ok(summary)
-                })
-                .collect()
-        })
+    /// Tells the provider about the rooms this device left or was removed from
+    /// (`POST /v1/rooms/{room}/left`), so it stops delivering them; what fails is told at the
+    /// next sync. Only this device's own removal from its account is an error.
+    async fn report_left_rooms(&mut self) -> Result<()> {
+        for room in self.profile.left_unreported()? {
+            // Back in the room meanwhile (a Welcome): nothing to report.
+            if !self.mls.has_group(self.profile.conn(), &room)? {
+                match self.api.room_left(&room).await {
+                    // The provider no longer knows the room: nothing to stop.
+                    Ok(()) | Err(ClientError::Api { status: 404, .. }) => {}
+                    Err(e @ (ClientError::DeviceRemoved | ClientError::Storage(_))) => {
+                        return Err(e)
+                    }
+                    Err(e) => {
+                        tracing::warn!(%room, "cannot tell the provider we left, yet: {e}");
+                        continue;
+                    }
+                }
+            }
+            self.profile.remove_left_unreported(&room)?;
+        }
+        Ok(())
+    }
+
+    /// The rooms this device is in, from its own MLS groups. A group whose room state cannot
+    /// be read (not a Parley room) is skipped.
+    pub fn rooms(&self) -> Result<Vec<RoomSummary>> {
+        Ok(self
+            .room_views()?
+            .into_iter()
+            .map(|(room, view)| RoomSummary::new(room, view))
+            .collect())
+    }
+
+    /// One room this device is in, from its own MLS group.
+    pub fn room_info(&self, room: &RoomId) -> Result<RoomSummary> {
+        self.require_member(room)?;
+        let view = self.mls.room_view(self.profile.conn(), room)?;
+        Ok(RoomSummary::new(room.clone(), view))
+    }
+
+    fn room_views(&self) -> Result<Vec<(RoomId, RoomView)>> {
+        let conn = self.profile.conn();
+        let mut views = Vec::new();
+        for room in self.mls.rooms(conn)? {
+            match self.mls.room_view(conn, &room) {
+                Ok(view) => views.push((room, view)),
+                Err(e @ ClientError::Storage(_)) => return Err(e),
+                Err(e) => tracing::warn!(%room, "skipping a room: {e}"),
+            }
+        }
+        Ok(views)
     }
 
     /// The last `limit` messages of a room, oldest first, as they stand after edits, deletes
@@ -682,9 +803,9 @@ impl Device {
         }
     }
 
+    /// Creates a room hubbed by our provider: a direct room with `peer`, or else a group room.
     async fn create_room_of_kind(
         &mut self,
-        kind: RoomKind,
         name: Option<&str>,
         peer: Option<&UserId>,
         members: &[UserId],
@@ -693,70 +814,57 @@ impl Device {
         // before the group exists, so an unknown user or a missing consent fails with nothing to
         // undo. Other users first: they can refuse, and then none of our own devices' one-time
         // KeyPackages is spent.
-        let room = RoomId::from_random(rand::random());
+        let room = RoomId::from_random(self.user().domain(), rand::random());
         let mut key_packages = Vec::new();
         let others: BTreeSet<&UserId> = members.iter().filter(|u| *u != self.user()).collect();
         for user in others {
             key_packages.extend(self.claim(user, &room).await?);
         }
         key_packages.extend(self.own_other_devices_key_packages(&room).await?);
-        let group = self
-            .profile
-            .transaction(|| self.mls.create_group(self.profile.conn(), &room))?;
+        let hub = self.api.provider().await?;
+        let state = match peer {
+            Some(peer) => RoomState::direct(room.clone(), self.user(), peer, None),
+            None => RoomState::group(room.clone(), name.unwrap_or(""), self.user(), None),
+        };
+        let group = self.profile.transaction(|| {
+            self.mls
+                .create_group(self.profile.conn(), &state, &hub.external_sender)
+        })?;
         let request = CreateRoomRequest {
             room_id: room.to_string(),
-            kind,
-            name: name.map(str::to_owned),
-            peer: peer.map(UserId::to_string),
             group_info: group.group_info,
             ratchet_tree: group.ratchet_tree,
         };
-        let info = match self.api.create_room(&request).await {
-            Ok(info) => info,
-            Err(e) => {
-                self.forget_group(&room);
-                return Err(e);
-            }
-        };
-        let summary = self.summarise(info)?;
-        self.remember_room(&summary)?;
-        tracing::info!(%room, kind = kind.as_str(), "room created");
+        if let Err(e) = self.api.create_room(&request).await {
+            self.forget_group(&room);
+            return Err(e);
+        }
+        tracing::info!(%room, direct = state.direct, "room created");
         if !key_packages.is_empty() {
             self.commit(&room, &CommitPlan::Add(key_packages)).await?;
         }
         Ok(room)
     }
 
-    /// Looks for a direct room with `peer` among the server's rooms: the one we can use, and
-    /// whether one exists that this device has not joined locally yet.
-    async fn find_direct_room(&mut self, peer: &UserId) -> Result<(Option<RoomId>, bool)> {
-        let me = self.user().to_string();
-        let peer_name = peer.to_string();
-        let mut candidates: Vec<RoomId> = Vec::new();
-        let mut unjoined = false;
-        for info in self.api.rooms().await? {
-            let is_ours = info.kind == RoomKind::Direct
-                && info.members.contains(&peer_name)
-                && info.members.iter().all(|m| *m == me || *m == peer_name);
-            if !is_ours {
-                continue;
-            }
-            let summary = self.summarise(info)?;
-            if self.mls.has_group(self.profile.conn(), &summary.room)? {
-                self.remember_room(&summary)?;
-                candidates.push(summary.room);
-            } else {
-                unjoined = true;
-            }
-        }
-        // Should two exist (both sides created one at once), both sides pick the same.
-        candidates.sort();
-        Ok((candidates.into_iter().next(), unjoined))
+    /// The claim of `user`'s KeyPackages for `room` (only `device`'s, if given), with the MIMI
+    /// `KeyMaterialRequest` this device signs for it.
+    pub fn claim_request(
+        &self,
+        user: &UserId,
+        room: &RoomId,
+        device: Option<&DeviceId>,
+    ) -> Result<ClaimRequest> {
+        Ok(ClaimRequest {
+            room: room.to_string(),
+            device: device.map(DeviceId::to_string),
+            key_material_request: self.mls.key_material_request(user, room)?,
+        })
     }
 
     /// Claims one KeyPackage per device of `user` for `room` and validates them.
     async fn claim(&mut self, user: &UserId, room: &RoomId) -> Result<Vec<ValidatedKeyPackage>> {
-        let claimed = self.api.claim_key_packages(user, room).await?;
+        let request = self.claim_request(user, room, None)?;
+        let claimed = self.api.claim_key_packages(user, &request).await?;
         let valid = self.validate_claimed(user, &claimed.key_packages);
         if valid.is_empty() {
             return Err(ClientError::Protocol(format!(
@@ -800,45 +908,11 @@ impl Device {
         if self.mls.has_group(self.profile.conn(), room)? {
             return Ok(());
         }
-        if self.profile.room(room)?.is_some() {
+        if self.profile.knows_room(room)? {
             Err(ClientError::NotMember(room.clone()))
         } else {
             Err(ClientError::UnknownRoom(room.clone()))
         }
-    }
-
-    fn summarise(&self, info: RoomInfo) -> Result<RoomSummary> {
-        let room = RoomId::parse(&info.room_id)
-            .map_err(|e| ClientError::Protocol(format!("server listed a bad room: {e}")))?;
-        let members = info
-            .members
-            .iter()
-            .map(|m| UserId::parse(m))
-            .collect::<std::result::Result<Vec<_>, _>>()
-            .map_err(|e| ClientError::Protocol(format!("server listed a bad member: {e}")))?;
-        let local_name = || Ok::<_, ClientError>(self.profile.room(&room)?.and_then(|r| r.name));
-        let name = match info.name {
-            Some(name) => Some(name),
-            None => local_name()?,
-        };
-        Ok(RoomSummary {
-            room,
-            uri: info.room_uri,
-            kind: info.kind,
-            name,
-            members,
-            epoch: info.epoch,
-        })
-    }
-
-    fn remember_room(&self, summary: &RoomSummary) -> Result<()> {
-        self.profile.upsert_room(&RoomRecord {
-            id: summary.room.clone(),
-            uri: Some(summary.uri.clone()),
-            kind: Some(summary.kind),
-            name: summary.name.clone(),
-            members: summary.members.clone(),
-        })
     }
 
     /// Best-effort cleanup of a group the hub never accepted.
@@ -860,12 +934,8 @@ impl Device {
         self.resolve_unanswered_commits().await?;
         let mut attempt = 1;
         loop {
-            let Some(commit) = self.profile.transaction(|| self.build_commit(room, plan))? else {
+            let Some(request) = self.profile.transaction(|| self.build_commit(room, plan))? else {
                 return Ok(None);
-            };
-            let request = CommitRequest {
-                commit: commit.commit,
-                welcome: commit.welcome,
             };
             match self.api.post_commit(room, &request).await {
                 Ok(accepted) => {
@@ -892,11 +962,9 @@ impl Device {
         }
     }
 
-    fn build_commit(
-        &self,
-        room: &RoomId,
-        plan: &CommitPlan,
-    ) -> Result<Option<mls::OutgoingCommit>> {
+    /// Stages the commit `plan` asks for and notes it as posted (with its request, see
+    /// [`Device::resolve_unanswered_commits`]); `None` when there is nothing to commit.
+    fn build_commit(&self, room: &RoomId, plan: &CommitPlan) -> Result<Option<CommitRequest>> {
         let conn = self.profile.conn();
         let epoch = self.mls.epoch(conn, room)?;
         let commit = match plan {
@@ -904,12 +972,22 @@ impl Device {
             CommitPlan::Remove(user) => Some(self.mls.remove_user(conn, room, user)?),
             CommitPlan::RemoveDevices(devices) => self.mls.remove_devices(conn, room, devices)?,
             CommitPlan::RemoveOtherOwnDevices => self.mls.remove_other_own_devices(conn, room)?,
+            CommitPlan::Promote(user) => Some(self.mls.promote(conn, room, user)?),
             CommitPlan::Proposals => self.mls.commit_pending_proposals(conn, room)?,
         };
-        if commit.is_some() {
-            self.profile.set_pending_commit(room, epoch)?;
-        }
-        Ok(commit)
+        let Some(commit) = commit else {
+            return Ok(None);
+        };
+        let request = CommitRequest {
+            commit: commit.commit,
+            welcome: commit.welcome,
+            group_info: commit.group_info,
+            ratchet_tree: commit.ratchet_tree,
+        };
+        let stored = serde_json::to_string(&request)
+            .map_err(|e| ClientError::Storage(format!("cannot store the commit: {e}")))?;
+        self.profile.set_pending_commit(room, epoch, &stored)?;
+        Ok(Some(request))
     }
 
     /// Merges our pending commit once the hub accepted it, and reports membership changes the
@@ -924,9 +1002,7 @@ impl Device {
             }
             let before: BTreeSet<UserId> = self.mls.member_users(conn, room)?.into_iter().collect();
             self.mls.merge_pending_commit(conn, room)?;
-            let after = self.mls.member_users(conn, room)?;
-            self.profile.set_room_members(room, &after)?;
-            let after: BTreeSet<UserId> = after.into_iter().collect();
+            let after: BTreeSet<UserId> = self.mls.member_users(conn, room)?.into_iter().collect();
             let added: Vec<UserId> = after
                 .difference(&before)
                 .filter(|u| plan.is_none_or(|p| !p.adds(u)))
@@ -960,22 +1036,17 @@ impl Device {
         })
     }
 
-    /// Settles commits posted before a crash or a lost answer. The hub moved past the commit's
-    /// epoch either by accepting it or by accepting someone else's commit, which then sits in
-    /// our queue; so: accepted iff the hub is ahead and no foreign commit from that epoch waits.
+    /// Settles commits posted before a crash or a lost answer (see [`commit_taken`]).
     async fn resolve_unanswered_commits(&mut self) -> Result<()> {
         let unanswered = self.profile.pending_commits()?;
         if unanswered.is_empty() {
             return Ok(());
         }
         let queued = self.api.queue(Some(QUEUE_PAGE_MAX)).await?.entries;
-        for (room, epoch) in unanswered {
-            let accepted = match self.api.room(&room).await {
-                Ok(info) => info.epoch > epoch && !has_commit_from(&queued, &room, epoch),
-                Err(e) if e.code() == Some("unknown_room") => false,
-                Err(e) => return Err(e),
-            };
-            tracing::info!(%room, epoch, accepted, "resolved an unanswered commit");
+        for pending in unanswered {
+            let accepted = commit_taken(&self.api, &pending, &queued).await?;
+            let room = pending.room;
+            tracing::info!(%room, epoch = pending.epoch, accepted, "resolved an unanswered commit");
             if accepted {
                 self.finish_commit(&room, None)?;
             } else {
@@ -989,7 +1060,7 @@ impl Device {
     /// `pending_proposals`, else back off.
     async fn recover_from(&mut self, e: &ClientError, attempt: u32) -> Result<()> {
         if e.needs_sync() {
-            self.catch_up().await.map(drop)
+            self.settle_and_drain().await.map(drop)
         } else {
             tokio::time::sleep(RETRY_BACKOFF * attempt).await;
             Ok(())
@@ -1219,15 +1290,14 @@ impl Device {
     }
 
     /// Builds content from this device's user for the room, once any commit of unknown fate
-    /// is settled (it would make the message's epoch a guess) and the room's URI is known.
+    /// is settled (it would make the message's epoch a guess).
     async fn content_for(
         &mut self,
         room: &RoomId,
         build: impl FnOnce(&str, &str) -> MimiContent,
     ) -> Result<MimiContent> {
         self.resolve_unanswered_commits().await?;
-        let room_uri = self.room_uri(room).await?;
-        Ok(build(&self.user().to_uri(), &room_uri))
+        Ok(build(&self.user().to_uri(), room.as_str()))
     }
 
     /// Encrypts and posts content, retrying what the hub refuses retryably, then files it in
@@ -1236,17 +1306,16 @@ impl Device {
         // The id and encoding stay fixed across retries, so receivers can deduplicate.
         let id = content.message_id();
         let plaintext = content.encode();
-        // The providers cannot read `expires`, so they are told when to drop the entries.
+        // The providers cannot read `expires`, so the message's cleartext AAD tells them when
+        // to drop its entries.
         let expires_at = content.expires.map(|e| e.deadline_ms(now_ms()));
         let mut attempt = 1;
         loop {
-            let message = self
-                .profile
-                .transaction(|| self.mls.encrypt(self.profile.conn(), room, &plaintext))?;
-            let request = SendRequest {
-                message,
-                expires_at,
-            };
+            let message = self.profile.transaction(|| {
+                self.mls
+                    .encrypt(self.profile.conn(), room, &plaintext, expires_at)
+            })?;
+            let request = SendRequest { message };
             match self.api.send_message(room, &request).await {
                 Ok(accepted) => return self.record_sent(room, id, &content, &accepted),
                 Err(e) if e.is_retryable() && attempt < MAX_ATTEMPTS => {
@@ -1261,18 +1330,40 @@ impl Device {
     }
 
     /// Encrypts a text message for the room without sending it, for tools that post it
-    /// themselves (load tests). Needs the room's URI stored, as after creating or joining it.
+    /// themselves (load tests).
     pub fn encrypt_text(&mut self, room: &RoomId, text: &str) -> Result<Vec<u8>> {
+        let content =
+            MimiContent::markdown(rand::random(), &self.user().to_uri(), room.as_str(), text);
+        self.encrypt_content(room, &content, None)
+    }
+
+    /// [`Device::encrypt_text`] for a message expiring at `expires_at_ms`, whatever that is
+    /// (also a time already past, to see a provider refuse it).
+    pub fn encrypt_text_expiring(
+        &mut self,
+        room: &RoomId,
+        text: &str,
+        expires_at_ms: u64,
+    ) -> Result<Vec<u8>> {
+        let secs = u32::try_from(expires_at_ms.div_ceil(1000)).unwrap_or(u32::MAX);
+        let content =
+            MimiContent::markdown(rand::random(), &self.user().to_uri(), room.as_str(), text)
+                .expiring(Expiration::at(secs));
+        self.encrypt_content(room, &content, Some(expires_at_ms))
+    }
+
+    fn encrypt_content(
+        &self,
+        room: &RoomId,
+        content: &MimiContent,
+        expires_at_ms: Option<u64>,
+    ) -> Result<Vec<u8>> {
         self.require_member(room)?;
-        let room_uri = self
-            .profile
-            .room(room)?
-            .and_then(|r| r.uri)
-            .ok_or_else(|| ClientError::UnknownRoom(room.clone()))?;
-        let content = MimiContent::markdown(rand::random(), &self.user().to_uri(), &room_uri, text);
         let plaintext = content.encode();
-        self.profile
-            .transaction(|| self.mls.encrypt(self.profile.conn(), room, &plaintext))
+        self.profile.transaction(|| {
+            self.mls
+                .encrypt(self.profile.conn(), room, &plaintext, expires_at_ms)
+        })
     }
 
     fn record_sent(
@@ -1302,17 +1393,6 @@ impl Device {
         })
     }
 
-    /// The room's MIMI URI, asking the hub if we have not stored it yet.
-    async fn room_uri(&mut self, room: &RoomId) -> Result<String> {
-        if let Some(uri) = self.profile.room(room)?.and_then(|r| r.uri) {
-            return Ok(uri);
-        }
-        let info = self.api.room(room).await?;
-        let summary = self.summarise(info)?;
-        self.remember_room(&summary)?;
-        Ok(summary.uri)
-    }
-
     // --- sync -----------------------------------------------------------------------------------
 
     /// Processes everything queued for this device and returns what happened. With `wait`, if
@@ -1321,8 +1401,8 @@ impl Device {
     /// leaving this device's rooms (only after the server signalled a change of the user's
     /// devices, or a join; otherwise that costs nothing).
     pub async fn sync(&mut self, wait: Option<Duration>) -> Result<Vec<Event>> {
-        self.resolve_unanswered_commits().await?;
-        let processed = self.drain_queue().await?;
+        self.blocked.fresh = false;
+        let processed = self.settle_and_drain().await?;
         if processed == 0 {
             if let Some(wait) = wait {
                 self.wait_for_entries(wait).await?;
@@ -1331,6 +1411,7 @@ impl Device {
         self.fetch_downloads().await?;
         self.send_due_receipts().await?;
         self.commit_pending_proposals().await?;
+        self.report_left_rooms().await?;
         self.sync_own_devices_quietly().await?;
         self.top_up_key_packages_quietly().await;
         self.profile.purge_expired(now_ms())?;
@@ -1341,6 +1422,12 @@ impl Device {
     /// the next `sync` (or [`Device::take_events`]). For commands that need the latest history,
     /// such as reacting to a message that just arrived. Returns the entries processed.
     pub async fn catch_up(&mut self) -> Result<usize> {
+        self.blocked.fresh = false;
+        self.settle_and_drain().await
+    }
+
+    /// Settles commits of unknown fate, then processes what is queued (part of a sync).
+    async fn settle_and_drain(&mut self) -> Result<usize> {
         self.resolve_unanswered_commits().await?;
         self.drain_queue().await
     }
@@ -1417,6 +1504,13 @@ impl Device {
     /// new. Only a failure of the profile or the network aborts (nothing past it is marked done).
     async fn process_entries(&mut self, mut entries: Vec<QueueEntry>) -> Result<usize> {
         entries.sort_by_key(|e| e.seq);
+        let done = self.profile.processed_seq()?;
+        if entries
+            .iter()
+            .any(|e| e.kind == EntryKind::Message && e.seq > done)
+        {
+            self.refresh_blocked().await?;
+        }
         let mut fresh = 0;
         for entry in entries {
             if entry.seq <= self.profile.processed_seq()? {
@@ -1436,7 +1530,7 @@ impl Device {
                     "queue entry {} names a bad room {:?}",
                     entry.seq, entry.room_id
                 ))),
-                Some(room) => self.process_entry(room, &entry).await,
+                Some(room) => self.process_entry(room, &entry),
             };
             match outcome {
                 Ok(()) => {}
@@ -1458,9 +1552,29 @@ impl Device {
         Ok(fresh)
     }
 
-    async fn process_entry(&mut self, room: &RoomId, entry: &QueueEntry) -> Result<()> {
+    /// Reads which users our user blocked, once per sync (see [`Blocked`]). A provider that
+    /// cannot say (an error other than the network) leaves the list as it was.
+    async fn refresh_blocked(&mut self) -> Result<()> {
+        if self.blocked.fresh {
+            return Ok(());
+        }
+        match self.api.blocked_contacts().await {
+            Ok(contacts) => {
+                self.blocked.users = contacts
+                    .iter()
+                    .filter_map(|c| UserId::parse(&c.user).ok())
+                    .collect();
+            }
+            Err(e @ (ClientError::Unreachable(_) | ClientError::DeviceRemoved)) => return Err(e),
+            Err(e) => tracing::warn!("cannot read the blocked users: {e}"),
+        }
+        self.blocked.fresh = true;
+        Ok(())
+    }
+
+    fn process_entry(&self, room: &RoomId, entry: &QueueEntry) -> Result<()> {
         match entry.kind {
-            EntryKind::Welcome => self.process_welcome(room, entry).await,
+            EntryKind::Welcome => self.process_welcome(room, entry),
             EntryKind::Commit | EntryKind::Message | EntryKind::Proposal => self
                 .profile
                 .transaction(|| self.process_group_message(room, entry)),
@@ -1468,50 +1582,37 @@ impl Device {
         }
     }
 
-    /// Joins from a Welcome. The hub already lists us, so the room's name and kind are fetched
-    /// first and everything is stored at once.
-    async fn process_welcome(&mut self, room: &RoomId, entry: &QueueEntry) -> Result<()> {
-        let info = match self.api.room(room).await {
-            Ok(info) => Some(info),
-            Err(e @ ClientError::Unreachable(_)) => return Err(e),
-            Err(e) => {
-                tracing::warn!(%room, "cannot fetch the details of a joined room: {e}");
-                None
-            }
-        };
-        self.profile.transaction(|| {
+    /// Joins from a Welcome and the ratchet tree that came with it, if the group's room state
+    /// names the entry's room (else nothing is joined: the entry becomes an error event).
+    fn process_welcome(&self, room: &RoomId, entry: &QueueEntry) -> Result<()> {
+        let view = self.profile.transaction(|| {
             let conn = self.profile.conn();
-            let joined = self.mls.join(conn, &entry.data)?;
-            if joined != *room {
-                return Err(ClientError::Protocol(format!(
-                    "Welcome into room {joined} delivered for room {room}"
-                )));
-            }
-            let summary = info.map(|info| self.summarise(info)).transpose()?;
-            if let Some(summary) = &summary {
-                self.remember_room(summary)?;
-            }
-            self.profile
-                .set_room_members(room, &self.mls.member_users(conn, room)?)?;
+            self.mls
+                .join(conn, &entry.data, entry.ratchet_tree.as_deref(), room)?;
+            let view = self.mls.room_view(conn, room)?;
+            let summary = RoomSummary::new(room.clone(), view.clone());
             self.profile.push_event(&Event::Joined {
                 room: room.clone(),
-                name: summary.as_ref().and_then(|s| s.name.clone()),
-                kind: summary.map(|s| s.kind),
+                name: summary.name,
+                kind: Some(summary.kind),
             })?;
+            // Back in a room we had left: the provider is not to stop delivering it.
+            self.profile.remove_left_unreported(room)?;
             // Whoever added us may not have known all of our user's devices: check the room.
             self.profile.set_devices_stale(true)?;
-            self.profile.set_processed_seq(entry.seq)
+            self.profile.set_processed_seq(entry.seq)?;
+            Ok(view)
         })?;
-        tracing::info!(%room, "joined room");
+        tracing::info!(%room, epoch = view.epoch, "joined room");
         Ok(())
     }
 
     /// Processes a commit, proposal or application message (runs inside a transaction).
     fn process_group_message(&self, room: &RoomId, entry: &QueueEntry) -> Result<()> {
         let conn = self.profile.conn();
-        if !self.mls.has_group(conn, room)? && self.profile.room(room)?.is_some() {
-            // A room we left (or were removed from): what the hub queued before the commit
-            // taking us out is not for us any more.
+        if !self.mls.has_group(conn, room)? {
+            // A room we left, were removed from, or were never in: what the provider still
+            // delivers is not for us (it stops once told, see `report_left_rooms`).
             tracing::debug!(%room, seq = entry.seq, "skipped: entry of a room we are not in");
             return self.profile.set_processed_seq(entry.seq);
         }
@@ -1563,13 +1664,16 @@ impl Device {
             }
         };
         let author = content_author(&content, sender)?;
-        let expected_uri = self.profile.room(room)?.and_then(|r| r.uri);
-        if let (Some(expected), Some(claimed)) = (&expected_uri, &content.room_uri) {
-            if expected != claimed {
+        if let Some(claimed) = &content.room_uri {
+            if claimed != room.as_str() {
                 return Err(ClientError::Protocol(format!(
-                    "message for {claimed} delivered in {expected}"
+                    "message for {claimed} delivered in {room}"
                 )));
             }
+        }
+        if self.blocked.users.contains(&author) {
+            tracing::debug!(%room, %author, "message of a blocked user dropped");
+            return Ok(Vec::new());
         }
         let id = content.message_id();
         if !self.profile.mark_seen(&id)? {
@@ -1744,11 +1848,11 @@ impl Device {
         // A foreign commit supersedes any commit of ours from the same epoch.
         self.profile.clear_pending_commit(room)?;
         if self_removed {
-            // The record stays, so later use of the room says "not a member", not "unknown".
+            // The room stays known, so later use of it says "not a member", not "unknown".
+            self.profile.remove_proposal_room(room)?;
+            self.profile.add_left_unreported(room)?;
             return Ok(vec![Event::Removed { room: room.clone() }]);
         }
-        let members = self.mls.member_users(self.profile.conn(), room)?;
-        self.profile.set_room_members(room, &members)?;
         if added.is_empty() && removed.is_empty() {
             return Ok(Vec::new());
         }
@@ -1842,6 +1946,8 @@ impl Device {
     /// Processes a batch received by [`Live::recv`], acknowledges it, and returns the events
     /// (including any left over from earlier internal syncs).
     pub async fn apply(&mut self, live: &mut Live, entries: Vec<QueueEntry>) -> Result<Vec<Event>> {
+        // Each batch counts as a sync (the blocked users are read again if it holds messages).
+        self.blocked.fresh = false;
         let last = entries.iter().map(|e| e.seq).max();
         let joined_any = entries.iter().any(|e| e.kind == EntryKind::Welcome);
         self.process_entries(entries).await?;
@@ -1851,6 +1957,7 @@ impl Device {
         self.fetch_downloads().await?;
         self.send_due_receipts().await?;
         self.commit_pending_proposals().await?;
+        self.report_left_rooms().await?;
         self.sync_own_devices_quietly().await?;
         if joined_any {
             self.top_up_key_packages_quietly().await;
@@ -1997,6 +2104,44 @@ fn content_author(content: &MimiContent, sender: &DeviceUri) -> Result<UserId> {
     Ok(claimed)
 }
 
+/// Whether the hub took our unanswered commit. It moved past the commit's epoch either by
+/// accepting it or by accepting someone else's, which then sits in our queue: a foreign commit
+/// from that epoch means ours lost. Otherwise the hub's epoch tells, where our provider knows
+/// it (it is the room's hub); for a room hubbed elsewhere, posting the very same commit again
+/// does: accepted now, or refused as `wrong_epoch` because the hub is past it.
+async fn commit_taken(
+    api: &ApiClient,
+    pending: &PendingCommit,
+    queued: &[QueueEntry],
+) -> Result<bool> {
+    let (room, epoch) = (&pending.room, pending.epoch);
+    if has_commit_from(queued, room, epoch) {
+        return Ok(false);
+    }
+    match api.room(room).await {
+        Ok(RoomInfo {
+            epoch: Some(now), ..
+        }) => return Ok(now > epoch),
+        Ok(_) => {}
+        Err(e) if e.code() == Some("unknown_room") => return Ok(false),
+        Err(e) => return Err(e),
+    }
+    let Some(request) = &pending.request else {
+        return Ok(false);
+    };
+    let request: CommitRequest = serde_json::from_str(request)
+        .map_err(|e| ClientError::Storage(format!("corrupt profile: a pending commit: {e}")))?;
+    match api.post_commit(room, &request).await {
+        Ok(_) => Ok(true),
+        Err(e) if e.is_wrong_epoch() => Ok(true),
+        Err(e @ (ClientError::Unreachable(_) | ClientError::DeviceRemoved)) => Err(e),
+        Err(e) => {
+            tracing::debug!(%room, "an unanswered commit posted again was refused: {e}");
+            Ok(false)
+        }
+    }
+}
+
 /// Whether `entries` hold a commit of `room` made in `epoch`.
 fn has_commit_from(entries: &[QueueEntry], room: &RoomId, epoch: u64) -> bool {
     entries.iter().any(|e| {
@@ -2019,7 +2164,7 @@ mod tests {
 
     #[test]
     fn events_serialise_as_documented() {
-        let room = RoomId::parse("00112233445566778899aabbccddeeff").unwrap();
+        let room = RoomId::parse(ROOM_URI).unwrap();
         let event = Event::Message {
             room: room.clone(),
             sender: UserId::parse("alice@chirp.test").unwrap(),
@@ -2234,7 +2379,7 @@ mod tests {
 
     #[test]
     fn expired_message_events_are_not_handed_out() {
-        let room = RoomId::parse("00112233445566778899aabbccddeeff").unwrap();
+        let room = RoomId::parse(ROOM_URI).unwrap();
         let message = |expires_at| Event::Message {
             room: room.clone(),
             sender: UserId::parse("alice@chirp.test").unwrap(),
@@ -2274,10 +2419,11 @@ mod tests {
         send(device.direct_room(user));
         send(device.add_member(room, user));
         send(device.remove_member(room, user));
+        send(device.promote(room, user));
+        send(device.contact_block(user));
         send(device.leave(room));
         send(device.remove_device(&DeviceId::from_random([1; 8])));
         send(device.devices());
-        send(device.rooms());
         send(device.live());
         send(live.recv());
         send(device.apply(live, Vec::new()));

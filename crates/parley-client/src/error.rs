@@ -72,6 +72,11 @@ pub enum ClientError {
         author: UserId,
         action: &'static str,
     },
+    /// The room's policy does not allow it, as this device reads the room's state (its hub
+    /// enforces the same rules, docs/mimi-profile.md §4): `code` is what the hub would answer
+    /// (`not_admin`, `policy`), so callers treat both refusals alike.
+    #[error("{message}")]
+    Policy { code: &'static str, message: String },
     /// openmls refused an operation or a message.
     #[error("MLS error: {0}")]
     Mls(String),
@@ -105,12 +110,13 @@ impl ClientError {
     }
 
     /// The server's error code (`wrong_epoch`, `not_member`, `no_consent`, ...), if the server
-    /// refused the request.
+    /// refused the request (or, for [`ClientError::Policy`], would have).
     pub fn code(&self) -> Option<&str> {
         match self {
             Self::Api { code, .. } => Some(code),
             Self::NoConsent(_) => Some(NO_CONSENT),
             Self::AttachmentTooLarge(_) => Some(ASSET_TOO_LARGE),
+            Self::Policy { code, .. } => Some(code),
             _ => None,
         }
     }
@@ -139,6 +145,22 @@ impl ClientError {
     /// A retryable refusal that syncing resolves: the room moved on, or a proposal arrived.
     pub fn needs_sync(&self) -> bool {
         self.is_wrong_epoch() || self.is_pending_proposals()
+    }
+
+    /// A refusal by the room's policy that needs an admin (`403 not_admin` at the hub).
+    pub(crate) fn not_admin(message: String) -> Self {
+        Self::Policy {
+            code: "not_admin",
+            message,
+        }
+    }
+
+    /// Any other refusal by the room's policy (`403 policy` at the hub).
+    pub(crate) fn policy(message: String) -> Self {
+        Self::Policy {
+            code: "policy",
+            message,
+        }
     }
 
     pub(crate) fn mls(context: &str, e: impl std::fmt::Display) -> Self {

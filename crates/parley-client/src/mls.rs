@@ -3,26 +3,39 @@
 //!
 //! Every function takes the SQLite connection explicitly, so the caller can wrap an MLS step and
 //! its bookkeeping (queue position, history) in one transaction.
+//!
+//! A room's group is found through the profile's room ↔ group table ([`crate::profile`]): a
+//! room joined from a Welcome may have any group id. The room's state (participants, roles,
+//! name, kind) lives in the group's GroupContext ([`state`]); every commit of ours that changes
+//! the participants or roles carries a GroupContextExtensions proposal with the new state.
 
 use std::collections::{BTreeSet, HashSet};
 
 use openmls::ciphersuite::hash_ref::ProposalRef;
 use openmls::prelude::tls_codec::Deserialize as _;
 use openmls::prelude::{
-    BasicCredential, Capabilities, Ciphersuite, ContentType, Credential, CredentialWithKey,
-    ExtensionType, GroupId, KeyPackage, KeyPackageIn, LeafNodeIndex, MlsGroup,
-    MlsGroupCreateConfig, MlsGroupJoinConfig, MlsMessageBodyIn, MlsMessageIn, MlsMessageOut,
-    OpenMlsProvider, ProcessedMessageContent, Proposal, ProtocolMessage, ProtocolVersion,
-    QueuedProposal, Sender, SignatureScheme, StagedWelcome, MIXED_PLAINTEXT_WIRE_FORMAT_POLICY,
+    BasicCredential, Ciphersuite, ContentType, Credential, CredentialWithKey, ExternalSender,
+    GroupId, KeyPackage, KeyPackageIn, LeafNodeIndex, MlsGroup, MlsGroupCreateConfig,
+    MlsGroupJoinConfig, MlsMessageBodyIn, MlsMessageIn, MlsMessageOut, OpenMlsProvider,
+    ProcessedMessageContent, Proposal, ProtocolMessage, ProtocolVersion, QueuedProposal,
+    RatchetTreeIn, Sender, SignatureScheme, StagedCommit, StagedWelcome,
+    MIXED_PLAINTEXT_WIRE_FORMAT_POLICY,
 };
+use openmls::treesync::RatchetTree;
 use openmls_basic_credential::SignatureKeyPair;
 use openmls_rust_crypto::RustCrypto;
 use openmls_sqlite_storage::{Codec, SqliteStorageProvider};
+use openmls_traits::signatures::Signer as _;
 use parley_proto::ids::DeviceUri;
+use parley_proto::mimi::room_state::{expiry_aad, RoomState};
+use parley_proto::mimi::{self, Body as _, IdentifierUri, KeyMaterialRequestTbs};
 use parley_proto::{RoomId, UserId};
 use rusqlite::Connection;
 
 use crate::error::{ClientError, Result};
+use crate::profile::groups;
+
+mod state;
 
 /// The only ciphersuite Parley speaks.
 pub const CIPHERSUITE: Ciphersuite = Ciphersuite::MLS_128_DHKEMX25519_AES128GCM_SHA256_Ed25519;
@@ -55,6 +68,8 @@ pub type MlsStorage<'a> = SqliteStorageProvider<JsonCodec, &'a Connection>;
 pub struct MlsProvider<'a> {
     crypto: &'a RustCrypto,
     storage: MlsStorage<'a>,
+    /// The same database, for the room ↔ group table.
+    conn: &'a Connection,
 }
 
 impl<'a> MlsProvider<'a> {
@@ -62,6 +77,7 @@ impl<'a> MlsProvider<'a> {
         Self {
             crypto,
             storage: SqliteStorageProvider::new(conn),
+            conn,
         }
     }
 }
@@ -94,7 +110,7 @@ pub fn init_storage(conn: &mut Connection) -> Result<()> {
 /// A freshly created group, as its hub needs it.
 #[derive(Debug, Clone)]
 pub struct NewGroup {
-    /// TLS-encoded MlsMessage carrying the signed GroupInfo (with the ratchet tree extension).
+    /// TLS-encoded MlsMessage carrying the signed GroupInfo (without the ratchet tree).
     pub group_info: Vec<u8>,
     /// TLS-encoded ratchet tree.
     pub ratchet_tree: Vec<u8>,
@@ -105,8 +121,12 @@ pub struct NewGroup {
 pub struct OutgoingCommit {
     /// TLS-encoded MlsMessage (a PublicMessage).
     pub commit: Vec<u8>,
-    /// TLS-encoded Welcome for added devices, if the commit adds any.
+    /// TLS-encoded Welcome for added devices (without the ratchet tree), if the commit adds any.
     pub welcome: Option<Vec<u8>>,
+    /// TLS-encoded MlsMessage carrying the new epoch's GroupInfo, signed by us, without tree.
+    pub group_info: Vec<u8>,
+    /// The new epoch's ratchet tree (`optional<Node> ratchet_tree<V>`).
+    pub ratchet_tree: Vec<u8>,
 }
 
 /// A claimed KeyPackage that passed validation, with the device it belongs to.
@@ -114,6 +134,16 @@ pub struct OutgoingCommit {
 pub struct ValidatedKeyPackage {
     pub device: DeviceUri,
     key_package: KeyPackage,
+}
+
+/// A room as this device's group shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RoomView {
+    /// Participants, roles, name and kind, from the GroupContext.
+    pub state: RoomState,
+    /// The participants with devices in the group, sorted.
+    pub members: Vec<UserId>,
+    pub epoch: u64,
 }
 
 /// What processing one handshake or application message did.
@@ -136,6 +166,15 @@ pub enum Incoming {
     ProposalStored { leaver: DeviceUri },
     /// Nothing to act on (a repeated proposal, or an echo of our own message).
     Skipped(&'static str),
+}
+
+/// What a commit of ours changes, besides the pending proposals (members leaving) that every
+/// commit includes.
+#[derive(Debug, Default)]
+struct Change {
+    add: Vec<ValidatedKeyPackage>,
+    remove: Vec<LeafNodeIndex>,
+    promote: Option<UserId>,
 }
 
 /// One device's MLS identity: its signature key and credential.
@@ -211,15 +250,10 @@ impl DeviceMls {
     }
 
     fn key_package(&self, conn: &Connection, last_resort: bool) -> Result<Vec<u8>> {
-        let mut builder = KeyPackage::builder();
+        let mut builder =
+            KeyPackage::builder().leaf_node_capabilities(state::leaf_capabilities(last_resort));
         if last_resort {
-            // The leaf must advertise every KeyPackage extension it carries, or validation fails.
-            let capabilities = Capabilities::builder()
-                .extensions(vec![ExtensionType::LastResort])
-                .build();
-            builder = builder
-                .mark_as_last_resort()
-                .leaf_node_capabilities(capabilities);
+            builder = builder.mark_as_last_resort();
         }
         let bundle = builder
             .build(
@@ -232,8 +266,8 @@ impl DeviceMls {
         serialize(MlsMessageOut::from(bundle.key_package().clone()))
     }
 
-    /// Checks a claimed KeyPackage: well-formed, validly signed, our ciphersuite, and its
-    /// credential naming a device of `expected` user.
+    /// Checks a claimed KeyPackage: well-formed, validly signed, our ciphersuite, the room state
+    /// extension among its capabilities, and its credential naming a device of `expected` user.
     pub fn validate_key_package(
         &self,
         bytes: &[u8],
@@ -249,6 +283,17 @@ impl DeviceMls {
             )));
         }
         let device = device_uri_of(key_package.leaf_node().credential())?;
+        // Every room requires it: openmls would refuse the whole commit adding this package.
+        if !key_package
+            .leaf_node()
+            .capabilities()
+            .extensions()
+            .contains(&state::ROOM_STATE)
+        {
+            return Err(ClientError::Protocol(format!(
+                "KeyPackage of {device} does not support the room state extension (0x0006)"
+            )));
+        }
         if device.user != *expected {
             return Err(ClientError::Protocol(format!(
                 "KeyPackage of {} was offered for {expected}",
@@ -261,27 +306,67 @@ impl DeviceMls {
         })
     }
 
+    /// The MIMI `KeyMaterialRequest` (TLS-encoded) asking for `target`'s KeyPackages for `room`,
+    /// signed by this device (docs/mimi-profile.md §5): the providers on the way check it, and
+    /// the hub forwards it unchanged.
+    pub fn key_material_request(&self, target: &UserId, room: &RoomId) -> Result<Vec<u8>> {
+        let encoding = |e| ClientError::mls("cannot encode the KeyMaterialRequest", e);
+        let tbs = KeyMaterialRequestTbs {
+            protocol: mimi::MLS10,
+            requesting_user: IdentifierUri::new(&self.me.user.to_uri()),
+            target_user: IdentifierUri::new(&target.to_uri()),
+            room_id: IdentifierUri::new(room.as_str()),
+            acceptable_ciphersuites: vec![mimi::CIPHERSUITE],
+            required_capabilities: mimi::RequiredCapabilities::encode(&state::claim_requirements())
+                .map_err(encoding)?,
+            requester_signature_key: self.signer.public().to_vec().into(),
+            requester_credential: mimi::Credential::encode(&self.credential().credential)
+                .map_err(encoding)?,
+        };
+        let signature = self
+            .signer
+            .sign(&tbs.sign_content().map_err(encoding)?)
+            .map_err(|e| {
+                ClientError::mls("cannot sign the KeyMaterialRequest", format!("{e:?}"))
+            })?;
+        Ok(tbs.signed(signature).encode())
+    }
+
     // --- groups ---------------------------------------------------------------------------------
 
-    /// Creates the room's group with only this device in it (epoch 0).
-    pub fn create_group(&self, conn: &Connection, room: &RoomId) -> Result<NewGroup> {
-        let provider = self.provider(conn);
+    /// Creates the room's group with only this device in it (epoch 0): group id the room's
+    /// Parley group id, GroupContext with the hub (`external_sender`, the TLS-encoded
+    /// `ExternalSender` its provider announced), the requirements and `room`'s state.
+    pub fn create_group(
+        &self,
+        conn: &Connection,
+        room: &RoomState,
+        external_sender: &[u8],
+    ) -> Result<NewGroup> {
+        let hub = ExternalSender::tls_deserialize_exact(external_sender).map_err(|e| {
+            ClientError::Protocol(format!("the provider's external sender is malformed: {e}"))
+        })?;
         let config = MlsGroupCreateConfig::builder()
             .ciphersuite(CIPHERSUITE)
             .wire_format_policy(MIXED_PLAINTEXT_WIRE_FORMAT_POLICY)
-            .use_ratchet_tree_extension(true)
+            .use_ratchet_tree_extension(false)
             .max_past_epochs(PAST_EPOCHS)
+            .capabilities(state::leaf_capabilities(false))
+            .with_group_context_extensions(state::initial_extensions(hub, room)?)
             .build();
+        let provider = self.provider(conn);
+        let group_id = room.room.parley_group_id();
         let group = MlsGroup::new_with_group_id(
             &provider,
             &self.signer,
             &config,
-            group_id(room),
+            GroupId::from_slice(&group_id),
             self.credential(),
         )
         .map_err(|e| ClientError::mls("cannot create the group", e))?;
+        groups::map(conn, &room.room, &group_id)?;
         let group_info = group
-            .export_group_info(provider.crypto(), &self.signer, true)
+            .export_group_info(provider.crypto(), &self.signer, false)
             .map_err(|e| ClientError::mls("cannot export the GroupInfo", e))?;
         Ok(NewGroup {
             group_info: serialize(group_info)?,
@@ -294,15 +379,24 @@ impl DeviceMls {
         Ok(load_group(&self.provider(conn), room)?.is_some())
     }
 
+    /// The rooms this device holds a group for, sorted.
+    pub fn rooms(&self, conn: &Connection) -> Result<Vec<RoomId>> {
+        let mut rooms = Vec::new();
+        for room in groups::mapped(conn)? {
+            if self.has_group(conn, &room)? {
+                rooms.push(room);
+            }
+        }
+        Ok(rooms)
+    }
+
     /// Forgets the room's group (after creating it failed at the hub, or after removal).
     pub fn delete_group(&self, conn: &Connection, room: &RoomId) -> Result<()> {
         let provider = self.provider(conn);
         if let Some(mut group) = load_group(&provider, room)? {
-            group
-                .delete(provider.storage())
-                .map_err(|e| ClientError::Storage(format!("cannot delete group state: {e}")))?;
+            delete(&provider, &mut group)?;
         }
-        Ok(())
+        groups::unmap(conn, room)
     }
 
     /// The room's current MLS epoch as this device sees it.
@@ -311,6 +405,23 @@ impl DeviceMls {
             .active_group(&self.provider(conn), room)?
             .epoch()
             .as_u64())
+    }
+
+    /// The room's state, members and epoch, as this device's group has them.
+    pub fn room_view(&self, conn: &Connection, room: &RoomId) -> Result<RoomView> {
+        let group = self.active_group(&self.provider(conn), room)?;
+        let state = state::read(group.extensions())?;
+        let with_devices = users_of(&group);
+        Ok(RoomView {
+            members: state
+                .participants
+                .keys()
+                .filter(|u| with_devices.contains(u))
+                .cloned()
+                .collect(),
+            epoch: group.epoch().as_u64(),
+            state,
+        })
     }
 
     /// Whether a commit built by this device awaits the hub's verdict.
@@ -337,7 +448,7 @@ impl DeviceMls {
     }
 
     /// Stages a commit adding the given devices; devices already in the group are skipped
-    /// (`None` when nothing is left to add).
+    /// (`None` when nothing is left to add). Users new to the room join its participant list.
     pub fn add_members(
         &self,
         conn: &Connection,
@@ -351,25 +462,24 @@ impl DeviceMls {
             .members()
             .filter_map(|m| device_uri_of(&m.credential).ok())
             .collect();
-        let fresh: Vec<KeyPackage> = key_packages
+        let fresh: Vec<ValidatedKeyPackage> = key_packages
             .iter()
             .filter(|kp| present.insert(kp.device.clone()))
-            .map(|kp| kp.key_package.clone())
+            .cloned()
             .collect();
         if fresh.is_empty() {
             return Ok(None);
         }
-        let (commit, welcome, _group_info) = group
-            .add_members(&provider, &self.signer, &fresh)
-            .map_err(|e| ClientError::mls("cannot build the add commit", e))?;
-        Ok(Some(OutgoingCommit {
-            commit: serialize(commit)?,
-            welcome: Some(serialize(welcome)?),
-        }))
+        let change = Change {
+            add: fresh,
+            ..Change::default()
+        };
+        self.stage(&provider, &mut group, change).map(Some)
     }
 
-    /// Stages a commit removing every device of `user`. Devices that already asked to leave are
-    /// removed through their pending proposals (every commit includes those), not a second time.
+    /// Stages a commit removing every device of `user` (and the user from the participants).
+    /// Devices that already asked to leave are removed through their pending proposals (every
+    /// commit includes those), not a second time.
     pub fn remove_user(
         &self,
         conn: &Connection,
@@ -434,20 +544,32 @@ impl DeviceMls {
         }
         drop_own_removal(&provider, &mut group)?;
         let leaving = pending_removals(&group);
-        let fresh: Vec<LeafNodeIndex> = leaves
-            .into_iter()
-            .filter(|leaf| !leaving.contains(leaf))
-            .collect();
-        if fresh.is_empty() {
-            return commit_proposal_store(&provider, &self.signer, &mut group).map(Some);
-        }
-        let (commit, welcome, _group_info) = group
-            .remove_members(&provider, &self.signer, &fresh)
-            .map_err(|e| ClientError::mls("cannot build the remove commit", e))?;
-        Ok(Some(OutgoingCommit {
-            commit: serialize(commit)?,
-            welcome: welcome.map(serialize).transpose()?,
-        }))
+        let change = Change {
+            remove: leaves
+                .into_iter()
+                .filter(|leaf| !leaving.contains(leaf))
+                .collect(),
+            ..Change::default()
+        };
+        self.stage(&provider, &mut group, change).map(Some)
+    }
+
+    /// Stages a commit making `user`, a participant of the group room, an admin: a
+    /// GroupContextExtensions proposal only (and the pending proposals, as every commit).
+    pub fn promote(
+        &self,
+        conn: &Connection,
+        room: &RoomId,
+        user: &UserId,
+    ) -> Result<OutgoingCommit> {
+        let provider = self.provider(conn);
+        let mut group = self.active_group(&provider, room)?;
+        drop_own_removal(&provider, &mut group)?;
+        let change = Change {
+            promote: Some(user.clone()),
+            ..Change::default()
+        };
+        self.stage(&provider, &mut group, change)
     }
 
     /// Whether proposals received from other members wait to be committed in the room.
@@ -461,7 +583,9 @@ impl DeviceMls {
     }
 
     /// Stages a commit of the room's pending proposals (members leaving); `None` if there are
-    /// none, e.g. because another member's commit already covered them.
+    /// none, e.g. because another member's commit already covered them. Users whose last device
+    /// leaves are dropped from the participants (and, should no admin remain in a group room,
+    /// every remaining user is promoted).
     pub fn commit_pending_proposals(
         &self,
         conn: &Connection,
@@ -473,7 +597,8 @@ impl DeviceMls {
         if !group.has_pending_proposals() {
             return Ok(None);
         }
-        commit_proposal_store(&provider, &self.signer, &mut group).map(Some)
+        self.stage(&provider, &mut group, Change::default())
+            .map(Some)
     }
 
     /// A proposal to remove this device from the room (leaving), as a PublicMessage for the
@@ -516,55 +641,167 @@ impl DeviceMls {
             .map_err(|e| ClientError::Storage(format!("cannot clear the pending commit: {e}")))
     }
 
+    /// Stages one commit of `change` and the pending proposals, with a GroupContextExtensions
+    /// proposal when the room's participants or roles change, and the new epoch's GroupInfo
+    /// and ratchet tree for the hub. Refuses what the room's policy does not allow.
+    fn stage(
+        &self,
+        provider: &MlsProvider<'_>,
+        group: &mut MlsGroup,
+        change: Change,
+    ) -> Result<OutgoingCommit> {
+        let old = state::read(group.extensions())?;
+        let extensions = state::next(&old, &self.outcome(group, &change))?
+            .map(|new| state::with_state(group.extensions(), &new))
+            .transpose()?;
+        let mut builder = group
+            .commit_builder()
+            .propose_adds(change.add.into_iter().map(|kp| kp.key_package))
+            .propose_removals(change.remove);
+        if let Some(extensions) = extensions {
+            builder = builder
+                .propose_group_context_extensions(extensions)
+                .map_err(|e| ClientError::mls("cannot propose the new room state", e))?;
+        }
+        let bundle = builder
+            .load_psks(provider.storage())
+            .map_err(|e| ClientError::mls("cannot build the commit", e))?
+            .create_group_info(true)
+            .use_ratchet_tree_extension(false)
+            .build(provider.rand(), provider.crypto(), &self.signer, |_| true)
+            .map_err(|e| ClientError::mls("cannot build the commit", e))?
+            .stage_commit(provider)
+            .map_err(|e| ClientError::mls("cannot stage the commit", e))?;
+        let (commit, welcome, group_info) = bundle.into_messages();
+        let group_info = group_info
+            .ok_or_else(|| ClientError::mls("cannot build the commit", "no GroupInfo"))?;
+        Ok(OutgoingCommit {
+            commit: serialize(commit)?,
+            welcome: welcome.map(serialize).transpose()?,
+            group_info: serialize(group_info)?,
+            ratchet_tree: serialize(pending_tree(provider, group)?)?,
+        })
+    }
+
+    /// The users a commit of `change` (with the pending proposals) leaves in the group, and
+    /// whose devices we remove.
+    fn outcome<'a>(&'a self, group: &MlsGroup, change: &'a Change) -> state::Outcome<'a> {
+        let leaving = pending_removals(group);
+        let mut after = BTreeSet::new();
+        let mut removed = BTreeSet::new();
+        for member in group.members() {
+            let Ok(device) = device_uri_of(&member.credential) else {
+                continue;
+            };
+            if change.remove.contains(&member.index) {
+                removed.insert(device.user);
+            } else if !leaving.contains(&member.index) {
+                after.insert(device.user);
+            }
+        }
+        after.extend(change.add.iter().map(|kp| kp.device.user.clone()));
+        state::Outcome {
+            committer: &self.me.user,
+            after,
+            removed,
+            promote: change.promote.as_ref(),
+        }
+    }
+
     // --- messages -------------------------------------------------------------------------------
 
-    /// Encrypts an application message as a PrivateMessage.
-    pub fn encrypt(&self, conn: &Connection, room: &RoomId, plaintext: &[u8]) -> Result<Vec<u8>> {
+    /// Encrypts an application message as a PrivateMessage. An expiring message carries its
+    /// expiry (ms) in the authenticated data, as Safe AAD, where the providers read it.
+    pub fn encrypt(
+        &self,
+        conn: &Connection,
+        room: &RoomId,
+        plaintext: &[u8],
+        expires_at_ms: Option<u64>,
+    ) -> Result<Vec<u8>> {
         let provider = self.provider(conn);
         let mut group = self.active_group(&provider, room)?;
+        if let Some(at) = expires_at_ms {
+            // Applies to the next message only: openmls resets it once the message is made.
+            group.set_aad(expiry_aad(at));
+        }
         let message = group
             .create_message(&provider, &self.signer, plaintext)
             .map_err(|e| ClientError::mls("cannot encrypt", e))?;
         serialize(message)
     }
 
-    /// Joins a group from a Welcome; returns its room.
-    pub fn join(&self, conn: &Connection, welcome: &[u8]) -> Result<RoomId> {
+    /// Joins `room`'s group from a Welcome and the group's ratchet tree (which the Welcome does
+    /// not carry; without it, only a Welcome with a `ratchet_tree` extension works). The group
+    /// may have any id; its room state must name `room`, or nothing is joined.
+    pub fn join(
+        &self,
+        conn: &Connection,
+        welcome: &[u8],
+        ratchet_tree: Option<&[u8]>,
+        room: &RoomId,
+    ) -> Result<()> {
         let provider = self.provider(conn);
         let MlsMessageBodyIn::Welcome(welcome) = decode_message(welcome)?.extract() else {
             return Err(ClientError::Protocol("expected an MLS Welcome".into()));
         };
-        let builder = StagedWelcome::build_from_welcome(&provider, &join_config(), welcome)
+        let mut builder = StagedWelcome::build_from_welcome(&provider, &join_config(), welcome)
             .map_err(|e| ClientError::mls("cannot open the Welcome", e))?;
-        let room = room_of(
-            builder
-                .processed_welcome()
-                .unverified_group_info()
-                .group_id(),
-        )?;
-        self.replace_stale_group(&provider, &room)?;
+        if let Some(tree) = ratchet_tree {
+            let tree = RatchetTreeIn::tls_deserialize_exact(tree)
+                .map_err(|e| ClientError::Protocol(format!("malformed ratchet tree: {e}")))?;
+            builder = builder.with_ratchet_tree(tree);
+        }
+        let group_id = builder
+            .processed_welcome()
+            .unverified_group_info()
+            .group_id()
+            .clone();
+        self.replace_stale_group(&provider, room, &group_id)?;
         let staged = builder
             .build()
             .map_err(|e| ClientError::mls("invalid Welcome", e))?;
         for member in staged.members() {
             device_uri_of(&member.credential)?;
         }
+        let named = state::read(staged.group_context().extensions())?.room;
+        if named != *room {
+            return Err(ClientError::Protocol(format!(
+                "Welcome into room {named} delivered for room {room}"
+            )));
+        }
         staged
             .into_group(&provider)
             .map_err(|e| ClientError::mls("cannot join the group", e))?;
-        Ok(room)
+        groups::map(conn, room, group_id.as_slice())
     }
 
-    /// A Welcome into a room we still hold state for is fine only if we had been removed.
-    fn replace_stale_group(&self, provider: &MlsProvider<'_>, room: &RoomId) -> Result<()> {
-        match load_group(provider, room)? {
+    /// A Welcome into a room (or group) we still hold state for is fine only if we had been
+    /// removed; a group id already used by another room is refused.
+    fn replace_stale_group(
+        &self,
+        provider: &MlsProvider<'_>,
+        room: &RoomId,
+        group_id: &GroupId,
+    ) -> Result<()> {
+        if let Some(other) = groups::room_of(provider.conn, group_id.as_slice())? {
+            if other != *room {
+                return Err(ClientError::Protocol(format!(
+                    "Welcome for room {room} into the group of room {other}"
+                )));
+            }
+        }
+        let stale = match load_group(provider, room)? {
+            Some(group) => Some(group),
+            None => MlsGroup::load(provider.storage(), group_id)
+                .map_err(|e| ClientError::Storage(format!("cannot load a group: {e}")))?,
+        };
+        match stale {
             None => Ok(()),
             Some(group) if group.is_active() => Err(ClientError::Protocol(format!(
                 "Welcome into room {room}, which this device is already in"
             ))),
-            Some(mut group) => group
-                .delete(provider.storage())
-                .map_err(|e| ClientError::Storage(format!("cannot delete group state: {e}"))),
+            Some(mut group) => delete(provider, &mut group),
         }
     }
 
@@ -576,12 +813,12 @@ impl DeviceMls {
         let message = decode_message(bytes)?
             .try_into_protocol_message()
             .map_err(|e| ClientError::Protocol(format!("not a group message: {e}")))?;
-        if message.group_id().as_slice() != room.group_id_bytes() {
+        let mut group = self.active_group(&provider, room)?;
+        if message.group_id() != group.group_id() {
             return Err(ClientError::Protocol(format!(
                 "message for another group delivered in room {room}"
             )));
         }
-        let mut group = self.active_group(&provider, room)?;
         let processed = group
             .process_message(&provider, message)
             .map_err(|e| ClientError::mls("cannot process message", e))?;
@@ -592,15 +829,15 @@ impl DeviceMls {
                 plaintext: app.into_bytes(),
             }),
             ProcessedMessageContent::StagedCommitMessage(staged) => {
-                for credential in staged.credentials_to_verify() {
-                    device_uri_of(credential)?;
-                }
-                merge_commit(&provider, &mut group, |g, p| {
+                check_commit(&group, &staged, room)?;
+                merge_commit(&provider, room, &mut group, |g, p| {
                     g.merge_staged_commit(p, *staged)
                 })
             }
             ProcessedMessageContent::OwnPendingCommit => {
-                merge_commit(&provider, &mut group, |g, p| g.merge_pending_commit(p))
+                merge_commit(&provider, room, &mut group, |g, p| {
+                    g.merge_pending_commit(p)
+                })
             }
             ProcessedMessageContent::ProposalMessage(proposal) => {
                 store_leave_proposal(&provider, &mut group, *proposal)
@@ -622,6 +859,46 @@ impl DeviceMls {
             Some(group) => Ok(group),
         }
     }
+}
+
+/// The ratchet tree of the epoch our pending commit starts.
+fn pending_tree(provider: &MlsProvider<'_>, group: &MlsGroup) -> Result<RatchetTree> {
+    let staged = group
+        .pending_commit()
+        .ok_or_else(|| ClientError::mls("cannot build the commit", "nothing staged"))?;
+    let tree = staged
+        .export_ratchet_tree(provider.crypto(), group.export_ratchet_tree())
+        .map_err(|e| ClientError::mls("cannot export the new ratchet tree", e))?
+        .ok_or_else(|| ClientError::mls("cannot export the new ratchet tree", "none staged"))?;
+    Ok(tree)
+}
+
+/// What another member's commit may do beyond what openmls checks: every leaf it brings in is
+/// a device, and a new GroupContext keeps the room and its hub (the external sender that lets
+/// the hub propose). How the participants and roles may change is the hub's to enforce.
+fn check_commit(group: &MlsGroup, staged: &StagedCommit, room: &RoomId) -> Result<()> {
+    if let Some(leaf) = staged.update_path_leaf_node() {
+        device_uri_of(leaf.credential())?;
+    }
+    for add in staged.add_proposals() {
+        device_uri_of(add.add_proposal().key_package().leaf_node().credential())?;
+    }
+    if staged.self_removed() {
+        return Ok(());
+    }
+    let extensions = staged.group_context().extensions();
+    if extensions.external_senders() != group.extensions().external_senders() {
+        return Err(ClientError::Protocol(format!(
+            "a commit in room {room} replaces its hub's external sender"
+        )));
+    }
+    let named = state::read(extensions)?.room;
+    if named != *room {
+        return Err(ClientError::Protocol(format!(
+            "a commit in room {room} renames it {named}"
+        )));
+    }
+    Ok(())
 }
 
 /// Stores a member's proposal to remove itself, the only kind of proposal Parley rooms use.
@@ -689,24 +966,10 @@ fn pending_removals(group: &MlsGroup) -> Vec<LeafNodeIndex> {
         .collect()
 }
 
-/// Stages a commit of exactly the group's pending proposals.
-fn commit_proposal_store(
-    provider: &MlsProvider<'_>,
-    signer: &SignatureKeyPair,
-    group: &mut MlsGroup,
-) -> Result<OutgoingCommit> {
-    let (commit, welcome, _group_info) = group
-        .commit_to_pending_proposals(provider, signer)
-        .map_err(|e| ClientError::mls("cannot commit the pending proposals", e))?;
-    Ok(OutgoingCommit {
-        commit: serialize(commit)?,
-        welcome: welcome.map(serialize).transpose()?,
-    })
-}
-
 /// Merges a commit and reports the membership change in users.
 fn merge_commit<E: std::fmt::Display>(
     provider: &MlsProvider<'_>,
+    room: &RoomId,
     group: &mut MlsGroup,
     merge: impl FnOnce(&mut MlsGroup, &MlsProvider<'_>) -> std::result::Result<(), E>,
 ) -> Result<Incoming> {
@@ -715,9 +978,8 @@ fn merge_commit<E: std::fmt::Display>(
     let self_removed = !group.is_active();
     let after = users_of(group);
     if self_removed {
-        group
-            .delete(provider.storage())
-            .map_err(|e| ClientError::Storage(format!("cannot delete group state: {e}")))?;
+        delete(provider, group)?;
+        groups::unmap(provider.conn, room)?;
     }
     Ok(Incoming::CommitMerged {
         added: after.difference(&before).cloned().collect(),
@@ -729,23 +991,25 @@ fn merge_commit<E: std::fmt::Display>(
 fn join_config() -> MlsGroupJoinConfig {
     MlsGroupJoinConfig::builder()
         .wire_format_policy(MIXED_PLAINTEXT_WIRE_FORMAT_POLICY)
-        .use_ratchet_tree_extension(true)
+        .use_ratchet_tree_extension(false)
         .max_past_epochs(PAST_EPOCHS)
         .build()
 }
 
-fn group_id(room: &RoomId) -> GroupId {
-    GroupId::from_slice(room.group_id_bytes())
-}
-
-fn room_of(group_id: &GroupId) -> Result<RoomId> {
-    RoomId::from_group_id(group_id.as_slice())
-        .map_err(|e| ClientError::Protocol(format!("group id is not a room id: {e}")))
-}
-
+/// The room's group, found through the room ↔ group table.
 fn load_group(provider: &MlsProvider<'_>, room: &RoomId) -> Result<Option<MlsGroup>> {
-    MlsGroup::load(provider.storage(), &group_id(room))
+    let Some(group_id) = groups::group_of(provider.conn, room)? else {
+        return Ok(None);
+    };
+    MlsGroup::load(provider.storage(), &GroupId::from_slice(&group_id))
         .map_err(|e| ClientError::Storage(format!("cannot load group {room}: {e}")))
+}
+
+/// Deletes a group's state (the caller unmaps its room).
+fn delete(provider: &MlsProvider<'_>, group: &mut MlsGroup) -> Result<()> {
+    group
+        .delete(provider.storage())
+        .map_err(|e| ClientError::Storage(format!("cannot delete group state: {e}")))
 }
 
 fn users_of(group: &MlsGroup) -> BTreeSet<UserId> {
@@ -766,7 +1030,6 @@ pub fn device_uri_of(credential: &Credential) -> Result<DeviceUri> {
         .map_err(|e| ClientError::Protocol(format!("credential identity: {e}")))
 }
 
-/// The epoch a commit or application message was made in, if `bytes` is one.
 /// Whether `bytes` is a PrivateMessage carrying application data (MLS sends the content type
 /// in the clear): what an ephemeral message must be, so that processing it cannot touch the
 /// group's membership or epoch.
@@ -782,6 +1045,7 @@ pub fn is_application_message(bytes: &[u8]) -> bool {
     }
 }
 
+/// The epoch a commit or application message was made in, if `bytes` is one.
 pub fn message_epoch(bytes: &[u8]) -> Option<u64> {
     let message = decode_message(bytes)
         .ok()?
@@ -818,7 +1082,8 @@ fn serialize(value: impl openmls::prelude::tls_codec::Serialize) -> Result<Vec<u
 #[cfg(test)]
 mod tests {
     use super::*;
-    use parley_proto::DeviceId;
+    use parley_proto::mimi::room_state::{expiry_from_aad, ROLE_ADMIN, ROLE_MEMBER};
+    use parley_proto::{DeviceId, Domain};
     use std::path::Path;
 
     /// A device with its profile database in a temporary directory.
@@ -828,10 +1093,10 @@ mod tests {
         mls: DeviceMls,
     }
 
+    /// The profile database (openmls's tables and Parley's, such as the room ↔ group table).
     fn open_db(dir: &Path) -> Connection {
-        let mut conn = Connection::open(dir.join("profile.db")).unwrap();
-        init_storage(&mut conn).unwrap();
-        conn
+        drop(crate::profile::Profile::create_or_open(dir).unwrap());
+        Connection::open(dir.join(crate::profile::DB_FILE)).unwrap()
     }
 
     impl TestDevice {
@@ -864,6 +1129,26 @@ mod tests {
             self.mls.device_uri().user.clone()
         }
 
+        /// Creates the group room `room` (named "team") with this device as its only member.
+        fn create(&self, room: &RoomId) -> NewGroup {
+            let state = RoomState::group(room.clone(), "team", &self.user(), None);
+            self.mls
+                .create_group(&self.conn, &state, &hub_external_sender())
+                .unwrap()
+        }
+
+        /// Creates the direct room `room` of this user and `peer`.
+        fn create_direct(&self, room: &RoomId, peer: &TestDevice) {
+            let state = RoomState::direct(room.clone(), &self.user(), &peer.user(), None);
+            self.mls
+                .create_group(&self.conn, &state, &hub_external_sender())
+                .unwrap();
+        }
+
+        fn state(&self, room: &RoomId) -> RoomState {
+            self.mls.room_view(&self.conn, room).unwrap().state
+        }
+
         fn key_package_for(&self, other: &TestDevice) -> ValidatedKeyPackage {
             let kp = other.mls.key_packages(&other.conn, 1).unwrap().remove(0);
             self.mls.validate_key_package(&kp, &other.user()).unwrap()
@@ -880,13 +1165,18 @@ mod tests {
             self.mls.merge_pending_commit(&self.conn, room).unwrap();
             for other in others {
                 let welcome = out.welcome.as_ref().unwrap();
-                assert_eq!(other.mls.join(&other.conn, welcome).unwrap(), *room);
+                other
+                    .mls
+                    .join(&other.conn, welcome, Some(&out.ratchet_tree), room)
+                    .unwrap();
             }
             out.commit
         }
 
         fn send(&self, room: &RoomId, text: &str) -> Vec<u8> {
-            self.mls.encrypt(&self.conn, room, text.as_bytes()).unwrap()
+            self.mls
+                .encrypt(&self.conn, room, text.as_bytes(), None)
+                .unwrap()
         }
 
         fn receive(&self, room: &RoomId, from: &TestDevice, ciphertext: &[u8]) -> String {
@@ -901,7 +1191,17 @@ mod tests {
     }
 
     fn room() -> RoomId {
-        RoomId::from_random([0x42; 16])
+        RoomId::from_random(&Domain::parse("chirp.test").unwrap(), [0x42; 16])
+    }
+
+    /// The `ExternalSender` a hub at chirp.test announces.
+    fn hub_external_sender() -> Vec<u8> {
+        let key = SignatureKeyPair::new(SignatureScheme::ED25519).unwrap();
+        let sender = ExternalSender::new(
+            key.public().into(),
+            BasicCredential::new(b"mimi://chirp.test".to_vec()).into(),
+        );
+        serialize(sender).unwrap()
     }
 
     #[test]
@@ -909,7 +1209,7 @@ mod tests {
         let alice = TestDevice::new("alice@chirp.test", 1);
         let bob = TestDevice::new("bob@wave.test", 2);
         let room = room();
-        let created = alice.mls.create_group(&alice.conn, &room).unwrap();
+        let created = alice.create(&room);
         assert!(!created.group_info.is_empty() && !created.ratchet_tree.is_empty());
         alice.add(&room, &[&bob]);
         assert_eq!(
@@ -930,7 +1230,7 @@ mod tests {
         let bob = TestDevice::new("bob@wave.test", 2);
         let carol = TestDevice::new("carol@chirp.test", 3);
         let room = room();
-        alice.mls.create_group(&alice.conn, &room).unwrap();
+        alice.create(&room);
         alice.add(&room, &[&bob, &carol]);
 
         let out = alice
@@ -958,7 +1258,10 @@ mod tests {
         let secret = alice.send(&room, "bob is gone");
         assert_eq!(carol.receive(&room, &alice, &secret), "bob is gone");
         assert!(bob.mls.process(&bob.conn, &room, &secret).is_err());
-        assert!(bob.mls.encrypt(&bob.conn, &room, b"still here?").is_err());
+        assert!(bob
+            .mls
+            .encrypt(&bob.conn, &room, b"still here?", None)
+            .is_err());
     }
 
     #[test]
@@ -967,7 +1270,7 @@ mod tests {
         let alice_phone = TestDevice::new("alice@chirp.test", 2);
         let bob = TestDevice::new("bob@wave.test", 3);
         let room = room();
-        alice.mls.create_group(&alice.conn, &room).unwrap();
+        alice.create(&room);
         alice.add(&room, &[&bob]);
         // A further device of a member user: no user joins.
         let commit = alice.add(&room, &[&alice_phone]);
@@ -1044,7 +1347,7 @@ mod tests {
         let bob = TestDevice::new("bob@wave.test", 2);
         let carol = TestDevice::new("carol@chirp.test", 3);
         let room = room();
-        alice.mls.create_group(&alice.conn, &room).unwrap();
+        alice.create(&room);
         alice.add(&room, &[&bob]);
         let commit = alice.add(&room, &[&carol]);
         assert_eq!(
@@ -1065,7 +1368,7 @@ mod tests {
         let alice = TestDevice::new("alice@chirp.test", 1);
         let bob = TestDevice::new("bob@wave.test", 2);
         let room = room();
-        alice.mls.create_group(&alice.conn, &room).unwrap();
+        alice.create(&room);
         alice.add(&room, &[&bob]);
         let first = alice.send(&room, "one");
         assert_eq!(bob.receive(&room, &alice, &first), "one");
@@ -1082,7 +1385,7 @@ mod tests {
         let alice = TestDevice::new("alice@chirp.test", 1);
         let bob = TestDevice::new("bob@wave.test", 2);
         let room = room();
-        alice.mls.create_group(&alice.conn, &room).unwrap();
+        alice.create(&room);
         let kp = alice.key_package_for(&bob);
         alice
             .mls
@@ -1099,7 +1402,14 @@ mod tests {
             .unwrap()
             .unwrap();
         alice.mls.merge_pending_commit(&alice.conn, &room).unwrap();
-        bob.mls.join(&bob.conn, &out.welcome.unwrap()).unwrap();
+        bob.mls
+            .join(
+                &bob.conn,
+                &out.welcome.unwrap(),
+                Some(&out.ratchet_tree),
+                &room,
+            )
+            .unwrap();
         // Adding a device that is already in the group is a no-op.
         assert!(alice
             .mls
@@ -1114,7 +1424,7 @@ mod tests {
         let bob = TestDevice::new("bob@wave.test", 2);
         let carol = TestDevice::new("carol@chirp.test", 3);
         let room = room();
-        alice.mls.create_group(&alice.conn, &room).unwrap();
+        alice.create(&room);
         alice.add(&room, &[&bob, &carol]);
         (room, alice, bob, carol)
     }
@@ -1226,20 +1536,21 @@ mod tests {
         let again = carol.mls.leave_proposal(&carol.conn, &room).unwrap();
         assert_eq!(first, again);
         carol.mls.withdraw_leave(&carol.conn, &room).unwrap();
-        // Still a full member: carol can commit, and her commit does not remove herself.
-        let dave = TestDevice::new("dave@wave.test", 4);
-        let commit = carol.add(&room, &[&dave]);
+        // Still a full member: carol can commit (adding her phone needs no admin), and her
+        // commit does not remove herself.
+        let carol_phone = TestDevice::new("carol@chirp.test", 4);
+        let commit = carol.add(&room, &[&carol_phone]);
         assert_eq!(
             alice.mls.process(&alice.conn, &room, &commit).unwrap(),
             Incoming::CommitMerged {
-                added: vec![dave.user()],
+                added: vec![],
                 removed: vec![],
                 self_removed: false
             }
         );
         bob.mls.process(&bob.conn, &room, &commit).unwrap();
         let hello = carol.send(&room, "still here");
-        assert_eq!(dave.receive(&room, &carol, &hello), "still here");
+        assert_eq!(carol_phone.receive(&room, &carol, &hello), "still here");
     }
 
     #[test]
@@ -1370,6 +1681,21 @@ mod tests {
             .mls
             .validate_key_package(&tampered, &bob.user())
             .is_err());
+        // A client that does not support the room state extension cannot join any room.
+        let plain = KeyPackage::builder()
+            .build(
+                CIPHERSUITE,
+                &bob.mls.provider(&bob.conn),
+                &bob.mls.signer,
+                bob.mls.credential(),
+            )
+            .unwrap();
+        let plain = serialize(MlsMessageOut::from(plain.key_package().clone())).unwrap();
+        let refused = alice
+            .mls
+            .validate_key_package(&plain, &bob.user())
+            .unwrap_err();
+        assert!(refused.to_string().contains("0x0006"), "{refused}");
     }
 
     #[test]
@@ -1377,7 +1703,7 @@ mod tests {
         let alice = TestDevice::new("alice@chirp.test", 1);
         let bob = TestDevice::new("bob@wave.test", 2);
         let room = room();
-        alice.mls.create_group(&alice.conn, &room).unwrap();
+        alice.create(&room);
         alice.add(&room, &[&bob]);
         let good = alice.send(&room, "fine");
         let garbage: Vec<Vec<u8>> = vec![
@@ -1389,17 +1715,440 @@ mod tests {
         ];
         for bytes in &garbage {
             assert!(bob.mls.process(&bob.conn, &room, bytes).is_err());
-            assert!(bob.mls.join(&bob.conn, bytes).is_err());
+            assert!(bob.mls.join(&bob.conn, bytes, None, &room).is_err());
             assert!(bob.mls.validate_key_package(bytes, &alice.user()).is_err());
         }
         // A message of this room presented as another room's.
-        let other = RoomId::from_random([7; 16]);
+        let other = RoomId::from_random(&Domain::parse("chirp.test").unwrap(), [7; 16]);
         assert!(bob.mls.process(&bob.conn, &other, &good).is_err());
         // A KeyPackage is not a Welcome, and an application message is not a KeyPackage.
         let kp = alice.mls.key_packages(&alice.conn, 1).unwrap().remove(0);
-        assert!(bob.mls.join(&bob.conn, &kp).is_err());
+        assert!(bob.mls.join(&bob.conn, &kp, None, &room).is_err());
         assert!(bob.mls.validate_key_package(&good, &alice.user()).is_err());
         // The intact message still decrypts after all that.
         assert_eq!(bob.receive(&room, &alice, &good), "fine");
+    }
+
+    /// The participants and roles of a room (user, role), from a device's group.
+    fn roles(device: &TestDevice, room: &RoomId) -> Vec<(String, u32)> {
+        device
+            .state(room)
+            .participants
+            .iter()
+            .map(|(u, r)| (u.to_string(), *r))
+            .collect()
+    }
+
+    fn roles_of(list: &[(&str, u32)]) -> Vec<(String, u32)> {
+        list.iter().map(|(u, r)| (u.to_string(), *r)).collect()
+    }
+
+    fn policy_code(e: ClientError) -> &'static str {
+        match e {
+            ClientError::Policy { code, .. } => code,
+            other => panic!("expected a policy refusal, got {other:?}"),
+        }
+    }
+
+    fn group_info_of(message: &[u8]) -> openmls::messages::group_info::VerifiableGroupInfo {
+        match decode_message(message).unwrap().extract() {
+            MlsMessageBodyIn::GroupInfo(info) => info,
+            _ => panic!("not a GroupInfo"),
+        }
+    }
+
+    fn exported_tree(device: &TestDevice, room: &RoomId) -> Vec<u8> {
+        let provider = device.mls.provider(&device.conn);
+        let group = device.mls.active_group(&provider, room).unwrap();
+        serialize(group.export_ratchet_tree()).unwrap()
+    }
+
+    #[test]
+    fn a_new_room_carries_its_hub_requirements_and_state() {
+        let alice = TestDevice::new("alice@chirp.test", 1);
+        let room = room();
+        let created = alice.create(&room);
+        {
+            let provider = alice.mls.provider(&alice.conn);
+            let group = alice.mls.active_group(&provider, &room).unwrap();
+            assert_eq!(group.group_id().as_slice(), room.parley_group_id());
+            let extensions = group.extensions();
+            assert_eq!(extensions.external_senders().map(Vec::len), Some(1));
+            assert_eq!(
+                extensions
+                    .required_capabilities()
+                    .unwrap()
+                    .extension_types(),
+                &[state::ROOM_STATE]
+            );
+        }
+        let view = alice.mls.room_view(&alice.conn, &room).unwrap();
+        assert_eq!(
+            (view.state.name.as_str(), view.state.direct),
+            ("team", false)
+        );
+        assert_eq!((view.members, view.epoch), (vec![alice.user()], 0));
+        assert_eq!(
+            roles(&alice, &room),
+            roles_of(&[("alice@chirp.test", ROLE_ADMIN)])
+        );
+        // The GroupInfo for the hub leaves the tree out: it travels beside it.
+        assert!(group_info_of(&created.group_info)
+            .extensions()
+            .ratchet_tree()
+            .is_none());
+        assert_eq!(created.ratchet_tree, exported_tree(&alice, &room));
+        assert_eq!(alice.mls.rooms(&alice.conn).unwrap(), vec![room]);
+    }
+
+    #[test]
+    fn commits_carry_the_new_epochs_group_info_and_tree() {
+        let alice = TestDevice::new("alice@chirp.test", 1);
+        let bob = TestDevice::new("bob@wave.test", 2);
+        let room = room();
+        alice.create(&room);
+        let kp = alice.key_package_for(&bob);
+        let out = alice
+            .mls
+            .add_members(&alice.conn, &room, &[kp])
+            .unwrap()
+            .unwrap();
+        let info = group_info_of(&out.group_info);
+        assert_eq!(info.epoch().as_u64(), 1, "the epoch the commit starts");
+        assert!(info.extensions().ratchet_tree().is_none());
+        let mut expected = alice.state(&room);
+        expected.participants.insert(bob.user(), ROLE_MEMBER);
+        assert_eq!(
+            state::read(info.group_context().extensions()).unwrap(),
+            expected
+        );
+        alice.mls.merge_pending_commit(&alice.conn, &room).unwrap();
+        assert_eq!(out.ratchet_tree, exported_tree(&alice, &room));
+        assert_eq!(alice.state(&room), expected);
+    }
+
+    #[test]
+    fn a_welcome_joins_with_the_tree_beside_it_and_only_into_its_room() {
+        let alice = TestDevice::new("alice@chirp.test", 1);
+        let bob = TestDevice::new("bob@wave.test", 2);
+        let room = room();
+        alice.create(&room);
+        let kp = alice.key_package_for(&bob);
+        let out = alice
+            .mls
+            .add_members(&alice.conn, &room, &[kp])
+            .unwrap()
+            .unwrap();
+        alice.mls.merge_pending_commit(&alice.conn, &room).unwrap();
+        let welcome = out.welcome.unwrap();
+        // A failed join is rolled back, as the device does (its transaction), so the KeyPackage
+        // it used is still there for the next attempt.
+        let attempt = |tree: Option<&[u8]>, room: &RoomId| {
+            bob.conn.execute_batch("SAVEPOINT joining").unwrap();
+            let outcome = bob.mls.join(&bob.conn, &welcome, tree, room);
+            if outcome.is_err() {
+                bob.conn.execute_batch("ROLLBACK TO joining").unwrap();
+            }
+            bob.conn.execute_batch("RELEASE joining").unwrap();
+            outcome
+        };
+        // The Welcome has no ratchet_tree extension: without the tree there is no joining.
+        assert!(attempt(None, &room).is_err());
+        assert!(attempt(Some(&[0xff, 0xff]), &room).is_err());
+        // Delivered for another room than its room state names: refused, nothing joined.
+        let other = RoomId::from_random(&Domain::parse("wave.test").unwrap(), [9; 16]);
+        let refused = attempt(Some(&out.ratchet_tree), &other).unwrap_err();
+        assert!(
+            refused.to_string().contains("delivered for room"),
+            "{refused}"
+        );
+        assert!(!bob.mls.has_group(&bob.conn, &other).unwrap());
+        assert!(!bob.mls.has_group(&bob.conn, &room).unwrap());
+        attempt(Some(&out.ratchet_tree), &room).unwrap();
+        assert_eq!(
+            groups::group_of(&bob.conn, &room).unwrap(),
+            Some(room.parley_group_id())
+        );
+        let view = bob.mls.room_view(&bob.conn, &room).unwrap();
+        assert_eq!(
+            (view.members, view.epoch),
+            (vec![alice.user(), bob.user()], 1)
+        );
+        assert_eq!(
+            roles(&bob, &room),
+            roles_of(&[
+                ("alice@chirp.test", ROLE_ADMIN),
+                ("bob@wave.test", ROLE_MEMBER)
+            ])
+        );
+        // A second Welcome into a room we are in is refused.
+        assert!(attempt(Some(&out.ratchet_tree), &room).is_err());
+        let hello = alice.send(&room, "hello");
+        assert_eq!(bob.receive(&room, &alice, &hello), "hello");
+    }
+
+    #[test]
+    fn participants_and_roles_change_by_group_context_extensions() {
+        let alice = TestDevice::new("alice@chirp.test", 1);
+        let bob = TestDevice::new("bob@wave.test", 2);
+        let carol = TestDevice::new("carol@chirp.test", 3);
+        let room = room();
+        alice.create(&room);
+        alice.add(&room, &[&bob]);
+        // bob is no admin: he cannot add carol, and nothing is staged.
+        let kp = bob.key_package_for(&carol);
+        let refused = bob
+            .mls
+            .add_members(&bob.conn, &room, std::slice::from_ref(&kp))
+            .unwrap_err();
+        assert_eq!(policy_code(refused), "not_admin");
+        assert!(!bob.mls.has_pending_commit(&bob.conn, &room).unwrap());
+        let refused = bob.mls.promote(&bob.conn, &room, &bob.user()).unwrap_err();
+        assert_eq!(policy_code(refused), "not_admin");
+        let refused = bob
+            .mls
+            .remove_user(&bob.conn, &room, &alice.user())
+            .unwrap_err();
+        assert_eq!(policy_code(refused), "not_admin");
+
+        // alice promotes bob: a commit with only the new room state.
+        assert!(matches!(
+            alice.mls.promote(&alice.conn, &room, &carol.user()),
+            Err(ClientError::InvalidInput(_))
+        ));
+        let promotion = alice.mls.promote(&alice.conn, &room, &bob.user()).unwrap();
+        assert!(promotion.welcome.is_none());
+        alice.mls.merge_pending_commit(&alice.conn, &room).unwrap();
+        assert_eq!(
+            bob.mls
+                .process(&bob.conn, &room, &promotion.commit)
+                .unwrap(),
+            Incoming::CommitMerged {
+                added: vec![],
+                removed: vec![],
+                self_removed: false
+            }
+        );
+        let both_admins = roles_of(&[
+            ("alice@chirp.test", ROLE_ADMIN),
+            ("bob@wave.test", ROLE_ADMIN),
+        ]);
+        assert_eq!(roles(&bob, &room), both_admins);
+        assert_eq!(roles(&alice, &room), both_admins);
+        assert!(matches!(
+            alice.mls.promote(&alice.conn, &room, &bob.user()),
+            Err(ClientError::InvalidInput(_))
+        ));
+
+        // Now bob adds carol, who joins the participants as a member.
+        let commit = bob.add(&room, &[&carol]);
+        alice.mls.process(&alice.conn, &room, &commit).unwrap();
+        let three = roles_of(&[
+            ("alice@chirp.test", ROLE_ADMIN),
+            ("bob@wave.test", ROLE_ADMIN),
+            ("carol@chirp.test", ROLE_MEMBER),
+        ]);
+        for device in [&alice, &bob, &carol] {
+            assert_eq!(roles(device, &room), three);
+        }
+        // Adding a further device of a participant leaves the participants as they are.
+        let carol_phone = TestDevice::new("carol@chirp.test", 4);
+        let commit = carol.add(&room, &[&carol_phone]);
+        for device in [&alice, &bob] {
+            device.mls.process(&device.conn, &room, &commit).unwrap();
+        }
+        assert_eq!(roles(&alice, &room), three);
+
+        // Removing a user takes all their devices and drops them from the participants.
+        let out = alice
+            .mls
+            .remove_user(&alice.conn, &room, &carol.user())
+            .unwrap();
+        alice.mls.merge_pending_commit(&alice.conn, &room).unwrap();
+        bob.mls.process(&bob.conn, &room, &out.commit).unwrap();
+        assert_eq!(roles(&bob, &room), both_admins);
+        assert_eq!(
+            bob.mls.room_view(&bob.conn, &room).unwrap().members,
+            vec![alice.user(), bob.user()]
+        );
+        for device in [&carol, &carol_phone] {
+            assert!(matches!(
+                device
+                    .mls
+                    .process(&device.conn, &room, &out.commit)
+                    .unwrap(),
+                Incoming::CommitMerged {
+                    self_removed: true,
+                    ..
+                }
+            ));
+            assert!(device.mls.rooms(&device.conn).unwrap().is_empty());
+        }
+    }
+
+    #[test]
+    fn committing_leaves_drops_the_leavers_and_keeps_an_admin() {
+        let (room, alice, bob, carol) = room_of_three();
+        let dave = TestDevice::new("dave@wave.test", 4);
+        let commit = alice.add(&room, &[&dave]);
+        for device in [&bob, &carol] {
+            device.mls.process(&device.conn, &room, &commit).unwrap();
+        }
+        // carol (a member) leaves; bob (a member) commits it: carol is no participant then.
+        let proposal = carol.mls.leave_proposal(&carol.conn, &room).unwrap();
+        for device in [&alice, &bob, &dave] {
+            stored(device, &room, &proposal, &carol);
+        }
+        let out = bob
+            .mls
+            .commit_pending_proposals(&bob.conn, &room)
+            .unwrap()
+            .unwrap();
+        bob.mls.merge_pending_commit(&bob.conn, &room).unwrap();
+        for device in [&alice, &dave] {
+            device
+                .mls
+                .process(&device.conn, &room, &out.commit)
+                .unwrap();
+        }
+        let expected = roles_of(&[
+            ("alice@chirp.test", ROLE_ADMIN),
+            ("bob@wave.test", ROLE_MEMBER),
+            ("dave@wave.test", ROLE_MEMBER),
+        ]);
+        for device in [&alice, &bob, &dave] {
+            assert_eq!(roles(device, &room), expected);
+        }
+        // alice, the only admin, leaves: whoever commits it promotes everyone remaining.
+        let proposal = alice.mls.leave_proposal(&alice.conn, &room).unwrap();
+        for device in [&bob, &dave] {
+            stored(device, &room, &proposal, &alice);
+        }
+        let out = dave
+            .mls
+            .commit_pending_proposals(&dave.conn, &room)
+            .unwrap()
+            .unwrap();
+        dave.mls.merge_pending_commit(&dave.conn, &room).unwrap();
+        bob.mls.process(&bob.conn, &room, &out.commit).unwrap();
+        let expected = roles_of(&[
+            ("bob@wave.test", ROLE_ADMIN),
+            ("dave@wave.test", ROLE_ADMIN),
+        ]);
+        assert_eq!(roles(&bob, &room), expected);
+        assert_eq!(roles(&dave, &room), expected);
+    }
+
+    #[test]
+    fn direct_rooms_keep_their_two_participants() {
+        let alice = TestDevice::new("alice@chirp.test", 1);
+        let bob = TestDevice::new("bob@wave.test", 2);
+        let carol = TestDevice::new("carol@chirp.test", 3);
+        let room = room();
+        alice.create_direct(&room, &bob);
+        let both = roles_of(&[
+            ("alice@chirp.test", ROLE_MEMBER),
+            ("bob@wave.test", ROLE_MEMBER),
+        ]);
+        assert_eq!(roles(&alice, &room), both);
+        // Adding bob's device changes nothing in the participant list (it names him already).
+        alice.add(&room, &[&bob]);
+        assert!(bob.state(&room).direct);
+        assert_eq!(roles(&bob, &room), both);
+        let kp = alice.key_package_for(&carol);
+        let refused = alice
+            .mls
+            .add_members(&alice.conn, &room, &[kp])
+            .unwrap_err();
+        assert_eq!(policy_code(refused), "policy");
+        let refused = alice
+            .mls
+            .remove_user(&alice.conn, &room, &bob.user())
+            .unwrap_err();
+        assert_eq!(policy_code(refused), "policy");
+        let refused = alice
+            .mls
+            .promote(&alice.conn, &room, &bob.user())
+            .unwrap_err();
+        assert_eq!(policy_code(refused), "policy");
+        // A user's own devices come and go.
+        let phone = TestDevice::new("alice@chirp.test", 4);
+        let commit = alice.add(&room, &[&phone]);
+        bob.mls.process(&bob.conn, &room, &commit).unwrap();
+        let out = alice
+            .mls
+            .remove_devices(
+                &alice.conn,
+                &room,
+                std::slice::from_ref(phone.mls.device_uri()),
+            )
+            .unwrap()
+            .unwrap();
+        alice.mls.merge_pending_commit(&alice.conn, &room).unwrap();
+        bob.mls.process(&bob.conn, &room, &out.commit).unwrap();
+        assert_eq!(roles(&bob, &room), both);
+    }
+
+    #[test]
+    fn expiring_messages_carry_their_expiry_in_the_authenticated_data() {
+        let alice = TestDevice::new("alice@chirp.test", 1);
+        let bob = TestDevice::new("bob@wave.test", 2);
+        let room = room();
+        alice.create(&room);
+        alice.add(&room, &[&bob]);
+        let aad = |message: &[u8]| match decode_message(message).unwrap().extract() {
+            MlsMessageBodyIn::PrivateMessage(m) => m.aad().to_vec(),
+            _ => panic!("not a PrivateMessage"),
+        };
+        let expiring = alice
+            .mls
+            .encrypt(&alice.conn, &room, b"soon gone", Some(1_800_000_000_123))
+            .unwrap();
+        assert_eq!(expiry_from_aad(&aad(&expiring)), Some(1_800_000_000_123));
+        // Only that message: the next one has no expiry.
+        let plain = alice.send(&room, "stays");
+        assert_eq!(aad(&plain), Vec::<u8>::new());
+        assert_eq!(bob.receive(&room, &alice, &expiring), "soon gone");
+        assert_eq!(bob.receive(&room, &alice, &plain), "stays");
+    }
+
+    #[test]
+    fn claims_are_signed_key_material_requests() {
+        let alice = TestDevice::new("alice@chirp.test", 1);
+        let bob = UserId::parse("bob@wave.test").unwrap();
+        let room = room();
+        let bytes = alice.mls.key_material_request(&bob, &room).unwrap();
+        let request = mimi::KeyMaterialRequest::decode(&bytes).unwrap();
+        request.check().unwrap();
+        assert_eq!(
+            request.requesting_user.as_str().unwrap(),
+            "mimi://chirp.test/u/alice"
+        );
+        assert_eq!(
+            request.target_user.as_str().unwrap(),
+            "mimi://wave.test/u/bob"
+        );
+        assert_eq!(request.room_id.as_str().unwrap(), room.as_str());
+        assert_eq!(request.acceptable_ciphersuites, vec![mimi::CIPHERSUITE]);
+        let required = request.required_capabilities.parse().unwrap();
+        assert_eq!(required.extension_types(), &[state::ROOM_STATE]);
+        assert_eq!(
+            required.credential_types(),
+            &[openmls::prelude::CredentialType::Basic]
+        );
+        let credential = request.requester_credential.parse().unwrap();
+        assert_eq!(&device_uri_of(&credential).unwrap(), alice.mls.device_uri());
+        // SignWithLabel over the TBS, verifiable with the requester's key.
+        let key = request.requester_signature_key.as_slice();
+        assert_eq!(key, alice.mls.signature_public_key());
+        let content = request.tbs().sign_content().unwrap();
+        openmls_traits::crypto::OpenMlsCrypto::verify_signature(
+            &RustCrypto::default(),
+            SignatureScheme::ED25519,
+            &content,
+            key,
+            request.signature.as_slice(),
+        )
+        .unwrap();
     }
 }

@@ -1,13 +1,12 @@
 //! The device's durable profile: one SQLite database (`profile.db`, WAL mode) in a directory,
-//! holding openmls's state next to Parley's own tables (account, rooms, queue position,
-//! seen message ids, history).
+//! holding openmls's state next to Parley's own tables (account, the rooms and their MLS
+//! groups, queue position, seen message ids, history).
 //!
 //! Both share one connection so an MLS step and its bookkeeping commit in one transaction.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use parley_proto::api::RoomKind;
 use parley_proto::{DeviceId, MessageId, RoomId, UserId};
 use rusqlite::{params, Connection, OptionalExtension as _};
 use serde::Serialize;
@@ -54,16 +53,14 @@ impl std::fmt::Debug for Account {
     }
 }
 
-/// What the device knows about one room.
+/// A commit posted to the hub whose answer never came (a crash, a lost connection).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RoomRecord {
-    pub id: RoomId,
-    /// `mimi://hub/r/id`; unknown until the hub has told us.
-    pub uri: Option<String>,
-    pub kind: Option<RoomKind>,
-    pub name: Option<String>,
-    /// Member users as last seen (sorted).
-    pub members: Vec<UserId>,
+pub struct PendingCommit {
+    pub room: RoomId,
+    /// The epoch the commit was built in.
+    pub epoch: u64,
+    /// The request as posted (JSON), to post again when the hub's epoch is not known here.
+    pub request: Option<String>,
 }
 
 /// One message in the local history, as it stands after edits, deletes and reactions.
@@ -359,73 +356,63 @@ impl Profile {
 
     // --- rooms ----------------------------------------------------------------------------------
 
-    pub fn room(&self, room: &RoomId) -> Result<Option<RoomRecord>> {
-        self.conn
+    /// Whether this device has been in the room (it may have left or been removed since).
+    pub fn knows_room(&self, room: &RoomId) -> Result<bool> {
+        Ok(self
+            .conn
             .query_row(
-                "SELECT room_id, room_uri, kind, name, members FROM parley_rooms WHERE room_id = ?1",
+                "SELECT 1 FROM parley_rooms WHERE room_id = ?1",
                 params![room.as_str()],
-                raw_room,
+                |_| Ok(()),
             )
             .optional()?
-            .map(room_from_raw)
-            .transpose()
+            .is_some())
     }
 
-    pub fn rooms(&self) -> Result<Vec<RoomRecord>> {
-        let mut stmt = self.conn.prepare(
-            "SELECT room_id, room_uri, kind, name, members FROM parley_rooms ORDER BY room_id",
-        )?;
-        let raws = stmt
-            .query_map([], raw_room)?
-            .collect::<rusqlite::Result<Vec<_>>>()?;
-        raws.into_iter().map(room_from_raw).collect()
-    }
+    // --- rooms left, to tell the provider -------------------------------------------------------
 
-    /// Inserts or replaces a room record.
-    pub fn upsert_room(&self, room: &RoomRecord) -> Result<()> {
+    /// Notes that this device left `room` (or was removed), for [`Self::left_unreported`].
+    pub fn add_left_unreported(&self, room: &RoomId) -> Result<()> {
         self.conn.execute(
-            "INSERT INTO parley_rooms (room_id, room_uri, kind, name, members)
-             VALUES (?1, ?2, ?3, ?4, ?5)
-             ON CONFLICT (room_id) DO UPDATE SET room_uri = excluded.room_uri,
-                 kind = excluded.kind, name = excluded.name, members = excluded.members",
-            params![
-                room.id.as_str(),
-                room.uri,
-                room.kind.map(RoomKind::as_str),
-                room.name,
-                members_json(&room.members)?,
-            ],
-        )?;
-        Ok(())
-    }
-
-    /// Updates the members cache of a room, creating a bare record if the room is new.
-    pub fn set_room_members(&self, room: &RoomId, members: &[UserId]) -> Result<()> {
-        self.conn.execute(
-            "INSERT INTO parley_rooms (room_id, members) VALUES (?1, ?2)
-             ON CONFLICT (room_id) DO UPDATE SET members = excluded.members",
-            params![room.as_str(), members_json(members)?],
-        )?;
-        Ok(())
-    }
-
-    /// Forgets a room (after this device was removed); its history stays.
-    pub fn delete_room(&self, room: &RoomId) -> Result<()> {
-        self.conn.execute(
-            "DELETE FROM parley_rooms WHERE room_id = ?1",
+            "INSERT OR IGNORE INTO parley_left_unreported (room_id) VALUES (?1)",
             params![room.as_str()],
         )?;
         Ok(())
     }
 
+    /// The provider was told, or the device is back in the room (a Welcome): nothing to report.
+    pub fn remove_left_unreported(&self, room: &RoomId) -> Result<()> {
+        self.conn.execute(
+            "DELETE FROM parley_left_unreported WHERE room_id = ?1",
+            params![room.as_str()],
+        )?;
+        Ok(())
+    }
+
+    /// Rooms this device left whose provider has not been told yet.
+    pub fn left_unreported(&self) -> Result<Vec<RoomId>> {
+        self.room_list("SELECT room_id FROM parley_left_unreported ORDER BY room_id")
+    }
+
+    fn room_list(&self, query: &str) -> Result<Vec<RoomId>> {
+        let mut stmt = self.conn.prepare_cached(query)?;
+        let raws = stmt
+            .query_map([], |row| row.get::<_, String>(0))?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        raws.iter()
+            .map(|room| parse_stored(room, RoomId::parse))
+            .collect()
+    }
+
     // --- commits awaiting the hub's answer --------------------------------------------------------
 
-    /// Notes that a commit from `epoch` was posted; if we crash before knowing the outcome,
-    /// the next sync compares epochs with the hub to merge or drop it.
-    pub fn set_pending_commit(&self, room: &RoomId, epoch: u64) -> Result<()> {
+    /// Notes that a commit from `epoch` was posted (`request`, as JSON); if we crash before
+    /// knowing the outcome, the next sync settles it (see [`PendingCommit`]).
+    pub fn set_pending_commit(&self, room: &RoomId, epoch: u64, request: &str) -> Result<()> {
         self.conn.execute(
-            "INSERT OR REPLACE INTO parley_pending_commits (room_id, epoch) VALUES (?1, ?2)",
-            params![room.as_str(), to_sql_int(epoch)?],
+            "INSERT OR REPLACE INTO parley_pending_commits (room_id, epoch, request)
+             VALUES (?1, ?2, ?3)",
+            params![room.as_str(), to_sql_int(epoch)?, request],
         )?;
         Ok(())
     }
@@ -438,18 +425,28 @@ impl Profile {
         Ok(())
     }
 
-    /// Rooms with a posted commit of unknown fate, with the epoch it was built in.
-    pub fn pending_commits(&self) -> Result<Vec<(RoomId, u64)>> {
-        let mut stmt = self
-            .conn
-            .prepare("SELECT room_id, epoch FROM parley_pending_commits ORDER BY room_id")?;
+    /// Rooms with a posted commit of unknown fate.
+    pub fn pending_commits(&self) -> Result<Vec<PendingCommit>> {
+        let mut stmt = self.conn.prepare(
+            "SELECT room_id, epoch, request FROM parley_pending_commits ORDER BY room_id",
+        )?;
         let raws = stmt
             .query_map([], |row| {
-                Ok((row.get::<_, String>(0)?, row.get::<_, i64>(1)?))
+                Ok((
+                    row.get::<_, String>(0)?,
+                    row.get::<_, i64>(1)?,
+                    row.get::<_, Option<String>>(2)?,
+                ))
             })?
             .collect::<rusqlite::Result<Vec<_>>>()?;
         raws.into_iter()
-            .map(|(room, epoch)| Ok((parse_stored(&room, RoomId::parse)?, from_sql_int(epoch)?)))
+            .map(|(room, epoch, request)| {
+                Ok(PendingCommit {
+                    room: parse_stored(&room, RoomId::parse)?,
+                    epoch: from_sql_int(epoch)?,
+                    request,
+                })
+            })
             .collect()
     }
 
@@ -474,15 +471,7 @@ impl Profile {
 
     /// Rooms where proposals may await our commit (their MLS state has the final word).
     pub fn proposal_rooms(&self) -> Result<Vec<RoomId>> {
-        let mut stmt = self
-            .conn
-            .prepare("SELECT room_id FROM parley_proposal_rooms ORDER BY room_id")?;
-        let raws = stmt
-            .query_map([], |row| row.get::<_, String>(0))?
-            .collect::<rusqlite::Result<Vec<_>>>()?;
-        raws.iter()
-            .map(|room| parse_stored(room, RoomId::parse))
-            .collect()
+        self.room_list("SELECT room_id FROM parley_proposal_rooms ORDER BY room_id")
     }
 
     // --- messages -------------------------------------------------------------------------------
@@ -1095,6 +1084,65 @@ impl Profile {
     }
 }
 
+/// Which MLS group this device holds for which room (`parley_rooms.group_id`). For
+/// [`crate::mls`], which works on the bare connection it shares with openmls's storage.
+///
+/// A room created here has its Parley group id; one joined from a Welcome may have any, so the
+/// group is never derived from the room nor the room from the group.
+pub(crate) mod groups {
+    use super::{parse_stored, Result};
+    use parley_proto::RoomId;
+    use rusqlite::{params, Connection, OptionalExtension as _};
+
+    /// The group id of the room's group, if this device holds one.
+    pub fn group_of(conn: &Connection, room: &RoomId) -> Result<Option<Vec<u8>>> {
+        let id: Option<Option<Vec<u8>>> = conn
+            .prepare_cached("SELECT group_id FROM parley_rooms WHERE room_id = ?1")?
+            .query_row(params![room.as_str()], |row| row.get(0))
+            .optional()?;
+        Ok(id.flatten())
+    }
+
+    /// The room whose group has this id, if any.
+    pub fn room_of(conn: &Connection, group_id: &[u8]) -> Result<Option<RoomId>> {
+        let room: Option<String> = conn
+            .prepare_cached("SELECT room_id FROM parley_rooms WHERE group_id = ?1")?
+            .query_row(params![group_id], |row| row.get(0))
+            .optional()?;
+        room.map(|r| parse_stored(&r, RoomId::parse)).transpose()
+    }
+
+    /// Records that the room's group (just created or joined) has `group_id`.
+    pub fn map(conn: &Connection, room: &RoomId, group_id: &[u8]) -> Result<()> {
+        conn.prepare_cached(
+            "INSERT INTO parley_rooms (room_id, group_id) VALUES (?1, ?2)
+             ON CONFLICT (room_id) DO UPDATE SET group_id = excluded.group_id",
+        )?
+        .execute(params![room.as_str(), group_id])?;
+        Ok(())
+    }
+
+    /// The room's group is gone (left, removed, or never accepted); the room stays known.
+    pub fn unmap(conn: &Connection, room: &RoomId) -> Result<()> {
+        conn.prepare_cached("UPDATE parley_rooms SET group_id = NULL WHERE room_id = ?1")?
+            .execute(params![room.as_str()])?;
+        Ok(())
+    }
+
+    /// Every room this device holds a group for, sorted.
+    pub fn mapped(conn: &Connection) -> Result<Vec<RoomId>> {
+        let mut stmt = conn.prepare_cached(
+            "SELECT room_id FROM parley_rooms WHERE group_id IS NOT NULL ORDER BY room_id",
+        )?;
+        let raws = stmt
+            .query_map([], |row| row.get::<_, String>(0))?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        raws.iter()
+            .map(|room| parse_stored(room, RoomId::parse))
+            .collect()
+    }
+}
+
 /// Takes the profile's migration lock (released when the file is dropped). Two processes
 /// opening a profile at once, say `parley chat` and `parley sync` after an upgrade, would
 /// otherwise both switch it to WAL and run the same schema steps, and one would fail.
@@ -1185,47 +1233,6 @@ fn raw_history(row: &rusqlite::Row<'_>) -> rusqlite::Result<RawHistory> {
     })
 }
 
-type RawRoom = (
-    String,
-    Option<String>,
-    Option<String>,
-    Option<String>,
-    String,
-);
-
-fn raw_room(row: &rusqlite::Row<'_>) -> rusqlite::Result<RawRoom> {
-    Ok((
-        row.get(0)?,
-        row.get(1)?,
-        row.get(2)?,
-        row.get(3)?,
-        row.get(4)?,
-    ))
-}
-
-fn room_from_raw((id, uri, kind, name, members): RawRoom) -> Result<RoomRecord> {
-    let kind = kind
-        .map(|k| RoomKind::parse(&k).ok_or_else(|| corrupt(&format!("room kind {k:?}"))))
-        .transpose()?;
-    let members: Vec<String> =
-        serde_json::from_str(&members).map_err(|_| corrupt("room members"))?;
-    Ok(RoomRecord {
-        id: parse_stored(&id, RoomId::parse)?,
-        uri,
-        kind,
-        name,
-        members: members
-            .iter()
-            .map(|m| parse_stored(m, UserId::parse))
-            .collect::<Result<_>>()?,
-    })
-}
-
-fn members_json(members: &[UserId]) -> Result<String> {
-    let names: Vec<String> = members.iter().map(UserId::to_string).collect();
-    serde_json::to_string(&names).map_err(|e| ClientError::Storage(e.to_string()))
-}
-
 fn parse_stored<T, E>(s: &str, parse: impl FnOnce(&str) -> Result<T, E>) -> Result<T> {
     parse(s).map_err(|_| corrupt(&format!("value {s:?}")))
 }
@@ -1245,6 +1252,13 @@ fn from_sql_int(v: i64) -> Result<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn room_of(salt: u8) -> RoomId {
+        RoomId::from_random(
+            &parley_proto::Domain::parse("chirp.test").unwrap(),
+            [salt; 16],
+        )
+    }
 
     fn account() -> Account {
         Account {
@@ -1313,40 +1327,56 @@ mod tests {
     }
 
     #[test]
-    fn rooms_round_trip_and_members_update() {
+    fn rooms_map_to_their_groups_and_stay_known_after() {
         let dir = tempfile::tempdir().unwrap();
         let profile = Profile::create_or_open(dir.path()).unwrap();
-        let id = RoomId::from_random([3; 16]);
-        let alice = UserId::parse("alice@chirp.test").unwrap();
-        let bob = UserId::parse("bob@wave.test").unwrap();
-        profile
-            .set_room_members(&id, std::slice::from_ref(&alice))
-            .unwrap();
-        let bare = profile.room(&id).unwrap().unwrap();
-        assert_eq!((bare.kind, bare.uri), (None, None));
-        let record = RoomRecord {
-            id: id.clone(),
-            uri: Some(id.to_uri(alice.domain())),
-            kind: Some(RoomKind::Group),
-            name: Some("team".into()),
-            members: vec![alice.clone(), bob.clone()],
-        };
-        profile.upsert_room(&record).unwrap();
-        assert_eq!(profile.room(&id).unwrap(), Some(record.clone()));
-        profile.set_room_members(&id, &[alice]).unwrap();
-        let updated = profile.room(&id).unwrap().unwrap();
-        assert_eq!(updated.name.as_deref(), Some("team"));
-        assert_eq!(updated.members.len(), 1);
-        assert_eq!(profile.rooms().unwrap().len(), 1);
-        profile.delete_room(&id).unwrap();
-        assert!(profile.room(&id).unwrap().is_none());
+        let conn = profile.conn();
+        let (a, b) = (room_of(3), room_of(4));
+        assert!(!profile.knows_room(&a).unwrap());
+        groups::map(conn, &a, b"group a").unwrap();
+        groups::map(conn, &b, b"any id at all").unwrap();
+        assert_eq!(
+            groups::group_of(conn, &a).unwrap().as_deref(),
+            Some(&b"group a"[..])
+        );
+        assert_eq!(
+            groups::room_of(conn, b"any id at all").unwrap(),
+            Some(b.clone())
+        );
+        assert_eq!(groups::mapped(conn).unwrap(), vec![a.clone(), b.clone()]);
+        // One group, one room.
+        assert!(groups::map(conn, &b, b"group a").is_err());
+        groups::unmap(conn, &a).unwrap();
+        assert_eq!(groups::group_of(conn, &a).unwrap(), None);
+        assert_eq!(groups::room_of(conn, b"group a").unwrap(), None);
+        assert!(profile.knows_room(&a).unwrap(), "a room left stays known");
+        assert_eq!(groups::mapped(conn).unwrap(), vec![b.clone()]);
+        // Rejoining may bring another group id.
+        groups::map(conn, &a, b"group a, again").unwrap();
+        assert_eq!(groups::room_of(conn, b"group a, again").unwrap(), Some(a));
+    }
+
+    #[test]
+    fn rooms_left_wait_to_be_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let profile = Profile::create_or_open(dir.path()).unwrap();
+        let (a, b) = (room_of(3), room_of(4));
+        profile.add_left_unreported(&b).unwrap();
+        profile.add_left_unreported(&a).unwrap();
+        profile.add_left_unreported(&a).unwrap();
+        assert_eq!(
+            profile.left_unreported().unwrap(),
+            vec![a.clone(), b.clone()]
+        );
+        profile.remove_left_unreported(&a).unwrap();
+        assert_eq!(profile.left_unreported().unwrap(), vec![b]);
     }
 
     #[test]
     fn history_is_deduplicated_and_limited() {
         let dir = tempfile::tempdir().unwrap();
         let profile = Profile::create_or_open(dir.path()).unwrap();
-        let room = RoomId::from_random([4; 16]);
+        let room = room_of(4);
         for event in 1..=5u8 {
             let e = entry(&room, event.into(), event);
             assert!(profile.mark_seen(&e.id).unwrap());
@@ -1355,7 +1385,7 @@ mod tests {
         assert!(!profile.mark_seen(&MessageId([2; 32])).unwrap());
         let last_two = profile.history(&room, 2, NOW).unwrap();
         assert_eq!(last_two, vec![entry(&room, 4, 4), entry(&room, 5, 5)]);
-        let other = RoomId::from_random([5; 16]);
+        let other = room_of(5);
         assert!(profile.history(&other, 10, NOW).unwrap().is_empty());
     }
 
@@ -1363,7 +1393,7 @@ mod tests {
     fn edits_deletes_and_reactions_change_history() {
         let dir = tempfile::tempdir().unwrap();
         let profile = Profile::create_or_open(dir.path()).unwrap();
-        let room = RoomId::from_random([4; 16]);
+        let room = room_of(4);
         let bob = UserId::parse("bob@wave.test").unwrap();
         let alice = UserId::parse("alice@chirp.test").unwrap();
         let mut reply = entry(&room, 2, 2);
@@ -1393,7 +1423,7 @@ mod tests {
                 sender: alice.clone()
             })
         );
-        let elsewhere = RoomId::from_random([5; 16]);
+        let elsewhere = room_of(5);
         assert_eq!(profile.authored(&elsewhere, &like.id, NOW).unwrap(), None);
 
         profile
@@ -1431,7 +1461,7 @@ mod tests {
     fn expired_messages_are_hidden_then_purged() {
         let dir = tempfile::tempdir().unwrap();
         let profile = Profile::create_or_open(dir.path()).unwrap();
-        let room = RoomId::from_random([4; 16]);
+        let room = room_of(4);
         let mut brief = entry(&room, 1, 1);
         brief.expires_at = Some(NOW + 1000);
         profile.add_history(&brief).unwrap();
@@ -1448,7 +1478,7 @@ mod tests {
     fn ids_are_found_by_prefix() {
         let dir = tempfile::tempdir().unwrap();
         let profile = Profile::create_or_open(dir.path()).unwrap();
-        let room = RoomId::from_random([4; 16]);
+        let room = room_of(4);
         let mut a = entry(&room, 1, 0xab);
         a.id.0[1] = 0x01;
         profile.add_history(&a).unwrap();
@@ -1534,7 +1564,7 @@ mod tests {
     fn proposal_rooms_are_tracked() {
         let dir = tempfile::tempdir().unwrap();
         let profile = Profile::create_or_open(dir.path()).unwrap();
-        let room = RoomId::from_random([8; 16]);
+        let room = room_of(8);
         profile.add_proposal_room(&room).unwrap();
         profile.add_proposal_room(&room).unwrap();
         assert_eq!(profile.proposal_rooms().unwrap(), vec![room.clone()]);
@@ -1570,7 +1600,7 @@ mod tests {
         }
         let profile = Profile::open_existing(dir.path()).unwrap();
         assert_eq!(profile.processed_seq().unwrap(), 5);
-        let room = RoomId::from_random([9; 16]);
+        let room = room_of(9);
         profile.add_proposal_room(&room).unwrap();
         assert_eq!(profile.proposal_rooms().unwrap(), vec![room]);
         drop(profile);
@@ -1622,7 +1652,7 @@ mod tests {
     #[test]
     fn version_2_history_is_kept_through_the_upgrade() {
         let dir = tempfile::tempdir().unwrap();
-        let room = RoomId::from_random([9; 16]);
+        let room = room_of(9);
         {
             let conn = Connection::open(dir.path().join(DB_FILE)).unwrap();
             conn.execute_batch(&format!("{V1_SQL} {V2_SQL} PRAGMA user_version = 2;"))
@@ -1652,7 +1682,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let profile = Profile::create_or_open(dir.path()).unwrap();
         let d = PendingDownload {
-            room: RoomId::from_random([6; 16]),
+            room: room_of(6),
             id: MessageId([7; 32]),
             event: 3,
             sender: UserId::parse("bob@wave.test").unwrap(),
@@ -1672,7 +1702,7 @@ mod tests {
     fn received_files_go_with_their_message_and_nothing_outside_downloads_does() {
         let dir = tempfile::tempdir().unwrap();
         let profile = Profile::create_or_open(dir.path()).unwrap();
-        let room = RoomId::from_random([6; 16]);
+        let room = room_of(6);
         let bob = UserId::parse("bob@wave.test").unwrap();
         let downloads = profile.downloads_dir();
         std::fs::create_dir_all(&downloads).unwrap();
@@ -1709,7 +1739,7 @@ mod tests {
     fn receipts_are_due_once_recorded_once_and_read_once() {
         let dir = tempfile::tempdir().unwrap();
         let profile = Profile::create_or_open(dir.path()).unwrap();
-        let (a, b) = (RoomId::from_random([1; 16]), RoomId::from_random([2; 16]));
+        let (a, b) = (room_of(1), room_of(2));
         for (room, id) in [(&a, 1), (&b, 2), (&a, 3), (&a, 1)] {
             profile.add_receipt_due(room, &MessageId([id; 32])).unwrap();
         }
@@ -1755,10 +1785,47 @@ mod tests {
     fn pending_commits_are_tracked() {
         let dir = tempfile::tempdir().unwrap();
         let profile = Profile::create_or_open(dir.path()).unwrap();
-        let room = RoomId::from_random([6; 16]);
-        profile.set_pending_commit(&room, 3).unwrap();
-        assert_eq!(profile.pending_commits().unwrap(), vec![(room.clone(), 3)]);
+        let room = room_of(6);
+        profile.set_pending_commit(&room, 3, "{}").unwrap();
+        assert_eq!(
+            profile.pending_commits().unwrap(),
+            vec![PendingCommit {
+                room: room.clone(),
+                epoch: 3,
+                request: Some("{}".into())
+            }]
+        );
         profile.clear_pending_commit(&room).unwrap();
         assert!(profile.pending_commits().unwrap().is_empty());
+    }
+
+    #[test]
+    fn rooms_of_the_old_protocol_are_dropped_and_their_history_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let legacy = "00112233445566778899aabbccddeeff";
+        {
+            let conn = Connection::open(dir.path().join(DB_FILE)).unwrap();
+            conn.execute_batch(&format!("{V1_SQL} {V2_SQL} PRAGMA user_version = 2;"))
+                .unwrap();
+            conn.execute_batch(&format!(
+                "INSERT INTO parley_rooms (room_id, room_uri, kind, members)
+                     VALUES ('{legacy}', 'mimi://chirp.test/r/{legacy}', 'group', '[]');
+                 INSERT INTO parley_pending_commits (room_id, epoch) VALUES ('{legacy}', 1);
+                 INSERT INTO parley_proposal_rooms (room_id) VALUES ('{legacy}');
+                 INSERT INTO parley_history (room_id, event, sender, message_id, text, ts)
+                     VALUES ('{legacy}', 1, 'bob@wave.test', '{}', 'old', 7);",
+                MessageId([3; 32]).to_hex()
+            ))
+            .unwrap();
+        }
+        let profile = Profile::open_existing(dir.path()).unwrap();
+        assert!(profile.pending_commits().unwrap().is_empty());
+        assert!(profile.proposal_rooms().unwrap().is_empty());
+        assert!(groups::mapped(profile.conn()).unwrap().is_empty());
+        let kept: i64 = profile
+            .conn()
+            .query_row("SELECT count(*) FROM parley_history", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(kept, 1);
     }
 }

@@ -478,10 +478,7 @@ pub async fn send_raw(profile: &Path, device: &Device, room: &RoomId, plaintext:
     conn.busy_timeout(Duration::from_secs(5)).unwrap();
     let mls =
         parley_client::mls::DeviceMls::load(&conn, device.device_uri().clone(), &key).unwrap();
-    let message = mls.encrypt(&conn, room, plaintext).unwrap();
-    let request = parley_proto::api::SendRequest {
-        message,
-        expires_at: None,
-    };
+    let message = mls.encrypt(&conn, room, plaintext, None).unwrap();
+    let request = parley_proto::api::SendRequest { message };
     device.api().send_message(room, &request).await.unwrap();
 }

@@ -105,9 +105,9 @@ impl Device {
     fn groups(&self) -> Result<Vec<(RoomId, Vec<DeviceUri>)>> {
         let conn = self.profile.conn();
         let mut groups = Vec::new();
-        for record in self.profile.rooms()? {
-            match self.mls.members(conn, &record.id) {
-                Ok(members) => groups.push((record.id, members)),
+        for room in self.mls.rooms(conn)? {
+            match self.mls.members(conn, &room) {
+                Ok(members) => groups.push((room, members)),
                 Err(ClientError::NotMember(_)) => {} // left, or removed
                 Err(e) => return Err(e),
             }
@@ -245,7 +245,8 @@ impl Device {
         device: &DeviceId,
     ) -> Result<Option<ValidatedKeyPackage>> {
         let user = self.user().clone();
-        let claimed = match self.api.claim_device_key_package(&user, room, device).await {
+        let request = self.claim_request(&user, room, Some(device))?;
+        let claimed = match self.api.claim_key_packages(&user, &request).await {
             Ok(claimed) => claimed,
             Err(e) if e.code() == Some("unknown_device") => return Ok(None),
             Err(e) => return Err(e),

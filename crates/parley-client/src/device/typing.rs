@@ -23,13 +23,12 @@ impl Device {
     /// nobody offline will ever see it, and failing to send it is harmless.
     pub async fn send_typing(&mut self, room: &RoomId) -> Result<()> {
         self.require_member(room)?;
-        let room_uri = self.room_uri(room).await?;
-        let content = MimiContent::typing(rand::random(), &self.user().to_uri(), &room_uri);
+        let content = MimiContent::typing(rand::random(), &self.user().to_uri(), room.as_str());
         // Encrypting consumes a generation of our sender ratchet: that must be stored, or the
         // next message would reuse its key and nonce.
         let message = self.profile.transaction(|| {
             self.mls
-                .encrypt(self.profile.conn(), room, &content.encode())
+                .encrypt(self.profile.conn(), room, &content.encode(), None)
         })?;
         self.api
             .post_ephemeral(room, &EphemeralRequest { message })
@@ -37,8 +36,9 @@ impl Device {
     }
 
     /// Reads an ephemeral message pushed for `room` (see [`crate::Live::next`]): a typing
-    /// indicator from another user becomes [`Event::Typing`]; anything else, our own, or what
-    /// does not decrypt (a room we are not in, an epoch we have not reached yet) is dropped.
+    /// indicator from another user becomes [`Event::Typing`]; anything else, our own, one from
+    /// a user our user blocked, or what does not decrypt (a room we are not in, an epoch we have
+    /// not reached yet) is dropped.
     pub fn open_ephemeral(&self, room: &str, data: &[u8]) -> Option<Event> {
         self.read_ephemeral(room, data)
             .inspect_err(|e| tracing::debug!(room, "ephemeral message dropped: {e}"))
@@ -62,7 +62,10 @@ impl Device {
         let content = MimiContent::decode(&plaintext)
             .map_err(|e| ClientError::Protocol(format!("ephemeral content: {e}")))?;
         let author = content_author(&content, &sender)?;
-        if author == *self.user() || content.meaning() != Meaning::Typing {
+        if author == *self.user()
+            || self.blocked.users.contains(&author)
+            || content.meaning() != Meaning::Typing
+        {
             return Ok(None);
         }
         Ok(Some(Event::Typing {
