@@ -593,6 +593,8 @@ impl Device {
     /// privilege in a group room ([`ClientError::NoConsent`] if `user` is on another provider
     /// and has not consented).
     pub async fn add_member(&mut self, room: &RoomId, user: &UserId) -> Result<()> {
+        // The room's roles decide (a promotion may be waiting in the queue).
+        self.catch_up().await?;
         self.require_member(room)?;
         if self
             .mls
@@ -629,6 +631,7 @@ impl Device {
     /// Makes `user`, a member of the group room, an admin (only admins may add and remove
     /// other users, and promote): a commit changing the room's participant list.
     pub async fn promote(&mut self, room: &RoomId, user: &UserId) -> Result<()> {
+        self.catch_up().await?;
         self.require_member(room)?;
         self.commit(room, &CommitPlan::Promote(user.clone()))
             .await?;
@@ -637,6 +640,7 @@ impl Device {
 
     /// Removes every device of `user` from the room, and `user` from its participants.
     pub async fn remove_member(&mut self, room: &RoomId, user: &UserId) -> Result<()> {
+        self.catch_up().await?;
         self.require_member(room)?;
         self.commit(room, &CommitPlan::Remove(user.clone())).await?;
         Ok(())
