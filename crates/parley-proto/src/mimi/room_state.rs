@@ -1,4 +1,4 @@
-//! A room's state as MLS GroupContext components (draft §10, draft-ietf-mimi-room-policy), in the
+//! A room's state as MLS GroupContext components (draft §7.5-7.6, draft-ietf-mimi-room-policy), in the
 //! `app_data_dictionary` extension, and Parley's Safe AAD expiry hint. Every member agrees on
 //! these cryptographically; a hub reads them from the group's public state.
 
@@ -9,7 +9,7 @@ use tls_codec::{Deserialize as _, Serialize as _, TlsDeserialize, TlsSerialize, 
 
 /// MLS extension type of `app_data_dictionary` (draft-ietf-mls-extensions).
 pub const APP_DATA_DICTIONARY: u16 = 0x0006;
-/// Component ids (draft §12, draft-ietf-mimi-room-policy's suggested values).
+/// Component ids (draft §10 IANA, draft-ietf-mimi-room-policy's suggested values).
 pub const PARTICIPANT_LIST: u16 = 0x0022;
 pub const ROOM_METADATA: u16 = 0x0023;
 pub const BASE_ROOM_POLICY: u16 = 0x0027;
