@@ -86,10 +86,11 @@ pub enum RoomCommand {
         room: String,
         user: String,
     },
-    /// Make a member an admin: admins add, remove and promote; the room's creator is its first.
+    /// Make a member an admin (admins add, remove and promote; a room's creator is its first admin).
     Promote {
         /// The room: its URI (mimi://HUB/r/NAME) or its name.
         room: String,
+        /// The member to make an admin (user@domain).
         user: String,
     },
     /// Leave a group room, with all your devices (another member completes the removal).
