@@ -45,7 +45,12 @@ pub async fn run(config: KitConfig, out: &mut impl Write) -> Result<Summary, Kit
         Some(user) => checks::flow::run(&mut kit, &user, &mut report).await?,
         None => {
             for step in checks::flow::STEPS {
-                report.record(step, Outcome::skip("no --peer-user: the cooperative flow needs a test user at the peer"))?;
+                report.record(
+                    step,
+                    Outcome::skip(
+                        "no --peer-user: the cooperative flow needs a test user at the peer",
+                    ),
+                )?;
             }
         }
     }

@@ -108,15 +108,18 @@ fn load_certs(path: &std::path::Path) -> Result<Vec<CertificateDer<'static>>, Ki
         .collect::<Result<_, _>>()
         .map_err(|e| KitError::Read(path.display().to_string(), e))?;
     if certs.is_empty() {
-        return Err(KitError::Tls(format!("no certificate in {}", path.display())));
+        return Err(KitError::Tls(format!(
+            "no certificate in {}",
+            path.display()
+        )));
     }
     Ok(certs)
 }
 
 fn acceptor(config: &KitConfig) -> Result<TlsAcceptor, KitError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let key_pem =
-        std::fs::read(&config.key).map_err(|e| KitError::Read(config.key.display().to_string(), e))?;
+    let key_pem = std::fs::read(&config.key)
+        .map_err(|e| KitError::Read(config.key.display().to_string(), e))?;
     let key = rustls_pemfile::private_key(&mut key_pem.as_slice())
         .map_err(|e| KitError::Read(config.key.display().to_string(), e))?
         .ok_or_else(|| KitError::Tls(format!("no private key in {}", config.key.display())))?;
@@ -124,10 +127,12 @@ fn acceptor(config: &KitConfig) -> Result<TlsAcceptor, KitError> {
     for ca in load_certs(&config.ca)? {
         roots.add(ca).map_err(tls_error)?;
     }
-    let verifier =
-        rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-            .build()
-            .map_err(tls_error)?;
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots),
+        provider.clone(),
+    )
+    .build()
+    .map_err(tls_error)?;
     let mut tls = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(tls_error)?
@@ -298,7 +303,9 @@ async fn authenticate(
         .and_then(|v| v.to_str().ok())
         .and_then(|f| f.strip_prefix("mimi@"))
         == Some(shared.peer.as_str());
-    let cert_ok = cert.as_deref().is_some_and(|c| names(c, shared.peer.as_str()));
+    let cert_ok = cert
+        .as_deref()
+        .is_some_and(|c| names(c, shared.peer.as_str()));
     if from_ok && cert_ok {
         next.run(request).await
     } else {
@@ -376,7 +383,12 @@ async fn endpoint(
 }
 
 /// The answer to one call and what it tells the checks.
-fn answer(shared: &Shared, endpoint: &str, param: &str, body: &[u8]) -> (Response, Option<Inbound>) {
+fn answer(
+    shared: &Shared,
+    endpoint: &str,
+    param: &str,
+    body: &[u8],
+) -> (Response, Option<Inbound>) {
     let room = full_uri(param);
     match endpoint {
         "notify" => match NotifyRequest::decode(body) {
@@ -384,11 +396,18 @@ fn answer(shared: &Shared, endpoint: &str, param: &str, body: &[u8]) -> (Respons
                 let hub_ok = RoomId::parse(&room).is_ok_and(|r| r.hub() == &shared.peer);
                 if !hub_ok {
                     return (
-                        refuse(StatusCode::FORBIDDEN, "not_hub", "you are not this room's hub"),
+                        refuse(
+                            StatusCode::FORBIDDEN,
+                            "not_hub",
+                            "you are not this room's hub",
+                        ),
                         None,
                     );
                 }
-                (StatusCode::CREATED.into_response(), Some(Inbound::Notify { room, request }))
+                (
+                    StatusCode::CREATED.into_response(),
+                    Some(Inbound::Notify { room, request }),
+                )
             }
             Err(e) => (bad_body(e), None),
         },
@@ -475,16 +494,13 @@ fn key_material(
     target: &str,
     request: &KeyMaterialRequest,
 ) -> (KeyMaterialResponse, usize) {
-    let signed_ok = request
-        .tbs()
-        .sign_content()
-        .is_ok_and(|c| {
-            crate::mls::verify(
-                request.requester_signature_key.as_slice(),
-                &c,
-                request.signature.as_slice(),
-            )
-        });
+    let signed_ok = request.tbs().sign_content().is_ok_and(|c| {
+        crate::mls::verify(
+            request.requester_signature_key.as_slice(),
+            &c,
+            request.signature.as_slice(),
+        )
+    });
     let requester_ok = request
         .requesting_user
         .as_str()
@@ -496,10 +512,16 @@ fn key_material(
         return (KeyMaterialResponse::refused(UserCode::NoConsent, target), 0);
     }
     let Ok(mut hosted) = shared.hosted.lock() else {
-        return (KeyMaterialResponse::refused(UserCode::UserUnknown, target), 0);
+        return (
+            KeyMaterialResponse::refused(UserCode::UserUnknown, target),
+            0,
+        );
     };
     if !hosted.users.contains(target) {
-        return (KeyMaterialResponse::refused(UserCode::UserUnknown, target), 0);
+        return (
+            KeyMaterialResponse::refused(UserCode::UserUnknown, target),
+            0,
+        );
     }
     let offers = hosted.offers.entry(target.to_owned()).or_default();
     let mut seen = HashSet::new();

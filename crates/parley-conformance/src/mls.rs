@@ -418,7 +418,8 @@ impl KitClient {
                 Ok(Processed::Proposal)
             }
             ProcessedMessageContent::ExternalJoinProposalMessage(_) => Ok(Processed::Proposal),
-            ProcessedMessageContent::OwnPendingCommit | ProcessedMessageContent::OwnPrivateMessage { .. } => {
+            ProcessedMessageContent::OwnPendingCommit
+            | ProcessedMessageContent::OwnPrivateMessage { .. } => {
                 Err(MlsError("a message of this client itself".into()))
             }
             ProcessedMessageContent::StagedCommitMessage(staged) => {
@@ -438,10 +439,11 @@ impl KitClient {
     ) -> Result<(RoomId, RoomState)> {
         let welcome = welcome.parse().map_err(|e| err("Welcome", e))?;
         let tree: RatchetTreeIn = tree.parse().map_err(|e| err("ratchet tree", e))?;
-        let group = StagedWelcome::new_from_welcome(&self.provider, &join_config(), welcome, Some(tree))
-            .map_err(|e| err("Welcome", e))?
-            .into_group(&self.provider)
-            .map_err(|e| err("joining", e))?;
+        let group =
+            StagedWelcome::new_from_welcome(&self.provider, &join_config(), welcome, Some(tree))
+                .map_err(|e| err("Welcome", e))?
+                .into_group(&self.provider)
+                .map_err(|e| err("joining", e))?;
         let state = read_state(group.extensions())?;
         self.groups.insert(state.room.clone(), group);
         Ok((state.room.clone(), state))
@@ -512,7 +514,10 @@ fn tree_of(group: &MlsGroup) -> Result<mimi::RatchetTree> {
 
 fn state_extension(state: &RoomState) -> Result<Extension> {
     let data = state.encode().map_err(|e| err("room state", e))?;
-    Ok(Extension::Unknown(APP_DATA_DICTIONARY, UnknownExtension(data)))
+    Ok(Extension::Unknown(
+        APP_DATA_DICTIONARY,
+        UnknownExtension(data),
+    ))
 }
 
 fn read_state(extensions: &Extensions<GroupContext>) -> Result<RoomState> {
@@ -534,12 +539,18 @@ pub fn device_of(credential: &Credential) -> Result<DeviceUri> {
 pub fn group_id_of(message: &mimi::MlsMessage) -> Option<Vec<u8>> {
     let msg = MlsMessageIn::tls_deserialize_exact(message.bytes()).ok()?;
     match msg.extract() {
-        MlsMessageBodyIn::PublicMessage(m) => {
-            Some(openmls::prelude::ProtocolMessage::from(m).group_id().as_slice().to_vec())
-        }
-        MlsMessageBodyIn::PrivateMessage(m) => {
-            Some(openmls::prelude::ProtocolMessage::from(m).group_id().as_slice().to_vec())
-        }
+        MlsMessageBodyIn::PublicMessage(m) => Some(
+            openmls::prelude::ProtocolMessage::from(m)
+                .group_id()
+                .as_slice()
+                .to_vec(),
+        ),
+        MlsMessageBodyIn::PrivateMessage(m) => Some(
+            openmls::prelude::ProtocolMessage::from(m)
+                .group_id()
+                .as_slice()
+                .to_vec(),
+        ),
         _ => None,
     }
 }
@@ -583,7 +594,12 @@ impl HpkeKey {
 /// Verifies an Ed25519 SignWithLabel signature over `sign_content`.
 pub fn verify(public_key: &[u8], sign_content: &[u8], signature: &[u8]) -> bool {
     openmls_rust_crypto::RustCrypto::default()
-        .verify_signature(SignatureScheme::ED25519, sign_content, public_key, signature)
+        .verify_signature(
+            SignatureScheme::ED25519,
+            sign_content,
+            public_key,
+            signature,
+        )
         .is_ok()
 }
 
@@ -604,9 +620,7 @@ mod tests {
         let mut state = RoomState::group(room.clone(), "", alice.user(), None);
         alice.create_room(&state, &hub).unwrap();
         let (kp, _) = bob.key_package().unwrap();
-        let (device, kp) = alice
-            .validate_key_package(kp.bytes(), bob.user())
-            .unwrap();
+        let (device, kp) = alice.validate_key_package(kp.bytes(), bob.user()).unwrap();
         assert_eq!(device, bob.device);
         state
             .participants
@@ -625,10 +639,16 @@ mod tests {
         let ext = bob2
             .external_join(&room, &out.group_info, &out.ratchet_tree)
             .unwrap();
-        assert!(matches!(alice.process(&room, &ext.commit).unwrap(), Processed::Commit));
+        assert!(matches!(
+            alice.process(&room, &ext.commit).unwrap(),
+            Processed::Commit
+        ));
         assert_eq!(alice.members(&room).unwrap().len(), 3);
         let leave = bob2.leave(&room).unwrap();
-        assert!(matches!(alice.process(&room, &leave).unwrap(), Processed::Proposal));
+        assert!(matches!(
+            alice.process(&room, &leave).unwrap(),
+            Processed::Proposal
+        ));
     }
 
     #[test]

@@ -94,7 +94,10 @@ pub fn url_parts(url: &str) -> Option<(String, u16, String)> {
             p.parse().ok()?,
         ),
         _ => (
-            authority.trim_start_matches('[').trim_end_matches(']').to_owned(),
+            authority
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_owned(),
             443,
         ),
     };
@@ -119,8 +122,8 @@ pub struct PeerClient {
 
 impl PeerClient {
     pub async fn new(config: &KitConfig) -> Result<Self, KitError> {
-        let (host, port, path) =
-            url_parts(&config.peer_url).ok_or_else(|| KitError::PeerUrl(config.peer_url.clone()))?;
+        let (host, port, path) = url_parts(&config.peer_url)
+            .ok_or_else(|| KitError::PeerUrl(config.peer_url.clone()))?;
         let addr: SocketAddr = tokio::net::lookup_host((host.as_str(), port))
             .await
             .map_err(|e| KitError::Resolve(host.clone(), e.to_string()))?
@@ -200,7 +203,11 @@ impl PeerClient {
         self.send(request, &Forge::default()).await
     }
 
-    async fn send(&self, request: reqwest::RequestBuilder, forge: &Forge) -> Result<Answer, String> {
+    async fn send(
+        &self,
+        request: reqwest::RequestBuilder,
+        forge: &Forge,
+    ) -> Result<Answer, String> {
         let from = forge
             .from
             .clone()
@@ -214,7 +221,9 @@ impl PeerClient {
         let mut body = Vec::new();
         while let Some(chunk) = response.chunk().await.map_err(|e| error_chain(&e))? {
             if body.len() + chunk.len() > MAX_ANSWER {
-                return Err(format!("HTTP {status} with an answer over {MAX_ANSWER} bytes"));
+                return Err(format!(
+                    "HTTP {status} with an answer over {MAX_ANSWER} bytes"
+                ));
             }
             body.extend_from_slice(&chunk);
         }

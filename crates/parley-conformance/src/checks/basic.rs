@@ -13,7 +13,10 @@ use std::io::Write;
 
 pub async fn run<W: Write>(kit: &mut Kit, report: &mut Report<'_, W>) -> std::io::Result<()> {
     report.record("directory", directory(kit).await)?;
-    report.record("keyMaterial.unknown-user", key_material_unknown_user(kit).await)?;
+    report.record(
+        "keyMaterial.unknown-user",
+        key_material_unknown_user(kit).await,
+    )?;
     report.record(
         "identifierQuery.unknown-handle",
         identifier_unknown_handle(kit).await,
@@ -29,7 +32,10 @@ pub async fn run<W: Write>(kit: &mut Kit, report: &mut Report<'_, W>) -> std::io
     report.record("submitMessage.unknown-room", submit_unknown_room(kit).await)?;
     report.record("update.unknown-room", update_unknown_room(kit).await)?;
     report.record("groupInfo.unknown-room", group_info_unknown_room(kit).await)?;
-    report.record("reportAbuse.unknown-room", report_abuse_unknown_room(kit).await)?;
+    report.record(
+        "reportAbuse.unknown-room",
+        report_abuse_unknown_room(kit).await,
+    )?;
     report.record("notify.room-hubbed-by-peer", notify_not_hub(kit).await)?;
     report.record(
         "notify.unknown-room-message",
@@ -96,7 +102,9 @@ async fn directory(kit: &mut Kit) -> Outcome {
     kit.peer.set_directory(directory);
     let extra = map.len().saturating_sub(ENDPOINTS.len());
     if problems.is_empty() {
-        Outcome::pass(format!("ten endpoints, https templates ({extra} extension keys)"))
+        Outcome::pass(format!(
+            "ten endpoints, https templates ({extra} extension keys)"
+        ))
     } else {
         Outcome::fail(problems.join("; "))
     }
@@ -128,7 +136,10 @@ pub fn key_material_refusal(body: &[u8]) -> Result<String, String> {
             r.clients.len()
         ));
     }
-    Ok(format!("KeyMaterialResponse {}, no clients", user_code(r.user_status)))
+    Ok(format!(
+        "KeyMaterialResponse {}, no clients",
+        user_code(r.user_status)
+    ))
 }
 
 /// keyMaterial for a user the peer does not have: a KeyMaterialResponse refusing, no clients.
@@ -166,10 +177,17 @@ fn query_code(v: u8) -> &'static str {
     }
 }
 
-async fn identifier_query(kit: &Kit, request: IdentifierRequest) -> Result<IdentifierResponse, String> {
+async fn identifier_query(
+    kit: &Kit,
+    request: IdentifierRequest,
+) -> Result<IdentifierResponse, String> {
     let answer = kit
         .peer
-        .post("identifierQuery", kit.config.peer.as_str(), request.encode())
+        .post(
+            "identifierQuery",
+            kit.config.peer.as_str(),
+            request.encode(),
+        )
         .await?;
     if answer.status != 200 {
         return Err(format!("expected 200, got {}", answer.describe()));
@@ -180,10 +198,7 @@ async fn identifier_query(kit: &Kit, request: IdentifierRequest) -> Result<Ident
 
 /// identifierQuery for a handle nobody has: `notFound`, no URIs.
 async fn identifier_unknown_handle(kit: &Kit) -> Outcome {
-    let handle = format!(
-        "im:kit-nobody-q-{}@{}",
-        kit.run_id, kit.config.peer
-    );
+    let handle = format!("im:kit-nobody-q-{}@{}", kit.run_id, kit.config.peer);
     match identifier_query(kit, IdentifierRequest::handle(&handle)).await {
         Ok(r) => Outcome::check(
             r.response_code == QueryCode::NotFound as u8 && r.uri.is_empty(),
@@ -248,9 +263,10 @@ fn submit_refusal(body: &[u8]) -> Result<String, String> {
 
 fn update_refusal(body: &[u8]) -> Result<String, String> {
     match UpdateRoomResponse::decode(body) {
-        Ok(r @ UpdateRoomResponse::NotAllowed { .. }) => {
-            Ok(format!("UpdateRoomResponse notAllowed ({})", r.description()))
-        }
+        Ok(r @ UpdateRoomResponse::NotAllowed { .. }) => Ok(format!(
+            "UpdateRoomResponse notAllowed ({})",
+            r.description()
+        )),
         Ok(other) => Err(format!("UpdateRoomResponse {other:?}")),
         Err(e) => Err(format!("the body is no UpdateRoomResponse: {e}")),
     }

@@ -19,7 +19,10 @@ use std::io::Write;
 pub const OTHER_DOMAIN: &str = "other.test";
 
 pub async fn run<W: Write>(kit: &mut Kit, report: &mut Report<'_, W>) -> std::io::Result<()> {
-    report.record("forge.from-not-certificate", from_not_certificate(kit).await)?;
+    report.record(
+        "forge.from-not-certificate",
+        from_not_certificate(kit).await,
+    )?;
     report.record("forge.wrong-host", wrong_host(kit).await)?;
     report.record(
         "forge.requestConsent-requester-domain",
@@ -152,8 +155,7 @@ fn valid_bodies(kit: &Kit) -> Vec<(&'static str, String, Vec<u8>)> {
 
 /// An honest identifierQuery, for the header forgeries.
 fn query_body(kit: &Kit) -> Vec<u8> {
-    IdentifierRequest::handle(&format!("im:kit-nobody-{}@{}", kit.run_id, kit.config.peer))
-        .encode()
+    IdentifierRequest::handle(&format!("im:kit-nobody-{}@{}", kit.run_id, kit.config.peer)).encode()
 }
 
 /// `From: mimi@other.test` on the kit's own certificate.
@@ -164,7 +166,12 @@ async fn from_not_certificate(kit: &Kit) -> Outcome {
     };
     let answer = kit
         .peer
-        .post_forged("identifierQuery", kit.config.peer.as_str(), query_body(kit), &forge)
+        .post_forged(
+            "identifierQuery",
+            kit.config.peer.as_str(),
+            query_body(kit),
+            &forge,
+        )
         .await;
     refused(&answer)
 }
@@ -177,7 +184,12 @@ async fn wrong_host(kit: &Kit) -> Outcome {
     };
     let answer = kit
         .peer
-        .post_forged("identifierQuery", kit.config.peer.as_str(), query_body(kit), &forge)
+        .post_forged(
+            "identifierQuery",
+            kit.config.peer.as_str(),
+            query_body(kit),
+            &forge,
+        )
         .await;
     refused(&answer)
 }
@@ -224,7 +236,8 @@ async fn consent_target_domain(kit: &Kit) -> Outcome {
 /// provider (so the kit is neither the requester's provider nor the room's hub).
 async fn key_material_requester_domain(kit: &Kit) -> Outcome {
     let other = kit.other.clone();
-    let mallory = match super::device(&other, "mallory", "m1").and_then(|d| Ok(KitClient::new(d)?)) {
+    let mallory = match super::device(&other, "mallory", "m1").and_then(|d| Ok(KitClient::new(d)?))
+    {
         Ok(c) => c,
         Err(e) => return Outcome::fail(format!("kit error: {e}")),
     };
@@ -245,7 +258,11 @@ async fn key_material_requester_domain(kit: &Kit) -> Outcome {
 }
 
 /// keyMaterial answers that refuse: a 4xx, or a refusal code without clients.
-async fn key_material_refused(kit: &Kit, path_target: &str, request: KeyMaterialRequest) -> Outcome {
+async fn key_material_refused(
+    kit: &Kit,
+    path_target: &str,
+    request: KeyMaterialRequest,
+) -> Outcome {
     let answer = kit
         .peer
         .post("keyMaterial", path_form(path_target), request.encode())

@@ -72,7 +72,8 @@ impl Kit {
         let peer = PeerClient::new(&config).await?;
         let listener = Listener::start(&config).await?;
         let hub = HubKey::new(&config.as_domain)?;
-        let mut alice = KitClient::new(device(&config.as_domain, "kit-alice", &random_hex::<8>())?)?;
+        let mut alice =
+            KitClient::new(device(&config.as_domain, "kit-alice", &random_hex::<8>())?)?;
         let bob = KitClient::new(device(&config.as_domain, "kit-bob", &random_hex::<8>())?)?;
         {
             let mut hosted = listener.hosted();
@@ -96,7 +97,10 @@ impl Kit {
 
     /// A user URI at the peer that does not exist (this run's name).
     pub fn nobody(&self, tag: &str) -> String {
-        user_uri(&self.config.peer, &format!("kit-nobody-{tag}-{}", self.run_id))
+        user_uri(
+            &self.config.peer,
+            &format!("kit-nobody-{tag}-{}", self.run_id),
+        )
     }
 
     /// A room URI at the peer that does not exist.
@@ -106,7 +110,10 @@ impl Kit {
 
     /// A room URI at the kit that the peer has never heard of.
     pub fn kit_room(&self, tag: &str) -> String {
-        format!("mimi://{}/r/kit-{tag}-{}", self.config.as_domain, self.run_id)
+        format!(
+            "mimi://{}/r/kit-{tag}-{}",
+            self.config.as_domain, self.run_id
+        )
     }
 
     /// A consent entry from one of the kit's users.
@@ -148,9 +155,10 @@ impl Material {
         let (kp, _) = bob.key_package()?;
         let (_, kp) = alice.validate_key_package(kp.bytes(), bob.user())?;
         let mut state = alice.room_state(&room)?;
-        state
-            .participants
-            .insert(bob.user().clone(), parley_proto::mimi::room_state::ROLE_MEMBER);
+        state.participants.insert(
+            bob.user().clone(),
+            parley_proto::mimi::room_state::ROLE_MEMBER,
+        );
         let out = alice.commit(&room, vec![kp], vec![], Some(&state))?;
         let welcome = out
             .welcome
