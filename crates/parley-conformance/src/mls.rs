@@ -319,6 +319,20 @@ impl KitClient {
             .collect())
     }
 
+    /// The group's `external_senders`, in MIMI's wire form.
+    pub fn external_senders(&mut self, room: &RoomId) -> Result<Vec<mimi::ExternalSender>> {
+        let group = self.group(room)?;
+        let mut out = Vec::new();
+        for sender in group.extensions().external_senders().into_iter().flatten() {
+            let bytes = encode(sender)?;
+            out.push(
+                mimi::ExternalSender::tls_deserialize_exact(&bytes)
+                    .map_err(|e| err("external sender", e))?,
+            );
+        }
+        Ok(out)
+    }
+
     pub fn epoch(&mut self, room: &RoomId) -> Result<u64> {
         Ok(self.group(room)?.epoch().as_u64())
     }
@@ -419,7 +433,7 @@ impl KitClient {
             }
             ProcessedMessageContent::ExternalJoinProposalMessage(_) => Ok(Processed::Proposal),
             ProcessedMessageContent::OwnPendingCommit
-            | ProcessedMessageContent::OwnPrivateMessage { .. } => {
+            | ProcessedMessageContent::OwnPrivateMessage => {
                 Err(MlsError("a message of this client itself".into()))
             }
             ProcessedMessageContent::StagedCommitMessage(staged) => {
@@ -533,6 +547,12 @@ pub fn device_of(credential: &Credential) -> Result<DeviceUri> {
     let identity = std::str::from_utf8(basic.identity())
         .map_err(|_| MlsError("credential identity is not UTF-8".into()))?;
     DeviceUri::parse(identity).map_err(|e| err("credential identity", e))
+}
+
+/// The identity of a BasicCredential, as text.
+pub fn credential_identity(credential: &Credential) -> Option<String> {
+    let basic = BasicCredential::try_from(credential.clone()).ok()?;
+    String::from_utf8(basic.identity().to_vec()).ok()
 }
 
 /// The group id of an MLSMessage's framed content, if it has one.

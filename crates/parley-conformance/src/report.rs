@@ -132,6 +132,11 @@ impl<'w, W: Write> Report<'w, W> {
         Ok(())
     }
 
+    /// Whether the check called `name` was recorded.
+    pub fn has(&self, name: &str) -> bool {
+        self.summary.line(name).is_some()
+    }
+
     /// A line for the peer's operator: `WAIT <what to do>` or `NOTE <text>`.
     pub fn say(&mut self, tag: &str, text: &str) -> std::io::Result<()> {
         writeln!(self.out, "{tag} {}", one_line(text))?;
