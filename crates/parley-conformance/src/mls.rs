@@ -142,13 +142,20 @@ fn join_config() -> MlsGroupJoinConfig {
 
 impl KitClient {
     pub fn new(device: DeviceUri) -> Result<Self> {
-        Ok(Self {
+        let signer =
+            SignatureKeyPair::new(SignatureScheme::ED25519).map_err(|e| err("signature key", e))?;
+        Ok(Self::with_signer(device, signer))
+    }
+
+    /// A client whose signature key was made before its device id was known (a provider that
+    /// assigns device ids at registration).
+    pub fn with_signer(device: DeviceUri, signer: SignatureKeyPair) -> Self {
+        Self {
             device,
             provider: OpenMlsRustCrypto::default(),
-            signer: SignatureKeyPair::new(SignatureScheme::ED25519)
-                .map_err(|e| err("signature key", e))?,
+            signer,
             groups: HashMap::new(),
-        })
+        }
     }
 
     pub fn user(&self) -> &UserId {
@@ -259,9 +266,9 @@ impl KitClient {
 
     /// Creates the group of a room the kit hubs: group id `mimi://HUB/g/NAME`, GroupContext with
     /// the hub as external sender, the requirements and the room state.
-    pub fn create_room(&mut self, state: &RoomState, hub: &HubKey) -> Result<()> {
+    pub fn create_room(&mut self, state: &RoomState, hub: ExternalSender) -> Result<()> {
         let extensions = Extensions::from_vec(vec![
-            Extension::ExternalSenders(vec![hub.external_sender()]),
+            Extension::ExternalSenders(vec![hub]),
             Extension::RequiredCapabilities(RequiredCapabilitiesExtension::new(
                 &[ROOM_STATE],
                 &[],
@@ -292,7 +299,7 @@ impl KitClient {
     /// A scratch group (no room state) whose messages no peer knows: material for checks.
     pub fn create_scratch(&mut self, room: &RoomId, hub: &HubKey) -> Result<()> {
         let state = RoomState::group(room.clone(), "", self.user(), None);
-        self.create_room(&state, hub)
+        self.create_room(&state, hub.external_sender())
     }
 
     fn group(&mut self, room: &RoomId) -> Result<&mut MlsGroup> {
@@ -303,6 +310,24 @@ impl KitClient {
 
     pub fn has_group(&self, room: &RoomId) -> bool {
         self.groups.contains_key(room)
+    }
+
+    /// Whether this client is still a member of the room's group (not removed).
+    pub fn is_active(&self, room: &RoomId) -> bool {
+        self.groups.get(room).is_some_and(MlsGroup::is_active)
+    }
+
+    /// The group's GroupInfo (without the tree) as an MLSMessage, and its ratchet tree.
+    pub fn group_info_and_tree(&mut self, room: &RoomId) -> Result<(Vec<u8>, Vec<u8>)> {
+        let crypto = self.provider.crypto();
+        let group = self
+            .groups
+            .get(room)
+            .ok_or_else(|| MlsError(format!("no group for {room}")))?;
+        let info = group
+            .export_group_info(crypto, &self.signer, false)
+            .map_err(|e| err("GroupInfo", e))?;
+        Ok((encode(&info)?, encode(&group.export_ratchet_tree())?))
     }
 
     /// The room state in the group's GroupContext.
@@ -638,7 +663,7 @@ mod tests {
         let mut bob = client("mimi://wave.test/d/bob/b1");
         let room = RoomId::parse("mimi://kit.test/r/room1").unwrap();
         let mut state = RoomState::group(room.clone(), "", alice.user(), None);
-        alice.create_room(&state, &hub).unwrap();
+        alice.create_room(&state, hub.external_sender()).unwrap();
         let (kp, _) = bob.key_package().unwrap();
         let (device, kp) = alice.validate_key_package(kp.bytes(), bob.user()).unwrap();
         assert_eq!(device, bob.device);

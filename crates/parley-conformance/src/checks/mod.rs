@@ -81,6 +81,7 @@ impl Kit {
             hosted.users.insert(bob.user().to_uri());
         }
         let material = Material::new(&config.as_domain, &run_id, &mut alice, &bob, &hub)?;
+        offer_key_packages(&listener, &bob, OFFERED_KEY_PACKAGES)?;
         Ok(Self {
             config,
             peer,
@@ -137,6 +138,24 @@ impl Kit {
             abuse_extensions: AppDataDictionary::default(),
         }
     }
+}
+
+/// How many KeyPackages of kit-bob's client the kit's keyMaterial hands out, one per call.
+pub const OFFERED_KEY_PACKAGES: usize = 3;
+
+/// Offers `n` KeyPackages of `client` through the kit's keyMaterial (from the start, so a peer
+/// claiming early finds them).
+fn offer_key_packages(listener: &Listener, client: &KitClient, n: usize) -> Result<(), KitError> {
+    let mut offers = Vec::new();
+    for _ in 0..n {
+        let (kp, _) = client.key_package()?;
+        offers.push((client.device.to_string(), kp));
+    }
+    listener
+        .hosted()
+        .offers
+        .insert(client.user().to_uri(), offers);
+    Ok(())
 }
 
 impl Material {
