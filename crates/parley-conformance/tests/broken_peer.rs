@@ -73,3 +73,35 @@ async fn a_peer_that_says_yes_to_everything_fails() {
     assert!(text.contains("\nFAIL directory: "), "{text}");
     assert!(text.trim_end().ends_with(&summary.totals()));
 }
+
+/// A peer user who never does anything: every awaited step ends in a `FAIL` line after the
+/// timeout (or `SKIP`s after it), and the run ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiting_for_a_silent_peer_ends_in_fail_lines() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = TestCa::new(dir.path());
+    let peer = yes_man(&ca, dir.path(), "broken.test").await;
+    let mut kit = kit_config(dir.path(), &ca, "broken.test", peer, free_addr());
+    kit.peer_user = Some(parley_proto::UserId::parse("silent@broken.test").unwrap());
+    kit.timeout = std::time::Duration::from_secs(1);
+    let started = std::time::Instant::now();
+    let mut out = Vec::new();
+    let summary = tokio::time::timeout(
+        std::time::Duration::from_secs(60),
+        parley_conformance::run(kit, &mut out),
+    )
+    .await
+    .expect("the kit never hangs")
+    .unwrap();
+    let text = String::from_utf8(out).unwrap();
+    println!("{text}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(30));
+    for step in parley_conformance::checks::flow::steps() {
+        let line = summary.line(step).unwrap();
+        assert_ne!(line.verdict, Verdict::Pass, "{step}: {}", line.detail);
+    }
+    let consent = summary.line("flow.reverse-consent").unwrap();
+    assert_eq!(consent.verdict, Verdict::Fail);
+    assert!(consent.detail.contains("within"), "{}", consent.detail);
+    assert!(text.contains("\nWAIT as silent@broken.test"));
+}

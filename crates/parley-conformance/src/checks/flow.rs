@@ -2,21 +2,26 @@
 //! `WAIT` lines. Two parts, each stopping (the rest `SKIP`) at the first step it cannot get past:
 //!
 //! **A, a room the kit hubs:** requestConsent from kit-alice to USER; the peer's updateConsent
-//! grant at the kit's listener; keyMaterial for USER (signed by kit-alice's client); kit-alice
-//! creates the room (GroupContext per docs/mimi-profile.md §4) and commits Add + GCE; the
-//! Welcome (with the full tree) by notify; a message by notify; USER's reply through
-//! submitMessage at the kit, decrypted and its MIMI content's senderUri checked; the hub's echo
-//! of the reply by notify; the first notify replayed byte for byte (`201`; that nothing is
-//! processed twice the caller checks at USER's clients); a commit adding kit-bob; a commit
-//! removing USER's clients (Remove + GCE).
+//! grant at the kit's listener; now that USER consents, a keyMaterial with a flipped signature
+//! bit and one whose URL names another user must still be refused; keyMaterial for USER
+//! (signed by kit-alice's client); kit-alice creates the room (GroupContext per
+//! docs/mimi-profile.md §4) and commits Add + GCE; the Welcome (with the full tree) by notify;
+//! a message by notify; USER's reply through submitMessage at the kit, decrypted and its MIMI
+//! content's senderUri checked; the hub's echo of the reply by notify; the first notify
+//! replayed byte for byte (`201`; that nothing is processed twice the caller checks at USER's
+//! clients); a commit adding kit-bob; a commit removing USER's clients (Remove + GCE).
 //!
 //! **B, a room the peer hubs:** USER asks kit-bob for consent (the kit grants) and creates a
 //! room adding kit-bob: the peer's keyMaterial call, then its Welcome by notify, which kit-bob
-//! joins; kit-bob's message by submitMessage; URL-room-vs-body-room and sender-domain
-//! forgeries on that real room; reportAbuse; groupInfo for a second client of kit-bob (the
-//! answer decrypted and its hub signature verified with the hub's ExternalSender from the
-//! answer, which must be the group's); that client's external commit through update; kit-bob's
-//! clients leave by self-Remove proposals through update.
+//! joins; kit-bob's message by submitMessage; forgeries on that real room (a message and a
+//! commit of another group, messages in the name of the peer's user and of a non-participant,
+//! an abuse report by another provider's user, groupInfo for a non-participant, an external
+//! commit by a non-participant); kit-bob's reportAbuse; groupInfo for a second client of
+//! kit-bob (decrypted, the hub signature verified with the ExternalSender in the answer, which
+//! must be the group's); that client's external commit through update; kit-bob's clients
+//! leave by self-Remove proposals through update.
+//!
+//! `tests/cooperative.rs` drives all of it against parley-server with a scripted USER.
 
 use super::basic::group_info_refusal;
 use super::{now_ms, path_form, refused, refused_or, Kit};
@@ -36,9 +41,11 @@ use std::io::Write;
 use std::time::Instant;
 
 /// Part A's checks, in order.
-pub const HUB_STEPS: [&str; 10] = [
+pub const HUB_STEPS: [&str; 12] = [
     "flow.consent-request",
     "flow.consent-grant",
+    "forge.consented.keyMaterial-bad-signature",
+    "forge.consented.keyMaterial-path-vs-body",
     "flow.keyMaterial",
     "flow.notify-welcome",
     "flow.notify-message",
@@ -50,7 +57,7 @@ pub const HUB_STEPS: [&str; 10] = [
 ];
 
 /// Part B's checks, in order.
-pub const FOLLOWER_STEPS: [&str; 11] = [
+pub const FOLLOWER_STEPS: [&str; 15] = [
     "flow.reverse-consent",
     "flow.reverse-keyMaterial",
     "flow.reverse-welcome",
@@ -58,8 +65,12 @@ pub const FOLLOWER_STEPS: [&str; 11] = [
     "forge.room-mismatch.submitMessage",
     "forge.room-mismatch.update",
     "forge.shared-room.sender-domain",
+    "forge.shared-room.non-member-sender",
     "forge.shared-room.reportAbuse-reporter",
+    "forge.shared-room.groupInfo-non-participant",
+    "flow.reverse-reportAbuse",
     "flow.reverse-groupInfo",
+    "forge.shared-room.external-commit-non-participant",
     "flow.reverse-external-commit",
     "flow.reverse-leave",
 ];
@@ -170,18 +181,25 @@ async fn hub_part<W: Write>(
     }
     let room = match RoomId::new(&kit.config.as_domain, &format!("kit-flow-{}", kit.run_id)) {
         Ok(r) => r,
-        Err(e) => return report.record(HUB_STEPS[2], Outcome::fail(kit_error(e))),
+        Err(e) => return report.record(HUB_STEPS[4], Outcome::fail(kit_error(e))),
     };
+    // Now that USER consents to kit-alice, a provider that ignored signatures or read the
+    // target from the body would hand out USER's KeyPackages.
+    let target = user.to_uri();
+    let outcome = super::forge::bad_signature_claim(kit, &target, &room).await;
+    report.record(HUB_STEPS[2], outcome)?;
+    let outcome = super::forge::path_vs_body_claim(kit, &kit.nobody("path"), &target, &room).await;
+    report.record(HUB_STEPS[3], outcome)?;
     let step = claim(kit, user, &room).await;
-    let Some(packages) = record(report, HUB_STEPS[2], step)? else {
+    let Some(packages) = record(report, HUB_STEPS[4], step)? else {
         return Ok(());
     };
     let step = welcome(kit, user, &room, packages).await;
-    if record(report, HUB_STEPS[3], step)?.is_none() {
+    if record(report, HUB_STEPS[5], step)?.is_none() {
         return Ok(());
     }
     let step = first_message(kit, &room).await;
-    let Some(notified) = record(report, HUB_STEPS[4], step)? else {
+    let Some(notified) = record(report, HUB_STEPS[6], step)? else {
         return Ok(());
     };
     report.say(
@@ -191,7 +209,7 @@ async fn hub_part<W: Write>(
         ),
     )?;
     let step = reply(kit, user, &room).await;
-    let Some(reply_message) = record(report, HUB_STEPS[5], step)? else {
+    let Some(reply_message) = record(report, HUB_STEPS[7], step)? else {
         return Ok(());
     };
     let echo = FanoutMessage {
@@ -202,11 +220,11 @@ async fn hub_part<W: Write>(
     let step = notify(kit, &room, vec![echo])
         .await
         .map(|(_, d)| ((), format!("{d}: the hub's echo of {user}'s own message")));
-    record(report, HUB_STEPS[6], step)?;
+    record(report, HUB_STEPS[8], step)?;
     let step = post_created(kit, "notify", room.path_form(), notified)
         .await
         .map(|((), d)| ((), format!("{d} for a byte-identical retry")));
-    if record(report, HUB_STEPS[7], step)?.is_some() {
+    if record(report, HUB_STEPS[9], step)?.is_some() {
         report.say(
             "NOTE",
             &format!(
@@ -215,11 +233,11 @@ async fn hub_part<W: Write>(
         )?;
     }
     let step = add_bob(kit, &room).await;
-    if record(report, HUB_STEPS[8], step)?.is_none() {
+    if record(report, HUB_STEPS[10], step)?.is_none() {
         return Ok(());
     }
     let step = remove_user(kit, user, &room).await;
-    if record(report, HUB_STEPS[9], step)?.is_some() {
+    if record(report, HUB_STEPS[11], step)?.is_some() {
         report.say(
             "NOTE",
             &format!("check that {user}'s clients show they were removed from {room}"),
@@ -482,60 +500,167 @@ async fn follower_part<W: Write>(
     )?;
     // The consent step fails softly: a peer may claim without asking first.
     let step = reverse_consent(kit, user).await;
-    record(report, FOLLOWER_STEPS[0], step)?;
+    record(report, "flow.reverse-consent", step)?;
     let step = reverse_claim(kit, user).await;
-    let Some(claimed_room) = record(report, FOLLOWER_STEPS[1], step)? else {
+    let Some(claimed_room) = record(report, "flow.reverse-keyMaterial", step)? else {
         return Ok(());
     };
     let step = reverse_welcome(kit, user, claimed_room).await;
-    let Some(room) = record(report, FOLLOWER_STEPS[2], step)? else {
+    let Some(room) = record(report, "flow.reverse-welcome", step)? else {
         return Ok(());
     };
     let step = reverse_submit(kit, &room).await;
-    record(report, FOLLOWER_STEPS[3], step)?;
-    let sender = bob.to_uri();
-    let body = SubmitMessageRequest::new(kit.material.application.clone(), &sender).encode();
-    let answer = kit.peer.post("submitMessage", room.path_form(), body).await;
-    report.record(FOLLOWER_STEPS[4], refused_or(&answer, submit_refusal))?;
-    let answer = kit
-        .peer
-        .post("update", room.path_form(), kit.material.commit.encode())
-        .await;
-    report.record(FOLLOWER_STEPS[5], refused_or(&answer, update_refusal))?;
-    let outcome = match shared_room_sender_forgery(kit, user, &room).await {
-        Ok(answer) => refused_or(&answer, submit_refusal),
-        Err(e) => Outcome::fail(e),
-    };
-    report.record(FOLLOWER_STEPS[6], outcome)?;
-    let mut forged = kit.abuse_report(user.to_uri().as_str());
-    forged.reporting_user = IdentifierUri::new(&super::user_uri(&kit.other, "mallory"));
-    let answer = kit
-        .peer
-        .post("reportAbuse", room.path_form(), forged.encode())
-        .await;
-    report.record(FOLLOWER_STEPS[7], refused(&answer))?;
+    record(report, "flow.reverse-submit", step)?;
+    shared_room_forgeries(kit, user, &room, report).await?;
+    let mut abuse = kit.abuse_report(&user.to_uri());
+    abuse.reporting_user = IdentifierUri::new(&bob.to_uri());
+    let step = post_created(kit, "reportAbuse", room.path_form(), abuse.encode())
+        .await
+        .map(|((), d)| ((), format!("{d} for {bob}'s report about {user}")));
+    record(report, "flow.reverse-reportAbuse", step)?;
     let mut second = match super::device(&kit.config.as_domain, "kit-bob", &random_hex::<8>())
         .and_then(|d| Ok(KitClient::new(d)?))
     {
         Ok(c) => c,
-        Err(e) => return report.record(FOLLOWER_STEPS[8], Outcome::fail(kit_error(e))),
+        Err(e) => return report.record("flow.reverse-groupInfo", Outcome::fail(kit_error(e))),
     };
     let step = reverse_group_info(kit, &second, &room).await;
-    let Some(tbe) = record(report, FOLLOWER_STEPS[8], step)? else {
+    let Some(tbe) = record(report, "flow.reverse-groupInfo", step)? else {
         return Ok(());
     };
+    let outcome = outsider_external_commit(kit, &room, &tbe).await;
+    report.record("forge.shared-room.external-commit-non-participant", outcome)?;
     let step = reverse_external_commit(kit, &mut second, &room, tbe).await;
-    if record(report, FOLLOWER_STEPS[9], step)?.is_none() {
+    if record(report, "flow.reverse-external-commit", step)?.is_none() {
         return Ok(());
     }
     let step = reverse_leave(kit, &mut second, &room).await;
-    if record(report, FOLLOWER_STEPS[10], step)?.is_some() {
+    if record(report, "flow.reverse-leave", step)?.is_some() {
         report.say(
             "NOTE",
             &format!("check that {user}'s client commits {bob}'s leaving and no longer lists {bob} in {room}"),
         )?;
     }
     Ok(())
+}
+
+/// What the peer's hub must refuse in a room where the kit has a member: a message or commit
+/// of another group, messages in the name of the peer's own user or of a kit user who is no
+/// participant, an abuse report by another provider's user, groupInfo for a non-participant.
+async fn shared_room_forgeries<W: Write>(
+    kit: &mut Kit,
+    user: &UserId,
+    room: &RoomId,
+    report: &mut Report<'_, W>,
+) -> std::io::Result<()> {
+    let bob = kit.bob.user().to_uri();
+    let body = SubmitMessageRequest::new(kit.material.application.clone(), &bob).encode();
+    let answer = kit.peer.post("submitMessage", room.path_form(), body).await;
+    report.record(
+        "forge.room-mismatch.submitMessage",
+        refused_or(&answer, submit_refusal),
+    )?;
+    let outcome = match mismatched_commit(kit, room) {
+        Ok(bundle) => {
+            let answer = kit
+                .peer
+                .post("update", room.path_form(), bundle.encode())
+                .await;
+            refused_or(&answer, update_refusal)
+        }
+        Err(e) => Outcome::fail(e),
+    };
+    report.record("forge.room-mismatch.update", outcome)?;
+    let outcome = match submit_as(kit, &user.to_uri(), room).await {
+        Ok(answer) => refused_or(&answer, submit_refusal),
+        Err(e) => Outcome::fail(e),
+    };
+    report.record("forge.shared-room.sender-domain", outcome)?;
+    let alice = kit.alice.user().to_uri();
+    let outcome = match submit_as(kit, &alice, room).await {
+        Ok(answer) => refused_or(&answer, submit_refusal),
+        Err(e) => Outcome::fail(e),
+    };
+    report.record("forge.shared-room.non-member-sender", outcome)?;
+    let mut forged = kit.abuse_report(&user.to_uri());
+    forged.reporting_user = IdentifierUri::new(&super::user_uri(&kit.other, "mallory"));
+    let answer = kit
+        .peer
+        .post("reportAbuse", room.path_form(), forged.encode())
+        .await;
+    report.record("forge.shared-room.reportAbuse-reporter", refused(&answer))?;
+    let outcome =
+        match crate::mls::HpkeKey::new().and_then(|k| kit.alice.group_info_request(&k.public)) {
+            Ok(request) => {
+                let answer = kit
+                    .peer
+                    .post("groupInfo", room.path_form(), request.encode())
+                    .await;
+                refused_or(&answer, group_info_refusal)
+            }
+            Err(e) => Outcome::fail(kit_error(e)),
+        };
+    report.record("forge.shared-room.groupInfo-non-participant", outcome)
+}
+
+/// A commit by a client of kit-bob in a group of its own, brought to the room's epoch, so only
+/// the group (not the epoch or the signer's provider) tells it is not the room's.
+fn mismatched_commit(kit: &mut Kit, room: &RoomId) -> Result<HandshakeBundle, String> {
+    let epoch = kit.bob.epoch(room).map_err(kit_error)?;
+    let device =
+        super::device(&kit.config.as_domain, "kit-bob", &random_hex::<8>()).map_err(kit_error)?;
+    let mut client = KitClient::new(device).map_err(kit_error)?;
+    let other = RoomId::new(&kit.config.as_domain, &format!("kit-other-{}", kit.run_id))
+        .map_err(kit_error)?;
+    client.create_scratch(&other, &kit.hub).map_err(kit_error)?;
+    for _ in 0..epoch.min(64) {
+        client
+            .commit(&other, Vec::new(), Vec::new(), None)
+            .map_err(kit_error)?;
+    }
+    let out = client
+        .commit(&other, Vec::new(), Vec::new(), None)
+        .map_err(kit_error)?;
+    Ok(HandshakeBundle::Commit {
+        commit: out.commit,
+        welcome: None,
+        group_info: GroupInfoOption::Full {
+            group_info: out.group_info,
+        },
+        ratchet_tree: RatchetTreeOption::Full {
+            ratchet_tree: out.ratchet_tree,
+        },
+    })
+}
+
+/// kit-alice, no participant, joins by external commit with the GroupInfo kit-bob fetched.
+async fn outsider_external_commit(
+    kit: &mut Kit,
+    room: &RoomId,
+    tbe: &GroupInfoRatchetTreeTbe,
+) -> Outcome {
+    let RatchetTreeOption::Full { ratchet_tree } = &tbe.ratchet_tree else {
+        return Outcome::skip("the groupInfo answer's tree is not full");
+    };
+    let out = match kit.alice.external_join(room, &tbe.group_info, ratchet_tree) {
+        Ok(out) => out,
+        Err(e) => return Outcome::fail(kit_error(e)),
+    };
+    let bundle = HandshakeBundle::Commit {
+        commit: out.commit,
+        welcome: None,
+        group_info: GroupInfoOption::Full {
+            group_info: out.group_info,
+        },
+        ratchet_tree: RatchetTreeOption::Full {
+            ratchet_tree: out.ratchet_tree,
+        },
+    };
+    let answer = kit
+        .peer
+        .post("update", room.path_form(), bundle.encode())
+        .await;
+    refused_or(&answer, update_refusal)
 }
 
 /// Waits for `user`'s contact request to kit-bob and grants it by updateConsent.
@@ -728,15 +853,15 @@ async fn reverse_submit(kit: &mut Kit, room: &RoomId) -> Step<()> {
     }
 }
 
-/// A real message of the room from kit-bob, submitted in the name of the peer's own user.
-async fn shared_room_sender_forgery(
+/// A real message of the room from kit-bob's client, submitted in the name of `sender`.
+async fn submit_as(
     kit: &mut Kit,
-    user: &UserId,
+    sender: &str,
     room: &RoomId,
 ) -> Result<Result<crate::transport::Answer, String>, String> {
-    let content = text_content(user, room, "forged");
+    let content = MimiContent::text(random::<16>(), sender, room.as_str(), "forged").encode();
     let message = kit.bob.message(room, &content).map_err(kit_error)?;
-    let body = SubmitMessageRequest::new(message, &user.to_uri()).encode();
+    let body = SubmitMessageRequest::new(message, sender).encode();
     Ok(kit.peer.post("submitMessage", room.path_form(), body).await)
 }
 

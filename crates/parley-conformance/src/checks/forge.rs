@@ -196,11 +196,7 @@ async fn wrong_host(kit: &Kit) -> Outcome {
 
 /// requestConsent whose requester is another provider's user.
 async fn consent_requester_domain(kit: &Kit) -> Outcome {
-    let target = kit
-        .config
-        .peer_user
-        .as_ref()
-        .map_or_else(|| kit.nobody("forge"), |u| u.to_uri());
+    let target = target_or_nobody(kit, "forge");
     let entry = kit.consent(
         ConsentOperation::Request,
         &user_uri(&kit.other, "mallory"),
@@ -215,11 +211,7 @@ async fn consent_requester_domain(kit: &Kit) -> Outcome {
 
 /// updateConsent granting in the name of another provider's user.
 async fn consent_target_domain(kit: &Kit) -> Outcome {
-    let requester = kit
-        .config
-        .peer_user
-        .as_ref()
-        .map_or_else(|| kit.nobody("forge"), |u| u.to_uri());
+    let requester = target_or_nobody(kit, "forge");
     let entry = kit.consent(
         ConsentOperation::Grant,
         &requester,
@@ -241,11 +233,7 @@ async fn key_material_requester_domain(kit: &Kit) -> Outcome {
         Ok(c) => c,
         Err(e) => return Outcome::fail(format!("kit error: {e}")),
     };
-    let target = kit
-        .config
-        .peer_user
-        .as_ref()
-        .map_or_else(|| kit.nobody("forge"), |u| u.to_uri());
+    let target = target_or_nobody(kit, "forge");
     let room = match RoomId::new(&other, "kit-forge") {
         Ok(r) => r,
         Err(e) => return Outcome::fail(format!("kit error: {e}")),
@@ -272,11 +260,7 @@ async fn key_material_refused(
 
 /// submitMessage to `room` in the name of one of the peer's own users.
 pub async fn submit_sender_domain(kit: &Kit, room: &str) -> Outcome {
-    let victim = kit
-        .config
-        .peer_user
-        .as_ref()
-        .map_or_else(|| kit.nobody("victim"), |u| u.to_uri());
+    let victim = target_or_nobody(kit, "victim");
     let answer = kit
         .peer
         .post("submitMessage", path_form(room), kit.submit_body(&victim))
@@ -290,31 +274,42 @@ pub async fn submit_sender_domain(kit: &Kit, room: &str) -> Outcome {
     })
 }
 
-/// keyMaterial whose URL names one user and whose (signed) body another.
-async fn key_material_path_vs_body(kit: &Kit) -> Outcome {
-    let body_target = kit
-        .config
+/// The peer user when one is given, else a user the peer does not have.
+fn target_or_nobody(kit: &Kit, tag: &str) -> String {
+    kit.config
         .peer_user
         .as_ref()
-        .map_or_else(|| kit.nobody("body"), |u| u.to_uri());
-    let request = match kit
-        .alice
-        .key_material_request(&body_target, &kit.material.room)
-    {
-        Ok(r) => r,
-        Err(e) => return Outcome::fail(format!("kit error: {e}")),
-    };
-    key_material_refused(kit, &kit.nobody("path"), request).await
+        .map_or_else(|| kit.nobody(tag), |u| u.to_uri())
+}
+
+/// keyMaterial whose URL names one user and whose (signed) body another.
+async fn key_material_path_vs_body(kit: &Kit) -> Outcome {
+    let body_target = target_or_nobody(kit, "body");
+    path_vs_body_claim(kit, &kit.nobody("path"), &body_target, &kit.material.room).await
+}
+
+/// A claim signed for `body_target` sent to the URL of `path_target`.
+pub async fn path_vs_body_claim(
+    kit: &Kit,
+    path_target: &str,
+    body_target: &str,
+    room: &RoomId,
+) -> Outcome {
+    match kit.alice.key_material_request(body_target, room) {
+        Ok(request) => key_material_refused(kit, path_target, request).await,
+        Err(e) => Outcome::fail(format!("kit error: {e}")),
+    }
 }
 
 /// keyMaterial whose signature has one bit flipped.
 async fn key_material_bad_signature(kit: &Kit) -> Outcome {
-    let target = kit
-        .config
-        .peer_user
-        .as_ref()
-        .map_or_else(|| kit.nobody("sig"), |u| u.to_uri());
-    let mut request = match kit.alice.key_material_request(&target, &kit.material.room) {
+    let target = target_or_nobody(kit, "sig");
+    bad_signature_claim(kit, &target, &kit.material.room).await
+}
+
+/// A claim for `target` in `room` signed by kit-alice, one bit of the signature flipped.
+pub async fn bad_signature_claim(kit: &Kit, target: &str, room: &RoomId) -> Outcome {
+    let mut request = match kit.alice.key_material_request(target, room) {
         Ok(r) => r,
         Err(e) => return Outcome::fail(format!("kit error: {e}")),
     };
@@ -323,5 +318,5 @@ async fn key_material_bad_signature(kit: &Kit) -> Outcome {
         *b ^= 0x01;
     }
     request.signature = sig.into();
-    key_material_refused(kit, &target, request).await
+    key_material_refused(kit, target, request).await
 }
