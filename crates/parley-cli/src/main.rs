@@ -2,6 +2,7 @@
 
 mod bench;
 mod client;
+mod conformance;
 mod console;
 mod demo;
 mod dev_ca;
@@ -141,6 +142,15 @@ enum Command {
     /// A development certificate authority for provider certificates (mutual TLS).
     #[command(subcommand)]
     DevCa(dev_ca::DevCaCommand),
+    /// Check a MIMI provider from the outside (draft-ietf-mimi-protocol-06): one PASS/FAIL/SKIP
+    /// line per check, a summary, and exit code 1 if any check failed.
+    ///
+    /// The kit acts as a small provider for --as DOMAIN, with its own federation listener at
+    /// --listen (configure the provider under test to reach DOMAIN there and to trust --ca's CA).
+    /// It checks the endpoint directory, each endpoint's answers, and a forge suite a correct
+    /// provider must refuse; with --peer-user it also runs the full flow in both directions,
+    /// printing WAIT lines for what that user must do.
+    Conformance(conformance::ConformanceArgs),
 }
 
 fn init_logs(default: &str) {
@@ -168,6 +178,10 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             bench::run(args).await
         }
         Command::DevCa(cmd) => dev_ca::run(cmd),
+        Command::Conformance(args) => {
+            init_logs("warn");
+            conformance::run(args).await
+        }
         Command::Account(cmd) => {
             init_logs("warn");
             client()?.account(cmd).await

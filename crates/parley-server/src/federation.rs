@@ -213,6 +213,28 @@ async fn directory(headers: HeaderMap) -> impl IntoResponse {
 
 type FedResult = Result<Response, ApiError>;
 
+/// A request body within the listener's limit; an oversized or unreadable one is refused with
+/// the JSON error body like every other refusal (`413 body_too_large`, `400 invalid_body`).
+pub struct MimiBody(pub Bytes);
+
+impl<S: Send + Sync> axum::extract::FromRequest<S> for MimiBody {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        match Bytes::from_request(req, state).await {
+            Ok(body) => Ok(Self(body)),
+            Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+                Err(ServiceError::too_large(
+                    "body_too_large",
+                    "the body is over this provider's limit for MIMI requests",
+                )
+                .into())
+            }
+            Err(rejection) => Err(ServiceError::bad("invalid_body", rejection.body_text()).into()),
+        }
+    }
+}
+
 /// A MIMI body answer.
 fn mimi_body(status: StatusCode, body: impl Body) -> Response {
     (
@@ -236,7 +258,7 @@ async fn key_material(
     State(app): State<Arc<App>>,
     Extension(PeerDomain(peer)): Extension<PeerDomain>,
     Param(target): Param<String>,
-    body: Bytes,
+    MimiBody(body): MimiBody,
 ) -> FedResult {
     let request: KeyMaterialRequest = decode(&body)?;
     let target = if target.starts_with("mimi://") {
@@ -259,7 +281,7 @@ async fn update(
     State(app): State<Arc<App>>,
     Extension(PeerDomain(peer)): Extension<PeerDomain>,
     Param(room): Param<String>,
-    body: Bytes,
+    MimiBody(body): MimiBody,
 ) -> FedResult {
     let room = room_param(&room)?;
     let request: UpdateRequest = decode(&body)?;
@@ -340,7 +362,7 @@ async fn submit_message(
     State(app): State<Arc<App>>,
     Extension(PeerDomain(peer)): Extension<PeerDomain>,
     Param(room): Param<String>,
-    body: Bytes,
+    MimiBody(body): MimiBody,
 ) -> FedResult {
     let room = room_param(&room)?;
     let request: SubmitMessageRequest = decode(&body)?;
@@ -400,7 +422,7 @@ async fn notify(
     State(app): State<Arc<App>>,
     Extension(PeerDomain(peer)): Extension<PeerDomain>,
     Param(room): Param<String>,
-    body: Bytes,
+    MimiBody(body): MimiBody,
 ) -> FedResult {
     let room = room_param(&room)?;
     app.follower.notify(&peer, &room, &body).await?;
@@ -412,7 +434,7 @@ async fn group_info(
     State(app): State<Arc<App>>,
     Extension(PeerDomain(peer)): Extension<PeerDomain>,
     Param(room): Param<String>,
-    body: Bytes,
+    MimiBody(body): MimiBody,
 ) -> FedResult {
     let room = room_param(&room)?;
     let request: GroupInfoRequest = decode(&body)?;
@@ -437,7 +459,7 @@ async fn request_consent(
     State(app): State<Arc<App>>,
     Extension(PeerDomain(peer)): Extension<PeerDomain>,
     Param(domain): Param<String>,
-    body: Bytes,
+    MimiBody(body): MimiBody,
 ) -> FedResult {
     consent_message(&app, &peer, &domain, &body, false).await
 }
@@ -447,7 +469,7 @@ async fn update_consent(
     State(app): State<Arc<App>>,
     Extension(PeerDomain(peer)): Extension<PeerDomain>,
     Param(domain): Param<String>,
-    body: Bytes,
+    MimiBody(body): MimiBody,
 ) -> FedResult {
     consent_message(&app, &peer, &domain, &body, true).await
 }
@@ -474,7 +496,7 @@ async fn consent_message(
 async fn identifier_query(
     State(app): State<Arc<App>>,
     Param(domain): Param<String>,
-    body: Bytes,
+    MimiBody(body): MimiBody,
 ) -> FedResult {
     check_domain_param(&app, &domain)?;
     let request: IdentifierRequest = decode(&body)?;
@@ -512,7 +534,7 @@ async fn report_abuse(
     State(app): State<Arc<App>>,
     Extension(PeerDomain(peer)): Extension<PeerDomain>,
     Param(room): Param<String>,
-    body: Bytes,
+    MimiBody(body): MimiBody,
 ) -> FedResult {
     let report: AbuseReport = decode(&body)?;
     let id = room_param(&room)?;
@@ -587,7 +609,7 @@ async fn ephemeral(
     State(app): State<Arc<App>>,
     Extension(PeerDomain(peer)): Extension<PeerDomain>,
     Param(room): Param<String>,
-    body: Bytes,
+    MimiBody(body): MimiBody,
 ) -> FedResult {
     let room = room_param(&room)?;
     app.ephemeral.receive(&peer, &room, &body).await?;
