@@ -340,8 +340,9 @@ impl CommitPlan {
     }
 }
 
-/// A registered device. Methods that touch state take `&mut self`: one operation at a time, and
-/// the futures are `Send` so a `Device` can live in a tokio task.
+/// A registered device. Methods that touch state take `&mut self`: one operation at a time. So do
+/// all its `async` methods (a `Device` is not `Sync`), so that their futures are `Send` and a
+/// `Device` can live in a tokio task.
 pub struct Device {
     profile: Profile,
     mls: DeviceMls,
@@ -503,13 +504,13 @@ impl Device {
     /// Asks `user` for consent to contact them: needed before rooms with a user of another
     /// provider (claiming their KeyPackages is [`ClientError::NoConsent`] until they accept).
     /// Idempotent; answers our outgoing relation, `granted` at once for a user of our provider.
-    pub async fn contact_request(&self, user: &UserId) -> Result<ContactInfo> {
+    pub async fn contact_request(&mut self, user: &UserId) -> Result<ContactInfo> {
         self.require_other_user(user)?;
         self.api.contact_request(user).await
     }
 
     /// The contact requests other users sent us that we have not answered yet.
-    pub async fn contact_requests(&self) -> Result<Vec<ContactInfo>> {
+    pub async fn contact_requests(&mut self) -> Result<Vec<ContactInfo>> {
         self.api.contact_requests().await
     }
 
@@ -2424,6 +2425,9 @@ mod tests {
         send(device.add_member(room, user));
         send(device.remove_member(room, user));
         send(device.promote(room, user));
+        send(device.contact_request(user));
+        send(device.contact_requests());
+        send(device.contact_accept(user));
         send(device.contact_block(user));
         send(device.leave(room));
         send(device.remove_device(&DeviceId::from_random([1; 8])));
