@@ -19,15 +19,18 @@
 //! commit by a non-participant); kit-bob's reportAbuse; groupInfo for a second client of
 //! kit-bob (decrypted, the hub signature verified with the ExternalSender in the answer, which
 //! must be the group's); that client's external commit through update; kit-bob's clients
-//! leave by self-Remove proposals through update.
+//! leave by self-Remove proposals through update (the second proposed again at the hub's epoch
+//! should USER's client commit the first one before it arrives).
 //!
-//! `tests/cooperative.rs` drives all of it against parley-server with a scripted USER.
+//! `tests/cooperative.rs` drives all of it against parley-server, USER played by Parley's own
+//! client (`parley_client::Device`).
 
 use super::basic::group_info_refusal;
 use super::{now_ms, path_form, refused, refused_or, Kit};
-use crate::listener::Inbound;
+use crate::listener::{Inbound, Listener};
 use crate::mls::{random, random_hex, KitClient, Processed};
 use crate::report::{Outcome, Report};
+use crate::transport::PeerClient;
 use parley_proto::ids::DeviceUri;
 use parley_proto::mimi::room_state::{RoomState, ROLE_MEMBER};
 use parley_proto::mimi::{
@@ -974,24 +977,104 @@ async fn expect_update_success(
     }
 }
 
-/// Both of kit-bob's clients propose their own removal through update.
+/// Both of kit-bob's clients propose their own removal through update, kit-bob's first client
+/// first; the kit hands that proposal to the second client itself (the hub need not send a
+/// client's own message back to its provider). A proposal belongs to its epoch: should the
+/// peer's client commit the first client's leaving before the second proposal reaches the hub,
+/// as a prompt client may, the hub answers wrongEpoch; the second client then follows the
+/// room's commits, as notified, to the hub's epoch and proposes again.
 async fn reverse_leave(kit: &mut Kit, second: &mut KitClient, room: &RoomId) -> Step<()> {
-    for client in [&mut kit.bob, second] {
+    let Kit {
+        peer,
+        listener,
+        bob,
+        config,
+        ..
+    } = kit;
+    let deadline = Instant::now() + config.timeout;
+    let (first, _) = leave(peer, listener, bob, room, &[], deadline).await?;
+    second.process(room, &first).map_err(kit_error)?;
+    let (_, retries) = leave(peer, listener, second, room, &[first], deadline).await?;
+    let detail = match retries {
+        0 => "both clients' self-Remove proposals accepted".to_owned(),
+        n => format!(
+            "both clients' self-Remove proposals accepted (the second proposed again after the peer committed the first, {n}x)"
+        ),
+    };
+    Ok(((), detail))
+}
+
+/// `client`'s self-Remove proposal through update, proposed again at the hub's epoch after a
+/// wrongEpoch (following the room's notified commits first) until `deadline`; returns the
+/// accepted proposal and how often it was proposed again. `own`: messages of the kit's
+/// clients that `client` already processed.
+async fn leave(
+    peer: &PeerClient,
+    listener: &mut Listener,
+    client: &mut KitClient,
+    room: &RoomId,
+    own: &[MlsMessage],
+    deadline: Instant,
+) -> Result<(MlsMessage, usize), String> {
+    let mut retries = 0;
+    loop {
         let proposal = client.leave(room).map_err(kit_error)?;
         let bundle = HandshakeBundle::Proposal {
-            proposal,
+            proposal: proposal.clone(),
             more_proposals: Vec::new(),
         };
-        let answer = kit
-            .peer
+        let answer = peer
             .post("update", room.path_form(), bundle.encode())
             .await
             .map_err(|e| format!("no answer: {e}"))?;
-        match UpdateRoomResponse::decode(&answer.body) {
-            Ok(UpdateRoomResponse::Success { .. }) if answer.status == 200 => {}
+        let epoch = match UpdateRoomResponse::decode(&answer.body) {
+            Ok(UpdateRoomResponse::Success { .. }) if answer.status == 200 => {
+                return Ok((proposal, retries))
+            }
+            Ok(UpdateRoomResponse::WrongEpoch { current_epoch, .. })
+                if answer.status == 200 && Instant::now() < deadline =>
+            {
+                current_epoch
+            }
             Ok(other) => return Err(format!("{} left: {}", client.device, other.description())),
             Err(_) => return Err(format!("{} left: {}", client.device, answer.describe())),
+        };
+        follow_to_epoch(listener, client, room, epoch, own, deadline).await?;
+        retries += 1;
+    }
+}
+
+/// Processes the room's notified messages with `client`, in order, until it reached `epoch`.
+/// Those in `own` are skipped; messages from before the client joined, or its own, do not
+/// process and are passed over.
+async fn follow_to_epoch(
+    listener: &mut Listener,
+    client: &mut KitClient,
+    room: &RoomId,
+    epoch: u64,
+    own: &[MlsMessage],
+    deadline: Instant,
+) -> Result<(), String> {
+    let key = room.to_string();
+    while client.epoch(room).map_err(kit_error)? < epoch {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let messages = listener
+            .wait_for(left, |e| match e {
+                Inbound::Notify { room, request } if *room == key => Some(request.messages.clone()),
+                _ => None,
+            })
+            .await
+            .ok_or_else(|| {
+                format!(
+                    "{} left: wrong_epoch, and no commit to the hub's epoch {epoch} was notified in time",
+                    client.device
+                )
+            })?;
+        for m in messages {
+            if !own.iter().any(|o| o.bytes() == m.message.bytes()) {
+                let _ = client.process(room, &m.message);
+            }
         }
     }
-    Ok(((), "both clients' self-Remove proposals accepted".into()))
+    Ok(())
 }
