@@ -1,344 +1,189 @@
-//! The cooperative flow against a real Parley provider, with the peer user played by a script:
-//! a client of `carol@chirp.test` on Parley's client API, its MLS done by the kit's own
-//! [`KitClient`] (the Parley client does not compile on this branch). The script does, in
-//! order, what the kit's `WAIT` lines ask of a person:
+//! The cooperative flow against Parley's own server *and* client: carol@chirp.test, the peer
+//! user, is a real [`parley_client::Device`] at an in-process parley-server, driven the way a
+//! person follows the kit's `WAIT` lines with the `parley` CLI. Carol's loop syncs (waiting
+//! briefly for pushes) and reacts to what arrived:
 //!
-//! 1. accept kit-alice's contact request;
-//! 2. join the kit's room from the Welcome in carol's queue, read kit-alice's message, reply;
-//! 3. follow the kit's commits until one removes carol, then report leaving (`/left`);
-//! 4. ask kit-bob for consent, create a group room at chirp.test, claim kit-bob's KeyPackages
-//!    and commit adding kit-bob;
-//! 5. follow kit-bob's message, its second client's external commit and both leave proposals,
-//!    then commit kit-bob's removal.
+//! 1. she accepts the contact requests of kit-alice (and of kit-bob, should one come);
+//! 2. her client joins the kit's room from the Welcome; she answers kit-alice's first message;
+//! 3. her client follows the kit's commits (adding kit-bob, then removing her) and tells its
+//!    provider it was removed (`/left`);
+//! 4. once removed, she asks kit-bob for consent, creates a group room and adds kit-bob,
+//!    trying again while kit-bob's consent is missing;
+//! 5. her client follows kit-bob's message, his second client's external commit and both of
+//!    his clients' leave proposals, and commits his leaving.
 //!
-//! It also checks what the kit cannot see: every message reached carol once (the kit notifies
-//! its first message twice and echoes carol's reply).
+//! Besides every flow check passing, it checks what the kit cannot see: each message shows
+//! once at carol's (the kit notifies its first message twice and echoes carol's reply), she was
+//! removed from the kit's room, and kit-bob is no longer in hers.
 
 mod common;
 
 use common::{free_addr, kit_config, TestCa};
-use openmls::prelude::tls_codec::Deserialize as _;
-use openmls_basic_credential::SignatureKeyPair;
-use parley_conformance::mls::{KitClient, Processed};
+use parley_client::{ClientError, Device, Event};
 use parley_conformance::Verdict;
-use parley_proto::api::{
-    AckRequest, ClaimRequest, ClaimResponse, CommitRequest, ContactInfo, CreateRoomRequest,
-    EntryKind, ProviderInfo, QueuePage, RegisterRequest, SendRequest, SessionResponse,
-    UploadKeyPackages,
-};
-use parley_proto::ids::DeviceUri;
-use parley_proto::mimi::room_state::{RoomState, ROLE_MEMBER};
-use parley_proto::{Domain, MimiContent, RoomId, UserId};
+use parley_proto::{RoomId, UserId};
 use parley_server::config::ServerConfig;
 use parley_server::Server;
-use serde::de::DeserializeOwned;
-use serde::Serialize;
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
+use tokio::sync::watch;
 
-/// How long the script keeps going before it gives up.
-const SCRIPT_DEADLINE: Duration = Duration::from_secs(120);
-const POLL: Duration = Duration::from_millis(50);
+/// How long carol keeps going at most.
+const DEADLINE: Duration = Duration::from_secs(120);
+/// How long carol may still take, once the kit is done, to commit kit-bob's leaving.
+const AFTER_THE_KIT: Duration = Duration::from_secs(20);
+/// How long one sync waits for a push when nothing is queued.
+const SYNC_WAIT: Duration = Duration::from_millis(300);
+const REPLY: &str = "hi kit, carol here";
 
-/// A room URI as one path segment.
-fn seg(room: &RoomId) -> String {
-    room.as_str().replace(':', "%3A").replace('/', "%2F")
+fn user(s: &str) -> UserId {
+    UserId::parse(s).unwrap()
+}
+
+/// What carol has seen and done so far.
+#[derive(Debug, Default)]
+struct Progress {
+    /// The kit's room, joined from its Welcome.
+    kit_room: Option<RoomId>,
+    replied: bool,
+    /// Removed from the kit's room.
+    removed: bool,
+    asked_bob: bool,
+    /// Her own room, for kit-bob.
+    own_room: Option<RoomId>,
+    bob_added: bool,
+    /// kit-bob's leaving committed.
+    bob_left: bool,
 }
 
 struct Carol {
-    http: reqwest::Client,
-    base: String,
-    token: String,
-    me: UserId,
-    mls: KitClient,
-    after: u64,
-    /// How often each message's bytes reached carol.
-    seen: HashMap<Vec<u8>, usize>,
+    device: Device,
+    alice: UserId,
+    bob: UserId,
+    progress: Progress,
+    /// Every event her syncs returned, in order.
+    events: Vec<Event>,
     log: Vec<String>,
 }
 
 impl Carol {
-    async fn register(base: &str) -> Self {
-        let http = reqwest::Client::builder()
-            .timeout(Duration::from_secs(20))
-            .build()
-            .unwrap();
-        let signer = SignatureKeyPair::new(openmls::prelude::SignatureScheme::ED25519).unwrap();
-        let resp = http
-            .post(format!("{base}/v1/accounts"))
-            .json(&RegisterRequest {
-                user: "carol@chirp.test".into(),
-                password: Some("carol's password".into()),
-                invite: None,
-                device_name: Some("script".into()),
-                signature_key: signer.public().to_vec(),
-            })
-            .send()
+    /// Plays carol until kit-bob's leaving is committed; gives up at [`DEADLINE`], or
+    /// [`AFTER_THE_KIT`] after `kit_done` says the kit finished.
+    async fn play(&mut self, mut kit_done: watch::Receiver<bool>) -> Result<(), String> {
+        let deadline = Instant::now() + DEADLINE;
+        let mut cutoff = deadline;
+        while !self.progress.bob_left {
+            if *kit_done.borrow_and_update() {
+                cutoff = cutoff.min(Instant::now() + AFTER_THE_KIT);
+            }
+            if Instant::now() > cutoff {
+                return Err(format!("carol did not finish in time: {:?}", self.progress));
+            }
+            let events = self
+                .device
+                .sync(Some(SYNC_WAIT))
+                .await
+                .map_err(|e| format!("sync: {e}"))?;
+            for event in events {
+                self.log.push(format!("event {event:?}"));
+                self.react(&event).await?;
+                self.events.push(event);
+            }
+            self.accept_contact_requests().await?;
+            self.host_kit_bob().await?;
+        }
+        Ok(())
+    }
+
+    /// What an event asks of carol.
+    async fn react(&mut self, event: &Event) -> Result<(), String> {
+        let p = &mut self.progress;
+        match event {
+            Event::Joined { room, .. } if room.hub().as_str() == "kit.test" => {
+                p.kit_room = Some(room.clone());
+            }
+            Event::Message { room, sender, .. }
+                if Some(room) == p.kit_room.as_ref() && *sender == self.alice && !p.replied =>
+            {
+                p.replied = true;
+                let room = room.clone();
+                self.device
+                    .send_text(&room, REPLY)
+                    .await
+                    .map_err(|e| format!("reply: {e}"))?;
+                self.log.push(format!("replied in {room}"));
+            }
+            Event::Removed { room } if Some(room) == p.kit_room.as_ref() => p.removed = true,
+            Event::Members { room, removed, .. }
+                if Some(room) == p.own_room.as_ref() && removed.contains(&self.bob) =>
+            {
+                p.bob_left = true;
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    async fn accept_contact_requests(&mut self) -> Result<(), String> {
+        let pending = self
+            .device
+            .contact_requests()
             .await
-            .unwrap();
-        let status = resp.status();
-        let text = resp.text().await.unwrap();
-        assert!(status.is_success(), "register: {status} {text}");
-        let session: SessionResponse = serde_json::from_str(&text).unwrap();
-        let device =
-            DeviceUri::parse(&format!("mimi://chirp.test/d/carol/{}", session.device_id)).unwrap();
-        let mut carol = Self {
-            http,
-            base: base.to_owned(),
-            token: session.token,
-            me: device.user.clone(),
-            mls: KitClient::with_signer(device, signer),
-            after: 0,
-            seen: HashMap::new(),
-            log: Vec::new(),
+            .map_err(|e| format!("contact requests: {e}"))?;
+        for request in pending {
+            let from = user(&request.user);
+            if from == self.alice || from == self.bob {
+                self.device
+                    .contact_accept(&from)
+                    .await
+                    .map_err(|e| format!("accept {from}: {e}"))?;
+                self.log.push(format!("accepted {from}"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Once removed from the kit's room: consent from kit-bob, a room, kit-bob in it.
+    async fn host_kit_bob(&mut self) -> Result<(), String> {
+        let p = &mut self.progress;
+        if !p.removed || p.bob_added {
+            return Ok(());
+        }
+        if !p.asked_bob {
+            let answer = self
+                .device
+                .contact_request(&self.bob)
+                .await
+                .map_err(|e| format!("contact request to kit-bob: {e}"))?;
+            self.log.push(format!("asked kit-bob: {:?}", answer.state));
+            p.asked_bob = true;
+        }
+        let room = match &p.own_room {
+            Some(room) => room.clone(),
+            None => {
+                let room = self
+                    .device
+                    .create_room(Some("carol's room"), &[])
+                    .await
+                    .map_err(|e| format!("create room: {e}"))?;
+                self.log.push(format!("created {room}"));
+                p.own_room = Some(room.clone());
+                room
+            }
         };
-        let key_packages = (0..4)
-            .map(|_| carol.mls.key_package().unwrap().0.into_bytes())
-            .collect();
-        carol
-            .post::<_, serde_json::Value>(
-                "/v1/key-packages",
-                &UploadKeyPackages {
-                    key_packages,
-                    last_resort: None,
-                },
-            )
-            .await
-            .unwrap();
-        carol
-    }
-
-    async fn post<B: Serialize, R: DeserializeOwned>(
-        &mut self,
-        path: &str,
-        body: &B,
-    ) -> Result<R, String> {
-        let resp = self
-            .http
-            .post(format!("{}{path}", self.base))
-            .bearer_auth(&self.token)
-            .json(body)
-            .send()
-            .await
-            .map_err(|e| e.to_string())?;
-        let status = resp.status();
-        let text = resp.text().await.map_err(|e| e.to_string())?;
-        self.log.push(format!("POST {path}: {status}"));
-        if !status.is_success() {
-            return Err(format!("POST {path}: {status} {text}"));
-        }
-        serde_json::from_str(if text.is_empty() { "null" } else { &text })
-            .map_err(|e| format!("POST {path}: {e}: {text}"))
-    }
-
-    async fn get<R: DeserializeOwned>(&self, path: &str) -> Result<R, String> {
-        let resp = self
-            .http
-            .get(format!("{}{path}", self.base))
-            .bearer_auth(&self.token)
-            .send()
-            .await
-            .map_err(|e| e.to_string())?;
-        if !resp.status().is_success() {
-            return Err(format!("GET {path}: {}", resp.status()));
-        }
-        resp.json().await.map_err(|e| e.to_string())
-    }
-
-    /// The next queue entries (acknowledged).
-    async fn queue(&mut self) -> Vec<parley_proto::api::QueueEntry> {
-        let Ok(page) = self
-            .get::<QueuePage>(&format!("/v1/queue?after={}", self.after))
-            .await
-        else {
-            return Vec::new();
-        };
-        if let Some(last) = page.entries.last() {
-            self.after = last.seq;
-            let up_to = last.seq;
-            let _ = self
-                .post::<_, serde_json::Value>("/v1/queue/ack", &AckRequest { up_to })
-                .await;
-        }
-        for e in page.entries.iter().filter(|e| !e.data.is_empty()) {
-            *self.seen.entry(e.data.clone()).or_default() += 1;
-        }
-        page.entries
-    }
-
-    async fn send_text(&mut self, room: &RoomId, text: &str) -> Result<(), String> {
-        let content = MimiContent::text([9; 16], &self.me.to_uri(), room.as_str(), text).encode();
-        let message = self
-            .mls
-            .message(room, &content)
-            .map_err(|e| e.to_string())?;
-        self.post::<_, serde_json::Value>(
-            &format!("/v1/rooms/{}/messages", seg(room)),
-            &SendRequest {
-                message: message.into_bytes(),
-            },
-        )
-        .await
-        .map(|_| ())
-    }
-
-    /// Steps 1–3: the kit's room, until carol is removed from it.
-    async fn follow_the_kit(&mut self, deadline: Instant) -> Result<RoomId, String> {
-        while Instant::now() < deadline {
-            let requests: Vec<ContactInfo> = self.get("/v1/contacts/requests").await?;
-            if requests.iter().any(|c| c.user == "kit-alice@kit.test") {
-                self.post::<_, ContactInfo>("/v1/contacts/kit-alice@kit.test/accept", &())
-                    .await?;
-                break;
+        match self.device.add_member(&room, &self.bob).await {
+            Ok(()) => {
+                p.bob_added = true;
+                self.log.push(format!("added kit-bob to {room}"));
+                Ok(())
             }
-            tokio::time::sleep(POLL).await;
-        }
-        let mut room: Option<RoomId> = None;
-        let mut replied = false;
-        while Instant::now() < deadline {
-            for entry in self.queue().await {
-                let id = RoomId::parse(&entry.room_id).ok();
-                match entry.kind {
-                    EntryKind::Welcome => {
-                        let welcome = parley_proto::mimi::MlsMessage::from_bytes(entry.data)
-                            .ok()
-                            .and_then(|m| m.to_welcome())
-                            .ok_or("a Welcome entry without a Welcome")?;
-                        let tree = parley_proto::mimi::RatchetTree::from_bytes(
-                            entry.ratchet_tree.ok_or("a Welcome without its tree")?,
-                        )
-                        .map_err(|e| e.to_string())?;
-                        let (joined, _) =
-                            self.mls.join(&welcome, &tree).map_err(|e| e.to_string())?;
-                        self.log.push(format!("joined {joined}"));
-                        room = Some(joined);
-                    }
-                    EntryKind::Message | EntryKind::Commit => {
-                        let id = id.ok_or("an entry without a room")?;
-                        let message = parley_proto::mimi::MlsMessage::from_bytes(entry.data)
-                            .map_err(|e| e.to_string())?;
-                        match self.mls.process(&id, &message) {
-                            Ok(Processed::Application(_)) if !replied => {
-                                self.send_text(&id, "hi kit, carol here").await?;
-                                replied = true;
-                            }
-                            Ok(Processed::Commit) if !self.mls.is_active(&id) => {
-                                self.post::<_, serde_json::Value>(
-                                    &format!("/v1/rooms/{}/left", seg(&id)),
-                                    &(),
-                                )
-                                .await?;
-                                return Ok(id);
-                            }
-                            Ok(_) => {}
-                            Err(e) => return Err(format!("processing in {id}: {e}")),
-                        }
-                    }
-                    other => self.log.push(format!("ignored {other:?}")),
-                }
+            // Not yet: kit-bob's consent is on its way.
+            Err(ClientError::NoConsent(why)) => {
+                self.log.push(format!("kit-bob not addable yet: {why}"));
+                Ok(())
             }
-            tokio::time::sleep(POLL).await;
+            Err(e) => Err(format!("add kit-bob: {e}")),
         }
-        Err(format!("carol was not removed from {room:?} in time"))
-    }
-
-    /// Steps 4–5: carol's room with kit-bob.
-    async fn host_kit_bob(&mut self, deadline: Instant) -> Result<(), String> {
-        let bob = UserId::parse("kit-bob@kit.test").unwrap();
-        self.post::<_, ContactInfo>("/v1/contacts/kit-bob@kit.test/request", &())
-            .await?;
-        let provider: ProviderInfo = self.get("/v1/provider").await?;
-        let hub =
-            openmls::prelude::ExternalSender::tls_deserialize_exact(&provider.external_sender)
-                .map_err(|e| e.to_string())?;
-        let chirp = Domain::parse("chirp.test").unwrap();
-        let room = RoomId::new(&chirp, "0123456789abcdef0123456789abcdef").unwrap();
-        let mut state = RoomState::group(room.clone(), "carol's room", &self.me, None);
-        self.mls
-            .create_room(&state, hub)
-            .map_err(|e| e.to_string())?;
-        let (group_info, ratchet_tree) = self
-            .mls
-            .group_info_and_tree(&room)
-            .map_err(|e| e.to_string())?;
-        self.post::<_, serde_json::Value>(
-            "/v1/rooms",
-            &CreateRoomRequest {
-                room_id: room.to_string(),
-                group_info,
-                ratchet_tree,
-            },
-        )
-        .await?;
-        let request = self
-            .mls
-            .key_material_request(&bob.to_uri(), &room)
-            .map_err(|e| e.to_string())?;
-        let claim: ClaimResponse = self
-            .post(
-                "/v1/users/kit-bob@kit.test/key-packages/claim",
-                &ClaimRequest {
-                    room: room.to_string(),
-                    device: None,
-                    key_material_request: parley_proto::mimi::Body::encode(&request),
-                },
-            )
-            .await?;
-        let mut packages = Vec::new();
-        for k in &claim.key_packages {
-            let (_, kp) = self
-                .mls
-                .validate_key_package(&k.key_package, &bob)
-                .map_err(|e| e.to_string())?;
-            packages.push(kp);
-        }
-        state.participants.insert(bob.clone(), ROLE_MEMBER);
-        self.commit(&room, packages, Some(&state)).await?;
-        let mut proposals = 0;
-        while Instant::now() < deadline {
-            for entry in self.queue().await {
-                let message = parley_proto::mimi::MlsMessage::from_bytes(entry.data)
-                    .map_err(|e| e.to_string())?;
-                match self.mls.process(&room, &message) {
-                    Ok(Processed::Proposal) => proposals += 1,
-                    Ok(other) => self.log.push(format!("in carol's room: {other:?}")),
-                    Err(e) => return Err(format!("processing in {room}: {e}")),
-                }
-            }
-            if proposals == 2 {
-                state.participants.remove(&bob);
-                return self.commit(&room, Vec::new(), Some(&state)).await;
-            }
-            tokio::time::sleep(POLL).await;
-        }
-        Err(format!(
-            "kit-bob's clients did not both leave ({proposals} proposals)"
-        ))
-    }
-
-    /// Commits adds (and the pending proposals) through the client API.
-    async fn commit(
-        &mut self,
-        room: &RoomId,
-        adds: Vec<openmls::prelude::KeyPackage>,
-        state: Option<&RoomState>,
-    ) -> Result<(), String> {
-        let out = self
-            .mls
-            .commit(room, adds, Vec::new(), state)
-            .map_err(|e| e.to_string())?;
-        let wrap = |tag: u8, bare: Vec<u8>| [vec![0, 1, 0, tag], bare].concat();
-        self.post::<_, serde_json::Value>(
-            &format!("/v1/rooms/{}/commits", seg(room)),
-            &CommitRequest {
-                commit: out.commit.into_bytes(),
-                welcome: out.welcome.map(|w| wrap(3, w.into_bytes())),
-                group_info: wrap(4, out.group_info.into_bytes()),
-                ratchet_tree: out.ratchet_tree.into_bytes(),
-            },
-        )
-        .await
-        .map(|_| ())
     }
 }
 
@@ -370,26 +215,42 @@ async fn the_cooperative_flow_passes_against_parley() {
         server.federation_addr().unwrap(),
         kit_listen,
     );
-    kit.peer_user = Some(UserId::parse("carol@chirp.test").unwrap());
-    let mut carol = Carol::register(&server.url()).await;
+    let me = user("carol@chirp.test");
+    kit.peer_user = Some(me.clone());
+    let device = Device::register(
+        &dir.path().join("profile-carol"),
+        &server.url(),
+        &me,
+        Some("carol's password"),
+        None,
+        None,
+    )
+    .await
+    .unwrap();
+    let mut carol = Carol {
+        device,
+        alice: user("kit-alice@kit.test"),
+        bob: user("kit-bob@kit.test"),
+        progress: Progress::default(),
+        events: Vec::new(),
+        log: Vec::new(),
+    };
 
-    let script = tokio::spawn(async move {
-        let deadline = Instant::now() + SCRIPT_DEADLINE;
-        let outcome = match carol.follow_the_kit(deadline).await {
-            Ok(_) => carol.host_kit_bob(deadline).await,
-            Err(e) => Err(e),
-        };
+    let (kit_done, kit_done_rx) = watch::channel(false);
+    let player = tokio::spawn(async move {
+        let outcome = carol.play(kit_done_rx).await;
         (outcome, carol)
     });
     let mut out = Vec::new();
     let summary = parley_conformance::run(kit, &mut out).await.unwrap();
+    kit_done.send(true).unwrap();
     let text = String::from_utf8(out).unwrap();
     println!("{text}");
-    let (outcome, carol) = tokio::time::timeout(SCRIPT_DEADLINE, script)
+    let (outcome, carol) = tokio::time::timeout(DEADLINE + AFTER_THE_KIT, player)
         .await
-        .expect("the script ends")
+        .expect("carol's loop ends")
         .unwrap();
-    println!("script: {outcome:?}\n{}", carol.log.join("\n"));
+    println!("carol: {outcome:?}\n{}", carol.log.join("\n"));
     for line in &summary.lines {
         assert_eq!(
             line.verdict,
@@ -400,7 +261,50 @@ async fn the_cooperative_flow_passes_against_parley() {
         );
     }
     outcome.unwrap();
-    let twice: Vec<_> = carol.seen.values().filter(|n| **n > 1).collect();
-    assert!(twice.is_empty(), "a message reached carol twice");
+
+    let errors: Vec<_> = carol
+        .events
+        .iter()
+        .filter(|e| matches!(e, Event::Error { .. } | Event::Undecodable { .. }))
+        .collect();
+    assert!(errors.is_empty(), "carol's client failed on: {errors:?}");
+    let mut shown: BTreeMap<_, usize> = BTreeMap::new();
+    for e in &carol.events {
+        if let Event::Message { id, .. } = e {
+            *shown.entry(*id).or_default() += 1;
+        }
+    }
+    assert!(
+        shown.values().all(|n| *n == 1),
+        "a message reached carol twice: {:?}",
+        carol.events
+    );
+    let kit_room = carol.progress.kit_room.clone().unwrap();
+    let history: Vec<_> = carol
+        .device
+        .history(&kit_room, 100)
+        .unwrap()
+        .into_iter()
+        .map(|h| (h.sender.to_string(), h.text))
+        .collect();
+    assert_eq!(history.len(), 2, "{history:?}");
+    assert_eq!(history[0].0, "kit-alice@kit.test");
+    assert_eq!(history[1], ("carol@chirp.test".into(), REPLY.into()));
+    assert!(
+        carol.device.room_info(&kit_room).is_err(),
+        "still in {kit_room}"
+    );
+    // Her client told her provider (`/left`), which no longer delivers the kit's room to it.
+    let followed = carol.device.api().rooms().await.unwrap();
+    assert!(
+        followed.iter().all(|r| r.room_id != kit_room.as_str()),
+        "the provider still delivers {kit_room}: {followed:?}"
+    );
+    let own_room = carol.progress.own_room.clone().unwrap();
+    let history = carol.device.history(&own_room, 100).unwrap();
+    assert_eq!(history.len(), 1, "{history:?}");
+    assert_eq!(history[0].sender, carol.bob);
+    let info = carol.device.room_info(&own_room).unwrap();
+    assert_eq!(info.members, vec![me], "kit-bob still in {own_room}");
     server.shutdown().await;
 }
