@@ -524,6 +524,60 @@ async fn malicious_peer_requests_are_refused_and_change_nothing() {
     );
 }
 
+/// A peer may relay a `keyMaterial` request as the hub named in its `roomId`, so it can name
+/// itself the hub of a room of its own. It must still not speak for the target provider's own
+/// users, who need no consent between them there: a request "from" one of them is signed with a
+/// key evil.test made up, which wave.test knows is not that device's. Nothing is handed out, so
+/// no Welcome of evil.test's can ever reach bob.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_cannot_claim_key_material_in_the_name_of_the_target_providers_users() {
+    let dir = tempfile::tempdir().unwrap();
+    let net = Providers::three(dir.path()).await;
+    net.certify("evil.test");
+    let bob = net.register("bob@wave.test").await;
+    let carol = net.register("carol@wave.test").await;
+    let evil = net.peer_client("evil.test");
+    let evil_room = RoomId::parse("mimi://evil.test/r/0123456789abcdef0123456789abcdef").unwrap();
+    let wave_km = format!(
+        "https://wave.test:{}/v1/keyMaterial/wave.test/u/bob",
+        net.fed["wave.test"].port()
+    );
+    // carol's real client URI, a made-up client of carol's, and a made-up wave.test user.
+    for requester in [
+        carol.device_uri().to_string(),
+        "mimi://wave.test/d/carol/00000000000000ee".to_owned(),
+        "mimi://wave.test/d/nobody/00000000000000ee".to_owned(),
+    ] {
+        let forged = forged_client(&requester)
+            .key_material_request(bob.user(), &evil_room)
+            .unwrap();
+        let resp = evil
+            .post(&wave_km)
+            .header("From", "mimi@evil.test")
+            .body(forged)
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status();
+        let body = resp.bytes().await.unwrap();
+        if status == StatusCode::OK {
+            let answer = KeyMaterialResponse::decode(&body).unwrap();
+            assert!(
+                answer.clients.is_empty(),
+                "{requester}: bob's KeyPackages were handed to evil.test ({:?})",
+                answer.code()
+            );
+        } else {
+            let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            assert_eq!(
+                (status, v["error"].as_str().unwrap_or_default()),
+                (StatusCode::FORBIDDEN, "unknown_device"),
+                "{requester}"
+            );
+        }
+    }
+}
+
 /// A follower provider that is itself malicious: evil.test has a real user (eve) in a room hubbed
 /// at chirp.test, then submits a commit adding a KeyPackage it forged for a client of bob@wave.test
 /// with a key of its own choosing. The hub never fetched that key for the room, so it refuses.
