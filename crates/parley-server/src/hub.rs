@@ -585,14 +585,15 @@ impl Hub {
 
     /// `GET /v1/rooms`: the rooms the calling device is a member of.
     pub async fn rooms_of(&self, caller: &AuthDevice) -> ServiceResult<Vec<RoomInfo>> {
-        let device = caller.device.as_str().to_owned();
+        let (device, user) = (caller.device.as_str().to_owned(), caller.user.to_string());
         let ids: Vec<String> = self
             .store
             .read(move |c| {
                 let mut st = c.prepare(
-                    "SELECT room_id FROM room_members WHERE device_id = ?1 ORDER BY room_id",
+                    "SELECT room_id FROM room_members WHERE device_id = ?1 AND user_id = ?2
+                     ORDER BY room_id",
                 )?;
-                let rows = st.query_map(params![device], |r| r.get(0))?;
+                let rows = st.query_map(params![device, user], |r| r.get(0))?;
                 Ok(rows.collect::<Result<_, _>>()?)
             })
             .await?;
