@@ -656,6 +656,64 @@ async fn a_forged_key_package_for_someone_elses_client_is_refused() {
     );
 }
 
+/// A KeyPackage claimed for a room lets its claimer add that device once. alice claims one of
+/// bob's KeyPackages and keeps it, adds bob (with another), removes him; bob then blocks her.
+/// Re-adding bob with the kept package would need no new claim, so no consent check: the hub
+/// must refuse it, having spent its record of bob's key on the first add.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claimed_key_package_adds_its_device_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let net = Providers::three(dir.path()).await;
+    let mut alice = net.register("alice@chirp.test").await;
+    let mut bob = net.register("bob@wave.test").await;
+    consent(&bob, &alice).await;
+    let room = alice.create_room(Some("once"), &[]).await.unwrap();
+    let kept = alice
+        .api()
+        .claim_key_packages(
+            bob.user(),
+            &alice.claim_request(bob.user(), &room, None).unwrap(),
+        )
+        .await
+        .unwrap()
+        .key_packages
+        .remove(0)
+        .key_package;
+    alice.add_member(&room, bob.user()).await.unwrap();
+    join(&mut bob, &room).await;
+    alice.remove_member(&room, bob.user()).await.unwrap();
+    sync_until(
+        &mut bob,
+        |e| matches!(e, Event::Removed { room: r } if *r == room),
+    )
+    .await;
+    bob.contact_block(alice.user()).await.unwrap();
+
+    let alice_key = alice.api().devices().await.unwrap().remove(0).signature_key;
+    let alice_db = rusqlite::Connection::open(
+        net.dir
+            .join("profile-alice@chirp.test")
+            .join(parley_client::profile::DB_FILE),
+    )
+    .unwrap();
+    let alice_mls = DeviceMls::load(&alice_db, alice.device_uri().clone(), &alice_key).unwrap();
+    let validated = alice_mls.validate_key_package(&kept, bob.user()).unwrap();
+    let commit = alice_mls
+        .add_members(&alice_db, &room, &[validated])
+        .unwrap()
+        .expect("a commit adding bob again");
+    let request = parley_proto::api::CommitRequest {
+        commit: commit.commit,
+        welcome: commit.welcome,
+        group_info: commit.group_info,
+        ratchet_tree: commit.ratchet_tree,
+    };
+    match alice.api().post_commit(&room, &request).await {
+        Err(e) => assert_eq!(e.code(), Some("unknown_device"), "{e}"),
+        Ok(accepted) => panic!("bob was added again without a new claim: {accepted:?}"),
+    }
+}
+
 /// An MLS client of a user the test makes up (its state in memory), with its database.
 fn forged_client_with_db(uri: &str) -> (DeviceMls, rusqlite::Connection) {
     let mut db = rusqlite::Connection::open_in_memory().unwrap();

@@ -711,6 +711,14 @@ impl Hub {
             members: member_rows(&members),
             group_info: group_info.clone().or_else(|| state.group_info.clone()),
             pending: Vec::new(),
+            // A claimed KeyPackage adds its device once: adding it again takes a new claim,
+            // and with it the device's provider's consent check.
+            spent_claims: effect
+                .added
+                .iter()
+                .filter(|leaf| !self.config.hosts(leaf.device.user.domain().as_str()))
+                .map(|leaf| (leaf.device.to_string(), leaf.signature_key.clone()))
+                .collect(),
         };
         self.persist(RoomWrite::State(update), fanout).await?;
         state.epoch = effect.epoch;
@@ -888,6 +896,7 @@ impl Hub {
             members: state.member_rows(),
             group_info: state.group_info.clone(),
             pending: pending.clone(),
+            spent_claims: Vec::new(),
         };
         self.persist(RoomWrite::State(update), fanout).await?;
         state.public = effect.next;
@@ -1529,6 +1538,8 @@ struct RoomUpdate {
     members: Vec<(String, String)>,
     group_info: Option<Vec<u8>>,
     pending: Vec<PendingProposal>,
+    /// `remote_claims` (client URI, signature key) the commit used up.
+    spent_claims: Vec<(String, Vec<u8>)>,
 }
 
 impl RoomUpdate {
@@ -1549,6 +1560,12 @@ impl RoomUpdate {
                 pending
             ],
         )?;
+        let mut spend = c.prepare_cached(
+            "DELETE FROM remote_claims WHERE room_id = ?1 AND device_uri = ?2 AND signature_key = ?3",
+        )?;
+        for (device, key) in &self.spent_claims {
+            spend.execute(params![self.room_id, device, key])?;
+        }
         replace_members(c, &self.room_id, &self.members)
     }
 }
