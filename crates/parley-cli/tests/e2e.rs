@@ -338,3 +338,59 @@ async fn rooms_reload_from_the_database_when_evicted() {
     }
     server.shutdown().await;
 }
+
+/// A user who blocked someone cannot be put back into that someone's room with a KeyPackage
+/// claimed before the block: alice keeps one of bob's, adds bob (with another), removes him;
+/// bob blocks alice; the hub refuses alice's commit adding bob again with the kept package.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_who_blocked_the_committer_is_not_added_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = server(dir.path()).await;
+    let mut alice = register(dir.path(), &server, "alice@chirp.test").await;
+    let mut bob = register(dir.path(), &server, "bob@wave.test").await;
+    let room = alice.create_room(Some("again"), &[]).await.unwrap();
+    let kept = alice
+        .api()
+        .claim_key_packages(
+            bob.user(),
+            &alice.claim_request(bob.user(), &room, None).unwrap(),
+        )
+        .await
+        .unwrap()
+        .key_packages
+        .remove(0)
+        .key_package;
+    alice.add_member(&room, bob.user()).await.unwrap();
+    join(&mut bob, &room).await;
+    alice.remove_member(&room, bob.user()).await.unwrap();
+    sync_until(
+        &mut bob,
+        |e| matches!(e, Event::Removed { room: r } if *r == room),
+    )
+    .await;
+    bob.contact_block(alice.user()).await.unwrap();
+
+    let alice_key = alice.api().devices().await.unwrap().remove(0).signature_key;
+    let alice_db = rusqlite::Connection::open(
+        profile_dir(dir.path(), alice.user()).join(parley_client::profile::DB_FILE),
+    )
+    .unwrap();
+    let alice_mls =
+        parley_client::mls::DeviceMls::load(&alice_db, alice.device_uri().clone(), &alice_key)
+            .unwrap();
+    let validated = alice_mls.validate_key_package(&kept, bob.user()).unwrap();
+    let commit = alice_mls
+        .add_members(&alice_db, &room, &[validated])
+        .unwrap()
+        .expect("a commit adding bob again");
+    let request = parley_proto::api::CommitRequest {
+        commit: commit.commit,
+        welcome: commit.welcome,
+        group_info: commit.group_info,
+        ratchet_tree: commit.ratchet_tree,
+    };
+    match alice.api().post_commit(&room, &request).await {
+        Err(e) => assert_eq!(e.code(), Some("no_consent"), "{e}"),
+        Ok(accepted) => panic!("bob was added back past his block: {accepted:?}"),
+    }
+}

@@ -662,6 +662,16 @@ impl Hub {
         self.check_external_join(&state, &effect).await?;
         state.check_roles(&effect)?;
         self.check_added_devices(&state.id, &effect.added).await?;
+        // A block is checked when KeyPackages are claimed, but a member may hold one from
+        // before: nobody is added by a committer they blocked, as far as this hub knows.
+        if let Some(blocker) = effect
+            .added
+            .iter()
+            .map(|leaf| &leaf.device.user)
+            .find(|user| self.consent.blocked(&effect.committer.user, user))
+        {
+            return Err(no_consent(blocker));
+        }
         self.check_policy(&state, &effect)?;
         let welcome = check_welcome_matches(welcome.as_deref(), !effect.added.is_empty())?;
         let group_info = match group_info {
