@@ -1108,6 +1108,15 @@ impl Hub {
         if !effect.external_senders.iter().any(|s| s == hub_sender) {
             return Err(policy("the room must keep this hub as external sender"));
         }
+        // Members refuse a commit that changes who may propose from outside the group (a
+        // sender added could remove anyone): accepted here, it would leave them behind.
+        let senders_before = state
+            .public
+            .external_senders()
+            .map_err(|e| ServiceError::Internal(e.to_string()))?;
+        if effect.external_senders != senders_before {
+            return Err(policy("a room's external senders never change"));
+        }
         if let Some(outsider) = members
             .iter()
             .find(|m| !after.is_participant(&m.device.user))
