@@ -447,6 +447,8 @@ fn commit_with_extensions(
         .export_ratchet_tree(provider.crypto(), group.export_ratchet_tree())
         .unwrap()
         .unwrap();
+    // Left unmerged for the hub to judge; the device's own client never sees it.
+    group.clear_pending_commit(provider.storage()).unwrap();
     let (commit, _, group_info) = bundle.into_messages();
     CommitRequest {
         commit: commit.tls_serialize_detached().unwrap(),
@@ -487,6 +489,43 @@ async fn a_commit_changing_the_external_senders_is_refused() {
         Ok(accepted) => {
             let seen = read_lenient(&mut bob, &room).await;
             panic!("accepted ({accepted:?}); bob then read {seen:?}")
+        }
+    }
+}
+
+/// A room's name is checked when the room is created (at most 128 printable characters); a
+/// commit renaming it later is held to the same rule, or any member could put control
+/// characters (terminal escapes) or a name of any length in front of every member.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_renaming_the_room_keeps_to_the_naming_rules() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = server(dir.path()).await;
+    let mut alice = register(dir.path(), &server, "alice@chirp.test").await;
+    let mut bob = register(dir.path(), &server, "bob@wave.test").await;
+    let room = alice
+        .create_room(Some("plain"), &[bob.user().clone()])
+        .await
+        .unwrap();
+    join(&mut bob, &room).await;
+    let key = alice.api().devices().await.unwrap().remove(0).signature_key;
+    let rename = |name: String| {
+        commit_with_extensions(dir.path(), &alice, &key, &room, move |extensions| {
+            use parley_proto::mimi::room_state::{RoomState, APP_DATA_DICTIONARY};
+            let data = &extensions.unknown(APP_DATA_DICTIONARY).unwrap().0;
+            let mut state = RoomState::decode(data).unwrap();
+            state.name = name;
+            extensions
+                .add_or_replace(Extension::Unknown(
+                    APP_DATA_DICTIONARY,
+                    openmls::prelude::UnknownExtension(state.encode().unwrap()),
+                ))
+                .unwrap();
+        })
+    };
+    for name in ["\u{1b}]0;pwned\u{7}\u{1b}[2J".to_owned(), "x".repeat(129)] {
+        match alice.api().post_commit(&room, &rename(name.clone())).await {
+            Err(e) => assert_eq!(e.code(), Some("invalid_name"), "{name:?}: {e}"),
+            Ok(accepted) => panic!("renamed to {name:?}: {accepted:?}"),
         }
     }
 }

@@ -794,6 +794,7 @@ fn split_description(desc: &[u8]) -> (&'static str, String) {
         Some("room_full") => "room_full",
         Some("no_consent") => "no_consent",
         Some("invalid_commit") => "invalid_commit",
+        Some("invalid_name") => "invalid_name",
         _ => "not_allowed",
     };
     (code, text)

@@ -199,6 +199,17 @@ impl HubRoom {
     }
 }
 
+/// A room name, as set at creation or by a commit: what every member's client shows. The
+/// refusal's message.
+fn check_name(name: &str) -> Result<(), String> {
+    if name.chars().count() > MAX_ROOM_NAME || name.chars().any(char::is_control) {
+        return Err(format!(
+            "room names are at most {MAX_ROOM_NAME} printable characters"
+        ));
+    }
+    Ok(())
+}
+
 fn not_admin(message: String) -> ServiceError {
     ServiceError::forbidden("not_admin", message)
 }
@@ -541,12 +552,7 @@ impl Hub {
                 facts.room
             )));
         }
-        if facts.name.chars().count() > MAX_ROOM_NAME || facts.name.chars().any(char::is_control) {
-            return Err(ServiceError::bad(
-                "invalid_name",
-                format!("room names are at most {MAX_ROOM_NAME} printable characters"),
-            ));
-        }
+        check_name(&facts.name).map_err(|m| ServiceError::bad("invalid_name", m))?;
         let hub_sender = self
             .keys
             .external_sender(id.hub().as_str())
@@ -1100,6 +1106,10 @@ impl Hub {
         }
         if after.room != before.room || after.direct != before.direct {
             return Err(policy("a room's URI and kind never change"));
+        }
+        if after.name != before.name {
+            // A policy refusal for a commit (MIMI notAllowed), as at creation otherwise.
+            check_name(&after.name).map_err(|m| ServiceError::forbidden("invalid_name", m))?;
         }
         let hub_sender = self
             .keys
