@@ -8,9 +8,9 @@ mod providers;
 use parley_client::mls::{DeviceMls, OutgoingCommit};
 use parley_client::{ClientError, Device, Event};
 use parley_proto::ids::DeviceUri;
-use parley_proto::mimi::room_state::expiry_aad;
+use parley_proto::mimi::room_state::{expiry_aad, RoomState};
 use parley_proto::mimi::{
-    Body, ConsentEntry, ConsentOperation, EphemeralMessage, FanoutMessage, GroupInfo,
+    Body, ConsentEntry, ConsentOperation, EphemeralMessage, FanoutExtra, FanoutMessage, GroupInfo,
     GroupInfoOption, HandshakeBundle, IdentifierUri, KeyMaterialResponse, MlsMessage,
     NotifyRequest, RatchetTree, RatchetTreeOption, SubmitMessageRequest, UpdateRoomResponse,
     UserCode,
@@ -712,6 +712,88 @@ async fn a_claimed_key_package_adds_its_device_once() {
         Err(e) => assert_eq!(e.code(), Some("unknown_device"), "{e}"),
         Ok(accepted) => panic!("bob was added again without a new claim: {accepted:?}"),
     }
+}
+
+/// A follower routes a Welcome to its device by a KeyPackageRef it handed out for the room,
+/// and each ref once: a KeyPackage serves one Welcome (draft §5.2 lets the association go once
+/// its Welcome is forwarded). A hub that sends a second Welcome for the same package (after
+/// bob left, say) does not reach bob again. The test plays chirp.test, the room's hub.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handed_out_key_package_routes_one_welcome() {
+    let dir = tempfile::tempdir().unwrap();
+    let net = Providers::three(dir.path()).await;
+    let alice = net.register("alice@chirp.test").await;
+    let bob = net.register("bob@wave.test").await;
+    consent(&bob, &alice).await;
+    let room = RoomId::from_random(&Domain::parse("chirp.test").unwrap(), [5; 16]);
+    let kp = alice
+        .api()
+        .claim_key_packages(
+            bob.user(),
+            &alice.claim_request(bob.user(), &room, None).unwrap(),
+        )
+        .await
+        .unwrap()
+        .key_packages
+        .remove(0)
+        .key_package;
+    let hub_sender = alice.api().provider().await.unwrap().external_sender;
+    // Two groups of the room, made by two clients of alice's, each adding bob with that package.
+    let welcome = |device: &str| {
+        // A profile database of its own: groups need the profile's room ↔ group table.
+        let profile = net.dir.join(format!("forged-{device}"));
+        drop(parley_client::profile::Profile::create_or_open(&profile).unwrap());
+        let db = rusqlite::Connection::open(profile.join(parley_client::profile::DB_FILE)).unwrap();
+        let signer = DeviceMls::generate_signer(&db).unwrap();
+        let uri = DeviceUri::parse(&format!("mimi://chirp.test/d/alice/{device}")).unwrap();
+        let client = DeviceMls::load(&db, uri, signer.public()).unwrap();
+        let state = RoomState::group(room.clone(), "twice", alice.user(), None);
+        client.create_group(&db, &state, &hub_sender).unwrap();
+        let validated = client.validate_key_package(&kp, bob.user()).unwrap();
+        let out = client
+            .add_members(&db, &room, &[validated])
+            .unwrap()
+            .unwrap();
+        FanoutMessage {
+            timestamp: now_ms(),
+            message: MlsMessage::from_bytes(out.welcome.unwrap()).unwrap(),
+            extra: FanoutExtra::Welcome {
+                ratchet_tree: RatchetTreeOption::Full {
+                    ratchet_tree: RatchetTree::from_bytes(out.ratchet_tree).unwrap(),
+                },
+            },
+        }
+    };
+    let as_chirp = net.peer_client("chirp.test");
+    let notify = format!(
+        "https://wave.test:{}/v1/notify/{}",
+        net.fed["wave.test"].port(),
+        room.path_form()
+    );
+    for device in ["00000000000000a1", "00000000000000a2"] {
+        let body = NotifyRequest {
+            messages: vec![welcome(device)],
+        }
+        .encode();
+        let resp = as_chirp
+            .post(&notify)
+            .header("From", "mimi@chirp.test")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::CREATED, "{device}");
+    }
+    let welcomes = bob
+        .api()
+        .queue(None)
+        .await
+        .unwrap()
+        .entries
+        .iter()
+        .filter(|e| e.kind == parley_proto::api::EntryKind::Welcome)
+        .count();
+    assert_eq!(welcomes, 1, "one KeyPackage, one Welcome");
 }
 
 /// An MLS client of a user the test makes up (its state in memory), with its database.
