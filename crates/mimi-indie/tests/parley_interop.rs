@@ -359,3 +359,38 @@ async fn a_parley_user_joins_a_room_hubbed_by_an_independent_provider() {
     net.chirp.shutdown().await;
     net.wave.shutdown().await;
 }
+
+/// Two users of the independent provider in one Parley room. Its clients are all named
+/// `indie0` (a client URI is unique as a whole, `mimi://indie.test/d/HANDLE/indie0`): the hub
+/// must tell `carol`'s client from `dave`'s, and both read the room.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_of_two_users_may_share_a_device_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let net = network(dir.path()).await;
+    let mut alice = register(dir.path(), &net.chirp, "alice@chirp.test").await;
+    let users = [
+        net.indie.add_user("carol").await.unwrap(),
+        net.indie.add_user("dave").await.unwrap(),
+    ];
+    indie_consents(&net, "carol", &alice).await;
+    indie_consents(&net, "dave", &alice).await;
+    let room = alice.create_room(Some("pair"), &[]).await.unwrap();
+    for user in &users {
+        alice
+            .add_member(&room, &UserId::parse(user).unwrap())
+            .await
+            .unwrap();
+    }
+    assert_eq!(alice.room_info(&room).unwrap().members.len(), 3);
+    alice.send_text(&room, "hello, both").await.unwrap();
+    for handle in ["carol", "dave"] {
+        assert_eq!(
+            texts_from(&net, handle, room.as_str(), "mimi://chirp.test/u/alice", 1).await,
+            vec!["hello, both"],
+            "{handle}"
+        );
+    }
+    net.indie.shutdown().await;
+    net.chirp.shutdown().await;
+    net.wave.shutdown().await;
+}

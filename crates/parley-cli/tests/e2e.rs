@@ -3,11 +3,20 @@
 
 mod providers;
 
+use openmls::prelude::tls_codec::Serialize as _;
+use openmls::prelude::{
+    BasicCredential, Extension, Extensions, ExternalSender, GroupContext, GroupId, MlsGroup,
+    SignatureScheme,
+};
+use openmls_basic_credential::SignatureKeyPair;
+use openmls_traits::OpenMlsProvider as _;
 use parley_client::{Device, Event};
-use parley_proto::UserId;
+use parley_proto::api::CommitRequest;
+use parley_proto::{RoomId, UserId};
 use parley_server::config::ServerConfig;
 use parley_server::Server;
 use providers::*;
+use std::path::Path;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn group_of_four_with_add_and_remove() {
@@ -337,4 +346,186 @@ async fn rooms_reload_from_the_database_when_evicted() {
         assert_eq!(got, want, "room {i}");
     }
     server.shutdown().await;
+}
+
+/// A user who blocked someone cannot be put back into that someone's room with a KeyPackage
+/// claimed before the block: alice keeps one of bob's, adds bob (with another), removes him;
+/// bob blocks alice; the hub refuses alice's commit adding bob again with the kept package.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_who_blocked_the_committer_is_not_added_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = server(dir.path()).await;
+    let mut alice = register(dir.path(), &server, "alice@chirp.test").await;
+    let mut bob = register(dir.path(), &server, "bob@wave.test").await;
+    let room = alice.create_room(Some("again"), &[]).await.unwrap();
+    let kept = alice
+        .api()
+        .claim_key_packages(
+            bob.user(),
+            &alice.claim_request(bob.user(), &room, None).unwrap(),
+        )
+        .await
+        .unwrap()
+        .key_packages
+        .remove(0)
+        .key_package;
+    alice.add_member(&room, bob.user()).await.unwrap();
+    join(&mut bob, &room).await;
+    alice.remove_member(&room, bob.user()).await.unwrap();
+    sync_until(
+        &mut bob,
+        |e| matches!(e, Event::Removed { room: r } if *r == room),
+    )
+    .await;
+    bob.contact_block(alice.user()).await.unwrap();
+
+    let alice_key = alice.api().devices().await.unwrap().remove(0).signature_key;
+    let alice_db = rusqlite::Connection::open(
+        profile_dir(dir.path(), alice.user()).join(parley_client::profile::DB_FILE),
+    )
+    .unwrap();
+    let alice_mls =
+        parley_client::mls::DeviceMls::load(&alice_db, alice.device_uri().clone(), &alice_key)
+            .unwrap();
+    let validated = alice_mls.validate_key_package(&kept, bob.user()).unwrap();
+    let commit = alice_mls
+        .add_members(&alice_db, &room, &[validated])
+        .unwrap()
+        .expect("a commit adding bob again");
+    let request = parley_proto::api::CommitRequest {
+        commit: commit.commit,
+        welcome: commit.welcome,
+        group_info: commit.group_info,
+        ratchet_tree: commit.ratchet_tree,
+    };
+    match alice.api().post_commit(&room, &request).await {
+        Err(e) => assert_eq!(e.code(), Some("no_consent"), "{e}"),
+        Ok(accepted) => panic!("bob was added back past his block: {accepted:?}"),
+    }
+}
+
+/// A commit of `device` (its MLS state read from its profile, `key` its signature key) whose
+/// only proposal replaces the room's GroupContext extensions with what `edit` makes of them:
+/// what a client other than Parley's could send.
+fn commit_with_extensions(
+    dir: &Path,
+    device: &Device,
+    key: &[u8],
+    room: &RoomId,
+    edit: impl FnOnce(&mut Extensions<GroupContext>),
+) -> CommitRequest {
+    let db = rusqlite::Connection::open(
+        profile_dir(dir, device.user()).join(parley_client::profile::DB_FILE),
+    )
+    .unwrap();
+    let crypto = openmls_rust_crypto::RustCrypto::default();
+    let provider = parley_client::mls::MlsProvider::new(&crypto, &db);
+    let mut group = MlsGroup::load(
+        provider.storage(),
+        &GroupId::from_slice(&room.parley_group_id()),
+    )
+    .unwrap()
+    .unwrap();
+    let signer = SignatureKeyPair::read(provider.storage(), key, SignatureScheme::ED25519).unwrap();
+    let mut extensions = group.extensions().clone();
+    edit(&mut extensions);
+    let bundle = group
+        .commit_builder()
+        .propose_group_context_extensions(extensions)
+        .unwrap()
+        .load_psks(provider.storage())
+        .unwrap()
+        .create_group_info(true)
+        .use_ratchet_tree_extension(false)
+        .build(provider.rand(), provider.crypto(), &signer, |_| true)
+        .unwrap()
+        .stage_commit(&provider)
+        .unwrap();
+    let tree = group
+        .pending_commit()
+        .unwrap()
+        .export_ratchet_tree(provider.crypto(), group.export_ratchet_tree())
+        .unwrap()
+        .unwrap();
+    // Left unmerged for the hub to judge; the device's own client never sees it.
+    group.clear_pending_commit(provider.storage()).unwrap();
+    let (commit, _, group_info) = bundle.into_messages();
+    CommitRequest {
+        commit: commit.tls_serialize_detached().unwrap(),
+        welcome: None,
+        group_info: group_info.unwrap().tls_serialize_detached().unwrap(),
+        ratchet_tree: tree.tls_serialize_detached().unwrap(),
+    }
+}
+
+/// Every Parley client refuses a commit that changes the room's `external_senders` (only the
+/// hub may propose from outside the group), so the hub must refuse it too: a commit it
+/// accepted and the members cannot merge would leave them behind the hub's epoch for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_changing_the_external_senders_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = server(dir.path()).await;
+    let mut alice = register(dir.path(), &server, "alice@chirp.test").await;
+    let mut bob = register(dir.path(), &server, "bob@wave.test").await;
+    let room = alice
+        .create_room(Some("senders"), &[bob.user().clone()])
+        .await
+        .unwrap();
+    join(&mut bob, &room).await;
+    let key = alice.api().devices().await.unwrap().remove(0).signature_key;
+    let extra = SignatureKeyPair::new(SignatureScheme::ED25519).unwrap();
+    let request = commit_with_extensions(dir.path(), &alice, &key, &room, |extensions| {
+        let mut senders = extensions.external_senders().unwrap().clone();
+        senders.push(ExternalSender::new(
+            extra.public().into(),
+            BasicCredential::new(b"mimi://evil.test".to_vec()).into(),
+        ));
+        extensions
+            .add_or_replace(Extension::ExternalSenders(senders))
+            .unwrap();
+    });
+    match alice.api().post_commit(&room, &request).await {
+        Err(e) => assert_eq!(e.code(), Some("policy"), "{e}"),
+        Ok(accepted) => {
+            let seen = read_lenient(&mut bob, &room).await;
+            panic!("accepted ({accepted:?}); bob then read {seen:?}")
+        }
+    }
+}
+
+/// A room's name is checked when the room is created (at most 128 printable characters); a
+/// commit renaming it later is held to the same rule, or any member could put control
+/// characters (terminal escapes) or a name of any length in front of every member.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_renaming_the_room_keeps_to_the_naming_rules() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = server(dir.path()).await;
+    let mut alice = register(dir.path(), &server, "alice@chirp.test").await;
+    let mut bob = register(dir.path(), &server, "bob@wave.test").await;
+    let room = alice
+        .create_room(Some("plain"), &[bob.user().clone()])
+        .await
+        .unwrap();
+    join(&mut bob, &room).await;
+    let key = alice.api().devices().await.unwrap().remove(0).signature_key;
+    let rename = |name: String| {
+        commit_with_extensions(dir.path(), &alice, &key, &room, move |extensions| {
+            use parley_proto::mimi::room_state::{RoomState, APP_DATA_DICTIONARY};
+            let data = &extensions.unknown(APP_DATA_DICTIONARY).unwrap().0;
+            let mut state = RoomState::decode(data).unwrap();
+            state.name = name;
+            extensions
+                .add_or_replace(Extension::Unknown(
+                    APP_DATA_DICTIONARY,
+                    openmls::prelude::UnknownExtension(state.encode().unwrap()),
+                ))
+                .unwrap();
+        })
+    };
+    for name in ["\u{1b}]0;pwned\u{7}\u{1b}[2J".to_owned(), "x".repeat(129)] {
+        match alice.api().post_commit(&room, &rename(name.clone())).await {
+            Err(e) => assert_eq!(e.code(), Some("invalid_name"), "{name:?}: {e}"),
+            Ok(accepted) => panic!("renamed to {name:?}: {accepted:?}"),
+        }
+    }
 }

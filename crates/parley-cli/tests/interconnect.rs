@@ -8,9 +8,9 @@ mod providers;
 use parley_client::mls::{DeviceMls, OutgoingCommit};
 use parley_client::{ClientError, Device, Event};
 use parley_proto::ids::DeviceUri;
-use parley_proto::mimi::room_state::expiry_aad;
+use parley_proto::mimi::room_state::{expiry_aad, RoomState};
 use parley_proto::mimi::{
-    Body, ConsentEntry, ConsentOperation, EphemeralMessage, FanoutMessage, GroupInfo,
+    Body, ConsentEntry, ConsentOperation, EphemeralMessage, FanoutExtra, FanoutMessage, GroupInfo,
     GroupInfoOption, HandshakeBundle, IdentifierUri, KeyMaterialResponse, MlsMessage,
     NotifyRequest, RatchetTree, RatchetTreeOption, SubmitMessageRequest, UpdateRoomResponse,
     UserCode,
@@ -524,6 +524,60 @@ async fn malicious_peer_requests_are_refused_and_change_nothing() {
     );
 }
 
+/// A peer may relay a `keyMaterial` request as the hub named in its `roomId`, so it can name
+/// itself the hub of a room of its own. It must still not speak for the target provider's own
+/// users, who need no consent between them there: a request "from" one of them is signed with a
+/// key evil.test made up, which wave.test knows is not that device's. Nothing is handed out, so
+/// no Welcome of evil.test's can ever reach bob.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_cannot_claim_key_material_in_the_name_of_the_target_providers_users() {
+    let dir = tempfile::tempdir().unwrap();
+    let net = Providers::three(dir.path()).await;
+    net.certify("evil.test");
+    let bob = net.register("bob@wave.test").await;
+    let carol = net.register("carol@wave.test").await;
+    let evil = net.peer_client("evil.test");
+    let evil_room = RoomId::parse("mimi://evil.test/r/0123456789abcdef0123456789abcdef").unwrap();
+    let wave_km = format!(
+        "https://wave.test:{}/v1/keyMaterial/wave.test/u/bob",
+        net.fed["wave.test"].port()
+    );
+    // carol's real client URI, a made-up client of carol's, and a made-up wave.test user.
+    for requester in [
+        carol.device_uri().to_string(),
+        "mimi://wave.test/d/carol/00000000000000ee".to_owned(),
+        "mimi://wave.test/d/nobody/00000000000000ee".to_owned(),
+    ] {
+        let forged = forged_client(&requester)
+            .key_material_request(bob.user(), &evil_room)
+            .unwrap();
+        let resp = evil
+            .post(&wave_km)
+            .header("From", "mimi@evil.test")
+            .body(forged)
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status();
+        let body = resp.bytes().await.unwrap();
+        if status == StatusCode::OK {
+            let answer = KeyMaterialResponse::decode(&body).unwrap();
+            assert!(
+                answer.clients.is_empty(),
+                "{requester}: bob's KeyPackages were handed to evil.test ({:?})",
+                answer.code()
+            );
+        } else {
+            let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            assert_eq!(
+                (status, v["error"].as_str().unwrap_or_default()),
+                (StatusCode::FORBIDDEN, "unknown_device"),
+                "{requester}"
+            );
+        }
+    }
+}
+
 /// A follower provider that is itself malicious: evil.test has a real user (eve) in a room hubbed
 /// at chirp.test, then submits a commit adding a KeyPackage it forged for a client of bob@wave.test
 /// with a key of its own choosing. The hub never fetched that key for the room, so it refuses.
@@ -600,6 +654,146 @@ async fn a_forged_key_package_for_someone_elses_client_is_refused() {
         read_n(&mut bob, &room, 1).await,
         from("alice@chirp.test", &["still fine"])
     );
+}
+
+/// A KeyPackage claimed for a room lets its claimer add that device once. alice claims one of
+/// bob's KeyPackages and keeps it, adds bob (with another), removes him; bob then blocks her.
+/// Re-adding bob with the kept package would need no new claim, so no consent check: the hub
+/// must refuse it, having spent its record of bob's key on the first add.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claimed_key_package_adds_its_device_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let net = Providers::three(dir.path()).await;
+    let mut alice = net.register("alice@chirp.test").await;
+    let mut bob = net.register("bob@wave.test").await;
+    consent(&bob, &alice).await;
+    let room = alice.create_room(Some("once"), &[]).await.unwrap();
+    let kept = alice
+        .api()
+        .claim_key_packages(
+            bob.user(),
+            &alice.claim_request(bob.user(), &room, None).unwrap(),
+        )
+        .await
+        .unwrap()
+        .key_packages
+        .remove(0)
+        .key_package;
+    alice.add_member(&room, bob.user()).await.unwrap();
+    join(&mut bob, &room).await;
+    alice.remove_member(&room, bob.user()).await.unwrap();
+    sync_until(
+        &mut bob,
+        |e| matches!(e, Event::Removed { room: r } if *r == room),
+    )
+    .await;
+    bob.contact_block(alice.user()).await.unwrap();
+
+    let alice_key = alice.api().devices().await.unwrap().remove(0).signature_key;
+    let alice_db = rusqlite::Connection::open(
+        net.dir
+            .join("profile-alice@chirp.test")
+            .join(parley_client::profile::DB_FILE),
+    )
+    .unwrap();
+    let alice_mls = DeviceMls::load(&alice_db, alice.device_uri().clone(), &alice_key).unwrap();
+    let validated = alice_mls.validate_key_package(&kept, bob.user()).unwrap();
+    let commit = alice_mls
+        .add_members(&alice_db, &room, &[validated])
+        .unwrap()
+        .expect("a commit adding bob again");
+    let request = parley_proto::api::CommitRequest {
+        commit: commit.commit,
+        welcome: commit.welcome,
+        group_info: commit.group_info,
+        ratchet_tree: commit.ratchet_tree,
+    };
+    match alice.api().post_commit(&room, &request).await {
+        Err(e) => assert_eq!(e.code(), Some("unknown_device"), "{e}"),
+        Ok(accepted) => panic!("bob was added again without a new claim: {accepted:?}"),
+    }
+}
+
+/// A follower routes a Welcome to its device by a KeyPackageRef it handed out for the room,
+/// and each ref once: a KeyPackage serves one Welcome (draft §5.2 lets the association go once
+/// its Welcome is forwarded). A hub that sends a second Welcome for the same package (after
+/// bob left, say) does not reach bob again. The test plays chirp.test, the room's hub.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handed_out_key_package_routes_one_welcome() {
+    let dir = tempfile::tempdir().unwrap();
+    let net = Providers::three(dir.path()).await;
+    let alice = net.register("alice@chirp.test").await;
+    let bob = net.register("bob@wave.test").await;
+    consent(&bob, &alice).await;
+    let room = RoomId::from_random(&Domain::parse("chirp.test").unwrap(), [5; 16]);
+    let kp = alice
+        .api()
+        .claim_key_packages(
+            bob.user(),
+            &alice.claim_request(bob.user(), &room, None).unwrap(),
+        )
+        .await
+        .unwrap()
+        .key_packages
+        .remove(0)
+        .key_package;
+    let hub_sender = alice.api().provider().await.unwrap().external_sender;
+    // Two groups of the room, made by two clients of alice's, each adding bob with that package.
+    let welcome = |device: &str| {
+        // A profile database of its own: groups need the profile's room ↔ group table.
+        let profile = net.dir.join(format!("forged-{device}"));
+        drop(parley_client::profile::Profile::create_or_open(&profile).unwrap());
+        let db = rusqlite::Connection::open(profile.join(parley_client::profile::DB_FILE)).unwrap();
+        let signer = DeviceMls::generate_signer(&db).unwrap();
+        let uri = DeviceUri::parse(&format!("mimi://chirp.test/d/alice/{device}")).unwrap();
+        let client = DeviceMls::load(&db, uri, signer.public()).unwrap();
+        let state = RoomState::group(room.clone(), "twice", alice.user(), None);
+        client.create_group(&db, &state, &hub_sender).unwrap();
+        let validated = client.validate_key_package(&kp, bob.user()).unwrap();
+        let out = client
+            .add_members(&db, &room, &[validated])
+            .unwrap()
+            .unwrap();
+        FanoutMessage {
+            timestamp: now_ms(),
+            message: MlsMessage::from_bytes(out.welcome.unwrap()).unwrap(),
+            extra: FanoutExtra::Welcome {
+                ratchet_tree: RatchetTreeOption::Full {
+                    ratchet_tree: RatchetTree::from_bytes(out.ratchet_tree).unwrap(),
+                },
+            },
+        }
+    };
+    let as_chirp = net.peer_client("chirp.test");
+    let notify = format!(
+        "https://wave.test:{}/v1/notify/{}",
+        net.fed["wave.test"].port(),
+        room.path_form()
+    );
+    for device in ["00000000000000a1", "00000000000000a2"] {
+        let body = NotifyRequest {
+            messages: vec![welcome(device)],
+        }
+        .encode();
+        let resp = as_chirp
+            .post(&notify)
+            .header("From", "mimi@chirp.test")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::CREATED, "{device}");
+    }
+    let welcomes = bob
+        .api()
+        .queue(None)
+        .await
+        .unwrap()
+        .entries
+        .iter()
+        .filter(|e| e.kind == parley_proto::api::EntryKind::Welcome)
+        .count();
+    assert_eq!(welcomes, 1, "one KeyPackage, one Welcome");
 }
 
 /// An MLS client of a user the test makes up (its state in memory), with its database.

@@ -829,7 +829,7 @@ impl DeviceMls {
                 plaintext: app.into_bytes(),
             }),
             ProcessedMessageContent::StagedCommitMessage(staged) => {
-                check_commit(&group, &staged, room)?;
+                check_commit(&group, &staged, &sender, room)?;
                 merge_commit(&provider, room, &mut group, |g, p| {
                     g.merge_staged_commit(p, *staged)
                 })
@@ -874,11 +874,25 @@ fn pending_tree(provider: &MlsProvider<'_>, group: &MlsGroup) -> Result<RatchetT
 }
 
 /// What another member's commit may do beyond what openmls checks: every leaf it brings in is
-/// a device, and a new GroupContext keeps the room and its hub (the external sender that lets
-/// the hub propose). How the participants and roles may change is the hub's to enforce.
-fn check_commit(group: &MlsGroup, staged: &StagedCommit, room: &RoomId) -> Result<()> {
+/// a device, the committer's new leaf (its UpdatePath) names the client it named before, and a
+/// new GroupContext keeps the room and its hub (the external sender that lets the hub propose).
+/// How the participants and roles may change is the hub's to enforce.
+fn check_commit(
+    group: &MlsGroup,
+    staged: &StagedCommit,
+    committer: &Credential,
+    room: &RoomId,
+) -> Result<()> {
     if let Some(leaf) = staged.update_path_leaf_node() {
-        device_uri_of(leaf.credential())?;
+        // openmls lets an UpdatePath carry any credential (RFC 9420 leaves it to the
+        // application): a member could otherwise become a client of another user, and its
+        // messages pass as that user's.
+        let (was, is) = (device_uri_of(committer)?, device_uri_of(leaf.credential())?);
+        if was != is {
+            return Err(ClientError::Protocol(format!(
+                "a commit in room {room} renames its committer {was} to {is}"
+            )));
+        }
     }
     for add in staged.add_proposals() {
         device_uri_of(add.add_proposal().key_package().leaf_node().credential())?;
@@ -1645,6 +1659,60 @@ mod tests {
         let proposal = serialize(message).unwrap();
         assert!(alice.mls.process(&alice.conn, &room, &proposal).is_err());
         assert!(!alice.mls.has_pending_proposals(&alice.conn, &room).unwrap());
+    }
+
+    /// The committing member of a commit with a new leaf for itself in its UpdatePath (here a
+    /// new signature key and a credential naming a client of another user).
+    fn commit_renaming_own_leaf(member: &TestDevice, room: &RoomId, new_identity: &str) -> Vec<u8> {
+        let provider = member.mls.provider(&member.conn);
+        let mut group = member.mls.active_group(&provider, room).unwrap();
+        let new_signer = SignatureKeyPair::new(SignatureScheme::ED25519).unwrap();
+        let credential_with_key = CredentialWithKey {
+            credential: BasicCredential::new(new_identity.as_bytes().to_vec()).into(),
+            signature_key: new_signer.public().into(),
+        };
+        let bundle = group
+            .self_update_with_new_signer(
+                &provider,
+                &member.mls.signer,
+                openmls::prelude::NewSignerBundle {
+                    signer: &new_signer,
+                    credential_with_key: credential_with_key.clone(),
+                },
+                openmls::prelude::LeafNodeParameters::builder()
+                    .with_credential_with_key(credential_with_key)
+                    .with_capabilities(state::leaf_capabilities(false))
+                    .build(),
+            )
+            .unwrap();
+        serialize(bundle.into_messages().0).unwrap()
+    }
+
+    #[test]
+    fn a_member_cannot_take_another_clients_identity_in_its_update_path() {
+        let (room, alice, bob, carol) = room_of_three();
+        // carol's commit renames her leaf to a client of alice's: bob must not let carol's
+        // messages pass as alice's from then on.
+        let alice_other = format!("mimi://chirp.test/d/alice/{}", "00000000000000ee");
+        let commit = commit_renaming_own_leaf(&carol, &room, &alice_other);
+        assert!(
+            bob.mls.process(&bob.conn, &room, &commit).is_err(),
+            "a commit changing its committer's identity was merged"
+        );
+        assert!(bob
+            .mls
+            .members(&bob.conn, &room)
+            .unwrap()
+            .iter()
+            .all(|d| d.to_string() != alice_other));
+        // A new key under the same identity is an ordinary update.
+        carol.mls.clear_pending_commit(&carol.conn, &room).unwrap();
+        let carol_uri = carol.mls.device_uri().to_string();
+        let commit = commit_renaming_own_leaf(&carol, &room, &carol_uri);
+        assert!(matches!(
+            alice.mls.process(&alice.conn, &room, &commit).unwrap(),
+            Incoming::CommitMerged { .. }
+        ));
     }
 
     #[test]

@@ -639,11 +639,17 @@ fn apply_notify(
                 let mut st = c.prepare_cached(
                     "SELECT device_id FROM handed_out_key_packages WHERE room_id = ?1 AND key_package_ref = ?2",
                 )?;
+                // A KeyPackage serves one Welcome (draft §5.2): its ref is spent by routing, so
+                // the hub cannot bring the device back with it (after it left, say).
+                let mut spend = c.prepare_cached(
+                    "DELETE FROM handed_out_key_packages WHERE room_id = ?1 AND key_package_ref = ?2",
+                )?;
                 for r in &refs {
                     if let Some(d) = st
                         .query_row(params![room, r], |row| row.get::<_, String>(0))
                         .optional()?
                     {
+                        spend.execute(params![room, r])?;
                         devices.push(d);
                     }
                 }
@@ -794,6 +800,7 @@ fn split_description(desc: &[u8]) -> (&'static str, String) {
         Some("room_full") => "room_full",
         Some("no_consent") => "no_consent",
         Some("invalid_commit") => "invalid_commit",
+        Some("invalid_name") => "invalid_name",
         _ => "not_allowed",
     };
     (code, text)

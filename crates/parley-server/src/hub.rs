@@ -199,6 +199,17 @@ impl HubRoom {
     }
 }
 
+/// A room name, as set at creation or by a commit: what every member's client shows. The
+/// refusal's message.
+fn check_name(name: &str) -> Result<(), String> {
+    if name.chars().count() > MAX_ROOM_NAME || name.chars().any(char::is_control) {
+        return Err(format!(
+            "room names are at most {MAX_ROOM_NAME} printable characters"
+        ));
+    }
+    Ok(())
+}
+
 fn not_admin(message: String) -> ServiceError {
     ServiceError::forbidden("not_admin", message)
 }
@@ -541,12 +552,7 @@ impl Hub {
                 facts.room
             )));
         }
-        if facts.name.chars().count() > MAX_ROOM_NAME || facts.name.chars().any(char::is_control) {
-            return Err(ServiceError::bad(
-                "invalid_name",
-                format!("room names are at most {MAX_ROOM_NAME} printable characters"),
-            ));
-        }
+        check_name(&facts.name).map_err(|m| ServiceError::bad("invalid_name", m))?;
         let hub_sender = self
             .keys
             .external_sender(id.hub().as_str())
@@ -585,14 +591,15 @@ impl Hub {
 
     /// `GET /v1/rooms`: the rooms the calling device is a member of.
     pub async fn rooms_of(&self, caller: &AuthDevice) -> ServiceResult<Vec<RoomInfo>> {
-        let device = caller.device.as_str().to_owned();
+        let (device, user) = (caller.device.as_str().to_owned(), caller.user.to_string());
         let ids: Vec<String> = self
             .store
             .read(move |c| {
                 let mut st = c.prepare(
-                    "SELECT room_id FROM room_members WHERE device_id = ?1 ORDER BY room_id",
+                    "SELECT room_id FROM room_members WHERE device_id = ?1 AND user_id = ?2
+                     ORDER BY room_id",
                 )?;
-                let rows = st.query_map(params![device], |r| r.get(0))?;
+                let rows = st.query_map(params![device, user], |r| r.get(0))?;
                 Ok(rows.collect::<Result<_, _>>()?)
             })
             .await?;
@@ -661,6 +668,16 @@ impl Hub {
         self.check_external_join(&state, &effect).await?;
         state.check_roles(&effect)?;
         self.check_added_devices(&state.id, &effect.added).await?;
+        // A block is checked when KeyPackages are claimed, but a member may hold one from
+        // before: nobody is added by a committer they blocked, as far as this hub knows.
+        if let Some(blocker) = effect
+            .added
+            .iter()
+            .map(|leaf| &leaf.device.user)
+            .find(|user| self.consent.blocked(&effect.committer.user, user))
+        {
+            return Err(no_consent(blocker));
+        }
         self.check_policy(&state, &effect)?;
         let welcome = check_welcome_matches(welcome.as_deref(), !effect.added.is_empty())?;
         let group_info = match group_info {
@@ -710,6 +727,14 @@ impl Hub {
             members: member_rows(&members),
             group_info: group_info.clone().or_else(|| state.group_info.clone()),
             pending: Vec::new(),
+            // A claimed KeyPackage adds its device once: adding it again takes a new claim,
+            // and with it the device's provider's consent check.
+            spent_claims: effect
+                .added
+                .iter()
+                .filter(|leaf| !self.config.hosts(leaf.device.user.domain().as_str()))
+                .map(|leaf| (leaf.device.to_string(), leaf.signature_key.clone()))
+                .collect(),
         };
         self.persist(RoomWrite::State(update), fanout).await?;
         state.epoch = effect.epoch;
@@ -887,6 +912,7 @@ impl Hub {
             members: state.member_rows(),
             group_info: state.group_info.clone(),
             pending: pending.clone(),
+            spent_claims: Vec::new(),
         };
         self.persist(RoomWrite::State(update), fanout).await?;
         state.public = effect.next;
@@ -1081,12 +1107,25 @@ impl Hub {
         if after.room != before.room || after.direct != before.direct {
             return Err(policy("a room's URI and kind never change"));
         }
+        if after.name != before.name {
+            // A policy refusal for a commit (MIMI notAllowed), as at creation otherwise.
+            check_name(&after.name).map_err(|m| ServiceError::forbidden("invalid_name", m))?;
+        }
         let hub_sender = self
             .keys
             .external_sender(state.hub_domain())
             .map_err(|e| ServiceError::Internal(e.to_string()))?;
         if !effect.external_senders.iter().any(|s| s == hub_sender) {
             return Err(policy("the room must keep this hub as external sender"));
+        }
+        // Members refuse a commit that changes who may propose from outside the group (a
+        // sender added could remove anyone): accepted here, it would leave them behind.
+        let senders_before = state
+            .public
+            .external_senders()
+            .map_err(|e| ServiceError::Internal(e.to_string()))?;
+        if effect.external_senders != senders_before {
+            return Err(policy("a room's external senders never change"));
         }
         if let Some(outsider) = members
             .iter()
@@ -1528,6 +1567,8 @@ struct RoomUpdate {
     members: Vec<(String, String)>,
     group_info: Option<Vec<u8>>,
     pending: Vec<PendingProposal>,
+    /// `remote_claims` (client URI, signature key) the commit used up.
+    spent_claims: Vec<(String, Vec<u8>)>,
 }
 
 impl RoomUpdate {
@@ -1548,6 +1589,12 @@ impl RoomUpdate {
                 pending
             ],
         )?;
+        let mut spend = c.prepare_cached(
+            "DELETE FROM remote_claims WHERE room_id = ?1 AND device_uri = ?2 AND signature_key = ?3",
+        )?;
+        for (device, key) in &self.spent_claims {
+            spend.execute(params![self.room_id, device, key])?;
+        }
         replace_members(c, &self.room_id, &self.members)
     }
 }

@@ -235,6 +235,20 @@ impl KeyMaterial {
                 format!("{peer} may not ask on behalf of {}", requester.user),
             ));
         }
+        if self.config.hosts(requester.user.domain().as_str()) {
+            // A hub relays requests of other providers' users (it cannot prove their keys, we
+            // cannot check them), but ours we know: one in the name of a user of ours must
+            // carry that device's registered key. Else any peer, naming itself the hub of a
+            // room of its own, could claim our users' KeyPackages as another user of ours, who
+            // needs no consent here.
+            let registered = self.accounts.device_key(&requester).await?;
+            if registered.as_deref() != Some(request.requester_signature_key.as_slice()) {
+                return Err(ServiceError::forbidden(
+                    "unknown_device",
+                    format!("{requester} is not a device of this provider with that key"),
+                ));
+            }
+        }
         let target_uri = target.to_uri();
         if self.config.hosts(target.domain().as_str()) {
             return self.answer_for_local(&requester.user, &target, &room).await;

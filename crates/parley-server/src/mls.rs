@@ -281,6 +281,16 @@ impl PublicState {
             ),
             _ => return Err(bad("only members and joining clients may commit")),
         };
+        if let Some(leaf) = staged.update_path_leaf_node() {
+            // openmls accepts any credential in an UpdatePath (RFC 9420 leaves it to the
+            // application): the committer would become another user's client, which nobody
+            // vouched for, and its messages would pass as that user's.
+            if credential_device(leaf.credential()).as_ref() != Some(&committer) {
+                return Err(bad(format!(
+                    "a commit may not change its committer's identity ({committer})"
+                )));
+            }
+        }
         let mut added = Vec::new();
         for add in staged.add_proposals() {
             let leaf = add.add_proposal().key_package().leaf_node();
@@ -573,7 +583,176 @@ pub fn message_epoch(bytes: &[u8]) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use openmls::prelude::{
+        Capabilities, CredentialWithKey, Extension, ExtensionType, Extensions, KeyPackage,
+        LeafNodeParameters, MlsGroup, MlsGroupCreateConfig, NewSignerBundle,
+        RequiredCapabilitiesExtension, UnknownExtension, MIXED_PLAINTEXT_WIRE_FORMAT_POLICY,
+    };
+    use openmls_basic_credential::SignatureKeyPair;
+    use openmls_rust_crypto::OpenMlsRustCrypto;
+    use parley_proto::{Domain, RoomId, UserId};
     use proptest::prelude::*;
+
+    /// An openmls client with a Parley-style credential, its own storage and signer.
+    struct Client {
+        provider: OpenMlsRustCrypto,
+        signer: SignatureKeyPair,
+        credential: CredentialWithKey,
+    }
+
+    fn capabilities() -> Capabilities {
+        Capabilities::builder()
+            .extensions(vec![ExtensionType::Unknown(APP_DATA_DICTIONARY)])
+            .build()
+    }
+
+    impl Client {
+        fn new(uri: &str) -> Self {
+            let signer = SignatureKeyPair::new(CIPHERSUITE.signature_algorithm()).unwrap();
+            let credential = CredentialWithKey {
+                credential: BasicCredential::new(uri.as_bytes().to_vec()).into(),
+                signature_key: signer.public().into(),
+            };
+            Self {
+                provider: OpenMlsRustCrypto::default(),
+                signer,
+                credential,
+            }
+        }
+
+        fn key_package(&self) -> KeyPackage {
+            KeyPackage::builder()
+                .leaf_node_capabilities(capabilities())
+                .build(
+                    CIPHERSUITE,
+                    &self.provider,
+                    &self.signer,
+                    self.credential.clone(),
+                )
+                .unwrap()
+                .key_package()
+                .clone()
+        }
+    }
+
+    /// A group room of alice (admin) and `other` (member) hubbed at chirp.test: alice's and
+    /// the other's groups, and the hub's public state of it.
+    fn room_with(other: &Client, other_user: &str) -> (MlsGroup, MlsGroup, PublicState) {
+        let alice = Client::new("mimi://chirp.test/d/alice/0000000000000001");
+        let room = RoomId::from_random(&Domain::parse("chirp.test").unwrap(), [1; 16]);
+        let mut state = RoomState::group(
+            room.clone(),
+            "team",
+            &UserId::parse("alice@chirp.test").unwrap(),
+            None,
+        );
+        state.participants.insert(
+            UserId::parse(other_user).unwrap(),
+            parley_proto::mimi::room_state::ROLE_MEMBER,
+        );
+        let extensions = Extensions::from_vec(vec![
+            Extension::RequiredCapabilities(RequiredCapabilitiesExtension::new(
+                &[ExtensionType::Unknown(APP_DATA_DICTIONARY)],
+                &[],
+                &[],
+            )),
+            Extension::Unknown(
+                APP_DATA_DICTIONARY,
+                UnknownExtension(state.encode().unwrap()),
+            ),
+        ])
+        .unwrap();
+        let config = MlsGroupCreateConfig::builder()
+            .ciphersuite(CIPHERSUITE)
+            .wire_format_policy(MIXED_PLAINTEXT_WIRE_FORMAT_POLICY)
+            .use_ratchet_tree_extension(false)
+            .capabilities(capabilities())
+            .with_group_context_extensions(extensions)
+            .build();
+        let mut group = MlsGroup::new_with_group_id(
+            &alice.provider,
+            &alice.signer,
+            &config,
+            GroupId::from_slice(&room.parley_group_id()),
+            alice.credential.clone(),
+        )
+        .unwrap();
+        let (_, welcome, _) = group
+            .add_members(&alice.provider, &alice.signer, &[other.key_package()])
+            .unwrap();
+        group.merge_pending_commit(&alice.provider).unwrap();
+        let welcome = match MlsMessageIn::from(welcome).extract() {
+            MlsMessageBodyIn::Welcome(w) => w,
+            _ => unreachable!("add_members makes a Welcome"),
+        };
+        let tree = group.export_ratchet_tree();
+        let joined = openmls::prelude::StagedWelcome::new_from_welcome(
+            &other.provider,
+            &openmls::prelude::MlsGroupJoinConfig::builder()
+                .wire_format_policy(MIXED_PLAINTEXT_WIRE_FORMAT_POLICY)
+                .build(),
+            welcome,
+            Some(tree.clone().into()),
+        )
+        .unwrap()
+        .into_group(&other.provider)
+        .unwrap();
+        let group_info = group
+            .export_group_info(
+                openmls_traits::OpenMlsProvider::crypto(&alice.provider),
+                &alice.signer,
+                false,
+            )
+            .unwrap()
+            .tls_serialize_detached()
+            .unwrap();
+        let (public, epoch, _) =
+            PublicState::create(&group_info, &tree.tls_serialize_detached().unwrap()).unwrap();
+        assert_eq!(epoch, 1);
+        (group, joined, public)
+    }
+
+    #[test]
+    fn a_committer_cannot_rename_its_leaf_to_another_client() {
+        let eve = Client::new("mimi://evil.test/d/eve/0000000000000001");
+        let (_alice, mut eves_group, public) = room_with(&eve, "eve@evil.test");
+        // eve's UpdatePath brings a leaf with a new key and a credential naming a client of
+        // alice's (a participant): the hub must not take that leaf for alice's.
+        let new_signer = SignatureKeyPair::new(CIPHERSUITE.signature_algorithm()).unwrap();
+        let impostor = CredentialWithKey {
+            credential: BasicCredential::new(
+                b"mimi://chirp.test/d/alice/00000000000000ee".to_vec(),
+            )
+            .into(),
+            signature_key: new_signer.public().into(),
+        };
+        let bundle = eves_group
+            .self_update_with_new_signer(
+                &eve.provider,
+                &eve.signer,
+                NewSignerBundle {
+                    signer: &new_signer,
+                    credential_with_key: impostor.clone(),
+                },
+                LeafNodeParameters::builder()
+                    .with_credential_with_key(impostor)
+                    .with_capabilities(capabilities())
+                    .build(),
+            )
+            .unwrap();
+        let commit = bundle.into_messages().0.tls_serialize_detached().unwrap();
+        match public.apply_commit(&commit) {
+            Err(e) => assert!(e.0.contains("identity"), "{e}"),
+            Ok(effect) => panic!(
+                "accepted; members now {:?}",
+                effect
+                    .members
+                    .iter()
+                    .map(|m| m.device.to_string())
+                    .collect::<Vec<_>>()
+            ),
+        }
+    }
 
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(256))]
