@@ -190,8 +190,18 @@ impl Follower {
 
     /// `POST /v1/rooms/{id}/messages` for a room hubbed elsewhere: MIMI `submitMessage`, named by
     /// the sender's user URI. The expiry hint (Safe AAD) is checked here too, so a bad one never
-    /// leaves the provider.
+    /// leaves the provider. Runs to its end even if the client hangs up (see [`detached`]).
     pub async fn relay_send(
+        self: &Arc<Self>,
+        caller: &AuthDevice,
+        room: &RoomId,
+        message: Vec<u8>,
+    ) -> ServiceResult<Accepted> {
+        let (this, caller, room) = (self.clone(), caller.clone(), room.clone());
+        detached(async move { this.relay_send_now(&caller, &room, message).await }).await
+    }
+
+    async fn relay_send_now(
         &self,
         caller: &AuthDevice,
         room: &RoomId,
@@ -250,6 +260,16 @@ impl Follower {
     /// Commits for a room hubbed elsewhere: MIMI `update` with the commit, the Welcome (bare),
     /// the committer's GroupInfo and the ratchet tree.
     pub async fn relay_commit(
+        self: &Arc<Self>,
+        caller: &AuthDevice,
+        room: &RoomId,
+        req: CommitRequest,
+    ) -> ServiceResult<Accepted> {
+        let (this, caller, room) = (self.clone(), caller.clone(), room.clone());
+        detached(async move { this.relay_commit_now(&caller, &room, req).await }).await
+    }
+
+    async fn relay_commit_now(
         &self,
         caller: &AuthDevice,
         room: &RoomId,
@@ -292,6 +312,16 @@ impl Follower {
 
     /// A member's self-removal (leaving) for a room hubbed elsewhere: MIMI `update`.
     pub async fn relay_proposal(
+        self: &Arc<Self>,
+        caller: &AuthDevice,
+        room: &RoomId,
+        proposal: Vec<u8>,
+    ) -> ServiceResult<Accepted> {
+        let (this, caller, room) = (self.clone(), caller.clone(), room.clone());
+        detached(async move { this.relay_proposal_now(&caller, &room, proposal).await }).await
+    }
+
+    async fn relay_proposal_now(
         &self,
         caller: &AuthDevice,
         room: &RoomId,
@@ -554,7 +584,8 @@ impl Follower {
         Ok(out)
     }
 
-    /// Forgets notify digests and handed-out KeyPackages older than they can matter.
+    /// Forgets notify digests and handed-out KeyPackages older than they can matter, and the
+    /// followed-room memberships of devices that no longer exist.
     pub async fn prune(&self, now: u64) -> ServiceResult<usize> {
         let before = now.saturating_sub(SEEN_FOR_MS) as i64;
         Ok(self
@@ -568,10 +599,34 @@ impl Follower {
                     "DELETE FROM handed_out_key_packages WHERE handed_out_at < ?1",
                     params![before],
                 )?;
-                Ok(seen + handed)
+                let gone = c.execute(
+                    "DELETE FROM remote_room_devices
+                     WHERE device_id NOT IN (SELECT device_id FROM devices)",
+                    [],
+                )?;
+                Ok(seen + handed + gone)
             })
             .await?)
     }
+
+    /// At start-up no relay is in flight: forgets any a crash left behind.
+    pub async fn clear_relays(&self) -> ServiceResult<usize> {
+        Ok(self
+            .store
+            .write(|c| Ok(c.execute("DELETE FROM relays", [])?))
+            .await?)
+    }
+}
+
+/// Runs a relay as its own task and waits for it: a client hanging up drops only the wait, so
+/// the hub's answer is always settled (the local members get what the hub took, and the pending
+/// relay record is cleared).
+async fn detached<T: Send + 'static>(
+    work: impl std::future::Future<Output = ServiceResult<T>> + Send + 'static,
+) -> ServiceResult<T> {
+    tokio::spawn(work)
+        .await
+        .map_err(|e| ServiceError::Internal(format!("relay task failed: {e}")))?
 }
 
 /// One checked message of a notify request.

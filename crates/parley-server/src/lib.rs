@@ -137,6 +137,13 @@ impl Server {
             delivery.clone(),
             peers.clone(),
         ));
+        let stale = follower
+            .clear_relays()
+            .await
+            .map_err(|e| StoreError::Task(e.to_string()))?;
+        if stale > 0 {
+            tracing::info!(stale, "cleared relays left by an earlier run");
+        }
         let key_material = Arc::new(KeyMaterial::new(
             config.clone(),
             accounts.clone(),
