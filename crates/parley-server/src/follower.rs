@@ -23,7 +23,7 @@ use parley_proto::api::{Accepted, CommitRequest, EntryKind, RoomInfo};
 use parley_proto::mimi::{
     self, Body, FanoutExtra, FanoutMessage, GroupInfoOption, HandshakeBundle, MlsKind, MlsMessage,
     NotifyRequest, RatchetTreeOption, SubmitMessageRequest, SubmitMessageResponse, SubmitStatus,
-    UpdateRoomResponse,
+    UpdateRoomResponse, Welcome,
 };
 use parley_proto::{Domain, RoomId};
 use rusqlite::{params, Connection, OptionalExtension};
@@ -60,6 +60,9 @@ struct Relayed {
     kind: EntryKind,
     data: Vec<u8>,
     expires_at: Option<u64>,
+    /// Local devices the relayed commit adds: they join at the epoch after it, by the Welcome,
+    /// so they must not get the commit itself (their Welcome may be routed before it settles).
+    joining: Vec<String>,
 }
 
 impl Follower {
@@ -230,6 +233,7 @@ impl Follower {
             kind: EntryKind::Message,
             data: message,
             expires_at,
+            joining: Vec::new(),
         };
         let answer = self
             .relay(caller, room, &hub, "submitMessage", body, &relayed)
@@ -290,6 +294,10 @@ impl Follower {
             ),
             None => None,
         };
+        let joining = match &welcome {
+            Some(w) => self.joining_devices(room, w).await?,
+            None => Vec::new(),
+        };
         let group_info = bare_group_info(req.group_info)?;
         let bundle = HandshakeBundle::Commit {
             commit,
@@ -305,9 +313,44 @@ impl Follower {
             kind: EntryKind::Commit,
             data: req.commit,
             expires_at: None,
+            joining,
         };
         self.relay_update(caller, room, bundle, relayed, epoch + 1)
             .await
+    }
+
+    /// The local devices a Welcome is for: those its KeyPackageRefs name among the KeyPackages
+    /// this provider handed out for the room.
+    async fn joining_devices(
+        &self,
+        room: &RoomId,
+        welcome: &Welcome,
+    ) -> ServiceResult<Vec<String>> {
+        let refs: Vec<Vec<u8>> = welcome
+            .parse()
+            .map(|w| {
+                w.secrets()
+                    .iter()
+                    .map(|s| s.new_member().as_slice().to_vec())
+                    .collect()
+            })
+            .map_err(|_| ServiceError::bad("invalid_welcome", "welcome is not an MLS Welcome"))?;
+        let key = room.to_string();
+        Ok(self
+            .store
+            .read(move |c| {
+                let mut st = c.prepare_cached(
+                    "SELECT device_id FROM handed_out_key_packages WHERE room_id = ?1 AND key_package_ref = ?2",
+                )?;
+                let mut devices = Vec::new();
+                for r in &refs {
+                    if let Some(d) = st.query_row(params![key, r], |row| row.get(0)).optional()? {
+                        devices.push(d);
+                    }
+                }
+                Ok(devices)
+            })
+            .await?)
     }
 
     /// A member's self-removal (leaving) for a room hubbed elsewhere: MIMI `update`.
@@ -338,6 +381,7 @@ impl Follower {
             kind: EntryKind::Proposal,
             data: proposal,
             expires_at: None,
+            joining: Vec::new(),
         };
         self.relay_update(caller, room, bundle, relayed, epoch)
             .await
@@ -447,6 +491,7 @@ impl Follower {
                 Arc::new(relayed.data.clone()),
             )
         });
+        let joining = relayed.joining.clone();
         let push = self.delivery.push.clone();
         self.store
             .write_then(
@@ -464,7 +509,7 @@ impl Follower {
                     mark_seen(c, &key, &hash)?;
                     let entries: Vec<Outgoing> = member_devices(c, &key)?
                         .into_iter()
-                        .filter(|d| *d != sender)
+                        .filter(|d| *d != sender && !joining.contains(d))
                         .map(|device| Outgoing {
                             device,
                             room_id: key.clone(),
