@@ -140,7 +140,7 @@ impl FromStr for UserId {
 }
 
 /// A device (MIMI "client") of a user. Parley's own providers pick 16 lowercase hex characters;
-/// other providers' clients may use 1-64 of `A-Z a-z 0-9 . _ ~ -` (docs/mimi-profile.md §1).
+/// other providers' clients may use 1-64 of `A-Z a-z 0-9 . _ ~ -`, other than `.` and `..` (docs/mimi-profile.md §1).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct DeviceId(String);
 
@@ -148,7 +148,7 @@ impl DeviceId {
     pub const MAX_LEN: usize = 64;
 
     pub fn parse(s: &str) -> Result<Self, IdError> {
-        if is_unreserved(s, Self::MAX_LEN) {
+        if is_path_segment(s, Self::MAX_LEN) {
             Ok(Self(s.to_owned()))
         } else {
             Err(IdError::Device(s.to_owned()))
@@ -217,7 +217,7 @@ impl fmt::Display for DeviceUri {
 
 /// A room: MIMI's room URI `mimi://HUB/r/NAME`, where `HUB` is the domain of the provider that
 /// owns it. Rooms Parley creates have a 32-lowercase-hex `NAME`; other hubs may pick any name of
-/// 1-128 characters `A-Z a-z 0-9 . _ ~ -` (docs/mimi-profile.md §1).
+/// 1-128 characters `A-Z a-z 0-9 . _ ~ -`, other than `.` and `..` (docs/mimi-profile.md §1).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct RoomId {
     /// The full URI; `hub` and `name` are views of it.
@@ -230,7 +230,7 @@ impl RoomId {
     pub const MAX_NAME: usize = 128;
 
     pub fn new(hub: &Domain, name: &str) -> Result<Self, IdError> {
-        if !is_unreserved(name, Self::MAX_NAME) {
+        if !is_path_segment(name, Self::MAX_NAME) {
             return Err(IdError::Room(name.to_owned()));
         }
         let uri = format!("mimi://{hub}/r/{name}");
@@ -303,8 +303,12 @@ impl FromStr for RoomId {
 }
 
 /// 1..=max characters of RFC 3986's unreserved set.
-fn is_unreserved(s: &str, max: usize) -> bool {
+/// 1..=`max` URI-unreserved characters, and not a dot segment (`.` or `..`), which URL
+/// libraries fold out of request paths.
+fn is_path_segment(s: &str, max: usize) -> bool {
     !s.is_empty()
+        && s != "."
+        && s != ".."
         && s.len() <= max
         && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'~' | b'-'))
@@ -345,6 +349,9 @@ mod tests {
             "mimi://chirp.test/r/",
             "mimi://chirp.test/r/a/b",
             "mimi://chirp.test/r/a%20b",
+            // Dot segments: a URL library would fold them out of a request path.
+            "mimi://chirp.test/r/.",
+            "mimi://chirp.test/r/..",
             "mimi://Chirp.test/r/x",
             "https://a/r/00",
         ] {
@@ -387,7 +394,7 @@ mod tests {
     fn device_ids_of_other_providers_may_use_unreserved_characters() {
         assert!(DeviceId::parse("ClientA1").is_ok());
         assert!(DeviceId::parse(&"a".repeat(64)).is_ok());
-        for bad in ["", "a/b", "a b", &"a".repeat(65)] {
+        for bad in ["", "a/b", "a b", ".", "..", &"a".repeat(65)] {
             assert!(DeviceId::parse(bad).is_err(), "{bad}");
         }
     }

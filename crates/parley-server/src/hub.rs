@@ -682,7 +682,9 @@ impl Hub {
         let welcome = check_welcome_matches(welcome.as_deref(), !effect.added.is_empty())?;
         let group_info = match group_info {
             Some(gi) => Some(
-                check_group_info(&gi, &state.group_id, effect.epoch)
+                effect
+                    .next
+                    .check_group_info(&gi, &effect.committer)
                     .map_err(|e| invalid_group_info(e.to_string()))?,
             ),
             None => None,

@@ -9,8 +9,9 @@ use openmls::group::GroupId;
 use openmls::messages::group_info::VerifiableGroupInfo;
 use openmls::prelude::{
     BasicCredential, Ciphersuite, ContentType, Credential, KeyPackageIn, LeafNodeIndex,
-    MlsMessageBodyIn, MlsMessageIn, ProcessedMessageContent, Proposal, ProposalStore,
-    ProtocolMessage, ProtocolVersion, PublicGroup, RatchetTreeIn, Sender,
+    MlsMessageBodyIn, MlsMessageIn, OpenMlsSignaturePublicKey, ProcessedMessageContent, Proposal,
+    ProposalStore, ProtocolMessage, ProtocolVersion, PublicGroup, RatchetTreeIn, Sender,
+    Verifiable as _,
 };
 use openmls_memory_storage::MemoryStorage;
 use openmls_rust_crypto::RustCrypto;
@@ -246,6 +247,40 @@ impl PublicState {
     /// The member devices with their signature keys.
     pub fn members(&self) -> Result<Vec<LeafDevice>, MlsInputError> {
         members_of(&self.load()?)
+    }
+
+    /// Checks the GroupInfo a committer hands in with its commit, against this (the new) state:
+    /// it must carry exactly this GroupContext and be signed by `committer`, so the hub never
+    /// serves joiners a GroupInfo of a forked epoch or one that fails verification. Returns it
+    /// bare, without a ratchet tree, as MIMI `groupInfo` serves it.
+    pub fn check_group_info(
+        &self,
+        bytes: &[u8],
+        committer: &DeviceUri,
+    ) -> Result<Vec<u8>, MlsInputError> {
+        let group = self.load()?;
+        let encoded = check_group_info(
+            bytes,
+            self.group_id.as_slice(),
+            group.group_context().epoch().as_u64(),
+        )?;
+        let vgi = VerifiableGroupInfo::tls_deserialize_exact(&encoded)
+            .map_err(|e| bad(format!("group_info is not a GroupInfo: {e}")))?;
+        if vgi.group_context() != group.group_context() {
+            return Err(bad(
+                "the GroupInfo does not carry the group's state after the commit",
+            ));
+        }
+        let key = members_of(&group)?
+            .into_iter()
+            .find(|m| &m.device == committer)
+            .map(|m| m.signature_key)
+            .ok_or_else(|| bad("the committer is not a member after its commit"))?;
+        let key = OpenMlsSignaturePublicKey::new(key.into(), CIPHERSUITE.signature_algorithm())
+            .map_err(|e| bad(format!("the committer's signature key is unusable: {e}")))?;
+        vgi.verify(&RustCrypto::default(), &key)
+            .map_err(|_| bad("the GroupInfo's signature is not the committer's"))?;
+        Ok(encoded)
     }
 
     /// Verifies a commit (a PublicMessage) against the current state and computes the next state,
@@ -593,6 +628,8 @@ mod tests {
     use parley_proto::{Domain, RoomId, UserId};
     use proptest::prelude::*;
 
+    const ALICE: &str = "mimi://chirp.test/d/alice/0000000000000001";
+
     /// An openmls client with a Parley-style credential, its own storage and signer.
     struct Client {
         provider: OpenMlsRustCrypto,
@@ -637,8 +674,11 @@ mod tests {
 
     /// A group room of alice (admin) and `other` (member) hubbed at chirp.test: alice's and
     /// the other's groups, and the hub's public state of it.
-    fn room_with(other: &Client, other_user: &str) -> (MlsGroup, MlsGroup, PublicState) {
-        let alice = Client::new("mimi://chirp.test/d/alice/0000000000000001");
+    fn room_with(
+        alice: &Client,
+        other: &Client,
+        other_user: &str,
+    ) -> (MlsGroup, MlsGroup, PublicState) {
         let room = RoomId::from_random(&Domain::parse("chirp.test").unwrap(), [1; 16]);
         let mut state = RoomState::group(
             room.clone(),
@@ -714,8 +754,9 @@ mod tests {
 
     #[test]
     fn a_committer_cannot_rename_its_leaf_to_another_client() {
+        let alice = Client::new(ALICE);
         let eve = Client::new("mimi://evil.test/d/eve/0000000000000001");
-        let (_alice, mut eves_group, public) = room_with(&eve, "eve@evil.test");
+        let (_alice, mut eves_group, public) = room_with(&alice, &eve, "eve@evil.test");
         // eve's UpdatePath brings a leaf with a new key and a credential naming a client of
         // alice's (a participant): the hub must not take that leaf for alice's.
         let new_signer = SignatureKeyPair::new(CIPHERSUITE.signature_algorithm()).unwrap();
@@ -752,6 +793,55 @@ mod tests {
                     .collect::<Vec<_>>()
             ),
         }
+    }
+
+    /// The GroupInfo served to joiners must be the one of the state the hub just took, signed by
+    /// the committer: else a member could hand out a GroupInfo of a forked epoch or with a broken
+    /// signature, and every external join would fail.
+    #[test]
+    fn a_commits_group_info_must_match_the_new_state_and_its_committer() {
+        let alice = Client::new(ALICE);
+        let eve = Client::new("mimi://evil.test/d/eve/0000000000000001");
+        let (mut alices_group, mut eves_group, public) = room_with(&alice, &eve, "eve@evil.test");
+        let group_info_of = |group: &mut MlsGroup, client: &Client| {
+            group.merge_pending_commit(&client.provider).unwrap();
+            group
+                .export_group_info(
+                    openmls_traits::OpenMlsProvider::crypto(&client.provider),
+                    &client.signer,
+                    false,
+                )
+                .unwrap()
+                .tls_serialize_detached()
+                .unwrap()
+        };
+        let (commit, _, _) = eves_group
+            .self_update(&eve.provider, &eve.signer, LeafNodeParameters::default())
+            .unwrap()
+            .into_contents();
+        let commit = commit.tls_serialize_detached().unwrap();
+        let group_info = group_info_of(&mut eves_group, &eve);
+        let effect = public.apply_commit(&commit).unwrap();
+        let eve_uri = effect.committer.clone();
+        effect.next.check_group_info(&group_info, &eve_uri).unwrap();
+
+        let mut broken = group_info.clone();
+        *broken.last_mut().unwrap() ^= 1;
+        let refused = effect.next.check_group_info(&broken, &eve_uri).unwrap_err();
+        assert!(refused.0.contains("signature"), "{refused}");
+
+        // A fork: alice commits to the same epoch number without eve's commit, and eve passes
+        // alice's GroupInfo off with her own commit.
+        alices_group
+            .self_update(
+                &alice.provider,
+                &alice.signer,
+                LeafNodeParameters::default(),
+            )
+            .unwrap();
+        let forked = group_info_of(&mut alices_group, &alice);
+        let refused = effect.next.check_group_info(&forked, &eve_uri).unwrap_err();
+        assert!(refused.0.contains("state"), "{refused}");
     }
 
     proptest! {
