@@ -5,10 +5,12 @@
 //! With `--asset-mb N` it instead uploads one N MiB attachment to a `parley serve` child
 //! process and downloads it back, reporting throughput each way and the server's memory.
 //!
-//! Setup uses the real client (registration, MLS rooms, Welcome). The timed phase replays one
-//! pre-encrypted MLS PrivateMessage per room, so it measures the server (validation, ordering,
+//! Setup uses the real client (registration, MLS rooms, Welcome) and pre-encrypts every message
+//! of the run (each a distinct MLS PrivateMessage, as real senders make them: a follower drops a
+//! repeated one as a retry), so the timed phase measures the server (validation, ordering,
 //! durable fan-out, push) rather than client-side encryption; receivers take entries from the
-//! WebSocket push channel and ack them, as real clients do.
+//! WebSocket push channel and ack them, as real clients do. A delivery is matched to its send
+//! by the message's bytes (a follower's entries carry no hub event number).
 
 use anyhow::{bail, Context};
 use clap::Args;
@@ -81,18 +83,26 @@ async fn register(
     Ok(Device::register(profile, server, user, Some("bench-password"), None, None).await?)
 }
 
-/// One room under load: the sender's authenticated API client and its pre-encrypted message.
+/// One room under load: the sender's authenticated API client and its pre-encrypted messages.
 struct Lane {
     api: ApiClient,
     room: RoomId,
-    request: SendRequest,
+    requests: Vec<SendRequest>,
 }
 
-/// Send start and delivery times, keyed by (lane, room event).
+/// Send start and delivery times, keyed by [`message_key`].
 #[derive(Default)]
 struct Timings {
-    sent: Mutex<HashMap<(usize, u64), Instant>>,
-    delivered: Mutex<HashMap<(usize, u64), Instant>>,
+    sent: Mutex<HashMap<u64, Instant>>,
+    delivered: Mutex<HashMap<u64, Instant>>,
+}
+
+/// Names a message by its bytes, the same at the sender and at the receiving device.
+fn message_key(bytes: &[u8]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    bytes.hash(&mut hasher);
+    hasher.finish()
 }
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
@@ -167,7 +177,7 @@ async fn federated(args: &BenchArgs, dir: &std::path::Path) -> anyhow::Result<()
     Ok(())
 }
 
-/// The timed phase: receivers on push, senders replaying their pre-encrypted message.
+/// The timed phase: receivers on push, senders posting their pre-encrypted messages.
 async fn measure(
     args: &BenchArgs,
     lanes: Vec<Lane>,
@@ -176,9 +186,8 @@ async fn measure(
     let timings = Arc::new(Timings::default());
     let received = Arc::new(AtomicU64::new(0));
     let mut listeners = Vec::new();
-    for (lane, push) in receivers.into_iter().enumerate() {
+    for push in receivers {
         listeners.push(tokio::spawn(receive(
-            lane,
             push,
             timings.clone(),
             received.clone(),
@@ -223,6 +232,7 @@ async fn setup(
     let payload = "x".repeat(args.payload);
     let mut lanes = Vec::new();
     let mut receivers = Vec::new();
+    let per_lane = usize::try_from(args.messages.div_ceil(args.pairs as u64))?;
     for i in 0..args.pairs {
         let sender_id = UserId::parse(&format!("s{run_id}-{i}@{}", senders.1))?;
         let receiver_id = UserId::parse(&format!("r{run_id}-{i}@{}", receivers_at.1))?;
@@ -236,11 +246,15 @@ async fn setup(
         }
         let room = sender.direct_room(&receiver_id).await?;
         join(&mut receiver, &room).await?;
-        let message = sender.encrypt_text(&room, &payload)?;
+        let requests = sender
+            .encrypt_texts(&room, &payload, per_lane)?
+            .into_iter()
+            .map(|message| SendRequest { message })
+            .collect();
         lanes.push(Lane {
             api: sender.api().clone(),
             room,
-            request: SendRequest { message },
+            requests,
         });
         receivers.push(receiver.api().connect_push().await?);
     }
@@ -261,7 +275,6 @@ async fn join(device: &mut Device, room: &RoomId) -> anyhow::Result<()> {
 }
 
 async fn receive(
-    lane: usize,
     mut push: parley_client::PushConnection,
     timings: Arc<Timings>,
     received: Arc<AtomicU64>,
@@ -273,7 +286,7 @@ async fn receive(
         };
         if let Ok(mut map) = timings.delivered.lock() {
             for e in &entries {
-                if map.insert((lane, e.event), now).is_none() {
+                if map.insert(message_key(&e.data), now).is_none() {
                     received.fetch_add(1, Ordering::Relaxed);
                 }
             }
@@ -305,13 +318,13 @@ async fn send_all(
                     let due = start + Duration::from_secs_f64(i as f64 / rate as f64);
                     tokio::time::sleep_until(due.into()).await;
                 }
-                let lane_index = (i % lanes.len() as u64) as usize;
-                let lane = &lanes[lane_index];
-                let t0 = Instant::now();
-                let accepted = lane.api.send_message(&lane.room, &lane.request).await?;
+                let n = lanes.len() as u64;
+                let lane = &lanes[(i % n) as usize];
+                let request = &lane.requests[(i / n) as usize];
                 if let Ok(mut map) = timings.sent.lock() {
-                    map.insert((lane_index, accepted.event), t0);
+                    map.insert(message_key(&request.message), Instant::now());
                 }
+                lane.api.send_message(&lane.room, request).await?;
             }
         }));
     }

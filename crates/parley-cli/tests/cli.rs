@@ -651,3 +651,39 @@ fn demo_shows_three_providers_and_checks_itself() {
         assert!(stdout.contains(line), "missing {line:?} in:\n{stdout}");
     }
 }
+
+/// `parley bench` (the load tool behind BENCHMARKS.md) on one provider and across two: every
+/// message sent must be delivered and reported, whatever the figures.
+#[test]
+fn bench_delivers_every_message_on_one_provider_and_across_two() {
+    for federated in [false, true] {
+        let mut cmd = Command::new(BIN);
+        cmd.args([
+            "bench",
+            "--pairs",
+            "3",
+            "--messages",
+            "60",
+            "--concurrency",
+            "4",
+        ]);
+        if federated {
+            cmd.arg("--federated");
+        }
+        let out = cmd
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "bench (federated: {federated}) failed: {}\n{stdout}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            stdout.contains("messages deliv.  60\n"),
+            "federated: {federated}:\n{stdout}"
+        );
+    }
+}

@@ -1342,6 +1342,28 @@ impl Device {
         self.encrypt_content(room, &content, None)
     }
 
+    /// `count` distinct text messages for the room, encrypted without sending, in one profile
+    /// transaction (load tests pre-encrypt their whole run with it).
+    pub fn encrypt_texts(
+        &mut self,
+        room: &RoomId,
+        text: &str,
+        count: usize,
+    ) -> Result<Vec<Vec<u8>>> {
+        self.require_member(room)?;
+        let sender = self.user().to_uri();
+        self.profile.transaction(|| {
+            (0..count)
+                .map(|_| {
+                    let content =
+                        MimiContent::markdown(rand::random(), &sender, room.as_str(), text);
+                    self.mls
+                        .encrypt(self.profile.conn(), room, &content.encode(), None)
+                })
+                .collect()
+        })
+    }
+
     /// [`Device::encrypt_text`] for a message expiring at `expires_at_ms`, whatever that is
     /// (also a time already past, to see a provider refuse it).
     pub fn encrypt_text_expiring(
