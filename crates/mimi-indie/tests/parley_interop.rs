@@ -63,8 +63,17 @@ impl Ca {
     }
 }
 
+/// A loopback address with a port free right now, for a listener others must know before it
+/// starts. It is on a random 127.x.y.z: a port probed free on 127.0.0.1 could be taken, before the
+/// listener binds it, by a server of a parallel test binding 127.0.0.1:0.
 fn free_addr() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
+    use std::hash::{BuildHasher, Hasher};
+    let r = std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish()
+        .to_le_bytes();
+    let ip = std::net::Ipv4Addr::new(127, r[0] | 1, r[1], 1 + r[2] % 253);
+    std::net::TcpListener::bind((ip, 0))
         .unwrap()
         .local_addr()
         .unwrap()

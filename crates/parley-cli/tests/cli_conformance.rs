@@ -6,13 +6,7 @@
 mod common;
 use common::*;
 
-use std::net::SocketAddr;
 use std::process::Command;
-
-fn free_addr() -> SocketAddr {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap()
-}
 
 #[test]
 fn conformance_passes_against_parley_and_fails_against_a_non_provider() {

@@ -14,11 +14,6 @@ use std::time::{Duration, Instant};
 
 const DOMAINS: [&str; 3] = ["chirp.test", "wave.test", "ping.test"];
 
-fn free_addr() -> SocketAddr {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap()
-}
-
 struct Providers {
     dir: PathBuf,
     api: Vec<SocketAddr>,
