@@ -6,8 +6,8 @@
 
 use crate::config::KitConfig;
 use crate::error::KitError;
+use parley_proto::mimi::{https_url_parts, Directory};
 use parley_proto::Domain;
-use std::collections::HashMap;
 use std::net::SocketAddr;
 
 /// Most of an answer the kit reads (a bit over the protocol's largest body).
@@ -63,50 +63,6 @@ pub struct Forge {
     pub host: Option<String>,
 }
 
-/// The peer's endpoint directory as served.
-#[derive(Debug, Clone, Default)]
-pub struct Directory {
-    pub endpoints: HashMap<String, String>,
-}
-
-impl Directory {
-    /// The URL of `endpoint` with its `{…}` parameter replaced by `param` (inserted as given:
-    /// the kit only passes URIs without `mimi://`, domains, or percent-encoded segments).
-    pub fn url(&self, endpoint: &str, param: &str) -> Option<String> {
-        let template = self.endpoints.get(endpoint)?;
-        let (head, rest) = template.split_once('{')?;
-        let (_, tail) = rest.split_once('}')?;
-        Some(format!("{head}{param}{tail}"))
-    }
-}
-
-/// `https://host:port/path` → (host, port, path without trailing slash).
-pub fn url_parts(url: &str) -> Option<(String, u16, String)> {
-    let rest = url.strip_prefix("https://")?;
-    let (authority, path) = match rest.split_once('/') {
-        Some((a, p)) => (a, format!("/{}", p.trim_end_matches('/'))),
-        None => (rest, String::new()),
-    };
-    let path = if path == "/" { String::new() } else { path };
-    let (host, port) = match authority.rsplit_once(':') {
-        Some((h, p)) if !p.ends_with(']') => (
-            h.trim_start_matches('[').trim_end_matches(']').to_owned(),
-            p.parse().ok()?,
-        ),
-        _ => (
-            authority
-                .trim_start_matches('[')
-                .trim_end_matches(']')
-                .to_owned(),
-            443,
-        ),
-    };
-    if host.is_empty() {
-        return None;
-    }
-    Some((host, port, path))
-}
-
 fn read(path: &std::path::Path) -> Result<Vec<u8>, KitError> {
     std::fs::read(path).map_err(|e| KitError::Read(path.display().to_string(), e))
 }
@@ -122,7 +78,7 @@ pub struct PeerClient {
 
 impl PeerClient {
     pub async fn new(config: &KitConfig) -> Result<Self, KitError> {
-        let (host, port, path) = url_parts(&config.peer_url)
+        let (host, port, path) = https_url_parts(&config.peer_url)
             .ok_or_else(|| KitError::PeerUrl(config.peer_url.clone()))?;
         let addr: SocketAddr = tokio::net::lookup_host((host.as_str(), port))
             .await
@@ -168,7 +124,7 @@ impl PeerClient {
     pub fn url(&self, endpoint: &str, param: &str) -> String {
         self.directory
             .as_ref()
-            .and_then(|d| d.url(endpoint, param))
+            .and_then(|d| d.fill(endpoint, param))
             .unwrap_or_else(|| format!("{}/v1/{endpoint}/{param}", self.base))
     }
 
@@ -241,39 +197,4 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
         source = s.source();
     }
     out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn urls_and_templates() {
-        assert_eq!(
-            url_parts("https://127.0.0.1:8421"),
-            Some(("127.0.0.1".into(), 8421, String::new()))
-        );
-        assert_eq!(
-            url_parts("https://wave.example/mimi/"),
-            Some(("wave.example".into(), 443, "/mimi".into()))
-        );
-        assert_eq!(
-            url_parts("https://[::1]:9/"),
-            Some(("::1".into(), 9, String::new()))
-        );
-        assert_eq!(url_parts("http://x"), None);
-        assert_eq!(url_parts("https://x:notaport"), None);
-        let d = Directory {
-            endpoints: [(
-                "notify".to_string(),
-                "https://w.test/v1/notify/{roomId}".to_string(),
-            )]
-            .into(),
-        };
-        assert_eq!(
-            d.url("notify", "w.test/r/x").as_deref(),
-            Some("https://w.test/v1/notify/w.test/r/x")
-        );
-        assert_eq!(d.url("update", "x"), None);
-    }
 }

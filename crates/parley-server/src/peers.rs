@@ -11,6 +11,7 @@
 use crate::config::ServerConfig;
 use crate::error::{ServiceError, ServiceResult};
 use crate::tls::certificate_names;
+use parley_proto::mimi::{https_url_parts, Directory};
 use parley_proto::Domain;
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -57,41 +58,25 @@ impl From<PeerError> for ServiceError {
     }
 }
 
-/// A peer's endpoint directory: endpoint name → URL template.
-#[derive(Debug, Clone)]
-pub struct Directory {
-    endpoints: HashMap<String, String>,
+/// The URL of `endpoint` in a peer's directory with its one `{…}` parameter filled in as given:
+/// a room or user URI without `mimi://` (`chirp.test/r/NAME`, as the draft's examples write
+/// them) or a domain. Those hold only unreserved characters and `/`, so nothing needs encoding;
+/// anything else is refused.
+fn path_url(directory: &Directory, endpoint: &str, param: &str) -> Option<String> {
+    let path_safe = !param.is_empty()
+        && param
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'~' | b'-' | b'/'));
+    path_safe.then(|| directory.fill(endpoint, param))?
 }
 
-impl Directory {
-    /// The URL of `endpoint` with its one `{…}` parameter filled in as given: a room or user
-    /// URI without `mimi://` (`chirp.test/r/NAME`, as the draft's examples write them) or a
-    /// domain. Those hold only unreserved characters and `/`, so nothing needs encoding; anything
-    /// else is refused.
-    pub fn url(&self, endpoint: &str, param: &str) -> Option<String> {
-        let path_safe = !param.is_empty()
-            && param.bytes().all(|b| {
-                b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'~' | b'-' | b'/')
-            });
-        if !path_safe {
-            return None;
-        }
-        let template = self.endpoints.get(endpoint)?;
-        let (head, rest) = template.split_once('{')?;
-        let (_, tail) = rest.split_once('}')?;
-        Some(format!("{head}{param}{tail}"))
-    }
-
-    /// The URL of `endpoint` with its parameter percent-encoded as one path segment (a URL for
-    /// `proxyDownload`).
-    pub fn url_segment(&self, endpoint: &str, param: &str) -> Option<String> {
-        let template = self.endpoints.get(endpoint)?;
-        let (head, rest) = template.split_once('{')?;
-        let (_, tail) = rest.split_once('}')?;
-        let mut url = reqwest::Url::parse(head).ok()?;
-        url.path_segments_mut().ok()?.pop_if_empty().push(param);
-        Some(format!("{url}{tail}"))
-    }
+/// The URL of `endpoint` with its parameter percent-encoded as one path segment (a URL for
+/// `proxyDownload`).
+fn segment_url(directory: &Directory, endpoint: &str, param: &str) -> Option<String> {
+    let (head, tail) = directory.template(endpoint)?;
+    let mut url = reqwest::Url::parse(head).ok()?;
+    url.path_segments_mut().ok()?.pop_if_empty().push(param);
+    Some(format!("{url}{tail}"))
 }
 
 /// Where and how to reach one peer: a URL naming the peer's domain, and the address to dial.
@@ -153,7 +138,7 @@ impl PeerClient {
                 addr: None,
             });
         };
-        let url = url_parts(configured)
+        let url = https_url_parts(configured)
             .ok_or_else(|| PeerError::BadUrl(peer.clone(), configured.clone()))?;
         let addr = tokio::net::lookup_host((url.0.as_str(), url.1))
             .await
@@ -262,7 +247,7 @@ impl PeerClient {
         body: Vec<u8>,
     ) -> Result<(reqwest::StatusCode, Vec<u8>), PeerError> {
         let directory = self.directory(as_domain, peer).await?;
-        let url = directory.url(endpoint, param).ok_or_else(|| {
+        let url = path_url(&directory, endpoint, param).ok_or_else(|| {
             PeerError::BadDirectory(peer.clone(), format!("no {endpoint} endpoint"))
         })?;
         let route = self.route(peer).await?;
@@ -345,11 +330,9 @@ impl PeerClient {
         download_url: &str,
     ) -> Result<reqwest::Response, PeerError> {
         let directory = self.directory(as_domain, hub).await?;
-        let url = directory
-            .url_segment("proxyDownload", download_url)
-            .ok_or_else(|| {
-                PeerError::BadDirectory(hub.clone(), "no proxyDownload endpoint".into())
-            })?;
+        let url = segment_url(&directory, "proxyDownload", download_url).ok_or_else(|| {
+            PeerError::BadDirectory(hub.clone(), "no proxyDownload endpoint".into())
+        })?;
         let route = self.route(hub).await?;
         self.get(as_domain, hub, &route, url).await
     }
@@ -420,24 +403,6 @@ fn relayed_error(status: u16, body: &[u8], peer: &Domain) -> ServiceError {
     }
 }
 
-/// `https://host:port/path` → (host, port, path without trailing slash).
-fn url_parts(url: &str) -> Option<(String, u16, String)> {
-    let rest = url.strip_prefix("https://")?;
-    let (authority, path) = match rest.split_once('/') {
-        Some((a, p)) => (a, format!("/{}", p.trim_end_matches('/'))),
-        None => (rest, String::new()),
-    };
-    let path = if path == "/" { String::new() } else { path };
-    let (host, port) = match authority.rsplit_once(':') {
-        Some((h, p)) => (
-            h.trim_start_matches('[').trim_end_matches(']').to_owned(),
-            p.parse().ok()?,
-        ),
-        None => (authority.to_owned(), 443),
-    };
-    Some((host, port, path))
-}
-
 fn error_chain(e: &dyn std::error::Error) -> String {
     let mut out = e.to_string();
     let mut source = e.source();
@@ -461,21 +426,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn peer_urls_and_directory_templates() {
-        assert_eq!(
-            url_parts("https://127.0.0.1:8421"),
-            Some(("127.0.0.1".into(), 8421, String::new()))
-        );
-        assert_eq!(
-            url_parts("https://wave.example/mimi/"),
-            Some(("wave.example".into(), 443, "/mimi".into()))
-        );
-        assert_eq!(
-            url_parts("https://[::1]:9/"),
-            Some(("::1".into(), 9, String::new()))
-        );
-        assert_eq!(url_parts("http://x"), None);
-        assert_eq!(url_parts("https://x:notaport"), None);
+    fn directory_urls_take_path_safe_params_or_one_encoded_segment() {
         let d = Directory {
             endpoints: [(
                 "keyMaterial".to_string(),
@@ -483,20 +434,20 @@ mod tests {
             )]
             .into(),
         };
+        let url = |endpoint, param| path_url(&d, endpoint, param);
         assert_eq!(
-            d.url("keyMaterial", "bob").as_deref(),
+            url("keyMaterial", "bob").as_deref(),
             Some("https://w.test/v1/keyMaterial/bob")
         );
-        assert_eq!(d.url("notify", "r"), None);
+        assert_eq!(url("notify", "r"), None);
         assert_eq!(
-            d.url("keyMaterial", "b.test/u/bob").as_deref(),
+            url("keyMaterial", "b.test/u/bob").as_deref(),
             Some("https://w.test/v1/keyMaterial/b.test/u/bob")
         );
-        assert_eq!(d.url("keyMaterial", "b.test/u/bob?x"), None);
-        assert_eq!(d.url("keyMaterial", ""), None);
+        assert_eq!(url("keyMaterial", "b.test/u/bob?x"), None);
+        assert_eq!(url("keyMaterial", ""), None);
         assert_eq!(
-            d.url_segment("keyMaterial", "https://b.test/v1/assets/1")
-                .as_deref(),
+            segment_url(&d, "keyMaterial", "https://b.test/v1/assets/1").as_deref(),
             Some("https://w.test/v1/keyMaterial/https:%2F%2Fb.test%2Fv1%2Fassets%2F1")
         );
     }

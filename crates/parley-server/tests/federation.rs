@@ -244,7 +244,7 @@ async fn peers_are_discovered_through_the_directory() {
         .unwrap();
     let port = wave.federation_addr().unwrap().port();
     assert_eq!(
-        directory.url("keyMaterial", "wave.test/u/bob").as_deref(),
+        directory.fill("keyMaterial", "wave.test/u/bob").as_deref(),
         Some(format!("https://wave.test:{port}/v1/keyMaterial/wave.test/u/bob").as_str())
     );
     let err = peers

@@ -3,7 +3,8 @@
 
 use super::{path_form, refused, refused_or, Kit};
 use crate::report::{Outcome, Report};
-use crate::transport::{Directory, ENDPOINTS};
+use crate::transport::ENDPOINTS;
+use parley_proto::mimi::Directory;
 use parley_proto::mimi::{
     Body, ConsentOperation, GroupInfoResponse, GroupInfoResult, IdentifierRequest,
     IdentifierResponse, KeyMaterialResponse, NotifyRequest, QueryCode, QueryElement,

@@ -9,6 +9,7 @@
 
 mod abuse;
 mod consent;
+mod directory;
 mod fanout;
 mod group_info;
 mod key_material;
@@ -21,6 +22,7 @@ mod update;
 
 pub use abuse::{AbuseReport, AbusiveMessage};
 pub use consent::{ConsentEntry, ConsentOperation};
+pub use directory::{https_url_parts, Directory};
 pub use fanout::{EphemeralMessage, FanoutExtra, FanoutMessage, NotifyRequest};
 pub use group_info::{
     response_sign_content as group_info_response_sign_content, GroupInfoRatchetTreeTbe,
