@@ -15,7 +15,7 @@ use crate::clock::now_ms;
 use crate::config::ServerConfig;
 use crate::delivery::{enqueue, Delivery, Outgoing, Stored};
 use crate::error::{ServiceError, ServiceResult};
-use crate::hub::check_expiry_hint;
+use crate::hub::check_application_message;
 use crate::mls::application_header;
 use crate::peers::{hub_garbled, required, PeerClient};
 use crate::store::{Store, StoreError};
@@ -211,20 +211,7 @@ impl Follower {
         message: Vec<u8>,
     ) -> ServiceResult<Accepted> {
         let hub = self.hub_of(room).ok_or_else(|| unknown_room(room))?;
-        let max = self
-            .config
-            .domain(caller.user.domain().as_str())
-            .map_or(64 * 1024, |d| d.max_message_bytes);
-        if message.len() > max {
-            return Err(ServiceError::too_large(
-                "message_too_large",
-                format!("messages are limited to {max} bytes"),
-            ));
-        }
-        let header = application_header(&message)
-            .map_err(|e| ServiceError::bad("invalid_message", e.to_string()))?;
-        let expires_at =
-            check_expiry_hint(&self.config, &caller.user, header.expires_at, now_ms())?;
+        let (header, expires_at) = check_application_message(&self.config, &caller.user, &message)?;
         self.require_member(caller, room).await?;
         let mls = MlsMessage::from_bytes(message.clone())
             .map_err(|e| ServiceError::bad("invalid_message", e.to_string()))?;

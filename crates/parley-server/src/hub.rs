@@ -14,7 +14,7 @@ use crate::error::{ServiceError, ServiceResult};
 use crate::limits::RateLimiter;
 use crate::mls::{
     application_header, check_group_info, check_welcome, credential_device, message_epoch,
-    CommitEffect, LeafDevice, PublicState,
+    AppMessageHeader, CommitEffect, LeafDevice, PublicState,
 };
 use crate::outbox::{self, Outbox, OutboxItem};
 use crate::store::{Store, StoreError};
@@ -1180,20 +1180,8 @@ impl Hub {
         room: &RoomId,
         message: Vec<u8>,
     ) -> ServiceResult<Accepted> {
-        let max = self
-            .config
-            .domain(sender.user().domain().as_str())
-            .map_or(64 * 1024, |d| d.max_message_bytes);
-        if message.len() > max {
-            return Err(ServiceError::too_large(
-                "message_too_large",
-                format!("messages are limited to {max} bytes"),
-            ));
-        }
-        let header = application_header(&message)
-            .map_err(|e| ServiceError::bad("invalid_message", e.to_string()))?;
-        let expires_at =
-            check_expiry_hint(&self.config, sender.user(), header.expires_at, now_ms())?;
+        let (header, expires_at) =
+            check_application_message(&self.config, sender.user(), &message)?;
         self.check_rate(&sender.rate_key())?;
         let handle = self.room(room).await?.ok_or_else(|| unknown_room(room))?;
         // Read lock: messages of one room proceed concurrently, but never across a commit.
@@ -1409,10 +1397,32 @@ pub struct EphemeralRecipients {
     pub remote: BTreeMap<String, Vec<String>>,
 }
 
+/// Checks an application message as the sender's provider takes it, whether it is the room's
+/// hub or relays to one: within its domain's size limit, a readable cleartext header, and an
+/// expiry hint [`check_expiry_hint`] accepts. Returns the header and that expiry.
+pub fn check_application_message(
+    config: &ServerConfig,
+    sender: &UserId,
+    message: &[u8],
+) -> ServiceResult<(AppMessageHeader, Option<u64>)> {
+    let max = config
+        .domain(sender.domain().as_str())
+        .map_or(64 * 1024, |d| d.max_message_bytes);
+    if message.len() > max {
+        return Err(ServiceError::too_large(
+            "message_too_large",
+            format!("messages are limited to {max} bytes"),
+        ));
+    }
+    let header = application_header(message)
+        .map_err(|e| ServiceError::bad("invalid_message", e.to_string()))?;
+    let expires_at = check_expiry_hint(config, sender, header.expires_at, now_ms())?;
+    Ok((header, expires_at))
+}
+
 /// Checks a sender's expiry hint (milliseconds since the Unix epoch): it must lie after `now`
 /// and within the retention of the sender's domain, the longest any of its entries is kept.
-/// Both the hub and a follower relaying its user's message check it.
-pub fn check_expiry_hint(
+fn check_expiry_hint(
     config: &ServerConfig,
     sender: &UserId,
     expires_at: Option<u64>,
