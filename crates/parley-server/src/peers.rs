@@ -211,19 +211,20 @@ impl PeerClient {
             .map_err(|e| PeerError::Unreachable(peer.clone(), error_chain(&e)))?;
         if !resp.status().is_success() {
             let status = resp.status();
-            let body = resp.text().await.unwrap_or_default();
+            let body = read_at_most(resp, MAX_DIRECTORY_BYTES, peer)
+                .await
+                .unwrap_or_default();
             return Err(PeerError::Refused(
                 peer.clone(),
-                format!("{status}: {}", truncate(&body)),
+                format!("{status}: {}", truncate(&String::from_utf8_lossy(&body))),
             ));
         }
-        let bytes = resp
-            .bytes()
+        let bytes = read_at_most(resp, MAX_DIRECTORY_BYTES, peer)
             .await
-            .map_err(|e| PeerError::Unreachable(peer.clone(), e.to_string()))?;
-        if bytes.len() > MAX_DIRECTORY_BYTES {
-            return Err(PeerError::BadDirectory(peer.clone(), "too large".into()));
-        }
+            .map_err(|e| match e {
+                PeerError::Refused(peer, _) => PeerError::BadDirectory(peer, "too large".into()),
+                e => e,
+            })?;
         let endpoints: HashMap<String, String> = serde_json::from_slice(&bytes)
             .map_err(|e| PeerError::BadDirectory(peer.clone(), e.to_string()))?;
         let directory = Arc::new(Directory { endpoints });
@@ -264,20 +265,7 @@ impl PeerClient {
             .await
             .map_err(|e| PeerError::Unreachable(peer.clone(), error_chain(&e)))?;
         let status = resp.status();
-        if resp
-            .content_length()
-            .is_some_and(|n| n > MAX_ANSWER_BYTES as u64)
-        {
-            return Err(PeerError::Refused(peer.clone(), "answer too large".into()));
-        }
-        let bytes = resp
-            .bytes()
-            .await
-            .map_err(|e| PeerError::Unreachable(peer.clone(), e.to_string()))?;
-        if bytes.len() > MAX_ANSWER_BYTES {
-            return Err(PeerError::Refused(peer.clone(), "answer too large".into()));
-        }
-        Ok((status, bytes.to_vec()))
+        Ok((status, read_at_most(resp, MAX_ANSWER_BYTES, peer).await?))
     }
 
     /// POSTs a MIMI body to a peer and returns the answer when it is a success; a refusal
@@ -403,6 +391,31 @@ fn relayed_error(status: u16, body: &[u8], peer: &Domain) -> ServiceError {
     }
 }
 
+/// A peer's answer body, read chunk by chunk and refused (`Refused`, "answer too large") as
+/// soon as it passes `max` bytes, whatever its Content-Length says or leaves out.
+async fn read_at_most(
+    mut resp: reqwest::Response,
+    max: usize,
+    peer: &Domain,
+) -> Result<Vec<u8>, PeerError> {
+    let too_large = || PeerError::Refused(peer.clone(), "answer too large".into());
+    if resp.content_length().is_some_and(|n| n > max as u64) {
+        return Err(too_large());
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = resp
+        .chunk()
+        .await
+        .map_err(|e| PeerError::Unreachable(peer.clone(), e.to_string()))?
+    {
+        if body.len() + chunk.len() > max {
+            return Err(too_large());
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
 fn error_chain(e: &dyn std::error::Error) -> String {
     let mut out = e.to_string();
     let mut source = e.source();
@@ -424,6 +437,31 @@ fn truncate(s: &str) -> &str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A peer streaming an endless answer without Content-Length is cut off at the limit.
+    #[tokio::test]
+    async fn answers_are_read_up_to_their_limit() {
+        let peer = Domain::parse("wave.test").unwrap();
+        fn streamed(
+            chunks: impl futures_util::Stream<Item = std::io::Result<Vec<u8>>> + Send + Sync + 'static,
+        ) -> reqwest::Response {
+            axum::http::Response::new(reqwest::Body::wrap_stream(chunks)).into()
+        }
+        let chunk = || Ok::<_, std::io::Error>(vec![b'x'; 1000]);
+        let endless = futures_util::stream::repeat_with(chunk);
+        assert!(matches!(
+            read_at_most(streamed(endless), 4999, &peer).await,
+            Err(PeerError::Refused(_, _))
+        ));
+        let five = futures_util::stream::iter((0..5).map(move |_| chunk()));
+        assert_eq!(
+            read_at_most(streamed(five), 5000, &peer)
+                .await
+                .unwrap()
+                .len(),
+            5000
+        );
+    }
 
     #[test]
     fn directory_urls_take_path_safe_params_or_one_encoded_segment() {
