@@ -395,13 +395,7 @@ impl Profile {
     }
 
     fn room_list(&self, query: &str) -> Result<Vec<RoomId>> {
-        let mut stmt = self.conn.prepare_cached(query)?;
-        let raws = stmt
-            .query_map([], |row| row.get::<_, String>(0))?
-            .collect::<rusqlite::Result<Vec<_>>>()?;
-        raws.iter()
-            .map(|room| parse_stored(room, RoomId::parse))
-            .collect()
+        room_list(&self.conn, query)
     }
 
     // --- commits awaiting the hub's answer --------------------------------------------------------
@@ -1131,16 +1125,22 @@ pub(crate) mod groups {
 
     /// Every room this device holds a group for, sorted.
     pub fn mapped(conn: &Connection) -> Result<Vec<RoomId>> {
-        let mut stmt = conn.prepare_cached(
+        super::room_list(
+            conn,
             "SELECT room_id FROM parley_rooms WHERE group_id IS NOT NULL ORDER BY room_id",
-        )?;
-        let raws = stmt
-            .query_map([], |row| row.get::<_, String>(0))?
-            .collect::<rusqlite::Result<Vec<_>>>()?;
-        raws.iter()
-            .map(|room| parse_stored(room, RoomId::parse))
-            .collect()
+        )
     }
+}
+
+/// The rooms a one-column query of stored room URIs lists.
+fn room_list(conn: &Connection, query: &str) -> Result<Vec<RoomId>> {
+    let mut stmt = conn.prepare_cached(query)?;
+    let raws = stmt
+        .query_map([], |row| row.get::<_, String>(0))?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    raws.iter()
+        .map(|room| parse_stored(room, RoomId::parse))
+        .collect()
 }
 
 /// Takes the profile's migration lock (released when the file is dropped). Two processes
