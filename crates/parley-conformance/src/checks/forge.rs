@@ -160,28 +160,30 @@ fn query_body(kit: &Kit) -> Vec<u8> {
 
 /// `From: mimi@other.test` on the kit's own certificate.
 async fn from_not_certificate(kit: &Kit) -> Outcome {
-    let forge = Forge {
-        from: Some(format!("mimi@{OTHER_DOMAIN}")),
-        host: None,
-    };
-    let answer = kit
-        .peer
-        .post_forged(
-            "identifierQuery",
-            kit.config.peer.as_str(),
-            query_body(kit),
-            &forge,
-        )
-        .await;
-    refused(&answer)
+    forged_query(
+        kit,
+        Forge {
+            from: Some(format!("mimi@{OTHER_DOMAIN}")),
+            host: None,
+        },
+    )
+    .await
 }
 
 /// `Host: not-the-peer.test`: the request is not for this provider (421 is the HTTP answer).
 async fn wrong_host(kit: &Kit) -> Outcome {
-    let forge = Forge {
-        from: None,
-        host: Some("not-the-peer.test".into()),
-    };
+    forged_query(
+        kit,
+        Forge {
+            from: None,
+            host: Some("not-the-peer.test".into()),
+        },
+    )
+    .await
+}
+
+/// An honest identifierQuery sent with forged headers: a correct provider refuses it.
+async fn forged_query(kit: &Kit, forge: Forge) -> Outcome {
     let answer = kit
         .peer
         .post_forged(
