@@ -687,3 +687,56 @@ fn bench_delivers_every_message_on_one_provider_and_across_two() {
         );
     }
 }
+
+/// `bench/ejabberd-vs-parley.sh`: one open-loop generator drives a `parley serve` child process
+/// and a private ejabberd with the same pairs and steps, and prints one table. Every message of
+/// every step must arrive at both servers (whatever the latencies; no timing is asserted).
+/// Needs Debian's ejabberd package, which `.ci/run` installs.
+#[test]
+fn ramp_drives_parley_and_ejabberd_side_by_side() {
+    let installed = Command::new("sh")
+        .args(["-c", "command -v ejabberdctl"])
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !installed {
+        eprintln!("SKIPPED: ejabberd is not installed (apt-get install ejabberd; .ci/run does)");
+        return;
+    }
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../bench/ejabberd-vs-parley.sh"
+    );
+    // A port of its own: parallel tests must not meet a stray ejabberd.
+    let port = 20000 + std::process::id() % 20000;
+    let out = Command::new("bash")
+        .args([script, "100,200", "1", "2"])
+        .env("PARLEY", BIN)
+        .env("EJABBERD_PORT", port.to_string())
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "the side-by-side run failed: {}\n{stdout}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rows: Vec<Vec<&str>> = stdout
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .filter(|f| matches!(f.first(), Some(&"parley" | &"xmpp")) && f.len() > 4)
+        .collect();
+    for target in ["parley", "xmpp"] {
+        let steps: Vec<_> = rows.iter().filter(|r| r[0] == target).collect();
+        assert!(!steps.is_empty(), "no {target} step in:\n{stdout}");
+        for r in steps {
+            // target, offered/s, sent, delivered, failed, ...
+            assert_eq!(r[2], r[3], "{target}: sent != delivered in:\n{stdout}");
+            assert_eq!(r[4], "0", "{target}: failed sends in:\n{stdout}");
+            assert_ne!(r[2], "0", "{target}: nothing sent in:\n{stdout}");
+        }
+    }
+    assert!(stdout.contains("max sustained    xmpp"), "{stdout}");
+}

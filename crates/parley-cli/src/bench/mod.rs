@@ -12,6 +12,9 @@
 //! WebSocket push channel and ack them, as real clients do. A delivery is matched to its send
 //! by the message's bytes (a follower's entries carry no hub event number).
 
+mod ramp;
+mod xmpp;
+
 use anyhow::{bail, Context};
 use clap::Args;
 use parley_client::{ApiClient, Device};
@@ -61,6 +64,31 @@ pub struct BenchArgs {
     /// and the server's peak memory during each transfer.
     #[arg(long, value_name = "MIB", conflicts_with_all = ["server", "federated", "idle_connections"])]
     pub asset_mb: Option<u64>,
+    /// Open-loop steps at these offered rates (messages/s, comma-separated), each held for
+    /// --step-secs, against a `parley serve` child process (and, with --xmpp, an XMPP server
+    /// driven the same way); one table of latency from each message's due time, server CPU and
+    /// memory, and the highest sustained rate.
+    #[arg(long, value_name = "RATES", value_delimiter = ',', conflicts_with_all = ["server", "federated", "idle_connections", "asset_mb"])]
+    pub ramp: Option<Vec<u64>>,
+    /// Seconds each --ramp step is held.
+    #[arg(long, default_value_t = 10)]
+    pub step_secs: u64,
+    /// A --ramp step is sustained only if its p99 latency is at most this.
+    #[arg(long, default_value_t = 100.0)]
+    pub p99_limit_ms: f64,
+    /// With --ramp: also drive this XMPP server (plain c2s, in-band registration, SASL PLAIN)
+    /// with the same pairs, rates and steps, alternating with Parley step by step.
+    #[arg(long, value_name = "HOST:PORT", requires = "ramp")]
+    pub xmpp: Option<std::net::SocketAddr>,
+    /// The XMPP server's domain.
+    #[arg(long, default_value = "xmpp.bench", requires = "xmpp")]
+    pub xmpp_domain: String,
+    /// The XMPP server's process id, for its CPU and memory in the table.
+    #[arg(long, requires = "xmpp")]
+    pub xmpp_pid: Option<u32>,
+    /// With --xmpp: load only the XMPP server.
+    #[arg(long, requires = "xmpp")]
+    pub xmpp_only: bool,
 }
 
 /// Lifts the per-device and per-peer rate limits: the load tool sends far faster than people.
@@ -111,6 +139,14 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
     if let Some(mb) = args.asset_mb {
         return asset_transfer(mb).await;
+    }
+    if let Some(rates) = &args.ramp {
+        let xmpp = args.xmpp.map(|addr| ramp::XmppServer {
+            addr,
+            domain: args.xmpp_domain.clone(),
+            pid: args.xmpp_pid,
+        });
+        return ramp::run(&args, rates, xmpp).await;
     }
     if args.pairs == 0 || args.messages == 0 || args.concurrency == 0 {
         bail!("--pairs, --messages and --concurrency must be at least 1");
@@ -221,19 +257,52 @@ fn rate_label(rate: u64) -> String {
 }
 
 /// Registers the pairs (senders at `senders`, receivers at `receivers`: URL and domain), gives
-/// consent where providers differ, and opens each pair's direct room.
+/// consent where providers differ, opens each pair's direct room, and pre-encrypts
+/// `args.messages` across the lanes.
 async fn setup(
     args: &BenchArgs,
     senders: (&str, &str),
     receivers_at: (&str, &str),
     dir: &std::path::Path,
 ) -> anyhow::Result<(Vec<Lane>, Vec<parley_client::PushConnection>)> {
-    let run_id = std::process::id();
+    let (pairs, receivers) = setup_pairs(args.pairs, senders, receivers_at, dir).await?;
     let payload = "x".repeat(args.payload);
-    let mut lanes = Vec::new();
-    let mut receivers = Vec::new();
     let per_lane = usize::try_from(args.messages.div_ceil(args.pairs as u64))?;
-    for i in 0..args.pairs {
+    let mut lanes = Vec::with_capacity(pairs.len());
+    for mut pair in pairs {
+        let requests = pair
+            .sender
+            .encrypt_texts(&pair.room, &payload, per_lane)?
+            .into_iter()
+            .map(|message| SendRequest { message })
+            .collect();
+        lanes.push(Lane {
+            api: pair.sender.api().clone(),
+            room: pair.room,
+            requests,
+        });
+    }
+    Ok((lanes, receivers))
+}
+
+/// A sender device and the direct room it shares with its receiver.
+struct Pair {
+    sender: Device,
+    room: RoomId,
+}
+
+/// Registers `count` pairs and opens their rooms; returns them with the receivers' push
+/// connections, in the same order.
+async fn setup_pairs(
+    count: usize,
+    senders: (&str, &str),
+    receivers_at: (&str, &str),
+    dir: &std::path::Path,
+) -> anyhow::Result<(Vec<Pair>, Vec<parley_client::PushConnection>)> {
+    let run_id = std::process::id();
+    let mut pairs = Vec::with_capacity(count);
+    let mut receivers = Vec::with_capacity(count);
+    for i in 0..count {
         let sender_id = UserId::parse(&format!("s{run_id}-{i}@{}", senders.1))?;
         let receiver_id = UserId::parse(&format!("r{run_id}-{i}@{}", receivers_at.1))?;
         let mut sender = register(&dir.join(format!("s{i}")), senders.0, &sender_id).await?;
@@ -246,19 +315,10 @@ async fn setup(
         }
         let room = sender.direct_room(&receiver_id).await?;
         join(&mut receiver, &room).await?;
-        let requests = sender
-            .encrypt_texts(&room, &payload, per_lane)?
-            .into_iter()
-            .map(|message| SendRequest { message })
-            .collect();
-        lanes.push(Lane {
-            api: sender.api().clone(),
-            room,
-            requests,
-        });
         receivers.push(receiver.api().connect_push().await?);
+        pairs.push(Pair { sender, room });
     }
-    Ok((lanes, receivers))
+    Ok((pairs, receivers))
 }
 
 /// Syncs until the receiver has joined `room` (its Welcome may have to cross providers).
