@@ -18,6 +18,12 @@ mod embedded {
 const MAX_BATCH: usize = 1024;
 /// Read connections kept open for reuse.
 const READ_POOL: usize = 8;
+/// How often the checkpointer copies the WAL into the database. Checkpoints run on their own
+/// connection and thread, so the writer's group commits never wait for one.
+const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
+/// WAL pages past which the writer checkpoints by itself after all (the checkpointer is
+/// behind): bounds the WAL file at about 64 MiB.
+const WRITER_CHECKPOINT_PAGES: u32 = 16_384;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -62,10 +68,21 @@ impl Store {
             .set_migration_table_name("parley_migrations")
             .run(&mut conn)
             .map_err(|e| StoreError::Migration(e.to_string()))?;
+        conn.pragma_update(None, "wal_autocheckpoint", WRITER_CHECKPOINT_PAGES)?;
+        let checkpoints = Connection::open(&path)?;
+        checkpoints.execute_batch("PRAGMA busy_timeout=5000;")?;
         let (jobs, rx) = mpsc::channel::<Job>(8192);
+        let (writer_alive, writer_gone) = std::sync::mpsc::channel::<()>();
         std::thread::Builder::new()
             .name("parley-store-writer".into())
-            .spawn(move || writer_loop(conn, rx))
+            .spawn(move || {
+                writer_loop(conn, rx);
+                drop(writer_alive);
+            })
+            .map_err(|e| StoreError::Task(e.to_string()))?;
+        std::thread::Builder::new()
+            .name("parley-store-checkpoint".into())
+            .spawn(move || checkpoint_loop(checkpoints, writer_gone))
             .map_err(|e| StoreError::Task(e.to_string()))?;
         Ok(Self {
             jobs,
@@ -174,6 +191,24 @@ fn in_savepoint<T>(
     }
     conn.prepare_cached("RELEASE job")?.execute([])?;
     result
+}
+
+/// Copies committed WAL frames into the database every [`CHECKPOINT_EVERY`] until the writer
+/// stops. PASSIVE never blocks the writer; what it cannot copy yet waits for the next round.
+fn checkpoint_loop(conn: Connection, writer_gone: std::sync::mpsc::Receiver<()>) {
+    use std::sync::mpsc::RecvTimeoutError;
+    loop {
+        let last = match writer_gone.recv_timeout(CHECKPOINT_EVERY) {
+            Err(RecvTimeoutError::Timeout) => false,
+            _ => true,
+        };
+        if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+            tracing::warn!(error = %e, "WAL checkpoint failed");
+        }
+        if last {
+            return;
+        }
+    }
 }
 
 fn writer_loop(conn: Connection, mut rx: mpsc::Receiver<Job>) {

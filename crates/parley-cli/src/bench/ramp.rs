@@ -40,6 +40,8 @@ struct Step {
     /// From the step's start to its last delivery.
     elapsed: Duration,
     latencies: Vec<Duration>,
+    /// Due time to durable answer (sorted), where the protocol has one (Parley).
+    acks: Vec<Duration>,
     /// From the step's start to the end of its drain: the span `cpu` was taken over.
     wall: Duration,
     cpu: Option<Duration>,
@@ -86,6 +88,8 @@ enum Load {
     Parley {
         lanes: Vec<Arc<ParleyLane>>,
         in_flight: Arc<Semaphore>,
+        /// From each message's due time to the server's answer that it is durable.
+        acked: Arc<std::sync::Mutex<Vec<Duration>>>,
     },
     Xmpp {
         lanes: Vec<mpsc::UnboundedSender<u64>>,
@@ -99,7 +103,11 @@ impl Load {
     /// records when it was due.
     fn dispatch(&self, i: u64, due: Instant, timings: &Timings, failed: &Arc<AtomicU64>) {
         match self {
-            Load::Parley { lanes, in_flight } => {
+            Load::Parley {
+                lanes,
+                in_flight,
+                acked,
+            } => {
                 let n = lanes.len() as u64;
                 let lane = lanes[(i % n) as usize].clone();
                 let idx = (i / n) as usize;
@@ -109,15 +117,22 @@ impl Load {
                 if let Ok(mut sent) = timings.sent.lock() {
                     sent.insert(*key, due);
                 }
-                let (in_flight, failed) = (in_flight.clone(), failed.clone());
+                let (in_flight, failed, acked) = (in_flight.clone(), failed.clone(), acked.clone());
                 tokio::spawn(async move {
                     let Ok(_permit) = in_flight.acquire_owned().await else {
                         return;
                     };
                     let request = &lane.messages[idx].1;
-                    if let Err(e) = lane.api.send_message(&lane.room, request).await {
-                        if failed.fetch_add(1, Ordering::Relaxed) == 0 {
-                            eprintln!("a send failed: {e}");
+                    match lane.api.send_message(&lane.room, request).await {
+                        Ok(_) => {
+                            if let Ok(mut acked) = acked.lock() {
+                                acked.push(due.elapsed());
+                            }
+                        }
+                        Err(e) => {
+                            if failed.fetch_add(1, Ordering::Relaxed) == 0 {
+                                eprintln!("a send failed: {e}");
+                            }
                         }
                     }
                 });
@@ -207,6 +222,7 @@ impl ParleyTarget {
         Ok(Load::Parley {
             lanes,
             in_flight: self.in_flight.clone(),
+            acked: Default::default(),
         })
     }
 }
@@ -354,6 +370,11 @@ async fn run_step(
         .zip(cpu_before)
         .map(|(after, before)| after.saturating_sub(before));
     let rss_kib = pid.and_then(|p| super::rss_kib(p).ok());
+    let mut acks = match &load {
+        Load::Parley { acked, .. } => acked.lock().map(|a| a.clone()).unwrap_or_default(),
+        Load::Xmpp { .. } => Vec::new(),
+    };
+    acks.sort();
     drop(load);
     let (latencies, last) = step_latencies(timings, started);
     Step {
@@ -364,6 +385,7 @@ async fn run_step(
         failed: failed.load(Ordering::Relaxed),
         elapsed: last.saturating_duration_since(started),
         latencies,
+        acks,
         wall,
         cpu,
         rss_kib,
@@ -484,7 +506,7 @@ fn print_table(steps: &[Step], p99_limit: Duration, secs: u64) {
         ms(p99_limit)
     );
     println!(
-        "{:<8} {:>9} {:>9} {:>9} {:>6} {:>10} {:>8} {:>8} {:>9} {:>10} {:>8} {:>8}  sustained",
+        "{:<8} {:>9} {:>9} {:>9} {:>6} {:>10} {:>8} {:>8} {:>9} {:>11} {:>10} {:>8} {:>8}  sustained",
         "target",
         "offered/s",
         "sent",
@@ -494,6 +516,7 @@ fn print_table(steps: &[Step], p99_limit: Duration, secs: u64) {
         "p50 ms",
         "p99 ms",
         "max ms",
+        "ack p99 ms",
         "srv cores",
         "µs/msg",
         "RSS MiB"
@@ -507,11 +530,16 @@ fn print_table(steps: &[Step], p99_limit: Duration, secs: u64) {
         let per_msg = s.cpu.map_or("-".into(), |c| {
             format!("{:.0}", c.as_secs_f64() * 1e6 / s.delivered.max(1) as f64)
         });
+        let ack_p99 = if s.acks.is_empty() {
+            "-".into()
+        } else {
+            format!("{:.2}", ms(percentile(&s.acks, 0.99)))
+        };
         let rss = s
             .rss_kib
             .map_or("-".into(), |k| format!("{:.0}", k as f64 / 1024.0));
         println!(
-            "{:<8} {:>9} {:>9} {:>9} {:>6} {:>10.0} {:>8.2} {:>8.2} {:>9.2} {:>10} {:>8} {:>8}  {}",
+            "{:<8} {:>9} {:>9} {:>9} {:>6} {:>10.0} {:>8.2} {:>8.2} {:>9.2} {:>11} {:>10} {:>8} {:>8}  {}",
             s.target,
             s.rate,
             s.sent,
@@ -521,6 +549,7 @@ fn print_table(steps: &[Step], p99_limit: Duration, secs: u64) {
             ms(percentile(&s.latencies, 0.50)),
             ms(percentile(&s.latencies, 0.99)),
             ms(percentile(&s.latencies, 1.0)),
+            ack_p99,
             cores,
             per_msg,
             rss,
