@@ -198,10 +198,10 @@ fn in_savepoint<T>(
 fn checkpoint_loop(conn: Connection, writer_gone: std::sync::mpsc::Receiver<()>) {
     use std::sync::mpsc::RecvTimeoutError;
     loop {
-        let last = match writer_gone.recv_timeout(CHECKPOINT_EVERY) {
-            Err(RecvTimeoutError::Timeout) => false,
-            _ => true,
-        };
+        let last = !matches!(
+            writer_gone.recv_timeout(CHECKPOINT_EVERY),
+            Err(RecvTimeoutError::Timeout)
+        );
         if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
             tracing::warn!(error = %e, "WAL checkpoint failed");
         }
