@@ -491,6 +491,8 @@ impl Client {
                             }
                         }
                     }
+                    // The chat sends over HTTP; no answers come on this connection.
+                    Push::Sent { .. } | Push::Refused { .. } => {}
                 },
                 input = console.next() => match input? {
                     Input::Started => announce_typing(&mut device, &room, &mut typing_sent).await,

@@ -740,3 +740,26 @@ fn ramp_drives_parley_and_ejabberd_side_by_side() {
     }
     assert!(stdout.contains("max sustained    xmpp"), "{stdout}");
 }
+
+/// `parley bench --idle-connections N`: the connections it opens (from loopback addresses of
+/// its own) are real, authenticated push connections the server holds; it reports the memory.
+#[test]
+fn idle_connection_bench_opens_and_reports_every_connection() {
+    let out = Command::new(BIN)
+        .args(["bench", "--idle-connections", "300"])
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}\n{stdout}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("idle push connections  300 (from 1 loopback source addresses)"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("per idle connection"), "{stdout}");
+}

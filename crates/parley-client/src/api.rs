@@ -380,10 +380,41 @@ impl ApiClient {
     /// Opens the push WebSocket, with ephemeral messages (typing indicators) if asked:
     /// [`PushConnection::next_push`] yields them.
     pub async fn connect_push_with(&self, ephemeral: bool) -> Result<PushConnection> {
+        self.connect_push_opts(PushOptions {
+            ephemeral,
+            binary: false,
+        })
+        .await
+    }
+
+    /// Opens the push WebSocket with `options`.
+    pub async fn connect_push_opts(&self, options: PushOptions) -> Result<PushConnection> {
+        self.open_push(options, None).await
+    }
+
+    /// Opens the push WebSocket over `tcp`, a connection to the server the caller made itself
+    /// (say, from a chosen local address: the load tool spreads 100,000 connections over several
+    /// loopback addresses to pass the per-address port limit).
+    pub async fn connect_push_over(
+        &self,
+        tcp: TcpStream,
+        options: PushOptions,
+    ) -> Result<PushConnection> {
+        self.open_push(options, Some(tcp)).await
+    }
+
+    async fn open_push(
+        &self,
+        options: PushOptions,
+        tcp: Option<TcpStream>,
+    ) -> Result<PushConnection> {
         let token = self.require_token()?;
         let mut url = self.endpoint(&["v1", "ws"])?;
-        if ephemeral {
+        if options.ephemeral {
             url.query_pairs_mut().append_pair("ephemeral", "true");
+        }
+        if options.binary {
+            url.query_pairs_mut().append_pair("binary", "true");
         }
         let scheme = if url.scheme() == "https" { "wss" } else { "ws" };
         url.set_scheme(scheme).map_err(|()| {
@@ -405,18 +436,34 @@ impl ApiClient {
         // pushes are small, so a small buffer saves that work and memory per connection.
         let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
             .read_buffer_size(WS_READ_BUFFER);
-        let connect = tokio_tungstenite::connect_async_tls_with_config(
-            request,
-            Some(config),
-            true,
-            Some(connector),
-        );
-        let (ws, _response) = tokio::time::timeout(CONNECT_TIMEOUT, connect)
-            .await
+        let opened = match tcp {
+            None => {
+                let connect = tokio_tungstenite::connect_async_tls_with_config(
+                    request,
+                    Some(config),
+                    true,
+                    Some(connector),
+                );
+                tokio::time::timeout(CONNECT_TIMEOUT, connect).await
+            }
+            Some(tcp) => {
+                let connect = tokio_tungstenite::client_async_tls_with_config(
+                    request,
+                    tcp,
+                    Some(config),
+                    Some(connector),
+                );
+                tokio::time::timeout(CONNECT_TIMEOUT, connect).await
+            }
+        };
+        let (ws, _response) = opened
             .map_err(|_| self.unreachable("WebSocket connection timed out"))?
             .map_err(|e| self.ws_error(e))?;
         tracing::debug!(url = %url, "push connection open");
-        Ok(PushConnection { ws })
+        Ok(PushConnection {
+            ws,
+            binary: options.binary,
+        })
     }
 
     // --- plumbing -------------------------------------------------------------------------------
@@ -434,6 +481,11 @@ impl ApiClient {
         let user = user.to_string();
         self.call::<(), _>(Method::POST, &["v1", "contacts", &user, action], None)
             .await
+    }
+
+    /// The device's bearer token, once logged in (for a connection this client does not make).
+    pub fn access_token(&self) -> Option<&str> {
+        self.token.as_deref()
     }
 
     fn require_token(&self) -> Result<&str> {
@@ -534,9 +586,19 @@ impl ApiClient {
     }
 }
 
+/// How to open a push connection.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PushOptions {
+    /// Also receive ephemeral messages (typing indicators).
+    pub ephemeral: bool,
+    /// Frames as CBOR in binary messages (no JSON, no base64): less work on both ends.
+    pub binary: bool,
+}
+
 /// One open push WebSocket. Reading is cancellation-safe, so it can sit in a `tokio::select!`.
 pub struct PushConnection {
     ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+    binary: bool,
 }
 
 impl std::fmt::Debug for PushConnection {
@@ -552,16 +614,24 @@ pub enum Push {
     Entries(Vec<QueueEntry>),
     /// An ephemeral message of a room (only on connections that asked for them).
     Ephemeral { room: String, data: Vec<u8> },
+    /// The message sent as `id` ([`PushConnection::send_messages`]) is durable.
+    Sent { id: u64, accepted: Accepted },
+    /// The message sent as `id` was refused with this HTTP status and error; nothing was stored.
+    Refused {
+        id: u64,
+        status: u16,
+        error: ErrorBody,
+    },
 }
 
 impl PushConnection {
-    /// Waits for the next `entries` frame, skipping ephemeral messages. `Ok(None)` means the
-    /// server closed the connection.
+    /// Waits for the next `entries` frame, skipping ephemeral messages and answers to sends.
+    /// `Ok(None)` means the server closed the connection.
     pub async fn next_entries(&mut self) -> Result<Option<Vec<QueueEntry>>> {
         loop {
             match self.next_push().await? {
                 Some(Push::Entries(entries)) => return Ok(Some(entries)),
-                Some(Push::Ephemeral { .. }) => {}
+                Some(Push::Ephemeral { .. } | Push::Sent { .. } | Push::Refused { .. }) => {}
                 None => return Ok(None),
             }
         }
@@ -573,19 +643,34 @@ impl PushConnection {
         while let Some(msg) = self.ws.next().await {
             let msg =
                 msg.map_err(|e| ClientError::Unreachable(format!("push connection failed: {e}")))?;
-            let text = match msg {
-                Message::Text(text) => text,
+            let frame = match msg {
+                Message::Text(text) => {
+                    serde_json::from_str::<WsFrame>(text.as_str()).map_err(|e| e.to_string())
+                }
+                Message::Binary(bytes) => WsFrame::from_cbor(&bytes),
                 Message::Close(_) => return Ok(None),
                 // Pings are answered by tungstenite itself; nothing else is part of the protocol.
                 _ => continue,
             };
-            match serde_json::from_str::<WsFrame>(text.as_str()) {
+            match frame {
                 Ok(WsFrame::Entries { entries }) => return Ok(Some(Push::Entries(entries))),
                 Ok(WsFrame::Ephemeral { room, data }) => {
                     return Ok(Some(Push::Ephemeral { room, data }))
                 }
-                Ok(WsFrame::Ack { .. }) => {
-                    tracing::debug!("ignoring an ack frame sent by the server");
+                Ok(WsFrame::Sent {
+                    id,
+                    event,
+                    ts,
+                    epoch,
+                }) => {
+                    let accepted = Accepted { event, ts, epoch };
+                    return Ok(Some(Push::Sent { id, accepted }));
+                }
+                Ok(WsFrame::Refused { id, status, error }) => {
+                    return Ok(Some(Push::Refused { id, status, error }))
+                }
+                Ok(WsFrame::Ack { .. } | WsFrame::Send { .. }) => {
+                    tracing::debug!("ignoring a client frame sent by the server");
                 }
                 Err(e) => {
                     return Err(ClientError::Protocol(format!("bad push frame: {e}")));
@@ -595,14 +680,42 @@ impl PushConnection {
         Ok(None)
     }
 
+    fn frame(&self, frame: &WsFrame) -> Result<Message> {
+        if self.binary {
+            return Ok(Message::binary(frame.to_cbor()));
+        }
+        let text = serde_json::to_string(frame)
+            .map_err(|e| ClientError::Protocol(format!("cannot encode a frame: {e}")))?;
+        Ok(Message::text(text))
+    }
+
     /// Acknowledges every entry up to and including `up_to`.
     pub async fn ack(&mut self, up_to: u64) -> Result<()> {
-        let frame = serde_json::to_string(&WsFrame::Ack { up_to })
-            .map_err(|e| ClientError::Protocol(format!("cannot encode ack: {e}")))?;
+        let frame = self.frame(&WsFrame::Ack { up_to })?;
         self.ws
-            .send(Message::text(frame))
+            .send(frame)
             .await
             .map_err(|e| ClientError::Unreachable(format!("push connection failed: {e}")))
+    }
+
+    /// Sends application messages over this connection, each as `(id, room, message)`, in one
+    /// flush: the same as `POST /v1/rooms/{room}/messages` each, without an HTTP request each.
+    /// Answers come back from [`PushConnection::next_push`] as [`Push::Sent`] or
+    /// [`Push::Refused`] with the same `id`, in any order.
+    pub async fn send_messages<'a>(
+        &mut self,
+        messages: impl IntoIterator<Item = (u64, &'a RoomId, &'a [u8])>,
+    ) -> Result<()> {
+        let failed = |e| ClientError::Unreachable(format!("push connection failed: {e}"));
+        for (id, room, message) in messages {
+            let frame = self.frame(&WsFrame::Send {
+                id,
+                room: room.to_string(),
+                message: message.to_vec(),
+            })?;
+            self.ws.feed(frame).await.map_err(failed)?;
+        }
+        self.ws.flush().await.map_err(failed)
     }
 
     /// Closes the connection politely; errors are irrelevant at this point.

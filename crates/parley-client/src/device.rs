@@ -2036,6 +2036,8 @@ impl Live {
                 }
                 Ok(Some(Push::Entries(_))) => {}
                 Ok(Some(ephemeral @ Push::Ephemeral { .. })) => return Ok(ephemeral),
+                // This connection sends no messages, so it gets no answers to any.
+                Ok(Some(Push::Sent { .. } | Push::Refused { .. })) => {}
                 Ok(None) => {
                     tracing::debug!("push connection closed; reconnecting");
                     self.push = None;

@@ -12,7 +12,7 @@ pub mod media;
 pub mod mls;
 pub mod profile;
 
-pub use api::{ApiClient, Push, PushConnection};
+pub use api::{ApiClient, Push, PushConnection, PushOptions};
 pub use device::{
     Device, Event, Live, ReceiptStatus, RoomSummary, SendOptions, SentFile, SentMessage,
     TYPING_SHOWN_FOR,

@@ -5,20 +5,54 @@
 
 use serde::{Deserialize, Serialize};
 
-/// Serde helpers for base64-encoded byte fields.
+/// Serde helpers for byte fields: base64 strings in JSON, plain byte strings in binary formats
+/// (the CBOR push frames of `GET /v1/ws?binary=true`). Decoding takes either form.
 pub mod b64 {
     use base64::{engine::general_purpose::STANDARD, Engine as _};
     use serde::{Deserialize, Deserializer, Serializer};
 
     pub fn serialize<S: Serializer>(bytes: &[u8], s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&STANDARD.encode(bytes))
+        if s.is_human_readable() {
+            s.serialize_str(&STANDARD.encode(bytes))
+        } else {
+            s.serialize_bytes(bytes)
+        }
     }
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
-        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
-        STANDARD
-            .decode(s.as_bytes())
-            .map_err(serde::de::Error::custom)
+        Ok(Bytes::deserialize(d)?.0)
+    }
+
+    /// Bytes from a base64 string or a byte string, whichever the format carries: serde's
+    /// buffering of internally tagged enums hides whether the format is human-readable.
+    struct Bytes(Vec<u8>);
+
+    impl<'de> Deserialize<'de> for Bytes {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            d.deserialize_any(BytesVisitor)
+        }
+    }
+
+    struct BytesVisitor;
+
+    impl serde::de::Visitor<'_> for BytesVisitor {
+        type Value = Bytes;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("base64 text or a byte string")
+        }
+
+        fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Bytes, E> {
+            STANDARD.decode(v.as_bytes()).map(Bytes).map_err(E::custom)
+        }
+
+        fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<Bytes, E> {
+            Ok(Bytes(v.to_vec()))
+        }
+
+        fn visit_byte_buf<E: serde::de::Error>(self, v: Vec<u8>) -> Result<Bytes, E> {
+            Ok(Bytes(v))
+        }
     }
 
     /// The same for `Option<Vec<u8>>`.
@@ -33,13 +67,7 @@ pub mod b64 {
         }
 
         pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<u8>>, D::Error> {
-            let s = <Option<std::borrow::Cow<'de, str>>>::deserialize(d)?;
-            s.map(|s| {
-                STANDARD
-                    .decode(s.as_bytes())
-                    .map_err(serde::de::Error::custom)
-            })
-            .transpose()
+            Ok(<Option<Bytes>>::deserialize(d)?.map(|b| b.0))
         }
     }
 
@@ -286,7 +314,7 @@ pub struct EphemeralRequest {
 }
 
 /// The hub's acceptance of a commit or message: its place in the room's order.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Accepted {
     /// The room's event number for this message or commit (increasing per room).
     pub event: u64,
@@ -344,7 +372,8 @@ pub struct AckRequest {
     pub up_to: u64,
 }
 
-/// Frames on `GET /v1/ws`, both directions, as JSON text.
+/// Frames on `GET /v1/ws`, both directions: JSON text, or with `?binary=true` the same frames
+/// as CBOR in binary WebSocket messages (byte fields as byte strings, no base64).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "lowercase")]
 pub enum WsFrame {
@@ -359,6 +388,42 @@ pub enum WsFrame {
         #[serde(with = "b64")]
         data: Vec<u8>,
     },
+    /// Client → server: the same as `POST /v1/rooms/{room}/messages`, without an HTTP request
+    /// per message. `id` is the client's, to match the answer; answers may come out of order.
+    Send {
+        id: u64,
+        room: String,
+        #[serde(with = "b64")]
+        message: Vec<u8>,
+    },
+    /// Server → client: the message of `Send` `id` is durable and will be delivered.
+    Sent {
+        id: u64,
+        event: u64,
+        ts: u64,
+        epoch: u64,
+    },
+    /// Server → client: the message of `Send` `id` was refused, with the HTTP status and error
+    /// body the same request over HTTP would have had; nothing was stored.
+    Refused {
+        id: u64,
+        status: u16,
+        error: ErrorBody,
+    },
+}
+
+impl WsFrame {
+    /// The frame as CBOR, for a binary WebSocket message.
+    pub fn to_cbor(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(256);
+        ciborium::into_writer(self, &mut out).expect("CBOR into a Vec does not fail");
+        out
+    }
+
+    /// A frame from a binary WebSocket message.
+    pub fn from_cbor(bytes: &[u8]) -> Result<Self, String> {
+        ciborium::from_reader(bytes).map_err(|e| e.to_string())
+    }
 }
 
 #[cfg(test)]
@@ -386,6 +451,49 @@ mod tests {
             panic!("wrong frame")
         };
         assert_eq!(entries, vec![e]);
+    }
+
+    #[test]
+    fn binary_frames_carry_bytes_unencoded_and_decode_like_json_ones() {
+        let entry = QueueEntry {
+            seq: 3,
+            room_id: "r".into(),
+            kind: EntryKind::Welcome,
+            event: 9,
+            ts: 1,
+            data: vec![0xAB; 40],
+            ratchet_tree: Some(vec![7, 8]),
+        };
+        let frame = WsFrame::Entries {
+            entries: vec![entry.clone()],
+        };
+        let cbor = frame.to_cbor();
+        // A CBOR byte string of 40 bytes: major type 2, length 40 (0x58 0x28), then the bytes.
+        let raw = [&[0x58, 40][..], &[0xAB; 40][..]].concat();
+        assert!(cbor.windows(raw.len()).any(|w| w == raw), "{cbor:02x?}");
+        let WsFrame::Entries { entries } = WsFrame::from_cbor(&cbor).unwrap() else {
+            panic!("wrong frame")
+        };
+        assert_eq!(entries, vec![entry]);
+        let send = WsFrame::Send {
+            id: 5,
+            room: "r".into(),
+            message: vec![1, 2, 3],
+        };
+        let json = serde_json::to_string(&send).unwrap();
+        assert_eq!(
+            json,
+            r#"{"type":"send","id":5,"room":"r","message":"AQID"}"#
+        );
+        for decoded in [
+            WsFrame::from_cbor(&send.to_cbor()).unwrap(),
+            serde_json::from_str(&json).unwrap(),
+        ] {
+            assert!(
+                matches!(decoded, WsFrame::Send { id: 5, message, .. } if message == [1, 2, 3])
+            );
+        }
+        assert!(WsFrame::from_cbor(&[0xff, 0x00]).is_err());
     }
 
     #[test]

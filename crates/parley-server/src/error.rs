@@ -146,8 +146,10 @@ pub fn error_response(
     (status, Json(body)).into_response()
 }
 
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
+impl ApiError {
+    /// The status and JSON body this error answers with, over HTTP or in a WebSocket
+    /// `refused` frame. Internal detail goes to the log only.
+    pub fn status_and_body(self) -> (StatusCode, ErrorBody) {
         let message = self.0.to_string();
         let (status, code, retryable) = match self.0 {
             ServiceError::BadRequest { code, .. } => (StatusCode::BAD_REQUEST, code, false),
@@ -167,14 +169,26 @@ impl IntoResponse for ApiError {
             ServiceError::Unavailable { code, .. } => (StatusCode::SERVICE_UNAVAILABLE, code, true),
             ServiceError::Internal(detail) => {
                 tracing::error!(%detail, "internal error");
-                return error_response(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "internal",
-                    "internal server error".into(),
-                    true,
-                );
+                let body = ErrorBody {
+                    error: "internal".into(),
+                    message: "internal server error".into(),
+                    retryable: true,
+                };
+                return (StatusCode::INTERNAL_SERVER_ERROR, body);
             }
         };
-        error_response(status, code, message, retryable)
+        let body = ErrorBody {
+            error: code.to_owned(),
+            message,
+            retryable,
+        };
+        (status, body)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, body) = self.status_and_body();
+        (status, Json(body)).into_response()
     }
 }

@@ -29,8 +29,9 @@ use serde::Deserialize;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-/// Largest frame a client may send on the WebSocket (acks are tiny).
-const MAX_WS_FRAME: usize = 64 * 1024;
+/// Sends a push connection may have in flight (its further frames wait unread until one is
+/// answered).
+const WS_SEND_WINDOW: usize = 256;
 /// Read buffer per WebSocket connection.
 const WS_READ_BUFFER: usize = 4 * 1024;
 /// Entries per backlog frame.
@@ -447,14 +448,25 @@ async fn send(
     Path(room): Path<String>,
     ApiJson(req): ApiJson<SendRequest>,
 ) -> ApiResult<impl IntoResponse> {
-    Ok(Json(match room_home(&app, &room).await? {
+    Ok(Json(send_message(&app, me, &room, req.message).await?))
+}
+
+/// A device's application message to a room, hubbed here or elsewhere: over HTTP or the
+/// push WebSocket alike.
+async fn send_message(
+    app: &App,
+    me: AuthDevice,
+    room: &str,
+    message: Vec<u8>,
+) -> ApiResult<parley_proto::api::Accepted> {
+    Ok(match room_home(app, room).await? {
         RoomHome::Here(id) => {
             app.hub
-                .send(&MessageSender::Device(me), &id, req.message)
+                .send(&MessageSender::Device(me), &id, message)
                 .await?
         }
-        RoomHome::Remote(id) => app.follower.relay_send(&me, &id, req.message).await?,
-    }))
+        RoomHome::Remote(id) => app.follower.relay_send(&me, &id, message).await?,
+    })
 }
 
 /// `POST /v1/rooms/{room}/proposals`
@@ -546,6 +558,9 @@ struct WsQuery {
     /// Also push ephemeral messages (typing indicators) of the device's rooms.
     #[serde(default)]
     ephemeral: bool,
+    /// Frames as CBOR in binary messages instead of JSON text.
+    #[serde(default)]
+    binary: bool,
 }
 
 /// `GET /v1/ws[?ephemeral=true]`: push channel. Sends the backlog, then entries as they
@@ -556,23 +571,31 @@ async fn ws(
     query: Result<Query<WsQuery>, QueryRejection>,
     upgrade: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
 ) -> Response {
-    let ephemeral = query.map(|Query(q)| q.ephemeral).unwrap_or_default();
+    let query = query.map(|Query(q)| q).unwrap_or_default();
+    // A `send` frame carries what a POST body would, so it has the same limit.
+    let max_frame = app.config.limits.max_body_bytes;
     match upgrade {
         Ok(upgrade) => upgrade
-            .max_message_size(MAX_WS_FRAME)
+            .max_message_size(max_frame)
+            .max_frame_size(max_frame)
             // tungstenite zero-fills its whole read buffer on every read (128 KiB by default);
             // clients only send small acks, so a small buffer saves CPU and memory per connection.
             .read_buffer_size(WS_READ_BUFFER)
-            .on_upgrade(move |socket| ws_session(app, me, socket, ephemeral)),
+            .on_upgrade(move |socket| ws_session(app, me, socket, query)),
         Err(r) => error_response(r.status(), "websocket_required", r.body_text(), false),
     }
 }
 
-async fn ws_session(app: Arc<App>, me: AuthDevice, socket: WebSocket, ephemeral: bool) {
+async fn ws_session(app: Arc<App>, me: AuthDevice, socket: WebSocket, query: WsQuery) {
     let device = me.device.as_str().to_owned();
+    let framing = Framing {
+        binary: query.binary,
+    };
     // Subscribe before reading the backlog so nothing falls between the two.
     let mut live = app.delivery.push.subscribe(&device);
-    let mut ephemerals = ephemeral.then(|| app.ephemeral.subscribers.subscribe(&device));
+    let mut ephemerals = query
+        .ephemeral
+        .then(|| app.ephemeral.subscribers.subscribe(&device));
     let (mut sink, mut incoming) = socket.split();
     let mut shutdown = app.shutdown.clone();
     let mut last_sent = 0u64;
@@ -586,10 +609,14 @@ async fn ws_session(app: Arc<App>, me: AuthDevice, socket: WebSocket, ephemeral:
         };
         let Some(last) = page.last() else { break };
         last_sent = last.seq;
-        if send_entries(&mut sink, page).await.is_err() {
+        if send_entries(&mut sink, framing, page).await.is_err() {
             return;
         }
     }
+    // Answers to `send` frames, as each send becomes durable (or is refused). Made on the
+    // first send: a channel's first block costs a few KiB, and most connections only listen.
+    let mut answers: Option<Answers> = None;
+    let mut in_flight = 0usize;
     loop {
         tokio::select! {
             entry = live.recv() => {
@@ -608,30 +635,60 @@ async fn ws_session(app: Arc<App>, me: AuthDevice, socket: WebSocket, ephemeral:
                 let fresh: Vec<_> = batch.iter().filter(|e| e.seq > last_sent).map(|e| (**e).clone()).collect();
                 if let Some(last) = fresh.last() {
                     last_sent = last.seq;
-                    if send_entries(&mut sink, fresh).await.is_err() {
+                    if send_entries(&mut sink, framing, fresh).await.is_err() {
                         break;
                     }
                 }
             }
-            Some(frame) = next_ephemeral(&mut ephemerals) => {
-                if send_ephemeral_frame(&mut sink, &frame).await.is_err() {
+            Some(answer) = next_answer(&mut answers) => {
+                // Every answer waiting goes out in one flush.
+                let mut batch = vec![answer];
+                while let Some(more) = answers.as_mut().and_then(|(_, rx)| rx.try_recv().ok()) {
+                    batch.push(more);
+                }
+                in_flight -= batch.len();
+                if feed_all(&mut sink, framing, &batch).await.is_err() {
                     break;
                 }
             }
-            frame = incoming.next() => match frame {
-                Some(Ok(Message::Text(text))) => match serde_json::from_str::<WsFrame>(&text) {
-                    Ok(WsFrame::Ack { up_to }) => {
-                        if let Err(e) = app.delivery.ack(&device, up_to).await {
-                            tracing::warn!(error = %e, "ack failed");
-                        }
+            Some(frame) = next_ephemeral(&mut ephemerals) => {
+                if send_ephemeral_frame(&mut sink, framing, &frame).await.is_err() {
+                    break;
+                }
+            }
+            frame = incoming.next(), if in_flight < WS_SEND_WINDOW => match framing.read(frame) {
+                Incoming::Frame(WsFrame::Ack { up_to }) => {
+                    if let Err(e) = app.delivery.ack(&device, up_to).await {
+                        tracing::warn!(error = %e, "ack failed");
                     }
-                    _ => {
-                        let _ = sink.send(Message::Close(None)).await;
-                        break;
-                    }
-                },
-                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
-                Some(Ok(_)) => {} // pings are answered by the WebSocket layer
+                }
+                Incoming::Frame(WsFrame::Send { id, room, message }) => {
+                    in_flight += 1;
+                    let answers = answers
+                        .get_or_insert_with(|| tokio::sync::mpsc::channel(WS_SEND_WINDOW))
+                        .0
+                        .clone();
+                    let (app, me) = (app.clone(), me.clone());
+                    // Its own task: sends of one connection share group commits, and a client
+                    // hanging up cannot cancel a send half way.
+                    tokio::spawn(async move {
+                        let answer = match send_message(&app, me, &room, message).await {
+                            Ok(a) => WsFrame::Sent { id, event: a.event, ts: a.ts, epoch: a.epoch },
+                            Err(e) => {
+                                let (status, error) = e.status_and_body();
+                                WsFrame::Refused { id, status: status.as_u16(), error }
+                            }
+                        };
+                        let _ = answers.send(answer).await;
+                    });
+                }
+                Incoming::Control => {} // pings are answered by the WebSocket layer
+                Incoming::Frame(_) | Incoming::Malformed => {
+                    // Not a frame a client may send, or not a frame at all.
+                    let _ = sink.send(Message::Close(None)).await;
+                    break;
+                }
+                Incoming::Closed => break,
             },
             _ = shutdown.changed() => {
                 let _ = sink.send(Message::Close(None)).await;
@@ -643,6 +700,70 @@ async fn ws_session(app: Arc<App>, me: AuthDevice, socket: WebSocket, ephemeral:
     app.delivery.push.prune(&device);
     if ephemerals.take().is_some() {
         app.ephemeral.subscribers.prune(&device);
+    }
+}
+
+/// How a push connection's frames are written: JSON text, or CBOR in binary messages.
+#[derive(Clone, Copy)]
+struct Framing {
+    binary: bool,
+}
+
+impl Framing {
+    fn encode(self, frame: &WsFrame) -> Message {
+        if self.binary {
+            Message::Binary(frame.to_cbor().into())
+        } else {
+            Message::Text(serde_json::to_string(frame).unwrap_or_default().into())
+        }
+    }
+
+    /// What the client sent: a frame in either framing (a client may mix them).
+    fn read(self, message: Option<Result<Message, axum::Error>>) -> Incoming {
+        match message {
+            Some(Ok(Message::Text(text))) => {
+                serde_json::from_str(&text).map_or(Incoming::Malformed, Incoming::Frame)
+            }
+            Some(Ok(Message::Binary(bytes))) => {
+                WsFrame::from_cbor(&bytes).map_or(Incoming::Malformed, Incoming::Frame)
+            }
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => Incoming::Control,
+            Some(Ok(Message::Close(_)) | Err(_)) | None => Incoming::Closed,
+        }
+    }
+}
+
+/// A client's WebSocket message, read.
+enum Incoming {
+    Frame(WsFrame),
+    Control,
+    Malformed,
+    Closed,
+}
+
+/// Writes frames and flushes once.
+async fn feed_all(
+    sink: &mut futures_util::stream::SplitSink<WebSocket, Message>,
+    framing: Framing,
+    frames: &[WsFrame],
+) -> Result<(), axum::Error> {
+    for frame in frames {
+        sink.feed(framing.encode(frame)).await?;
+    }
+    sink.flush().await
+}
+
+/// The sending and receiving ends for answers to a connection's `send` frames.
+type Answers = (
+    tokio::sync::mpsc::Sender<WsFrame>,
+    tokio::sync::mpsc::Receiver<WsFrame>,
+);
+
+/// The next answer to a send, or never for a connection that has sent nothing.
+async fn next_answer(answers: &mut Option<Answers>) -> Option<WsFrame> {
+    match answers {
+        Some((_, rx)) => rx.recv().await,
+        None => std::future::pending().await,
     }
 }
 
@@ -658,23 +779,23 @@ async fn next_ephemeral(
 
 async fn send_ephemeral_frame(
     sink: &mut futures_util::stream::SplitSink<WebSocket, Message>,
+    framing: Framing,
     frame: &EphemeralFrame,
 ) -> Result<(), axum::Error> {
     let frame = WsFrame::Ephemeral {
         room: frame.room.clone(),
         data: frame.data.clone(),
     };
-    let text = serde_json::to_string(&frame).unwrap_or_default();
-    sink.send(Message::Text(text.into())).await
+    sink.send(framing.encode(&frame)).await
 }
 
 async fn send_entries(
     sink: &mut futures_util::stream::SplitSink<WebSocket, Message>,
+    framing: Framing,
     entries: Vec<parley_proto::api::QueueEntry>,
 ) -> Result<(), axum::Error> {
-    let frame = WsFrame::Entries { entries };
-    let text = serde_json::to_string(&frame).unwrap_or_default();
-    sink.send(Message::Text(text.into())).await
+    sink.send(framing.encode(&WsFrame::Entries { entries }))
+        .await
 }
 
 /// `POST /v1/assets`: the encrypted bytes of an attachment, streamed to disk.

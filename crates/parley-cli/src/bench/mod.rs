@@ -86,6 +86,10 @@ pub struct BenchArgs {
     /// The XMPP server's process id, for its CPU and memory in the table.
     #[arg(long, requires = "xmpp")]
     pub xmpp_pid: Option<u32>,
+    /// How --ramp's Parley senders send: over their push WebSocket (binary frames) or one
+    /// HTTP request per message.
+    #[arg(long, value_enum, default_value = "ws")]
+    pub send_over: ramp::SendOver,
     /// With --xmpp: load only the XMPP server.
     #[arg(long, requires = "xmpp")]
     pub xmpp_only: bool,
@@ -265,7 +269,8 @@ async fn setup(
     receivers_at: (&str, &str),
     dir: &std::path::Path,
 ) -> anyhow::Result<(Vec<Lane>, Vec<parley_client::PushConnection>)> {
-    let (pairs, receivers) = setup_pairs(args.pairs, senders, receivers_at, dir).await?;
+    let push = parley_client::PushOptions::default();
+    let (pairs, receivers) = setup_pairs(args.pairs, senders, receivers_at, dir, push).await?;
     let payload = "x".repeat(args.payload);
     let per_lane = usize::try_from(args.messages.div_ceil(args.pairs as u64))?;
     let mut lanes = Vec::with_capacity(pairs.len());
@@ -292,12 +297,13 @@ struct Pair {
 }
 
 /// Registers `count` pairs and opens their rooms; returns them with the receivers' push
-/// connections, in the same order.
+/// connections (opened with `push`), in the same order.
 async fn setup_pairs(
     count: usize,
     senders: (&str, &str),
     receivers_at: (&str, &str),
     dir: &std::path::Path,
+    push: parley_client::PushOptions,
 ) -> anyhow::Result<(Vec<Pair>, Vec<parley_client::PushConnection>)> {
     let run_id = std::process::id();
     let mut pairs = Vec::with_capacity(count);
@@ -315,7 +321,7 @@ async fn setup_pairs(
         }
         let room = sender.direct_room(&receiver_id).await?;
         join(&mut receiver, &room).await?;
-        receivers.push(receiver.api().connect_push().await?);
+        receivers.push(receiver.api().connect_push_opts(push).await?);
         pairs.push(Pair { sender, room });
     }
     Ok((pairs, receivers))
@@ -460,11 +466,16 @@ struct ChildServer {
 
 impl ChildServer {
     fn spawn(data: &std::path::Path) -> anyhow::Result<Self> {
-        Self::spawn_with(data, "")
+        Self::spawn_with(data, 20_000, "")
     }
 
-    /// A child server whose config file also holds `extra` (TOML, e.g. a `[[domain]]` table).
-    fn spawn_with(data: &std::path::Path, extra: &str) -> anyhow::Result<Self> {
+    /// A child server taking up to `max_connections`, whose config file also holds `extra`
+    /// (TOML, e.g. a `[[domain]]` table).
+    fn spawn_with(
+        data: &std::path::Path,
+        max_connections: usize,
+        extra: &str,
+    ) -> anyhow::Result<Self> {
         use std::io::BufRead as _;
         // The load tool connects far faster than a person: lift the per-device limits.
         std::fs::create_dir_all(data)?;
@@ -473,7 +484,7 @@ impl ChildServer {
             &config,
             format!(
                 "[limits]\nrequests_per_second = 1e9\nrequest_burst = 1e9\n\
-                 messages_per_second = 1e9\nmessage_burst = 1e9\nmax_connections = 20000\n{extra}"
+                 messages_per_second = 1e9\nmessage_burst = 1e9\nmax_connections = {max_connections}\n{extra}"
             ),
         )?;
         let mut child = std::process::Command::new(std::env::current_exe()?)
@@ -588,7 +599,7 @@ async fn asset_transfer(mb: u64) -> anyhow::Result<()> {
         "[[domain]]\nname = \"bench.test\"\nmax_upload_bytes = {}\n",
         len + 1024 * 1024
     );
-    let server = ChildServer::spawn_with(&tmp.path().join("server"), &domain)?;
+    let server = ChildServer::spawn_with(&tmp.path().join("server"), 100, &domain)?;
     let pid = server.child.id();
     let user = UserId::parse("media@bench.test")?;
     let device = register(&tmp.path().join("media"), &server.url, &user).await?;
@@ -657,27 +668,69 @@ impl Drop for ChildServer {
     }
 }
 
+/// Loopback connections per source address: well under the 28,232 ephemeral ports Linux has
+/// by default, since the kernel's search for a free port slows down as an address fills up.
+const CONNECTIONS_PER_SOURCE: usize = 5_000;
+/// Connections opened at once while filling up.
+const CONNECTING: usize = 16;
+
+/// Raises this process's open-file limit (soft and hard) to at least `needed`; a child server
+/// started afterwards inherits it. Raising the hard limit needs root (CAP_SYS_RESOURCE).
+fn raise_file_limit(needed: u64) -> anyhow::Result<()> {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let now = getrlimit(Resource::Nofile);
+    if now.current.is_none_or(|c| c >= needed) {
+        return Ok(());
+    }
+    let maximum = now.maximum.map(|m| m.max(needed));
+    setrlimit(
+        Resource::Nofile,
+        Rlimit {
+            current: Some(needed),
+            maximum,
+        },
+    )
+    .with_context(|| {
+        format!(
+            "cannot raise the open-file limit to {needed} (now {:?}/{:?}); run as root or raise `ulimit -Hn`",
+            now.current, now.maximum
+        )
+    })
+}
+
 /// Server memory per idle push connection (authenticated WebSocket, subscribed, nothing queued).
+/// Connections come from several loopback addresses ([`CONNECTIONS_PER_SOURCE`] each), so more
+/// than one address's worth of ports can be open.
 async fn idle_memory(connections: usize) -> anyhow::Result<()> {
+    raise_file_limit(connections as u64 + 1_000)?;
     let tmp = tempfile::tempdir()?;
-    let server = ChildServer::spawn(&tmp.path().join("server"))?;
+    let server = ChildServer::spawn_with(&tmp.path().join("server"), connections + 1_000, "")?;
+    let addr: std::net::SocketAddr = server
+        .url
+        .trim_start_matches("http://")
+        .parse()
+        .context("the child server's address")?;
     let user = UserId::parse("idle@bench.test")?;
     let device = register(&tmp.path().join("idle"), &server.url, &user).await?;
+    let api = device.api().clone();
     // Warm up allocator and runtime with a first batch, then measure from there.
     let warmup = 100.min(connections);
-    let mut open = Vec::with_capacity(connections);
-    for _ in 0..warmup {
-        open.push(device.api().connect_push().await?);
-    }
+    let mut open = connect_idle(&api, addr, 0, warmup).await?;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let before = server.rss_kib()?;
-    for _ in warmup..connections {
-        open.push(device.api().connect_push().await?);
-    }
+    let started = Instant::now();
+    open.extend(connect_idle(&api, addr, warmup, connections).await?);
+    let took = started.elapsed();
     tokio::time::sleep(Duration::from_secs(2)).await;
     let after = server.rss_kib()?;
     let measured = (connections - warmup).max(1);
-    println!("idle push connections  {connections}");
+    let sources = connections.div_ceil(CONNECTIONS_PER_SOURCE);
+    println!("idle push connections  {connections} (from {sources} loopback source addresses)");
+    println!(
+        "opened in              {:.1} s ({:.0} connections/s)",
+        took.as_secs_f64(),
+        measured as f64 / took.as_secs_f64()
+    );
     println!("server RSS             {before} KiB after {warmup} connections, {after} KiB after {connections}");
     println!(
         "per idle connection    {:.1} KiB",
@@ -685,4 +738,43 @@ async fn idle_memory(connections: usize) -> anyhow::Result<()> {
     );
     drop(open);
     Ok(())
+}
+
+/// Opens push connections number `from..to` to `addr`, [`CONNECTIONS_PER_SOURCE`] from each
+/// loopback source address, [`CONNECTING`] at a time.
+async fn connect_idle(
+    api: &ApiClient,
+    addr: std::net::SocketAddr,
+    from: usize,
+    to: usize,
+) -> anyhow::Result<Vec<parley_client::PushConnection>> {
+    // Addresses of this run's own (from 127.0.0.2 on, offset by the process id), so ports an
+    // earlier run left in TIME_WAIT are not in the way.
+    let first_octet = 2 + (std::process::id() % 200) as usize;
+    let mut workers = Vec::new();
+    for w in 0..CONNECTING {
+        let api = api.clone();
+        workers.push(tokio::spawn(async move {
+            let mut open = Vec::new();
+            for i in (from + w..to).step_by(CONNECTING) {
+                let octet = u8::try_from(first_octet + i / CONNECTIONS_PER_SOURCE)
+                    .context("too many connections for the loopback addresses 127.0.0.2-255")?;
+                let socket = tokio::net::TcpSocket::new_v4()?;
+                // A port of an earlier run may still be in TIME_WAIT.
+                socket.set_reuseaddr(true)?;
+                socket.bind((std::net::Ipv4Addr::new(127, 0, 0, octet), 0).into())?;
+                let tcp = socket
+                    .connect(addr)
+                    .await
+                    .with_context(|| format!("connection {i} from 127.0.0.{octet}"))?;
+                open.push(api.connect_push_over(tcp, Default::default()).await?);
+            }
+            Ok::<_, anyhow::Error>(open)
+        }));
+    }
+    let mut open = Vec::with_capacity(to - from);
+    for w in workers {
+        open.extend(w.await??);
+    }
+    Ok(open)
 }

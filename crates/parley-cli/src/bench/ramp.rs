@@ -11,9 +11,10 @@
 use super::xmpp;
 use super::{message_key, percentile, receive, BenchArgs, ChildServer, Pair, Timings};
 use anyhow::{bail, Context};
-use parley_client::ApiClient;
+use parley_client::{ApiClient, Push, PushConnection, PushOptions};
 use parley_proto::api::SendRequest;
 use parley_proto::RoomId;
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -83,13 +84,36 @@ struct ParleyLane {
     messages: Vec<(u64, Arc<SendRequest>)>,
 }
 
+/// How the Parley senders send (`--send-over`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum SendOver {
+    /// One `send` frame per message on the sender's push WebSocket, binary (CBOR) framing;
+    /// receivers use binary push too.
+    Ws,
+    /// One `POST /v1/rooms/{room}/messages` per message; JSON push.
+    Http,
+}
+
+/// Durable-answer latencies of a step: from each message's due time to the server's answer.
+type Acked = Arc<std::sync::Mutex<Vec<Duration>>>;
+
+/// One message for a sender's WebSocket task.
+struct WsSend {
+    due: Instant,
+    lane: Arc<ParleyLane>,
+    idx: usize,
+    acked: Acked,
+    failed: Arc<AtomicU64>,
+}
+
 /// The generator's handle on one target for one step.
 enum Load {
     Parley {
         lanes: Vec<Arc<ParleyLane>>,
+        /// Per lane, its WebSocket sender task (`--send-over ws`); empty for HTTP.
+        ws: Vec<mpsc::UnboundedSender<WsSend>>,
         in_flight: Arc<Semaphore>,
-        /// From each message's due time to the server's answer that it is durable.
-        acked: Arc<std::sync::Mutex<Vec<Duration>>>,
+        acked: Acked,
     },
     Xmpp {
         lanes: Vec<mpsc::UnboundedSender<u64>>,
@@ -105,6 +129,7 @@ impl Load {
         match self {
             Load::Parley {
                 lanes,
+                ws,
                 in_flight,
                 acked,
             } => {
@@ -116,6 +141,20 @@ impl Load {
                 };
                 if let Ok(mut sent) = timings.sent.lock() {
                     sent.insert(*key, due);
+                }
+                if let Some(sender) = ws.get((i % n) as usize) {
+                    let (acked, failed) = (acked.clone(), failed.clone());
+                    let item = WsSend {
+                        due,
+                        lane,
+                        idx,
+                        acked,
+                        failed: failed.clone(),
+                    };
+                    if sender.send(item).is_err() {
+                        failed.fetch_add(1, Ordering::Relaxed);
+                    }
+                    return;
                 }
                 let (in_flight, failed, acked) = (in_flight.clone(), failed.clone(), acked.clone());
                 tokio::spawn(async move {
@@ -177,6 +216,7 @@ struct ParleyTarget {
     pairs: Vec<Pair>,
     payload: String,
     in_flight: Arc<Semaphore>,
+    ws: Vec<mpsc::UnboundedSender<WsSend>>,
 }
 
 impl ParleyTarget {
@@ -192,12 +232,26 @@ impl ParleyTarget {
             args.pairs, server.url
         );
         let at = (server.url.as_str(), "bench.test");
-        let (pairs, pushes) = super::setup_pairs(args.pairs, at, at, dir).await?;
+        let push = PushOptions {
+            ephemeral: false,
+            binary: args.send_over == SendOver::Ws,
+        };
+        let (pairs, pushes) = super::setup_pairs(args.pairs, at, at, dir, push).await?;
+        let mut ws = Vec::new();
+        if args.send_over == SendOver::Ws {
+            for pair in &pairs {
+                let conn = pair.sender.api().connect_push_opts(push).await?;
+                let (tx, rx) = mpsc::unbounded_channel();
+                tokio::spawn(ws_sender(conn, rx));
+                ws.push(tx);
+            }
+        }
         let target = Self {
             server,
             pairs,
             payload: "x".repeat(args.payload),
             in_flight: Arc::new(Semaphore::new(IN_FLIGHT)),
+            ws,
         };
         Ok((target, pushes))
     }
@@ -221,9 +275,79 @@ impl ParleyTarget {
         }
         Ok(Load::Parley {
             lanes,
+            ws: self.ws.clone(),
             in_flight: self.in_flight.clone(),
             acked: Default::default(),
         })
+    }
+}
+
+/// A sender's WebSocket: writes its messages as they are dispatched (what is queued goes out in
+/// one flush, up to the server's window of sends in flight) and matches the answers.
+async fn ws_sender(mut conn: PushConnection, mut queue: mpsc::UnboundedReceiver<WsSend>) {
+    /// Sends in flight on one connection: the server's window (it reads no further frames).
+    const WINDOW: usize = 256;
+    let mut pending: HashMap<u64, WsSend> = HashMap::new();
+    let mut next_id = 0u64;
+    loop {
+        tokio::select! {
+            item = queue.recv(), if pending.len() < WINDOW => {
+                let Some(first) = item else { return };
+                let mut batch = vec![first];
+                while batch.len() + pending.len() < WINDOW {
+                    match queue.try_recv() {
+                        Ok(more) => batch.push(more),
+                        Err(_) => break,
+                    }
+                }
+                let mut ids = Vec::with_capacity(batch.len());
+                for item in batch {
+                    next_id += 1;
+                    ids.push(next_id);
+                    pending.insert(next_id, item);
+                }
+                let mut frames: Vec<(u64, &RoomId, &[u8])> = Vec::with_capacity(ids.len());
+                for id in &ids {
+                    if let Some(item) = pending.get(id) {
+                        let request = &item.lane.messages[item.idx].1;
+                        frames.push((*id, &item.lane.room, request.message.as_slice()));
+                    }
+                }
+                if let Err(e) = conn.send_messages(frames).await {
+                    eprintln!("a sender's WebSocket failed: {e}");
+                    for (_, item) in pending.drain() {
+                        item.failed.fetch_add(1, Ordering::Relaxed);
+                    }
+                    return;
+                }
+            }
+            push = conn.next_push() => match push {
+                Ok(Some(Push::Sent { id, .. })) => {
+                    if let Some(item) = pending.remove(&id) {
+                        if let Ok(mut acked) = item.acked.lock() {
+                            acked.push(item.due.elapsed());
+                        }
+                    }
+                }
+                Ok(Some(Push::Refused { id, status, error })) => {
+                    if let Some(item) = pending.remove(&id) {
+                        if item.failed.fetch_add(1, Ordering::Relaxed) == 0 {
+                            eprintln!("a send was refused: {status} {}", error.message);
+                        }
+                    }
+                }
+                Ok(Some(_)) => {}
+                end @ (Ok(None) | Err(_)) => {
+                    if !pending.is_empty() {
+                        eprintln!("a sender's WebSocket closed with sends unanswered: {:?}", end.err());
+                    }
+                    for (_, item) in pending.drain() {
+                        item.failed.fetch_add(1, Ordering::Relaxed);
+                    }
+                    return;
+                }
+            }
+        }
     }
 }
 
