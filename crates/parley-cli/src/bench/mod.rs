@@ -2,6 +2,9 @@
 //! with `--federated`, from one provider to another over MIMI) and reports durable messages/s and
 //! send→deliver latency percentiles.
 //!
+//! With `--ramp R1,R2,…` it runs open-loop steps of fixed rates against a `parley serve` child
+//! process and, with `--xmpp`, against an XMPP server side by side (`ramp`, `xmpp`).
+//!
 //! With `--asset-mb N` it instead uploads one N MiB attachment to a `parley serve` child
 //! process and downloads it back, reporting throughput each way and the server's memory.
 //!
