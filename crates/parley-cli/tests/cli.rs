@@ -629,18 +629,9 @@ fn cli_over_tls_with_a_dev_ca() {
 
 #[test]
 fn demo_shows_three_providers_and_checks_itself() {
-    let out = Command::new(BIN)
-        .arg("demo")
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "demo failed: {}\n{stdout}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let mut cmd = Command::new(BIN);
+    cmd.arg("demo");
+    let stdout = succeeds(cmd);
     for line in [
         "refused by wave.test: bob has not consented (MIMI noConsent)",
         "carol  sees  nothing: she is no longer in the group",
@@ -657,35 +648,39 @@ fn demo_shows_three_providers_and_checks_itself() {
 #[test]
 fn bench_delivers_every_message_on_one_provider_and_across_two() {
     for federated in [false, true] {
-        let mut cmd = Command::new(BIN);
-        cmd.args([
-            "bench",
-            "--pairs",
-            "3",
-            "--messages",
-            "60",
-            "--concurrency",
-            "4",
-        ]);
+        let mut args = vec!["--pairs", "3", "--messages", "60", "--concurrency", "4"];
         if federated {
-            cmd.arg("--federated");
+            args.push("--federated");
         }
-        let out = cmd
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .output()
-            .unwrap();
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        assert!(
-            out.status.success(),
-            "bench (federated: {federated}) failed: {}\n{stdout}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let stdout = bench(&args);
         assert!(
             stdout.contains("messages deliv.  60\n"),
             "federated: {federated}:\n{stdout}"
         );
     }
+}
+
+/// Runs `parley bench ARGS`, which must succeed; its standard output.
+fn bench(args: &[&str]) -> String {
+    let mut cmd = Command::new(BIN);
+    cmd.arg("bench").args(args);
+    succeeds(cmd)
+}
+
+/// Runs `cmd` (quiet logs, no input), which must succeed; its standard output.
+fn succeeds(mut cmd: Command) -> String {
+    let out = cmd
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}\n{stdout}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
 }
 
 /// `bench/ejabberd-vs-parley.sh`: one open-loop generator drives a `parley serve` child process
@@ -709,20 +704,11 @@ fn ramp_drives_parley_and_ejabberd_side_by_side() {
     );
     // A port of its own: parallel tests must not meet a stray ejabberd.
     let port = 20000 + std::process::id() % 20000;
-    let out = Command::new("bash")
-        .args([script, "100,200", "1", "2"])
+    let mut cmd = Command::new("bash");
+    cmd.args([script, "100,200", "1", "2"])
         .env("PARLEY", BIN)
-        .env("EJABBERD_PORT", port.to_string())
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "the side-by-side run failed: {}\n{stdout}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+        .env("EJABBERD_PORT", port.to_string());
+    let stdout = succeeds(cmd);
     let rows: Vec<Vec<&str>> = stdout
         .lines()
         .map(|l| l.split_whitespace().collect::<Vec<_>>())
@@ -745,18 +731,7 @@ fn ramp_drives_parley_and_ejabberd_side_by_side() {
 /// its own) are real, authenticated push connections the server holds; it reports the memory.
 #[test]
 fn idle_connection_bench_opens_and_reports_every_connection() {
-    let out = Command::new(BIN)
-        .args(["bench", "--idle-connections", "300"])
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{}\n{stdout}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stdout = bench(&["--idle-connections", "300"]);
     assert!(
         stdout.contains("idle push connections  300 (from 1 loopback source addresses)"),
         "{stdout}"

@@ -6,7 +6,7 @@
 
 mod providers;
 
-use parley_client::{Event, Push, PushConnection, PushOptions};
+use parley_client::{Push, PushConnection, PushOptions};
 use parley_proto::RoomId;
 use providers::*;
 use std::time::Duration;
@@ -25,13 +25,12 @@ async fn next_answer(conn: &mut PushConnection) -> Push {
     .expect("no answer to a send")
 }
 
-fn texts(events: &[Event]) -> Vec<String> {
-    events
-        .iter()
-        .filter_map(|e| match e {
-            Event::Message { text, .. } => Some(text.clone()),
-            _ => None,
-        })
+/// The texts `device` gets in `room` on its next sync.
+async fn texts(device: &mut parley_client::Device, room: &RoomId) -> Vec<String> {
+    let events = sync(device).await;
+    messages_in(events, room)
+        .into_iter()
+        .map(|(_, text)| text)
         .collect()
 }
 
@@ -78,7 +77,7 @@ async fn messages_sent_over_the_websocket_are_durable_answered_and_delivered() {
             "{events:?}"
         );
         last_event = events[0].1.max(events[1].1);
-        let got = texts(&sync(&mut bob).await);
+        let got = texts(&mut bob, &room).await;
         assert_eq!(
             got.len(),
             2,
@@ -111,7 +110,7 @@ async fn messages_sent_over_the_websocket_are_durable_answered_and_delivered() {
             } => {}
             other => panic!("{other:?}"),
         }
-        assert!(texts(&sync(&mut bob).await).is_empty());
+        assert!(texts(&mut bob, &room).await.is_empty());
     }
 }
 
