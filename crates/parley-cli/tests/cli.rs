@@ -738,3 +738,28 @@ fn idle_connection_bench_opens_and_reports_every_connection() {
     );
     assert!(stdout.contains("per idle connection"), "{stdout}");
 }
+
+/// `parley bench --room-members`: rooms of each size are made and every timed step (add, join,
+/// fan-out, removal) completes, with the hub's own share read from its metrics.
+#[test]
+fn big_room_bench_times_every_step_at_every_size() {
+    let stdout = bench(&["--room-members", "3,6"]);
+    let rows: Vec<Vec<&str>> = stdout
+        .lines()
+        .skip_while(|l| !l.starts_with("room members"))
+        .skip(1)
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    assert_eq!(rows.len(), 2, "{stdout}");
+    for (row, size) in rows.iter().zip(["3", "6"]) {
+        assert_eq!(row.len(), 9, "{stdout}");
+        assert_eq!(row[0], size, "{stdout}");
+        for cell in &row[1..] {
+            let ms: f64 = cell.parse().unwrap_or(-1.0);
+            assert!(
+                ms > 0.0,
+                "a step that took no time is a step not taken: {stdout}"
+            );
+        }
+    }
+}

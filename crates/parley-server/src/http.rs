@@ -176,10 +176,14 @@ async fn metrics(State(app): AppState) -> impl IntoResponse {
     let mut body = format!(
         "# TYPE parley_messages_accepted_total counter\nparley_messages_accepted_total {}\n\
          # TYPE parley_commits_accepted_total counter\nparley_commits_accepted_total {}\n\
+         # TYPE parley_message_seconds_total counter\nparley_message_seconds_total {}\n\
+         # TYPE parley_commit_seconds_total counter\nparley_commit_seconds_total {}\n\
          # TYPE parley_queue_entries_total counter\nparley_queue_entries_total {}\n\
          # TYPE parley_push_connections gauge\nparley_push_connections {}\n",
         c.messages.load(Ordering::Relaxed),
         c.commits.load(Ordering::Relaxed),
+        c.message_micros.load(Ordering::Relaxed) as f64 / 1e6,
+        c.commit_micros.load(Ordering::Relaxed) as f64 / 1e6,
         c.queued.load(Ordering::Relaxed),
         app.delivery.push.connected(),
     );

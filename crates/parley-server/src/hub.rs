@@ -318,8 +318,16 @@ pub struct Hub {
 pub struct HubCounters {
     pub messages: AtomicU64,
     pub commits: AtomicU64,
+    /// Time the hub spent on accepted messages and commits, from arrival to durable (µs):
+    /// checks, MLS verification, policy, and the group commit of every queue entry.
+    pub message_micros: AtomicU64,
+    pub commit_micros: AtomicU64,
     pub queued: AtomicU64,
     pub abuse_reports: AtomicU64,
+}
+
+fn micros_since(started: std::time::Instant) -> u64 {
+    u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX)
 }
 
 fn unknown_room(room: &RoomId) -> ServiceError {
@@ -626,6 +634,7 @@ impl Hub {
         room: &RoomId,
         bundle: CommitBundle,
     ) -> ServiceResult<Accepted> {
+        let started = std::time::Instant::now();
         if let Origin::Client(caller) = origin {
             self.check_rate(&caller.uri().to_string())?;
         }
@@ -748,6 +757,9 @@ impl Hub {
             state.group_info = group_info;
         }
         self.counters.commits.fetch_add(1, Ordering::Relaxed);
+        self.counters
+            .commit_micros
+            .fetch_add(micros_since(started), Ordering::Relaxed);
         tracing::info!(room = %state.id, epoch = state.epoch, added = effect.added.len(), removed = effect.removed.len(), external = effect.external, "commit accepted");
         Ok(Accepted {
             event,
@@ -1180,6 +1192,7 @@ impl Hub {
         room: &RoomId,
         message: Vec<u8>,
     ) -> ServiceResult<Accepted> {
+        let started = std::time::Instant::now();
         let (header, expires_at) =
             check_application_message(&self.config, sender.user(), &message)?;
         self.check_rate(&sender.rate_key())?;
@@ -1234,6 +1247,9 @@ impl Hub {
         };
         self.persist(write, fanout).await?;
         self.counters.messages.fetch_add(1, Ordering::Relaxed);
+        self.counters
+            .message_micros
+            .fetch_add(micros_since(started), Ordering::Relaxed);
         Ok(Accepted {
             event,
             ts,

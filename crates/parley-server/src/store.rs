@@ -273,4 +273,43 @@ mod tests {
             .unwrap();
         assert_eq!(names, vec!["alice".to_string()]);
     }
+
+    /// Migration V9 (the queue as a rowid table) keeps what was queued, and (device, seq) stays
+    /// unique.
+    #[tokio::test]
+    async fn the_rowid_queue_migration_keeps_queued_entries() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = Connection::open(dir.path().join("parley.db")).unwrap();
+        let mut runner = embedded::migrations::runner().set_target(refinery::Target::Version(8));
+        runner.set_migration_table_name("parley_migrations");
+        runner.run(&mut conn).unwrap();
+        conn.execute_batch(
+            "INSERT INTO users VALUES ('a.test', 'al', 'h', 0);
+             INSERT INTO devices (device_id, domain, handle, name, signature_key, token_hash, created_at, next_seq)
+                 VALUES ('d1', 'a.test', 'al', 'n', x'00', x'01', 0, 3);
+             INSERT INTO queue (device_id, seq, room_id, kind, event, ts, data, expires_at, ratchet_tree)
+                 VALUES ('d1', 1, 'r', 1, 7, 1, x'0102', 9999999999999, x'0304'),
+                        ('d1', 2, 'r', 3, 8, 1, x'05', 9999999999999, NULL);",
+        )
+        .unwrap();
+        drop(conn);
+        let store = Store::open(dir.path()).unwrap();
+        let delivery = crate::delivery::Delivery::new(store.clone());
+        let page = delivery.page("d1", 0, 10).await.unwrap();
+        assert_eq!(page.len(), 2);
+        assert_eq!((page[0].event, page[0].data.clone()), (7, vec![1, 2]));
+        assert_eq!(page[0].ratchet_tree, Some(vec![3, 4]));
+        assert_eq!((page[1].seq, page[1].data.clone()), (2, vec![5]));
+        let duplicate = store
+            .write(|c| {
+                c.execute(
+                    "INSERT INTO queue (device_id, seq, room_id, kind, event, ts, data, expires_at)
+                     VALUES ('d1', 2, 'r', 3, 9, 1, x'06', 1)",
+                    [],
+                )?;
+                Ok(())
+            })
+            .await;
+        assert!(duplicate.is_err(), "(device_id, seq) is still unique");
+    }
 }

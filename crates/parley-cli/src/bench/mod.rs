@@ -5,6 +5,9 @@
 //! With `--ramp R1,R2,…` it runs open-loop steps of fixed rates against a `parley serve` child
 //! process and, with `--xmpp`, against an XMPP server side by side (`ramp`, `xmpp`).
 //!
+//! With `--room-members N1,N2,…` it times commits, joins and fan-out in rooms of those sizes
+//! (`rooms`).
+//!
 //! With `--asset-mb N` it instead uploads one N MiB attachment to a `parley serve` child
 //! process and downloads it back, reporting throughput each way and the server's memory.
 //!
@@ -16,6 +19,7 @@
 //! by the message's bytes (a follower's entries carry no hub event number).
 
 mod ramp;
+mod rooms;
 mod xmpp;
 
 use anyhow::{bail, Context};
@@ -93,6 +97,11 @@ pub struct BenchArgs {
     /// HTTP request per message.
     #[arg(long, value_enum, default_value = "ws")]
     pub send_over: ramp::SendOver,
+    /// Instead of relaying 1:1 messages, make one room of each of these sizes (member devices,
+    /// comma-separated) and time adding a member, its join, one message fanned out to all and
+    /// the removal.
+    #[arg(long, value_name = "SIZES", value_delimiter = ',', conflicts_with_all = ["server", "federated", "idle_connections", "asset_mb", "ramp"])]
+    pub room_members: Option<Vec<usize>>,
     /// With --xmpp: load only the XMPP server.
     #[arg(long, requires = "xmpp")]
     pub xmpp_only: bool,
@@ -146,6 +155,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
     if let Some(mb) = args.asset_mb {
         return asset_transfer(mb).await;
+    }
+    if let Some(sizes) = &args.room_members {
+        return rooms::run(sizes).await;
     }
     if let Some(rates) = &args.ramp {
         let xmpp = args.xmpp.map(|addr| ramp::XmppServer {
