@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Plots `parley bench --room-members ...` output (its final table, on stdin) as a PNG.
 
-Usage: parley bench --room-members 10,100,500,1000,2000 | bench/plot-rooms.py docs/big-rooms.png
+Usage: parley bench --room-members 10,100,500,1000,2000,5000 | bench/plot-rooms.py docs/img/big-rooms.png
 Needs matplotlib (pip install matplotlib).
 """
 import sys

@@ -27,7 +27,7 @@ use parley_proto::mimi::{
 };
 use parley_proto::{Domain, RoomId, UserId};
 use rusqlite::{params, Connection, OptionalExtension};
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use tls_codec::{Deserialize as _, Serialize as _};
@@ -1543,12 +1543,26 @@ fn replace_members(
     room: &str,
     members: &[(String, String)],
 ) -> Result<(), StoreError> {
-    c.execute("DELETE FROM room_members WHERE room_id = ?1", params![room])?;
-    let mut st = c.prepare_cached(
+    // Only the difference is written: a commit adding one device to a room of 1,000 touches
+    // one row, not 2,000.
+    let stored: HashSet<(String, String)> = {
+        let mut st =
+            c.prepare_cached("SELECT device_id, user_id FROM room_members WHERE room_id = ?1")?;
+        let rows = st.query_map(params![room], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        rows.collect::<Result<_, _>>()?
+    };
+    let wanted: HashSet<&(String, String)> = members.iter().collect();
+    let mut delete = c.prepare_cached(
+        "DELETE FROM room_members WHERE room_id = ?1 AND device_id = ?2 AND user_id = ?3",
+    )?;
+    for (device, user) in stored.iter().filter(|row| !wanted.contains(row)) {
+        delete.execute(params![room, device, user])?;
+    }
+    let mut insert = c.prepare_cached(
         "INSERT INTO room_members (room_id, device_id, user_id) VALUES (?1, ?2, ?3)",
     )?;
-    for (device, user) in members {
-        st.execute(params![room, device, user])?;
+    for (device, user) in wanted.into_iter().filter(|row| !stored.contains(*row)) {
+        insert.execute(params![room, device, user])?;
     }
     Ok(())
 }

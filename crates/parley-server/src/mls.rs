@@ -152,10 +152,12 @@ struct StoredState {
     entries: Vec<StoredEntry>,
 }
 
-/// One room's public group state, as openmls stores it, serializable for our database.
+/// One room's public group state, as openmls stores it, serializable for our database, with
+/// the group loaded from it. Loading parses the whole ratchet tree (JSON, about 1 MB at 1,000
+/// members), so it happens once per state, not once per question asked of it.
 pub struct PublicState {
     storage: MemoryStorage,
-    group_id: GroupId,
+    group: PublicGroup,
 }
 
 /// The effect of a verified commit.
@@ -218,27 +220,26 @@ impl PublicState {
         .map_err(|e| bad(format!("invalid group: {e}")))?;
         let epoch = group.group_context().epoch().as_u64();
         let members = members_of(&group)?;
-        let group_id = group.group_id().clone();
-        Ok((Self { storage, group_id }, epoch, members))
+        Ok((Self { storage, group }, epoch, members))
     }
 
     pub fn group_id_bytes(&self) -> &[u8] {
-        self.group_id.as_slice()
+        self.group.group_id().as_slice()
     }
 
     /// The room's state from the GroupContext's `app_data_dictionary`.
     pub fn room_state(&self) -> Result<RoomState, MlsInputError> {
-        room_state_of(&self.load()?)
+        room_state_of(&self.group)
     }
 
     /// The `external_senders` of the GroupContext, each TLS-encoded.
     pub fn external_senders(&self) -> Result<Vec<Vec<u8>>, MlsInputError> {
-        external_senders_of(&self.load()?)
+        external_senders_of(&self.group)
     }
 
     /// The group's ratchet tree (`optional<Node> ratchet_tree<V>`).
     pub fn ratchet_tree(&self) -> Result<Vec<u8>, MlsInputError> {
-        self.load()?
+        self.group
             .export_ratchet_tree()
             .tls_serialize_detached()
             .map_err(|e| bad(format!("cannot encode the ratchet tree: {e}")))
@@ -246,7 +247,7 @@ impl PublicState {
 
     /// The member devices with their signature keys.
     pub fn members(&self) -> Result<Vec<LeafDevice>, MlsInputError> {
-        members_of(&self.load()?)
+        members_of(&self.group)
     }
 
     /// Checks the GroupInfo a committer hands in with its commit, against this (the new) state:
@@ -258,10 +259,10 @@ impl PublicState {
         bytes: &[u8],
         committer: &DeviceUri,
     ) -> Result<Vec<u8>, MlsInputError> {
-        let group = self.load()?;
+        let group = &self.group;
         let encoded = check_group_info(
             bytes,
-            self.group_id.as_slice(),
+            self.group_id_bytes(),
             group.group_context().epoch().as_u64(),
         )?;
         let vgi = VerifiableGroupInfo::tls_deserialize_exact(&encoded)
@@ -271,7 +272,7 @@ impl PublicState {
                 "the GroupInfo does not carry the group's state after the commit",
             ));
         }
-        let key = members_of(&group)?
+        let key = members_of(group)?
             .into_iter()
             .find(|m| &m.device == committer)
             .map(|m| m.signature_key)
@@ -287,11 +288,10 @@ impl PublicState {
     /// leaving `self` untouched so nothing changes unless the result is stored.
     pub fn apply_commit(&self, commit: &[u8]) -> Result<CommitEffect, MlsInputError> {
         let pm = handshake_message(commit, ContentType::Commit, "commit")?;
-        let next = self.fork()?;
-        let mut group = next.load()?;
-        let before = members_of(&group)?;
-        let pending = self.pending_removals(&group)?;
-        let state_before = room_state_of(&group)?;
+        let group = &self.group;
+        let before = group.members().count();
+        let pending = self.pending_removals()?;
+        let state_before = room_state_of(group)?;
         let processed = group
             .process_message(&RustCrypto::default(), pm)
             .map_err(|e| bad(format!("commit refused: {e}")))?;
@@ -371,15 +371,17 @@ impl PublicState {
                     .and_then(|l| credential_device(l.credential()))
             })
             .collect();
-        group
+        let mut next = self.fork()?;
+        next.group
             .merge_commit(&next.storage, *staged)
             .map_err(|e| bad(format!("cannot apply commit: {e}")))?;
-        let members = members_of(&group)?;
-        debug_assert!(before.len() + added.len() + 1 >= members.len());
+        let group = &next.group;
+        let members = members_of(group)?;
+        debug_assert!(before + added.len() + 1 >= members.len());
         Ok(CommitEffect {
             epoch: group.group_context().epoch().as_u64(),
-            state_after: room_state_of(&group)?,
-            external_senders: external_senders_of(&group)?,
+            state_after: room_state_of(group)?,
+            external_senders: external_senders_of(group)?,
             state_before,
             external,
             next,
@@ -394,8 +396,9 @@ impl PublicState {
     }
 
     /// Leaves whose owners asked to leave and are not yet removed by a commit.
-    fn pending_removals(&self, group: &PublicGroup) -> Result<Vec<LeafNodeIndex>, MlsInputError> {
-        let queued = group
+    fn pending_removals(&self) -> Result<Vec<LeafNodeIndex>, MlsInputError> {
+        let queued = self
+            .group
             .queued_proposals(&self.storage)
             .map_err(|e| bad(format!("stored proposals unreadable: {e}")))?;
         Ok(queued
@@ -410,8 +413,7 @@ impl PublicState {
     /// Verifies a member's proposal to remove itself (leaving) and queues it in the next state.
     pub fn apply_leave(&self, proposal: &[u8]) -> Result<LeaveEffect, MlsInputError> {
         let pm = handshake_message(proposal, ContentType::Proposal, "proposal")?;
-        let next = self.fork()?;
-        let mut group = next.load()?;
+        let group = &self.group;
         let processed = group
             .process_message(&RustCrypto::default(), pm)
             .map_err(|e| bad(format!("proposal refused: {e}")))?;
@@ -435,11 +437,12 @@ impl PublicState {
             .leaf(sender_leaf)
             .and_then(|leaf| credential_device(leaf.credential()))
             .ok_or_else(|| bad("the proposer is not a Parley device"))?;
-        let mut leaving = self.pending_removals(&group)?;
+        let mut leaving = self.pending_removals()?;
         let repeated = leaving.contains(&sender_leaf);
+        let mut next = self.fork()?;
         if !repeated {
             leaving.push(sender_leaf);
-            group
+            next.group
                 .add_proposal(&next.storage, *queued)
                 .map_err(|e| bad(format!("cannot queue proposal: {e}")))?;
         }
@@ -455,12 +458,15 @@ impl PublicState {
         })
     }
 
-    fn load(&self) -> Result<PublicGroup, MlsInputError> {
-        PublicGroup::load(&self.storage, &self.group_id)
+    fn load(storage: MemoryStorage, group_id: &GroupId) -> Result<Self, MlsInputError> {
+        let group = PublicGroup::load(&storage, group_id)
             .map_err(|e| bad(format!("stored group state unreadable: {e}")))?
-            .ok_or_else(|| bad("stored group state missing"))
+            .ok_or_else(|| bad("stored group state missing"))?;
+        Ok(Self { storage, group })
     }
 
+    /// A copy to compute the next state in, leaving this one as it is (openmls's PublicGroup
+    /// cannot be cloned, so the copy is loaded from a copy of the storage).
     fn fork(&self) -> Result<Self, MlsInputError> {
         let values = self
             .storage
@@ -468,12 +474,10 @@ impl PublicState {
             .read()
             .map_err(|_| bad("group state lock poisoned"))?
             .clone();
-        Ok(Self {
-            storage: MemoryStorage {
-                values: RwLock::new(values),
-            },
-            group_id: self.group_id.clone(),
-        })
+        let storage = MemoryStorage {
+            values: RwLock::new(values),
+        };
+        Self::load(storage, self.group.group_id())
     }
 
     /// Serializes the state for the database.
@@ -493,7 +497,7 @@ impl PublicState {
         entries.sort_by(|a, b| a.key.as_slice().cmp(b.key.as_slice()));
         let mut out = Vec::new();
         StoredState {
-            group_id: self.group_id.as_slice().to_vec().into(),
+            group_id: self.group_id_bytes().to_vec().into(),
             entries,
         }
         .tls_serialize(&mut out)
@@ -508,12 +512,10 @@ impl PublicState {
             .into_iter()
             .map(|e| (e.key.into(), e.value.into()))
             .collect();
-        Ok(Self {
-            storage: MemoryStorage {
-                values: RwLock::new(values),
-            },
-            group_id: GroupId::from_slice(group_id.as_slice()),
-        })
+        let storage = MemoryStorage {
+            values: RwLock::new(values),
+        };
+        Self::load(storage, &GroupId::from_slice(group_id.as_slice()))
     }
 }
 
