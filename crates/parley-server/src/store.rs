@@ -64,9 +64,11 @@ impl Store {
         conn.execute_batch(
             // temp_store: each job runs in a savepoint, whose journal of changed pages would
             // otherwise be a file written for every page a job touches (a third of the writer's
-            // time when a commit bumps 1,000 devices' sequence numbers).
+            // time when a commit bumps 1,000 devices' sequence numbers). cache_size: a 64 MiB page
+            // cache for the writer (SQLite's default is 2 MiB), filled only as used; one message
+            // fanned out to 5,000 devices took 39 ms in the hub with the default, 27 ms with it.
             "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; PRAGMA foreign_keys=ON; PRAGMA busy_timeout=5000;
-             PRAGMA temp_store=MEMORY;",
+             PRAGMA temp_store=MEMORY; PRAGMA cache_size=-65536;",
         )?;
         embedded::migrations::runner()
             .set_migration_table_name("parley_migrations")
