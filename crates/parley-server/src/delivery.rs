@@ -161,13 +161,16 @@ pub fn enqueue(c: &Connection, items: &[Outgoing]) -> Result<Vec<Stored>, StoreE
     Ok(stored)
 }
 
+/// A `payloads` row no queue entry references any more (both lookups use a partial index).
+const UNREFERENCED: &str =
+    "NOT EXISTS (SELECT 1 FROM queue WHERE queue.payload_id = payloads.payload_id)
+     AND NOT EXISTS (SELECT 1 FROM queue WHERE queue.tree_id = payloads.payload_id)";
+
 /// Deletes the payloads among `ids` that no queue entry references any more.
 fn drop_unreferenced(c: &Connection, ids: &BTreeSet<i64>) -> Result<(), StoreError> {
-    let mut drop = c.prepare_cached(
-        "DELETE FROM payloads WHERE payload_id = ?1
-           AND NOT EXISTS (SELECT 1 FROM queue WHERE payload_id = ?1)
-           AND NOT EXISTS (SELECT 1 FROM queue WHERE tree_id = ?1)",
-    )?;
+    let mut drop = c.prepare_cached(&format!(
+        "DELETE FROM payloads WHERE payload_id = ?1 AND {UNREFERENCED}"
+    ))?;
     for id in ids {
         drop.execute(params![id])?;
     }
@@ -176,13 +179,8 @@ fn drop_unreferenced(c: &Connection, ids: &BTreeSet<i64>) -> Result<(), StoreErr
 
 /// Deletes every payload no queue entry references (after entries went without an ack: a
 /// deleted device, expiry).
-pub fn sweep_payloads(c: &Connection) -> Result<usize, StoreError> {
-    Ok(c.execute(
-        "DELETE FROM payloads WHERE
-           NOT EXISTS (SELECT 1 FROM queue WHERE queue.payload_id = payloads.payload_id)
-           AND NOT EXISTS (SELECT 1 FROM queue WHERE queue.tree_id = payloads.payload_id)",
-        [],
-    )?)
+fn sweep_payloads(c: &Connection) -> Result<usize, StoreError> {
+    Ok(c.execute(&format!("DELETE FROM payloads WHERE {UNREFERENCED}"), [])?)
 }
 
 /// Live WebSocket subscribers per device.
@@ -353,22 +351,31 @@ impl Delivery {
 mod tests {
     use super::*;
 
-    #[tokio::test]
-    async fn queues_order_ack_and_expire() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
+    /// A store in `dir` with one user owning `devices`.
+    async fn store_with_devices(dir: &std::path::Path, devices: &[&str]) -> Store {
+        let store = Store::open(dir).unwrap();
+        let devices: Vec<String> = devices.iter().map(|d| d.to_string()).collect();
         store
-            .write(|c| {
+            .write(move |c| {
                 c.execute("INSERT INTO users VALUES ('a.test', 'al', 'h', 0)", [])?;
-                c.execute(
-                    "INSERT INTO devices (device_id, domain, handle, name, signature_key, token_hash, created_at)
-                     VALUES ('d1', 'a.test', 'al', 'n', x'00', x'01', 0)",
-                    [],
-                )?;
+                for d in &devices {
+                    c.execute(
+                        "INSERT INTO devices (device_id, domain, handle, name, signature_key, token_hash, created_at)
+                         VALUES (?1, 'a.test', 'al', 'n', x'00', ?1, 0)",
+                        [d],
+                    )?;
+                }
                 Ok(())
             })
             .await
             .unwrap();
+        store
+    }
+
+    #[tokio::test]
+    async fn queues_order_ack_and_expire() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store_with_devices(dir.path(), &["d1"]).await;
         let item = |event: u64, expires_at: u64| Outgoing {
             device: "d1".into(),
             room_id: "r".into(),
@@ -432,21 +439,7 @@ mod tests {
     #[tokio::test]
     async fn shared_data_is_stored_once_and_dropped_with_its_last_entry() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
-        store
-            .write(|c| {
-                c.execute("INSERT INTO users VALUES ('a.test', 'al', 'h', 0)", [])?;
-                for d in ["d1", "d2", "d3"] {
-                    c.execute(
-                        "INSERT INTO devices (device_id, domain, handle, name, signature_key, token_hash, created_at)
-                         VALUES (?1, 'a.test', 'al', 'n', x'00', ?1, 0)",
-                        [d],
-                    )?;
-                }
-                Ok(())
-            })
-            .await
-            .unwrap();
+        let store = store_with_devices(dir.path(), &["d1", "d2", "d3"]).await;
         let commit = Arc::new(vec![7u8; 5000]);
         let small = Arc::new(vec![1u8; 10]);
         let tree = Arc::new(vec![9u8; 3000]);

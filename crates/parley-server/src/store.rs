@@ -280,15 +280,23 @@ mod tests {
         assert_eq!(names, vec!["alice".to_string()]);
     }
 
+    /// A database in `dir` with the migrations up to `version` applied, to fill as an older
+    /// provider left it before `Store::open` runs the rest.
+    fn migrated_to(dir: &Path, version: i32) -> Connection {
+        let mut conn = Connection::open(dir.join("parley.db")).unwrap();
+        let mut runner =
+            embedded::migrations::runner().set_target(refinery::Target::Version(version));
+        runner.set_migration_table_name("parley_migrations");
+        runner.run(&mut conn).unwrap();
+        conn
+    }
+
     /// Migration V9 (the queue as a rowid table) keeps what was queued, and (device, seq) stays
     /// unique.
     #[tokio::test]
     async fn the_rowid_queue_migration_keeps_queued_entries() {
         let dir = tempfile::tempdir().unwrap();
-        let mut conn = Connection::open(dir.path().join("parley.db")).unwrap();
-        let mut runner = embedded::migrations::runner().set_target(refinery::Target::Version(8));
-        runner.set_migration_table_name("parley_migrations");
-        runner.run(&mut conn).unwrap();
+        let conn = migrated_to(dir.path(), 8);
         conn.execute_batch(
             "INSERT INTO users VALUES ('a.test', 'al', 'h', 0);
              INSERT INTO devices (device_id, domain, handle, name, signature_key, token_hash, created_at, next_seq)
@@ -325,10 +333,7 @@ mod tests {
     #[tokio::test]
     async fn the_queue_counter_starts_past_every_old_sequence_number() {
         let dir = tempfile::tempdir().unwrap();
-        let mut conn = Connection::open(dir.path().join("parley.db")).unwrap();
-        let mut runner = embedded::migrations::runner().set_target(refinery::Target::Version(9));
-        runner.set_migration_table_name("parley_migrations");
-        runner.run(&mut conn).unwrap();
+        let conn = migrated_to(dir.path(), 9);
         conn.execute_batch(
             "INSERT INTO users VALUES ('a.test', 'al', 'h', 0);
              INSERT INTO devices (device_id, domain, handle, name, signature_key, token_hash, created_at, next_seq)
